@@ -1,0 +1,233 @@
+"""ModelArgs: the architecture of every supported family, and how to read it from params.json / config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """Meta's SwiGLU width rule: 2/3 of 4*dim, times an optional multiplier, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class ModelArgs:
+    """Architecture only; batch size and cache length are given to `Transformer.setup_cache`."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None = n_heads (MHA); fewer = GQA; 1 = MQA
+    head_dim: Optional[int] = None  # None = dim // n_heads
+    vocab_size: int = 32000
+    hidden_dim: Optional[int] = None  # FFN width; None = Meta's rule from multiple_of / ffn_dim_multiplier
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # HF-style scaling dict: {"rope_type": "linear"|"dynamic"|"yarn"|"llama3", "factor": ..., ...}
+    rope_scaling: Optional[dict] = None
+    max_seq_len: int = 4096  # the context the model was trained for (HF max_position_embeddings)
+    sliding_window: Optional[int] = None  # Mistral 7B v0.1: keys older than this many positions are not seen
+    tie_embeddings: bool = False
+    n_experts: int = 0  # 0 = dense SwiGLU FFN; > 0 = Mixtral sparse MoE
+    n_experts_per_tok: int = 2
+    family: str = "llama"  # llama | llama2 | codellama | llama3 | mistral | mixtral: picks chat format & conversion
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"ModelArgs: dim {self.dim} is not divisible by n_heads {self.n_heads}; give head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None:
+            self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelArgs: n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.n_experts and not 0 < self.n_experts_per_tok <= self.n_experts:
+            raise ValueError(f"ModelArgs: n_experts_per_tok {self.n_experts_per_tok} not in 1..{self.n_experts}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in (None, "default", "linear", "dynamic", "yarn", "llama3"):
+                raise ValueError(f"ModelArgs: unknown rope_scaling type {kind!r}; "
+                                 "expected linear, dynamic, yarn or llama3")
+            if kind in (None, "default"):
+                self.rope_scaling = None
+            else:
+                self.rope_scaling["rope_type"] = kind
+                self.rope_scaling.pop("type", None)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelArgs":
+        """A named preset with the released model's real shape."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; valid names: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+_LLAMA32_ROPE = {**_LLAMA31_ROPE, "factor": 32.0}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-7b": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-6, max_seq_len=2048, family="llama"),
+    "llama-13b": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-6, max_seq_len=2048, family="llama"),
+    "llama-33b": dict(dim=6656, n_layers=60, n_heads=52, norm_eps=1e-6, max_seq_len=2048, family="llama"),
+    "llama-65b": dict(dim=8192, n_layers=80, n_heads=64, norm_eps=1e-5, max_seq_len=2048, family="llama"),
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, max_seq_len=4096, family="llama2"),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, max_seq_len=4096, family="llama2"),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3,
+                       max_seq_len=4096, family="llama2"),
+    "codellama-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32016, rope_theta=1e6, max_seq_len=16384,
+                         family="codellama"),
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                      ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192, family="llama3"),
+    "llama3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
+                       ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192, family="llama3"),
+    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                        ffn_dim_multiplier=1.3, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+                        max_seq_len=131072, family="llama3"),
+    "llama3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
+                         ffn_dim_multiplier=1.3, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+                         max_seq_len=131072, family="llama3"),
+    "llama3.1-405b": dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
+                          ffn_dim_multiplier=1.2, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+                          max_seq_len=131072, family="llama3"),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                        ffn_dim_multiplier=1.5, rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE,
+                        max_seq_len=131072, tie_embeddings=True, family="llama3"),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                        ffn_dim_multiplier=1.0, rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE,
+                        max_seq_len=131072, tie_embeddings=True, family="llama3"),
+    "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000,
+                       rope_theta=10000.0, max_seq_len=32768, sliding_window=4096, family="mistral"),
+    "mixtral-8x7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000,
+                         rope_theta=1e6, max_seq_len=32768, n_experts=8, n_experts_per_tok=2, family="mixtral"),
+    "mixtral-8x22b": dict(dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, hidden_dim=16384, vocab_size=32768,
+                          rope_theta=1e6, max_seq_len=65536, n_experts=8, n_experts_per_tok=2, family="mixtral"),
+}
+
+
+def _check_keys(d: dict, required: tuple[str, ...], source: str):
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{source}: missing required keys {missing}")
+
+
+def from_meta_params(params: dict, vocab_size: Optional[int] = None, source: str = "params.json") -> ModelArgs:
+    """Meta (Llama 1/2/3) or Mistral (`moe`, `hidden_dim`, `head_dim`) params.json -> ModelArgs.
+
+    `vocab_size` fills in Llama 1/2's `vocab_size: -1` (taken from the tokenizer beside the checkpoint).
+    """
+    _check_keys(params, ("dim", "n_layers", "n_heads"), source)
+    vocab = params.get("vocab_size", -1)
+    if vocab is None or vocab <= 0:
+        if vocab_size is None:
+            raise ValueError(f"{source}: vocab_size is {vocab} and no tokenizer.model was found beside it to take it from")
+        vocab = vocab_size
+    moe = params.get("moe") or {}
+    rope_scaling = None
+    if params.get("use_scaled_rope"):
+        rope_scaling = {**_LLAMA31_ROPE, "factor": float(params.get("rope_scaling_factor") or 8.0)}
+    theta = float(params.get("rope_theta") or 10000.0)
+    if moe:
+        family = "mixtral"
+    elif vocab >= 128000:
+        family = "llama3"
+    elif "hidden_dim" in params or "head_dim" in params or "sliding_window" in params:
+        family = "mistral"
+    elif theta >= 1e6:
+        family = "codellama"
+    else:
+        family = "llama2"  # Llama 1 and 2 share format and tokenizer
+    return ModelArgs(
+        dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads"), head_dim=params.get("head_dim"), vocab_size=vocab,
+        hidden_dim=params.get("hidden_dim"), multiple_of=params.get("multiple_of", 256),
+        ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=theta, rope_scaling=rope_scaling,
+        max_seq_len=params.get("max_seq_len", params.get("max_position_embeddings", 131072 if rope_scaling else 4096)),
+        sliding_window=params.get("sliding_window"), tie_embeddings=params.get("tie_embeddings", False),
+        n_experts=moe.get("num_experts", 0), n_experts_per_tok=moe.get("num_experts_per_tok", 2), family=family,
+    )
+
+
+def from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
+    """Hugging Face LlamaForCausalLM / MistralForCausalLM / MixtralForCausalLM config.json -> ModelArgs."""
+    _check_keys(config, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                         "vocab_size"), source)
+    model_type = config.get("model_type", "llama")
+    if model_type not in ("llama", "mistral", "mixtral"):
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported (llama, mistral, mixtral)")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ValueError(f"{source}: attention_bias/mlp_bias are not supported (no Llama/Mistral release uses them)")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (silu)")
+    # transformers >= 5 writes rope_parameters (theta inside); older versions rope_theta + rope_scaling
+    rope = dict(config.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", None) or config.get("rope_theta") or 10000.0
+    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+    vocab = config["vocab_size"]
+    if model_type == "mixtral":
+        family = "mixtral"
+    elif model_type == "mistral":
+        family = "mistral"
+    elif vocab >= 128000:
+        family = "llama3"
+    else:
+        family = "llama2"
+    return ModelArgs(
+        dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads"), head_dim=config.get("head_dim"), vocab_size=vocab,
+        hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        rope_scaling=scaling, max_seq_len=config.get("max_position_embeddings", 4096),
+        sliding_window=config.get("sliding_window") if model_type != "llama" else None,
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        n_experts=config.get("num_local_experts", 0) if model_type == "mixtral" else 0,
+        n_experts_per_tok=config.get("num_experts_per_tok", 2), family=family,
+    )
+
+
+def to_hf_config(args: ModelArgs, dtype: str = "float32", bos_id: Optional[int] = None,
+                 eos_id: Optional[int | list] = None) -> dict:
+    """ModelArgs -> a config.json dict that `transformers` loads (Llama, Mistral or Mixtral class)."""
+    if args.n_experts:
+        arch, model_type = "MixtralForCausalLM", "mixtral"
+    elif args.family == "mistral":
+        arch, model_type = "MistralForCausalLM", "mistral"
+    else:
+        arch, model_type = "LlamaForCausalLM", "llama"
+    rope_scaling = dict(args.rope_scaling) if args.rope_scaling else None
+    config = {
+        "architectures": [arch], "model_type": model_type, "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "rope_scaling": rope_scaling, "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu", "torch_dtype": dtype, "dtype": dtype,
+        "attention_bias": False, "initializer_range": 0.02,
+    }
+    if model_type != "llama":
+        config["sliding_window"] = args.sliding_window
+    else:
+        config["mlp_bias"] = False
+    if args.n_experts:
+        config["num_local_experts"] = args.n_experts
+        config["num_experts_per_tok"] = args.n_experts_per_tok
+    if bos_id is not None:
+        config["bos_token_id"] = bos_id
+    if eos_id is not None:
+        config["eos_token_id"] = eos_id
+    return config

@@ -1,0 +1,135 @@
+"""Read a llama-architecture GGUF file as a Hugging Face Llama config + float32 state dict."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# llama.cpp tensor name -> HF LlamaForCausalLM name ("{}" is the layer index).
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def open_gguf(path):
+    """A gguf.GGUFReader on `path` (memory-mapped; the `gguf` package is imported only here)."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    return gguf.GGUFReader(path)
+
+
+def read_metadata(reader) -> dict:
+    """All key/value fields of the file as plain Python values (str, int, float, bool, or lists of them)."""
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def _f32(value: float) -> float:
+    """The shortest decimal that is the same float32, so 1e-5 stored as float32 reads back as 1e-05."""
+    return float(str(np.float32(value)))
+
+
+def hf_config(meta: dict, tensor_names) -> dict:
+    """A transformers LlamaConfig dict from GGUF metadata; embeddings are tied when there is no output.weight."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF general.architecture is {arch!r}; only 'llama' is supported")
+
+    def get(key):
+        if f"llama.{key}" not in meta:
+            raise ValueError(f"GGUF metadata is missing 'llama.{key}'")
+        return meta[f"llama.{key}"]
+
+    dim, n_heads = get("embedding_length"), get("attention.head_count")
+    head_dim = dim // n_heads
+    if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
+        raise ValueError("GGUF llama.rope.dimension_count differs from head dim; partial RoPE is not supported")
+    if "llama.rope.scaling.type" in meta:
+        raise ValueError("GGUF llama.rope.scaling.* is set; RoPE scaling is not converted by minillama.gguf")
+    vocab_size = meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    token_id = lambda name: meta.get(f"tokenizer.ggml.{name}_token_id")  # noqa: E731
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dim,
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": meta.get("llama.attention.head_count_kv", n_heads),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(meta.get("llama.rope.freq_base", 10000.0)),
+        "rope_scaling": None,
+        "max_position_embeddings": get("context_length"),
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": "output.weight" not in set(tensor_names),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": token_id("bos"),
+        "eos_token_id": token_id("eos"),
+        "pad_token_id": token_id("padding"),
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def hf_name(gguf_name: str) -> str:
+    """HF parameter name for a llama.cpp tensor name, e.g. blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
+    if m is None or m.group(2) not in _LAYER_NAMES:
+        raise ValueError(f"GGUF tensor {gguf_name!r} has no Llama counterpart")
+    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (HF rotate-half order -> interleaved pairs) for (n_heads*hd, dim)."""
+    # llama.cpp stored rows as reshape(n_heads, 2, hd//2, dim).swapaxes(1, 2): pairs interleaved. Read them back
+    # as (n_heads, hd//2, 2, dim) and swap again to get HF's halves layout.
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_state_dict(reader, config: dict, log=None) -> dict:
+    """Dequantized float32 HF state dict; q/k rows in HF order; no lm_head when embeddings are tied."""
+    from gguf import dequantize
+
+    state = {}
+    for i, t in enumerate(reader.tensors):
+        name = hf_name(t.name)
+        # Copy: F32 tensors come back as read-only views of the memory-mapped file.
+        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32, order="C")
+        expected = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims fastest-first
+        if w.shape != expected:
+            raise ValueError(f"GGUF tensor {t.name}: dequantized shape {w.shape}, expected {expected}")
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute_qk(w, config["num_attention_heads"])
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute_qk(w, config["num_key_value_heads"])
+        state[name] = torch.from_numpy(w)
+        if log is not None and (i + 1) % 50 == 0:
+            log(f"  dequantized {i + 1}/{len(reader.tensors)} tensors")
+    expected = {f"model.layers.{n}.{v}" for n in range(config["num_hidden_layers"]) for v in _LAYER_NAMES.values()}
+    expected |= {"model.embed_tokens.weight", "model.norm.weight"}
+    expected |= set() if config["tie_word_embeddings"] else {"lm_head.weight"}
+    if missing := sorted(expected - state.keys()):
+        raise ValueError(f"GGUF file lacks tensors for {missing[:5]} ({len(missing)} missing)")
+    return state

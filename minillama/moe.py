@@ -1,0 +1,93 @@
+"""Mixtral's sparse mixture-of-experts FFN: top-k routing, per-expert dispatch of only the routed tokens.
+
+Shape letters: N tokens (B*T flattened), D model dim, F expert hidden dim, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token and their weights (softmax over the chosen k, in float32). (N, E) -> (N, k) x2"""
+    top_logits, top_idx = torch.topk(router_logits.float(), top_k, dim=-1)
+    return F.softmax(top_logits, dim=-1), top_idx
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with stacked weights: w1/w3 (E, F, D), w2 (E, D, F)."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.normal_(w, std=0.02)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its routed tokens. (n, D) -> (n, D)"""
+        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of each token's chosen experts. x (N, D), weights/expert_idx (N, k) -> (N, D)"""
+        N, k = expert_idx.shape
+        flat_expert = expert_idx.flatten()  # (N*k,)
+        order = torch.argsort(flat_expert, stable=True)  # token-slots grouped by expert
+        token_of_slot = order // k
+        counts = torch.bincount(flat_expert, minlength=self.w1.shape[0]).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):  # a loop over experts, never over tokens
+            if n == 0:
+                continue
+            slots = order[start:start + n]
+            tokens = token_of_slot[start:start + n]
+            y = self.expert_forward(e, x[tokens])  # (n, D)
+            y = y * weights.flatten()[slots, None]
+            out.index_add_(0, tokens, y.to(x.dtype))
+            start += n
+        return out
+
+
+class MoEFeedForward(nn.Module):
+    """Router (`gate`) + experts. Keeps the last router logits for the trainer's load-balancing loss."""
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, n_experts_per_tok: int):
+        super().__init__()
+        self.top_k = n_experts_per_tok
+        self.gate = nn.Linear(dim, n_experts, bias=False)
+        self.experts = Experts(n_experts, dim, hidden_dim)
+        self.router_logits: Optional[torch.Tensor] = None  # (N, E), from the last forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        router_logits = self.gate(x)  # (N, E)
+        self.router_logits = router_logits
+        weights, expert_idx = route(router_logits, self.top_k)
+        return self.experts(x, weights, expert_idx).reshape(shape)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k: int,
+                        token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss as Mixtral/HF compute it: E * sum_e(frac_tokens_e * mean_prob_e).
+
+    router_logits: one (N, E) tensor per MoE layer; token_mask (N,) bool/0-1 drops padding from the statistics.
+    """
+    logits = torch.cat([r.float() for r in router_logits], dim=0)  # (L*N, E)
+    probs = F.softmax(logits, dim=-1)
+    _, chosen = torch.topk(probs, top_k, dim=-1)
+    chosen_onehot = F.one_hot(chosen, n_experts).float()  # (L*N, k, E)
+    if token_mask is None:
+        tokens_per_expert = chosen_onehot.mean(dim=0)  # (k, E)
+        prob_per_expert = probs.mean(dim=0)  # (E,)
+    else:
+        m = token_mask.float().repeat(len(router_logits))  # (L*N,)
+        tokens_per_expert = (chosen_onehot * m[:, None, None]).sum(0) / m.sum()
+        prob_per_expert = (probs * m[:, None]).sum(0) / m.sum()
+    return n_experts * (tokens_per_expert * prob_per_expert[None]).sum()
