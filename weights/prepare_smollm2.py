@@ -193,15 +193,22 @@ def main(argv=None):
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp (and safetensors) use owner-only modes; follow the user's umask instead
     try:
         write_model(gguf_path, tmp)
+        for f in FILES:
+            (tmp / f).chmod(0o666 & ~umask)
         if out.exists():
             out.rmdir()  # empty (checked above); os.replace needs the name free or an empty dir
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"Wrote {out} in {time.time() - start:.1f}s")
-    log(f"Chat with it: {CHAT_COMMAND}" + ("" if out == DEFAULT_OUT.resolve() else f" --model {out}"))
+    log(f"Chat with it: {CHAT_COMMAND}")
+    if out != DEFAULT_OUT.resolve():
+        log(f"  (chat.py defaults to {DEFAULT_OUT.relative_to(REPO)}; point it at {out})")
     return 0
 
 

@@ -1,0 +1,67 @@
+"""Names and layouts shared by the Hugging Face and Meta formats: key mapping and the q/k row permutation.
+
+Meta rotates adjacent feature pairs (x[2i], x[2i+1]); HF's `rotate_half` pairs x[i] with x[i + hd/2]. HF
+checkpoints therefore store wq/wk with each head's rows reordered; the permutation below converts between them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+# Meta module path (inside a layer) -> HF module path (inside model.layers.N)
+LAYER_MODULES_META_TO_HF = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.gate": "block_sparse_moe.gate",  # Mixtral router (hub layout)
+}
+LAYER_MODULES_HF_TO_META = {v: k for k, v in LAYER_MODULES_META_TO_HF.items()}
+LAYER_MODULES_HF_TO_META["mlp.gate"] = "feed_forward.gate"  # transformers >= 5 names the router mlp.gate
+TOP_META_TO_HF = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+TOP_HF_TO_META = {v: k for k, v in TOP_META_TO_HF.items()}
+
+# PEFT / HF target names a user types -> our Meta module leaf names
+HF_TARGET_TO_META = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+                     "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "lm_head": "output"}
+META_TARGET_TO_HF = {v: k for k, v in HF_TARGET_TO_META.items()}
+
+
+def meta_module_to_hf(path: str) -> Optional[str]:
+    """'layers.3.attention.wq' -> 'model.layers.3.self_attn.q_proj'; None if the module has no HF twin."""
+    if path in TOP_META_TO_HF:
+        return TOP_META_TO_HF[path]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", path)
+    if m and m.group(2) in LAYER_MODULES_META_TO_HF:
+        return f"model.layers.{m.group(1)}.{LAYER_MODULES_META_TO_HF[m.group(2)]}"
+    return None
+
+
+def hf_module_to_meta(path: str) -> Optional[str]:
+    """'model.layers.3.self_attn.q_proj' -> 'layers.3.attention.wq'; None if unknown."""
+    if path in TOP_HF_TO_META:
+        return TOP_HF_TO_META[path]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", path)
+    if m and m.group(2) in LAYER_MODULES_HF_TO_META:
+        return f"layers.{m.group(1)}.{LAYER_MODULES_HF_TO_META[m.group(2)]}"
+    return None
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Meta (interleaved pairs) q/k rows -> HF (rotate-half) rows. w (n_heads*hd, ...) -> same shape."""
+    rest = w.shape[1:]
+    return w.reshape(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(n_heads * head_dim, *rest)
+
+
+def permute_to_meta(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """HF (rotate-half) q/k rows -> Meta (interleaved pairs) rows; inverse of permute_to_hf."""
+    rest = w.shape[1:]
+    return w.reshape(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(n_heads * head_dim, *rest)
