@@ -5,6 +5,7 @@ Shape letters: B batch, T query length, S key length, H query heads, K kv heads,
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,6 +17,32 @@ try:  # optional: pip install minillama[flash]
 except Exception:  # ImportError, or a broken CUDA build on a CPU machine
     flash_attn_func = flash_attn_varlen_func = None
 
+try:  # torch >= 2.10: flash-attention's varlen kernel shipped with torch (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+    _VARLEN_PARAMS = inspect.signature(torch_varlen_attn).parameters
+except Exception:
+    torch_varlen_attn, _VARLEN_PARAMS = None, {}
+
+
+def varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                  max_seqlen: int) -> torch.Tensor:
+    """Causal attention over concatenated documents. q (N, H, D), k/v (N, K, D) -> (N, H, D)."""
+    if flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+    if "enable_gqa" not in _VARLEN_PARAMS and k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    kwargs = {"enable_gqa": True} if "enable_gqa" in _VARLEN_PARAMS else {}
+    if "window_size" in _VARLEN_PARAMS:  # torch > 2.10 spells causal as a (left, right) window
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    return torch_varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def has_varlen_kernel(device: torch.device) -> bool:
+    return device.type == "cuda" and (flash_attn_varlen_func is not None or torch_varlen_attn is not None)
+
 
 @dataclass
 class AttnMask:
@@ -23,7 +50,7 @@ class AttnMask:
 
     causal_only: bool = True  # plain causal over the row: use the kernels' is_causal fast path
     mask: Optional[torch.Tensor] = None  # (B, 1, T, S) bool, True = may attend
-    cu_seqlens: Optional[torch.Tensor] = None  # packed rows as varlen: (n_docs + 1,) int32 offsets (B == 1)
+    cu_seqlens: Optional[torch.Tensor] = None  # packed rows as varlen: (n_docs + 1,) int32 offsets into B*T
     max_seqlen: int = 0
 
 
@@ -37,20 +64,27 @@ def doc_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - start_idx
 
 
-def packed_mask(doc_ids: torch.Tensor, sliding_window: Optional[int] = None) -> AttnMask:
+def doc_cu_seqlens(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Start offsets of every document in the flattened (B*T) token stream, plus the end. -> (n_docs + 1,) int32"""
+    B, T = doc_ids.shape
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)  # every row starts a document
+    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = torch.nonzero(is_start.flatten()).flatten()
+    return torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
+
+
+def packed_mask(doc_ids: torch.Tensor, sliding_window: Optional[int] = None, half_precision: bool = False) -> AttnMask:
     """Causal attention within each document of a packed row. doc_ids (B, T)."""
+    if half_precision and sliding_window is None and has_varlen_kernel(doc_ids.device):
+        # documents are contiguous runs: a varlen kernel skips the masked blocks instead of building a T x T mask
+        cu_seqlens = doc_cu_seqlens(doc_ids)
+        return AttnMask(causal_only=False, cu_seqlens=cu_seqlens, max_seqlen=int(torch.diff(cu_seqlens).max()))
     B, T = doc_ids.shape
     q = torch.arange(T, device=doc_ids.device)
     allowed = (q[None, :] <= q[:, None])[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
     if sliding_window is not None:
         allowed &= (q[:, None] - q[None, :] < sliding_window)[None]
-    out = AttnMask(causal_only=False, mask=allowed[:, None])
-    if flash_attn_varlen_func is not None and doc_ids.is_cuda and B == 1 and sliding_window is None:
-        # documents are contiguous runs; varlen attention skips the masked blocks entirely
-        starts = torch.nonzero(torch.diff(doc_ids[0], prepend=doc_ids[0, :1] - 1)).flatten()
-        out.cu_seqlens = torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
-        out.max_seqlen = int(torch.diff(out.cu_seqlens).max())
-    return out
+    return AttnMask(causal_only=False, mask=allowed[:, None])
 
 
 def cache_mask(start_pos: int, T: int, S: int, pad_lens: Optional[torch.Tensor], device,
@@ -73,12 +107,11 @@ def cache_mask(start_pos: int, T: int, S: int, pad_lens: Optional[torch.Tensor],
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMask) -> torch.Tensor:
     """Scaled dot-product attention with GQA. q (B, H, T, D), k/v (B, K, S, D) -> (B, H, T, D)."""
     n_rep = q.shape[1] // k.shape[1]
-    if attn.cu_seqlens is not None and q.dtype in (torch.float16, torch.bfloat16):
-        # flash-attn varlen wants (tokens, heads, D) and handles GQA itself
-        out = flash_attn_varlen_func(
-            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), attn.cu_seqlens, attn.cu_seqlens,
-            attn.max_seqlen, attn.max_seqlen, causal=True)
-        return out.transpose(0, 1)[None]
+    if attn.cu_seqlens is not None:
+        B, H, T, D = q.shape
+        flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], D)  # (B*T, heads, D)
+        out = varlen_causal(flat(q), flat(k), flat(v), attn.cu_seqlens, attn.max_seqlen)
+        return out.view(B, T, H, D).transpose(1, 2)
     if (attn.causal_only and flash_attn_func is not None and q.is_cuda
             and q.dtype in (torch.float16, torch.bfloat16) and q.shape[2] == k.shape[2]):
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)

@@ -29,6 +29,8 @@ class BPEVocab:
     special: dict[str, int]          # added tokens that only `allow_special` may produce
     added: dict[str, int] = field(default_factory=dict)  # non-special added tokens: always matched, as HF does
     extra_bytes: dict[int, bytes] = field(default_factory=dict)  # vocab ids that no merge produces (decode only)
+    add_bos: bool = True             # HF post-processor starts single sequences with a special token
+    missing_bytes: list[int] = field(default_factory=list)  # byte values with no token: dropped on encode
 
 
 def is_tiktoken_file(path: Path) -> bool:
@@ -148,10 +150,12 @@ def load_hf_tokenizer_json(path: Path) -> BPEVocab:
     # order. Using id as rank is exact only when every merge result's id grows with its merge index.
     merges = model.get("merges", [])
     ranks: dict[bytes, int] = {}
+    missing: list[int] = []  # byte values absent from the vocab; HF's BPE drops them (no unk token)
     for b, c in bytes_to_unicode().items():
-        if c not in vocab:
-            raise ValueError(f"{path}: vocab lacks the base byte {b} ({c!r})")
-        ranks[bytes([b])] = vocab[c]
+        if c in vocab:
+            ranks[bytes([b])] = vocab[c]
+        else:
+            missing.append(b)
     prev = -1
     for i, m in enumerate(merges):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
@@ -170,4 +174,8 @@ def load_hf_tokenizer_json(path: Path) -> BPEVocab:
         if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
             raise ValueError(f"{path}: added token {a['content']!r} uses lstrip/rstrip/single_word, unsupported")
         (special if a.get("special", False) else added)[a["content"]] = a["id"]
-    return BPEVocab(ranks, patterns[-1], patterns[:-1], special, added, extra)
+    post = spec.get("post_processor") or {}
+    procs = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    single = next((p.get("single") for p in procs if p.get("type") == "TemplateProcessing"), None)
+    add_bos = bool(single) and "SpecialToken" in single[0]
+    return BPEVocab(ranks, patterns[-1], patterns[:-1], special, added, extra, add_bos, missing)

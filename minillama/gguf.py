@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .hf_keys import permute_to_hf
+
 # llama.cpp tensor name -> HF LlamaForCausalLM name ("{}" is the layer index).
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -100,18 +102,13 @@ def hf_name(gguf_name: str) -> str:
     return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
 
 
-def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (HF rotate-half order -> interleaved pairs) for (n_heads*hd, dim)."""
-    # llama.cpp stored rows as reshape(n_heads, 2, hd//2, dim).swapaxes(1, 2): pairs interleaved. Read them back
-    # as (n_heads, hd//2, 2, dim) and swap again to get HF's halves layout.
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def hf_state_dict(reader, config: dict, log=None) -> dict:
     """Dequantized float32 HF state dict; q/k rows in HF order; no lm_head when embeddings are tied."""
     from gguf import dequantize
 
+    # llama.cpp's converter permutes HF q/k rows into Meta's interleaved-pair order, so going back is Meta -> HF
+    # (the same reshape transformers' GGUF loader undoes with `_reverse_permute_weights`).
+    n_heads = {"attn_q.weight": config["num_attention_heads"], "attn_k.weight": config["num_key_value_heads"]}
     state = {}
     for i, t in enumerate(reader.tensors):
         name = hf_name(t.name)
@@ -120,11 +117,10 @@ def hf_state_dict(reader, config: dict, log=None) -> dict:
         expected = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims fastest-first
         if w.shape != expected:
             raise ValueError(f"GGUF tensor {t.name}: dequantized shape {w.shape}, expected {expected}")
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_qk(w, config["num_attention_heads"])
-        elif t.name.endswith("attn_k.weight"):
-            w = unpermute_qk(w, config["num_key_value_heads"])
-        state[name] = torch.from_numpy(w)
+        w = torch.from_numpy(w)
+        if (kind := t.name.split(".", 2)[-1]) in n_heads:
+            w = permute_to_hf(w, n_heads[kind], config["head_dim"])  # (n_heads*hd, dim)
+        state[name] = w.contiguous()
         if log is not None and (i + 1) % 50 == 0:
             log(f"  dequantized {i + 1}/{len(reader.tensors)} tensors")
     expected = {f"model.layers.{n}.{v}" for n in range(config["num_hidden_layers"]) for v in _LAYER_NAMES.values()}

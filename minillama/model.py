@@ -152,7 +152,8 @@ class Transformer(nn.Module):
         if doc_ids is not None:
             if doc_ids.shape != tokens.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != tokens shape {tuple(tokens.shape)}")
-            return doc_positions(doc_ids.to(device)), packed_mask(doc_ids.to(device), window)
+            half = self.tok_embeddings.weight.dtype in (torch.float16, torch.bfloat16)  # varlen kernels need it
+            return doc_positions(doc_ids.to(device)), packed_mask(doc_ids.to(device), window, half)
         positions = torch.arange(T, device=device)[None]
         if window is not None and T > window:
             return positions, packed_mask(torch.zeros_like(tokens), window)

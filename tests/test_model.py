@@ -103,3 +103,29 @@ def test_presets_have_real_shapes():
     assert ModelArgs.from_name("mixtral-8x22b").head_dim == 128
     with pytest.raises(ValueError, match="valid names: .*llama3-8b"):
         ModelArgs.from_name("llama4")
+
+
+def test_varlen_path_equals_dense_mask(monkeypatch):
+    """The GPU varlen route (flattened B*T with cu_seqlens) gives the dense-mask result; the kernel is mocked on CPU."""
+    from minillama import attention
+
+    def reference_varlen(q, k, v, cu_seqlens, max_seqlen):  # (N, H, D): plain causal SDPA per document
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        outs = []
+        for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True)
+            outs.append(o.transpose(0, 1))
+        return torch.cat(outs)
+
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 3 + [2] * 6])  # (B=2, T=12)
+    assert attention.doc_cu_seqlens(doc_ids).tolist() == [0, 5, 12, 15, 18, 24]
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 12, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)  # (B, H|K, T, D)
+    dense = attention.attend(q, k, v, attention.packed_mask(doc_ids))
+    monkeypatch.setattr(attention, "has_varlen_kernel", lambda device: True)
+    monkeypatch.setattr(attention, "varlen_causal", reference_varlen)
+    mask = attention.packed_mask(doc_ids, half_precision=True)
+    assert mask.cu_seqlens is not None and mask.max_seqlen == 7
+    torch.testing.assert_close(attention.attend(q, k, v, mask), dense, atol=1e-6, rtol=1e-6)

