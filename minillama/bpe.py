@@ -5,6 +5,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import regex
+
 # Meta's Llama 3 pre-tokenization regex (llama_models/llama3/tokenizer.py).
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -70,7 +72,7 @@ def load_tiktoken_model(path: Path) -> BPEVocab:
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -105,7 +107,6 @@ def _pre_tokenizer_patterns(spec: dict | None, path: Path) -> list[str]:
             if "Regex" in pat:
                 patterns.append(pat["Regex"])
             elif "String" in pat:
-                import regex
                 patterns.append(regex.escape(pat["String"]))
             else:
                 raise ValueError(f"{path}: pre_tokenizer Split pattern {pat!r}: expected Regex or String")
@@ -147,7 +148,8 @@ def load_hf_tokenizer_json(path: Path) -> BPEVocab:
     added_specs = spec.get("added_tokens", [])
     added_ids = {a["id"] for a in added_specs}
     # tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF applies merges in list
-    # order. Using id as rank is exact only when every merge result's id grows with its merge index.
+    # order. Using id as rank matches only when merge results' ids never decrease along the list (checked
+    # here; Llama 3 and SmolLM2 files satisfy it, and the tests compare against transformers).
     merges = model.get("merges", [])
     ranks: dict[bytes, int] = {}
     missing: list[int] = []  # byte values absent from the vocab; HF's BPE drops them (no unk token)
@@ -162,7 +164,7 @@ def load_hf_tokenizer_json(path: Path) -> BPEVocab:
         tid = vocab.get(a + b)
         if tid is None:
             raise ValueError(f"{path}: merge {i} {a!r}+{b!r} produces a token missing from vocab")
-        if tid <= prev:
+        if tid < prev:  # equal is fine: converted tiktoken vocabs list every split of a token in a row
             raise ValueError(f"{path}: merge {i} yields id {tid} after id {prev}; ids are not in merge order, "
                              f"so id-as-rank would not reproduce HF's BPE")
         prev = tid

@@ -1,5 +1,7 @@
 """Chat formats (llama2, llama3, mistral, chatml): dialog -> token ids plus a loss mask over assistant output."""
 
+import re
+
 FORMATS = ("llama2", "llama3", "mistral", "chatml")
 ROLES = ("system", "user", "assistant")
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -30,7 +32,9 @@ def detect_chat_format(tok) -> str:
         return "llama3"
     if "<|im_start|>" in tok.special_tokens:
         return "chatml"
-    if tok.path is not None and tok.path.name.startswith("tokenizer.model.v"):  # mistral-common's file naming
+    if B_INST in tok.special_tokens:  # Mistral v2/v3 SentencePiece vocab: [INST] is a control token
+        return "mistral"
+    if tok.path is not None and re.search(r"\.model\.v\d+$", tok.path.name):  # mistral-common's file names
         return "mistral"
     return "llama2"
 
@@ -62,7 +66,9 @@ def _validate(messages, fmt: str) -> list[tuple[str, str]]:
 
 
 def encode_dialog(tok, messages, fmt: str, add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
-    """(ids, mask) for a dialog; mask is True on assistant output tokens and their end-of-turn token."""
+    """(ids, mask) for a dialog; mask is True on assistant output tokens and their end-of-turn token.
+
+    add_generation_prompt appends the assistant header (llama3, chatml); [INST] formats end at the user turn."""
     fmt = resolve_format(fmt)
     msgs = _validate(messages, fmt)
     segments = _ENCODERS[fmt](tok, msgs, add_generation_prompt)
@@ -76,7 +82,9 @@ def _text(tok, s: str) -> list[int]:
 
 
 def _split_at_prefix(tok, prefix: str, full: str) -> tuple[list[int], list[int]]:
-    """Encode `full` in one piece (as the reference does) and cut it where `prefix`'s tokens end."""
+    """Encode `full` in one piece (as the reference does) and cut it where `prefix`'s tokens end.
+
+    Should a token straddle the boundary, it goes to the answer side: the model must emit it."""
     a, b = _text(tok, prefix), _text(tok, full)
     k = 0
     while k < min(len(a), len(b)) and a[k] == b[k]:
@@ -112,18 +120,25 @@ def _llama2(tok, msgs, add_generation_prompt):
 
 
 def _mistral(tok, msgs, add_generation_prompt):
-    # mistral-common InstructTokenizerV1: one BOS; system prompt prepended to the first user message.
+    # mistral-common's SentencePiece instruct tokenizers. v1 (Mistral 7B v0.1, Mixtral 8x7B): one BOS, "[INST]"
+    # as text, system prompt prepended to the first user message. v2/v3 (vocab with an [INST] control token,
+    # e.g. Mistral 7B v0.3): [INST]/[/INST] control ids, system prompt on the last user message, answers rstrip(" ").
+    control = "[INST]" in tok.special_tokens
     system = msgs[0][1] if msgs[0][0] == "system" else ""
+    msgs = msgs[1:] if msgs[0][0] == "system" else msgs
+    users = [i for i, (role, _) in enumerate(msgs) if role == "user"]
+    gets_system = users[-1] if control else users[0]
     segs = [(_bos(tok), False)]
-    first_user = True
-    for role, content in msgs[1 if msgs[0][0] == "system" else 0:]:
-        if role == "user":
-            if first_user and system:
-                content = system + "\n\n" + content
-            first_user = False
-            segs.append((_text(tok, f"{B_INST} {content} {E_INST}"), False))
+    for i, (role, content) in enumerate(msgs):
+        if role == "assistant":
+            segs.append((_text(tok, content.rstrip(" ") if control else content) + _eos(tok), True))
+            continue
+        if i == gets_system and system:
+            content = system + "\n\n" + content
+        if control:
+            segs.append(([tok.token_id(B_INST)] + _text(tok, content) + [tok.token_id(E_INST)], False))
         else:
-            segs.append((_text(tok, content) + _eos(tok), True))
+            segs.append((_text(tok, f"{B_INST} {content} {E_INST}"), False))
     return segs
 
 
@@ -174,9 +189,13 @@ def chatml_template_info(tok) -> tuple[bool, str | None]:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         marker = "\x00USER\x00"
-        text = env.from_string(tok.chat_template).render(
-            messages=[{"role": "user", "content": marker}], bos_token="\x00BOS\x00", eos_token="\x00EOS\x00",
-            add_generation_prompt=False)
+        try:
+            text = env.from_string(tok.chat_template).render(
+                messages=[{"role": "user", "content": marker}], bos_token="\x00BOS\x00",
+                eos_token="\x00EOS\x00", add_generation_prompt=False)
+        except Exception as e:  # jinja syntax/undefined errors: say which template failed
+            raise ValueError(f"chat_template of {tok.path} could not be rendered to find its default system "
+                             f"prompt: {type(e).__name__}: {e}") from None
         use_bos = text.startswith("\x00BOS\x00")
         before = text[:text.index(marker)] if marker in text else ""
         head = "<|im_start|>system\n"

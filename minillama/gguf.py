@@ -8,7 +8,7 @@ import torch
 
 from .hf_keys import permute_to_hf
 
-# llama.cpp tensor name -> HF LlamaForCausalLM name ("{}" is the layer index).
+# llama.cpp tensor name -> HF LlamaForCausalLM name, inside blk.N / model.layers.N and at the top level.
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -28,7 +28,7 @@ _TOP_NAMES = {
 
 
 def open_gguf(path):
-    """A gguf.GGUFReader on `path` (memory-mapped; the `gguf` package is imported only here)."""
+    """A memory-mapped gguf.GGUFReader; `gguf` is imported lazily so minillama itself does not need it."""
     import gguf
 
     path = Path(path)
@@ -93,7 +93,7 @@ def hf_config(meta: dict, tensor_names) -> dict:
 
 
 def hf_name(gguf_name: str) -> str:
-    """HF parameter name for a llama.cpp tensor name, e.g. blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
+    """HF name of a llama.cpp tensor: blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
     if gguf_name in _TOP_NAMES:
         return _TOP_NAMES[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)

@@ -121,9 +121,9 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight
         dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.bfloat16)
         device = device or weight.device
-        for layer in self.layers:
-            layer.attention.cache = KVCache(max_batch_size, max_seq_len, self.args.n_kv_heads,
-                                            self.args.head_dim, dtype, device)
+        for layer in self.layers:  # the layer's own head count: tensor parallelism leaves each rank a share
+            layer.attention.cache = KVCache(max_batch_size, max_seq_len, layer.attention.n_kv_heads,
+                                            layer.attention.head_dim, dtype, device)
 
     def clear_cache(self):
         for layer in self.layers:

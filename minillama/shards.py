@@ -4,6 +4,8 @@ tensors onto the model's parameters. Shared by the Hugging Face and Meta/Mistral
 from __future__ import annotations
 
 import json
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -140,3 +142,42 @@ def raise_unknown(unknown: list[str], source: str, what: str):
     if unknown:
         raise ValueError(f"{source}: {len(unknown)} tensor(s) are not part of a {what} model: "
                          f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}")
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@dataclass
+class Pending:
+    """A tensor to write: its header facts now, its data (`make()`) only when its turn comes."""
+
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def write_safetensors(path: Path, tensors: list[Pending], metadata: Optional[dict] = None) -> int:
+    """Stream tensors into a .safetensors file one at a time, so a file never needs its tensors all in memory."""
+    header, offset = {}, 0
+    for p in tensors:
+        header[p.name] = {"dtype": _ST_DTYPES[p.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+        offset += p.nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for p in tensors:
+            t = p.make().detach().to("cpu").contiguous()
+            if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
+                raise RuntimeError(f"{path}: {p.name} came out {tuple(t.shape)} {t.dtype}, announced {p.shape} {p.dtype}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    return offset

@@ -14,10 +14,11 @@ from minillama.bpe import BPEVocab, is_tiktoken_file, load_hf_tokenizer_json, lo
 # Meta's reference splits input so tiktoken never sees huge pieces (openai/tiktoken#195); we do the same.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
+_LONG_RUN = regex.compile(r"\s{%d}|\S{%d}" % (MAX_NO_WHITESPACES_CHARS + 1, MAX_NO_WHITESPACES_CHARS + 1))
 
 
 class Tokenizer:
-    """Shared interface; subclasses fill the ids and implement encode/decode/_stream_bytes."""
+    """Shared interface; subclasses fill the ids and implement encode/decode/_stream_piece."""
 
     kind = ""                    # "sentencepiece" | "tiktoken" | "hf-bpe"
     bos_id: int | None = None
@@ -118,20 +119,29 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         """Ids -> text; control tokens (<s>, </s>) decode to nothing, as in SentencePiece."""
-        return self.sp.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        for i in ids:
+            self._check_id(i)
+        return self.sp.decode(ids)
 
-    def _stream_bytes(self, tid: int, at_start: bool) -> tuple[bytes, bool]:
-        # Mirrors SentencePiece's decoder: the first visible piece loses one leading '▁' (the dummy prefix).
+    def _check_id(self, tid: int) -> None:
+        if not 0 <= tid < self.vocab_size:
+            raise ValueError(f"token id {tid} is not in the vocabulary of {self.path} (size {self.vocab_size})")
+
+    def _stream_piece(self, tid: int, at_start: bool) -> tuple[bytes, bool, bool]:
+        """(bytes, is_byte_piece, at_start) mirroring SentencePiece's decoder, which drops one leading '▁'
+        of the first visible piece (the dummy prefix)."""
+        self._check_id(tid)
         if self._is_control[tid]:
-            return b"", at_start
+            return b"", False, at_start
         if self._is_byte[tid]:
-            return bytes([int(self._pieces[tid][3:5], 16)]), False
+            return bytes([int(self._pieces[tid][3:5], 16)]), True, False
         if self._is_unk[tid]:
-            return " \u2047 ".encode(), False
+            return " \u2047 ".encode(), False, False
         piece = self._pieces[tid]
         if at_start and piece.startswith("\u2581"):
             piece = piece[1:]
-        return piece.replace("\u2581", " ").encode(), False
+        return piece.replace("\u2581", " ").encode(), False, False
 
 
 class BPETokenizer(Tokenizer):
@@ -165,17 +175,19 @@ class BPETokenizer(Tokenizer):
         self.stop_ids = []
         self.set_stop_ids()
 
-    def set_stop_ids(self, extra=()) -> None:
+    def set_stop_ids(self) -> None:
         """Every token that ends an assistant turn: eos plus the chat end-of-turn tokens the vocab has."""
-        names = ["<|eot_id|>", "<|eom_id|>", "<|im_end|>"]
-        ids = [self.eos_id] + [self.special_tokens.get(n) for n in names] + list(extra)
+        names = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>"]
+        ids = [self.eos_id] + [self.special_tokens.get(n) for n in names]
         self.stop_ids = sorted({i for i in ids if i is not None})
 
     def _encode_ordinary(self, text: str) -> list[int]:
         pieces = [text]
         for pat in self._pre:  # HF Sequence steps before the last regex, e.g. Digits(individual_digits)
             pieces = [p for piece in pieces for p in _isolate(pat, piece)]
-        if self.kind == "tiktoken":
+        long = len(text) > TIKTOKEN_MAX_ENCODE_CHARS or (
+            len(text) > MAX_NO_WHITESPACES_CHARS and _LONG_RUN.search(text) is not None)
+        if self.kind == "tiktoken" and long:  # Meta's exact cuts, so token ids match its reference
             pieces = [s for p in pieces for i in range(0, len(p), TIKTOKEN_MAX_ENCODE_CHARS)
                       for s in _split_long_runs(p[i:i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS)]
         if len(pieces) == 1:
@@ -208,8 +220,8 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"token id {tid} is not in the vocabulary of {self.path} (size {self.vocab_size})")
         return b
 
-    def _stream_bytes(self, tid: int, at_start: bool) -> tuple[bytes, bool]:
-        return self._token_bytes(tid), False
+    def _stream_piece(self, tid: int, at_start: bool) -> tuple[bytes, bool, bool]:
+        return self._token_bytes(tid), True, False
 
 
 def _isolate(pat: regex.Pattern, text: str) -> list[str]:
@@ -246,17 +258,44 @@ class StreamDecoder:
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
+        self._sp = tok.kind == "sentencepiece"
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buf = b""  # SentencePiece: pending bytes of the current run of byte-fallback pieces
         self._at_start = True
 
     def push(self, token_id: int) -> str:
         """Feed one token id; returns the text it completes (possibly '' mid multi-byte character)."""
-        b, self._at_start = self.tok._stream_bytes(int(token_id), self._at_start)
-        return self._utf8.decode(b)
+        data, is_byte, self._at_start = self.tok._stream_piece(int(token_id), self._at_start)
+        if not self._sp:
+            return self._utf8.decode(data)
+        if is_byte:
+            self._buf += data
+            return self._drain(final=False)
+        return self._drain(final=True) + data.decode("utf-8")  # ordinary pieces are whole characters
 
     def flush(self) -> str:
         """Text still held back at end of stream (U+FFFD for a truncated multi-byte character)."""
-        return self._utf8.decode(b"", final=True)
+        return self._drain(final=True) if self._sp else self._utf8.decode(b"", final=True)
+
+    def _drain(self, final: bool) -> str:
+        # SentencePiece decodes a byte run char by char and maps each byte it cannot decode to one U+FFFD
+        # (Python's decoder would use one U+FFFD per maximal invalid subsequence instead).
+        out = []
+        while self._buf:
+            try:
+                text, used = codecs.utf_8_decode(self._buf, "strict", False)
+            except UnicodeDecodeError as e:
+                out.append(self._buf[:e.start].decode("utf-8") + "\ufffd")
+                self._buf = self._buf[e.start + 1:]
+                continue
+            out.append(text)
+            self._buf = self._buf[used:]
+            if self._buf:  # a valid but incomplete character: wait for more bytes unless the run ended
+                if not final:
+                    break
+                out.append("\ufffd")
+                self._buf = self._buf[1:]
+        return "".join(out)
 
 
 def _read_json(path: Path) -> dict:
@@ -338,21 +377,20 @@ def load_tokenizer(path, chat_format: str | None = None) -> Tokenizer:
         template = jinja_files[0].read_text(encoding="utf-8")
     tok.chat_template = template
     if tok.kind == "hf-bpe":
-        _apply_hf_config(tok, file, cfg)
+        _apply_hf_config(tok, cfg_files[0] if cfg_files else file, cfg)
     tok.family = _family(ckpt_dir)
     tok.chat_format = cf.resolve_format(chat_format) if chat_format else cf.detect_chat_format(tok)
     return tok
 
 
-def _apply_hf_config(tok: BPETokenizer, file: Path, cfg: dict) -> None:
+def _apply_hf_config(tok: BPETokenizer, cfg_file: Path, cfg: dict) -> None:
     """bos/eos/pad and whether BOS is prepended, from tokenizer_config.json and tokenizer.json's post-processor."""
     for key in ("bos", "eos", "pad"):
         text = _token_text(cfg.get(f"{key}_token"))
         if text is None:
             continue
         if text not in tok.special_tokens:
-            raise ValueError(f"{file.parent / 'tokenizer_config.json'}: {key}_token {text!r} is not an added "
-                             f"token of {file}")
+            raise ValueError(f"{cfg_file}: {key}_token {text!r} is not an added token of {tok.path}")
         setattr(tok, f"{key}_id", tok.special_tokens[text])
     if "add_bos_token" in cfg:
         tok.add_bos = bool(cfg["add_bos_token"])
@@ -362,5 +400,3 @@ def _apply_hf_config(tok: BPETokenizer, file: Path, cfg: dict) -> None:
         tok.pad_id = tok.eos_id
     tok.set_stop_ids()
 
-
-__all__ = ["Tokenizer", "SentencePieceTokenizer", "BPETokenizer", "StreamDecoder", "load_tokenizer"]

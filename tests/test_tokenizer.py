@@ -148,6 +148,22 @@ def test_smollm2_json_matches_transformers(variant, smol_dir, smol_digits_json):
         assert ours.encode("  12", bos=False) == ref.encode("  12", add_special_tokens=False)
 
 
+def test_prepare_smollm2_output_matches_transformers(smollm2_dir):
+    """The tokenizer.json/config written by weights/prepare_smollm2.py (no transformers) loads identically."""
+    from transformers import AutoTokenizer
+    ours, ref = load_tokenizer(smollm2_dir), AutoTokenizer.from_pretrained(smollm2_dir)
+    assert (ours.bos_id, ours.eos_id, ours.chat_format) == (ref.bos_token_id, ref.eos_token_id, "chatml")
+    for text in CORPUS + fuzz_corpus(100, seed=2):
+        ids = ours.encode(text, bos=True, allow_special=True)
+        assert ids == ref.encode(text), text
+        assert ours.decode(ids) == ref.decode(ids, clean_up_tokenization_spaces=False)
+    dialog = [{"role": "user", "content": "Count 1 2 3, 中文 😀"}, {"role": "assistant", "content": "1 2 3!"},
+              {"role": "user", "content": "again"}]
+    expected = ref.apply_chat_template(dialog, tokenize=True, add_generation_prompt=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert ours.encode_dialog(dialog) == list(expected)
+
+
 def test_smollm2_dir_settings(smol_dir):
     tok = load_tokenizer(smol_dir)
     assert (tok.kind, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == ("hf-bpe", 1, 2, 2, 49152)

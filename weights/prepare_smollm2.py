@@ -86,8 +86,8 @@ def default_gguf() -> Path:
 
 def tokenizer_files(meta: dict) -> dict:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json contents from GGUF tokenizer metadata."""
-    if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"GGUF tokenizer.ggml.model is {meta.get('tokenizer.ggml.model')!r}; expected 'gpt2' (byte-level BPE)")
+    if (model := meta.get("tokenizer.ggml.model")) != "gpt2":
+        raise ValueError(f"GGUF tokenizer.ggml.model is {model!r}; expected 'gpt2' (byte-level BPE)")
     pre = meta.get("tokenizer.ggml.pre")
     if pre not in PRE_TOKENIZERS:
         raise ValueError(f"GGUF tokenizer.ggml.pre is {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")

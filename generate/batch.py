@@ -1,0 +1,218 @@
+"""Generate for every line of a JSONL file, in length-sorted batches, resumable after a crash.
+
+    python generate/batch.py --ckpt DIR --input prompts.jsonl --output answers.jsonl --batch_size 16
+    torchrun --nproc_per_node 2 generate/batch.py --ckpt DIR --input in.jsonl --output out.jsonl
+
+Input lines: "a prompt string", {"prompt": str}, {"messages": [{"role", "content"}, ...]} or xtuner-style
+{"conversation": [{"system": ..., "input": ..., "output": ...}, ...]} (the last turn's output is what we write).
+Strings and "prompt" are raw text completion unless --chat wraps them as one user turn. An "id" field is copied.
+Output: one line per input line, {"index", "id"?, "output", "prompt_tokens", "output_tokens", "stop_reason"},
+written (and fsync'ed) as each batch finishes, then sorted into input order when the run completes.
+"index" is the input's 0-based line number. A malformed input line is reported on stderr with its line number and
+recorded as {"index", "line", "error"}; delete such lines from the output to retry them.
+Rerunning with the same --output skips every index already there; a truncated last line (a crash mid-write)
+is dropped and redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
+
+from minillama.distributed import cleanup  # noqa: E402
+from minillama.generation import generate, stop_reason  # noqa: E402
+from minillama.loading import (add_model_args, add_sampling_args, broadcast_object, load_for_inference,  # noqa: E402
+                               sampling_kwargs)
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.0, top_p=1.0, max_new_tokens=256)
+    p.add_argument("--input", required=True, help="JSONL of prompts")
+    p.add_argument("--output", required=True, help="JSONL of answers (appended to / resumed)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--chat", action="store_true", help="wrap plain-string / 'prompt' inputs as one user turn")
+    p.add_argument("--truncate_left", action="store_true", help="keep the end of prompts longer than the context")
+    return p.parse_args(argv)
+
+
+def to_messages(record) -> list[dict] | None:
+    """The chat messages a record describes, or None for a plain-text prompt."""
+    if "messages" in record:
+        return record["messages"]
+    turns = record["conversation"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError('"conversation" must be a non-empty list of {"system"?, "input", "output"?} turns')
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("input"), str):
+            raise ValueError(f'conversation turn {i} needs an "input" string')
+        if turn.get("system"):
+            messages.append({"role": "system", "content": turn["system"]})
+        messages.append({"role": "user", "content": turn["input"]})
+        if i < len(turns) - 1:
+            messages.append({"role": "assistant", "content": str(turn.get("output", ""))})
+    return messages
+
+
+def encode_line(text: str, tok, chat: bool) -> tuple[list[int], object]:
+    """(prompt token ids, id field or None) of one input line; ValueError says what is wrong with it."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(record, str):
+        record = {"prompt": record}
+    if not isinstance(record, dict) or not {"prompt", "messages", "conversation"} & record.keys():
+        raise ValueError('expected a JSON string or an object with "prompt", "messages" or "conversation"')
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str):
+            raise ValueError('"prompt" must be a string')
+        if chat:
+            return tok.encode_dialog([{"role": "user", "content": record["prompt"]}]), record.get("id")
+        return tok.encode(record["prompt"], bos=True), record.get("id")
+    messages = to_messages(record)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError('"messages" must be a list of {"role", "content"} objects')
+    try:
+        return tok.encode_dialog(messages), record.get("id")
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"bad messages: {e!r}") from None
+
+
+def done_indices(path: str) -> set[int]:
+    """Indices already in the output; drops a truncated or unreadable line left by a crash (rewriting atomically)."""
+    if not os.path.exists(path):
+        return set()
+    good, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                if not line.endswith("\n") or not isinstance(rec.get("index"), int):
+                    raise ValueError
+                good.append(line)
+            except (ValueError, AttributeError):
+                bad += 1
+    if bad:
+        print(f"[{path}: dropping {bad} incomplete line(s); they will be redone]", file=sys.stderr, flush=True)
+        write_atomic(path, good)
+    return {json.loads(line)["index"] for line in good}
+
+
+def write_atomic(path: str, lines: list[str]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_line(f, record: dict) -> None:
+    """One JSON line, on disk before we go on (a crash loses at most the line being written)."""
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def sort_output(path: str) -> None:
+    """Put the finished output in input order."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    write_atomic(path, sorted(lines, key=lambda line: json.loads(line)["index"]))
+
+
+class Progress:
+    """A one-line progress bar with tokens/s on stderr (redrawn at most 5 times a second)."""
+
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.width, self.done, self.tokens = total, width, 0, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n_done: int, n_tokens: int, force: bool = False):
+        self.done += n_done
+        self.tokens += n_tokens
+        now = time.perf_counter()
+        if not force and now - self.last < 0.2:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        filled = self.width * self.done // max(self.total, 1)
+        bar = "#" * filled + "-" * (self.width - filled)
+        print(f"\r[{bar}] {self.done}/{self.total}  {self.tokens / elapsed:7.1f} tok/s  {elapsed:6.1f}s",
+              end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        self.update(0, 0, force=True)
+        print(file=sys.stderr, flush=True)
+
+
+def plan_work(args, tok, limit: int) -> tuple[list[tuple[int, list[int], object]], list[dict]]:
+    """(work items (index, ids, id) not yet in the output, error records for malformed lines)."""
+    done = done_indices(args.output)
+    work, errors = [], []
+    try:
+        f = open(args.input, encoding="utf-8")
+    except OSError as e:
+        raise SystemExit(f"--input {args.input}: {e}")
+    with f:
+        for index, text in enumerate(f):
+            if not text.strip() or index in done:
+                continue
+            try:
+                ids, rec_id = encode_line(text, tok, args.chat)
+                if len(ids) + args.max_new_tokens > limit and not args.truncate_left:
+                    raise ValueError(f"prompt has {len(ids)} tokens; with --max_new_tokens {args.max_new_tokens} "
+                                     f"it exceeds --max_seq_len {limit} (use --truncate_left to keep its end)")
+            except ValueError as e:
+                print(f"{args.input}:{index + 1}: skipped: {e}", file=sys.stderr, flush=True)
+                errors.append({"index": index, "line": index + 1, "error": str(e)})
+                continue
+            work.append((index, ids, rec_id))
+    return work, errors
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch_size must be >= 1, got {args.batch_size}")
+    loaded = load_for_inference(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    tok, info = loaded.tok, loaded.dist
+    limit = args.max_seq_len or loaded.model.args.max_seq_len
+    plan = plan_work(args, tok, limit) if info.is_rank0 else None
+    work, errors = broadcast_object(plan, info)  # rank 0 reads the files; every rank runs the same batches
+    work.sort(key=lambda w: len(w[1]))  # similar lengths share a batch: little padding
+    out = open(args.output, "a", encoding="utf-8") if info.is_rank0 else None
+    progress = Progress(len(work) + len(errors)) if info.is_rank0 else None
+    for rec in errors if info.is_rank0 else ():
+        append_line(out, rec)
+        progress.update(1, 0)
+    for start in range(0, len(work), args.batch_size):
+        batch = work[start:start + args.batch_size]
+        outs = generate(loaded.model, [ids for _, ids, _ in batch], args.max_new_tokens, stop_ids=tok.stop_ids,
+                        truncate_left=args.truncate_left, process_group=loaded.tp_group, **sampling_kwargs(args))
+        if not info.is_rank0:
+            continue
+        for (index, ids, rec_id), new in zip(batch, outs):
+            rec = {"index": index, **({"id": rec_id} if rec_id is not None else {}), "output": tok.decode(new),
+                   "prompt_tokens": min(len(ids), limit - args.max_new_tokens), "output_tokens": len(new),
+                   "stop_reason": stop_reason(new, args.max_new_tokens)}
+            append_line(out, rec)
+        progress.update(len(batch), sum(len(n) for n in outs))
+    if info.is_rank0:
+        progress.close()
+        out.close()
+        sort_output(args.output)
+        print(f"wrote {args.output}", file=sys.stderr, flush=True)
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()

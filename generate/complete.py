@@ -1,0 +1,71 @@
+"""Plain text completion for base models (like Meta's example_text_completion.py), batched.
+
+    python generate/complete.py --ckpt DIR --prompt "I believe the meaning of life is" --prompt "Simply put, the theory"
+    torchrun --nproc_per_node 2 generate/complete.py --ckpt DIR --prompts_file prompts.txt --temperature 0
+
+--prompts_file holds one prompt per line (blank lines skipped; write "\\n" for a newline inside a prompt).
+Each prompt is printed, then its completion after "> ".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
+
+from minillama.distributed import cleanup  # noqa: E402
+from minillama.generation import generate  # noqa: E402
+from minillama.loading import (add_model_args, add_sampling_args, load_for_inference, rank0_print,  # noqa: E402
+                               sampling_kwargs)
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.6, top_p=0.9, max_new_tokens=64)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts_file", default=None, help="a text file with one prompt per line")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--truncate_left", action="store_true", help="keep the end of prompts longer than the context")
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\r\n").replace("\\n", "\n") for line in f if line.strip()]
+        except OSError as e:
+            raise SystemExit(f"--prompts_file {args.prompts_file}: {e}")
+    if not prompts:
+        raise SystemExit("give at least one --prompt or a --prompts_file")
+    return prompts
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch_size must be >= 1, got {args.batch_size}")
+    prompts = read_prompts(args)
+    loaded = load_for_inference(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    tok, info = loaded.tok, loaded.dist
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        ids = [tok.encode(p, bos=True) for p in chunk]
+        try:
+            outs = generate(loaded.model, ids, args.max_new_tokens, stop_ids=tok.stop_ids,
+                            truncate_left=args.truncate_left, process_group=loaded.tp_group, **sampling_kwargs(args))
+        except ValueError as e:
+            raise SystemExit(f"prompts {start}..{start + len(chunk) - 1}: {e}")
+        for prompt, out in zip(chunk, outs):
+            rank0_print(info, prompt)
+            rank0_print(info, f"> {tok.decode(out)}")
+            rank0_print(info, "\n==================================\n")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""LoRA adapters as PEFT files: adapter_config.json + adapter_model.safetensors that `PeftModel.from_pretrained` loads.
+
+Keys are PEFT's, without the adapter name: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight.
+Our wq/wk rows are in Meta (interleaved RoPE) order and HF's q_proj/k_proj rows are not, so lora_B of q/k is
+row-permuted on save and load (lora_A acts on the input and is unaffected): the adapter means the same function.
+Mixtral experts are written in the hub layout, one module per expert (block_sparse_moe.experts.E.w1/w2/w3, router
+block_sparse_moe.gate), which PEFT + transformers >= 5 fuse on load into mlp.experts.gate_up_proj/down_proj.
+We also read the fused layout PEFT writes for transformers 5 (mlp.experts.base_layer = gate_up_proj,
+mlp.experts = down_proj), splitting gate_up's shared-A factor into w1/w3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .args import ModelArgs
+from .hf_keys import META_TARGET_TO_HF, hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
+from .lora import LoRAExperts, LoRALinear, apply_lora, lora_modules, lora_scaling
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_V4_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])")
+_V5_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts(\.base_layer)?")
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def _qk_heads(path: str, args: ModelArgs) -> Optional[int]:
+    """Heads whose rows a q/k projection holds (for the RoPE row permutation); None for every other module."""
+    leaf = path.rpartition(".")[2]
+    return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(leaf) if ".attention." in f".{path}" else None
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name's tail as a regex."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+# ---- save ----
+def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike,
+                 base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write the model's LoRA factors as a PEFT adapter dir (atomically: a temp dir renamed into place)."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("save_adapter: the model has no LoRA layers; call apply_lora or load_adapter first")
+    args: ModelArgs = model.args
+    tensors, targets, per_module, dropouts, rslora = {}, set(), [], set(), set()
+
+    def put(hf: str, a: torch.Tensor, b: torch.Tensor, rank: int, scaling: float):
+        tensors[f"{PREFIX}{hf}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"{PREFIX}{hf}.lora_B.weight"] = b.detach().cpu().contiguous()
+        per_module.append((hf, rank, scaling))
+
+    for path, m in mods:
+        rslora.add(m.use_rslora)
+        dropouts.add(m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0)
+        if isinstance(m, LoRALinear):
+            hf = meta_module_to_hf(path)
+            if hf is None:
+                raise ValueError(f"save_adapter: LoRA module {path} has no Hugging Face name")
+            b = m.lora_b
+            heads = _qk_heads(path, args)
+            if heads is not None:
+                b = permute_to_hf(b.detach(), heads, args.head_dim)
+            put(hf, m.lora_a, b, m.rank, m.scaling)
+            targets.add(hf.rpartition(".")[2])
+        else:
+            layer = _LAYER.match(path).group(1)
+            for w in m.targets:
+                a, b = getattr(m, f"lora_{w}_a"), getattr(m, f"lora_{w}_b")
+                for e in range(a.shape[0]):
+                    put(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}", a[e], b[e], m.rank[w], m.scaling[w])
+                targets.add(w)
+    use_rslora = rslora.pop() if len(rslora) == 1 else False
+    if rslora:
+        raise ValueError("save_adapter: some LoRA layers use rsLoRA and some do not; PEFT has one use_rslora flag")
+
+    def alpha_of(rank, scaling):
+        return scaling * (rank ** 0.5 if use_rslora else rank)
+
+    r = Counter((rank, round(scaling, 12)) for _, rank, scaling in per_module).most_common(1)[0][0][0]
+    r_scaling = next(s for _, rank, s in per_module if rank == r)
+    lora_alpha = alpha_of(r, r_scaling)
+    lora_alpha = int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha
+    rank_pattern, alpha_pattern = {}, {}
+    for hf, rank, scaling in per_module:  # layers whose rank/scaling differ keep them via PEFT's patterns
+        if rank != r or abs(scaling - r_scaling) > 1e-12 * abs(r_scaling):
+            rank_pattern[re.escape(hf)] = rank
+            alpha_pattern[re.escape(hf)] = alpha_of(rank, scaling)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": lora_alpha, "lora_dropout": max(dropouts), "target_modules": sorted(targets),
+        "use_rslora": use_rslora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_dora": False, "lora_bias": False,
+        "target_parameters": None, "revision": None,
+    }
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+# ---- read / load ----
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: not a PEFT adapter dir")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
+    for key, ok in (("fan_in_fan_out", False), ("use_dora", False), ("bias", "none"), ("lora_bias", False)):
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"{cfg_file}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"{cfg_file}: r={r!r} and lora_alpha={alpha!r} must be positive")
+    if cfg.get("modules_to_save"):
+        raise ValueError(f"{cfg_file}: modules_to_save {cfg['modules_to_save']} (full copies of modules) "
+                         "is not supported")
+    return cfg
+
+
+def read_adapter(path: str | os.PathLike, args: ModelArgs) -> tuple[dict, dict]:
+    """A PEFT adapter dir -> (config, {(our module path, expert weight or None): (A, B, scaling)}) in our layout.
+
+    A/B are (r, in)/(out, r) for linears and (E, r, in)/(E, out, r) for experts, q/k rows in Meta order.
+    """
+    path = Path(path)
+    cfg = read_adapter_config(path)
+    wfile = path / WEIGHTS_NAME
+    if wfile.is_file():
+        state = load_file(str(wfile))
+    elif (path / "adapter_model.bin").is_file():
+        state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{wfile} not found (nor adapter_model.bin)")
+    pairs: dict[str, dict] = defaultdict(dict)
+    for key, t in state.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if m is None:
+            raise ValueError(f"{wfile}: unsupported key {key!r} (expected base_model.model.<module>.lora_A/B.weight)")
+        pairs[m.group(1)][m.group(2)] = t
+    use_rslora = bool(cfg.get("use_rslora", False))
+
+    def scaling_for(name: str, rank: int) -> float:
+        return lora_scaling(rank, _pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]), use_rslora)
+
+    factors: dict = {}
+    experts: dict = defaultdict(dict)  # (layer, w) -> {e: (A, B, scaling)}
+    for hf, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{wfile}: module {hf} has lora_{'A' if 'A' in ab else 'B'} but not its partner")
+        a, b = ab["A"].float(), ab["B"].float()
+        m4, m5 = _V4_EXPERT.fullmatch(hf), _V5_EXPERTS.fullmatch(hf)
+        if m4:
+            experts[(int(m4.group(1)), m4.group(3))][int(m4.group(2))] = (a, b, scaling_for(hf, a.shape[0]))
+        elif m5:
+            E, Fd, D = args.n_experts, args.hidden_dim, args.dim
+            if not E or a.shape[0] % E:
+                raise ValueError(f"{wfile}: {hf} is a fused-experts LoRA (A {tuple(a.shape)}) but the model has "
+                                 f"{E} experts")
+            rank = a.shape[0] // E
+            a3 = a.view(E, rank, -1)  # PEFT ParamWrapper: A rows are (expert, rank)
+            b3 = b.view(b.shape[0], rank, E).permute(2, 0, 1)  # B columns are (rank, expert) -> (E, out, r)
+            layer = f"layers.{m5.group(1)}.feed_forward.experts"
+            if b.shape[0] == 2 * Fd and a.shape[1] == D:  # gate_up_proj: one A shared by w1 (gate) and w3 (up)
+                s = scaling_for(hf.replace(".base_layer", "") + ".gate_up_proj", rank)
+                factors[(layer, "w1")] = (a3, b3[:, :Fd], s)
+                factors[(layer, "w3")] = (a3.clone(), b3[:, Fd:], s)
+            elif b.shape[0] == D and a.shape[1] == Fd:
+                factors[(layer, "w2")] = (a3, b3, scaling_for(hf.replace(".base_layer", "") + ".down_proj", rank))
+            else:
+                raise ValueError(f"{wfile}: {hf} factors A {tuple(a.shape)} / B {tuple(b.shape)} fit neither "
+                                 f"gate_up_proj ({E}x(2*{Fd}), {D}) nor down_proj ({E}x{D}, {Fd}) of this model")
+        else:
+            ours = hf_module_to_meta(hf)
+            if ours is None:
+                raise ValueError(f"{wfile}: module {hf} is not a module of a Llama/Mistral/Mixtral model")
+            heads = _qk_heads(ours, args)
+            if heads is not None:
+                if b.shape[0] != heads * args.head_dim:
+                    raise ValueError(f"{wfile}: {hf}.lora_B has {b.shape[0]} rows; this model's {ours} has "
+                                     f"{heads * args.head_dim} ({heads} heads x {args.head_dim}): another model size?")
+                b = permute_to_meta(b, heads, args.head_dim)
+            factors[(ours, None)] = (a, b, scaling_for(hf, a.shape[0]))
+    for (layer, w), per_expert in experts.items():
+        n = args.n_experts
+        if sorted(per_expert) != list(range(n)):
+            raise ValueError(f"{wfile}: layer {layer} {w} has LoRA for experts {sorted(per_expert)}; "
+                             f"the model has {n} experts (0..{n - 1})")
+        scalings = {s for _, _, s in per_expert.values()}
+        if len(scalings) != 1:
+            raise ValueError(f"{wfile}: layer {layer} {w}: experts with different LoRA scalings are not supported")
+        a = torch.stack([per_expert[e][0] for e in range(n)])
+        b = torch.stack([per_expert[e][1] for e in range(n)])
+        factors[(f"layers.{layer}.feed_forward.experts", w)] = (a, b, scalings.pop())
+    return cfg, factors
+
+
+def _targets_of(factors: dict) -> list[str]:
+    """The apply_lora target names that cover the adapter's modules."""
+    targets = set()
+    for path, w in factors:
+        leaf = path.rpartition(".")[2]
+        targets.add(w if w is not None else "router" if path.endswith("feed_forward.gate") else META_TARGET_TO_HF[leaf])
+    return sorted(targets)
+
+
+def load_adapter(model: torch.nn.Module, path: str | os.PathLike) -> dict:
+    """Load a PEFT LoRA adapter (applying LoRA with the file's r/alpha/targets if absent); returns its config."""
+    cfg, factors = read_adapter(path, model.args)
+    if not lora_modules(model):
+        apply_lora(model, rank=cfg["r"], alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout") or 0.0),
+                   targets=_targets_of(factors), use_rslora=bool(cfg.get("use_rslora", False)))
+    for (mod_path, w), (a, b, scaling) in factors.items():
+        try:
+            m = model.get_submodule(mod_path)
+        except AttributeError:
+            raise ValueError(f"{path}: adapter module {mod_path} does not exist in this model "
+                             f"({model.args.n_layers} layers): adapter for another model?") from None
+        if isinstance(m, LoRALinear) and w is None:
+            m.set_factors(a, b, scaling, name=mod_path)
+        elif isinstance(m, LoRAExperts) and w is not None:
+            m.set_factors(a, b, scaling, name=mod_path, w=w)
+        else:
+            raise ValueError(f"{path}: the adapter has factors for {mod_path}{'.' + w if w else ''} but the model's "
+                             f"module there has no LoRA ({type(m).__name__}); apply_lora with that target first")
+    return cfg

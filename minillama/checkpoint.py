@@ -1,0 +1,237 @@
+"""Load any supported checkpoint into a Transformer, and save one as Hugging Face or Meta files.
+
+Loading never holds two copies of the model: the model is built on the meta device, then each checkpoint tensor is
+read memory-mapped, converted straight to the target dtype on the target device and assigned in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .args import ModelArgs, to_hf_config
+from .hf_format import hf_key_files, hf_plan, hf_weight_files, is_hf_dir, read_hf_args, write_hf_weights
+from .meta_format import is_meta_dir, meta_plan, meta_weight_files, read_meta_args, write_meta_weights
+from .model import Transformer
+from .shards import Entry, TensorFiles, check_plan
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+__all__ = ["load_model", "save_hf", "save_meta", "detect_format", "TOKENIZER_FILES"]
+
+
+def detect_format(path: Union[str, Path]) -> tuple[str, Path]:
+    """('hf' | 'meta', checkpoint dir). A file path inside a checkpoint dir means its dir."""
+    d = Path(path)
+    if d.is_file():
+        d = d.parent
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if is_hf_dir(d):
+        return "hf", d
+    if is_meta_dir(d):
+        return "meta", d
+    if (d / "config.json").is_file() or (d / "params.json").is_file():
+        return ("hf" if (d / "config.json").is_file() else "meta"), d  # the reader names the missing weights
+    raise ValueError(f"{d}: unknown checkpoint format: expected config.json + model*.safetensors / pytorch_model*.bin "
+                     "(Hugging Face) or params.json + consolidated.*.pth / consolidated.safetensors (Meta, Mistral)")
+
+
+def load_model(path: Union[str, Path], device="cpu", dtype: Optional[torch.dtype] = torch.float32,
+               quantize: Optional[str] = None, max_seq_len: Optional[int] = None) -> Transformer:
+    """Build the model a checkpoint describes and load its weights; eval mode. dtype=None keeps the checkpoint's.
+
+    max_seq_len overrides the trained context length (params.json does not record it; dynamic/yarn RoPE use it).
+    """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
+    fmt, d = detect_format(path)
+    files = TensorFiles()
+    if fmt == "hf":
+        weight_files = hf_weight_files(d)
+        args = read_hf_args(d)
+        where = hf_key_files(files, weight_files)
+        if "lm_head.weight" not in where:
+            args.tie_embeddings = True
+    else:
+        weight_files, model_parallel = meta_weight_files(d)
+        args = read_meta_args(d, files, weight_files)
+        if not any("output.weight" in files.keys(f) for f in weight_files):
+            args.tie_embeddings = True
+    if max_seq_len is not None:
+        args.max_seq_len = max_seq_len
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        shapes.pop("output.weight")
+    source = str(d)
+    if fmt == "hf":
+        entries = hf_plan(where, args, shapes, source)
+    else:
+        entries = meta_plan(files, weight_files, model_parallel, args, shapes, source)
+    check_plan(files, entries, shapes, source)
+    _load_entries(model, files, entries, shapes, device, dtype, quantize)
+    model.reset_rope(device)
+    model.tie_weights()
+    return model.eval()
+
+
+@torch.no_grad()
+def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], shapes: dict, device, dtype, quantize):
+    """Read entries file by file; stacked expert tensors are assigned once all their slots are filled."""
+    quantized = None
+    if quantize == "nf4":
+        from .quant import load_quantized_
+        quantized = load_quantized_
+    stacks: dict[str, tuple[torch.Tensor, int]] = {}  # target -> (buffer, slots filled)
+    order = sorted(range(len(entries)), key=lambda i: str(entries[i].sources[0].file))  # shard by shard
+    last_file = None
+    for i in order:
+        e = entries[i]
+        if last_file is not None and e.sources[0].file != last_file and len(e.sources) == 1:
+            files.close(last_file)  # drop the mapping of a finished HF shard
+        last_file = e.sources[0].file
+        pieces = [files.get(s.file, s.key) for s in e.sources]
+        t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=e.cat_dim)  # checkpoint dtype
+        t = t.to(device=device, dtype=dtype or t.dtype)
+        if e.transform is not None:
+            t = e.transform(t)
+        if e.slot is None:
+            _assign(model, e.target, t.contiguous(), quantized)
+            continue
+        if e.target not in stacks:
+            stacks[e.target] = (torch.empty(shapes[e.target], dtype=t.dtype, device=device), 0)
+        buf, n = stacks[e.target]
+        buf[e.slot].copy_(t)
+        stacks[e.target] = (buf, n + 1)
+        if n + 1 == shapes[e.target][0]:
+            _assign(model, e.target, stacks.pop(e.target)[0], quantized)
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor, quantized):
+    if quantized is not None and quantized(model, key, tensor):
+        return
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path)
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(tensor, requires_grad=old.requires_grad))
+
+
+# ---- saving ----
+
+def _plain_state(model: Transformer, what: str) -> dict[str, torch.Tensor]:
+    """The model's state dict, refusing LoRA / quantized models whose extra tensors no format here can hold."""
+    args = model.args
+    with torch.device("meta"):
+        expected = set(Transformer(args).state_dict())
+    state = model.state_dict()
+    extra = sorted(set(state) - expected)
+    if extra:
+        raise ValueError(f"{what}: the model has tensors a plain {what} checkpoint cannot hold ({', '.join(extra[:5])}"
+                         f"{' ...' if len(extra) > 5 else ''}): merge LoRA with minillama.lora.merge_lora first, "
+                         "or load the model without quantization")
+    bad = [k for k, v in state.items() if not v.is_floating_point() or v.is_meta]
+    if bad:
+        raise ValueError(f"{what}: tensors {', '.join(bad[:5])} are quantized or not loaded; save an unquantized model")
+    return state
+
+
+def _atomic_dir(path: Union[str, Path], overwrite: bool) -> tuple[Path, Path]:
+    """(final path, temp dir beside it): write into the temp dir, then os.replace, so a crash leaves no half dir."""
+    final = Path(path).resolve()
+    if final.is_dir() and any(final.iterdir()) and not overwrite:  # fail before the slow part
+        raise FileExistsError(f"{final} exists and is not empty; pass overwrite=True to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    return final, tmp
+
+
+def _finish_dir(tmp: Path, final: Path, overwrite: bool):
+    if final.exists():
+        if not final.is_dir():
+            raise FileExistsError(f"{final} exists and is not a directory")
+        if any(final.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{final} exists and is not empty; pass overwrite=True to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / "d")
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+            return
+        final.rmdir()
+    os.replace(tmp, final)
+
+
+def copy_tokenizer_files(src: Union[str, Path, None], dst: Path, names=TOKENIZER_FILES) -> list[str]:
+    if src is None:
+        return []
+    src = Path(src)
+    src = src.parent if src.is_file() else src
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _bos_eos(args: ModelArgs, tokenizer_src) -> tuple[Optional[int], Optional[Union[int, list]]]:
+    if tokenizer_src is not None:
+        try:
+            from .tokenizer import load_tokenizer
+            tok = load_tokenizer(tokenizer_src)
+            stops = list(getattr(tok, "stop_ids", None) or [tok.eos_id])
+            return tok.bos_id, stops[0] if len(stops) == 1 else stops
+        except Exception:  # no usable tokenizer there: fall back to the family's ids
+            pass
+    if args.family == "llama3" and args.vocab_size >= 128256:
+        return 128000, 128001
+    if args.family in ("llama", "llama2", "codellama", "mistral", "mixtral") and args.vocab_size >= 32000:
+        return 1, 2
+    return None, None
+
+
+def save_hf(model: Transformer, path: Union[str, Path], tokenizer_src=None, max_shard_size="5GB",
+            overwrite: bool = False, log=None) -> Path:
+    """Write a Hugging Face dir (config.json, safetensors shards + index, generation_config.json) in the model's dtype."""
+    state = _plain_state(model, "save_hf")
+    args = model.args
+    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    final, tmp = _atomic_dir(path, overwrite)
+    try:
+        write_hf_weights(state, args, tmp, max_shard_size, log=log or (lambda s: None))
+        bos, eos = _bos_eos(args, tokenizer_src)
+        with open(tmp / "config.json", "w") as f:
+            json.dump(to_hf_config(args, dtype=dtype, bos_id=bos, eos_id=eos), f, indent=2)
+        gen = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}
+        with open(tmp / "generation_config.json", "w") as f:
+            json.dump({"_from_model_config": True, **gen}, f, indent=2)
+        copy_tokenizer_files(tokenizer_src, tmp)
+        _finish_dir(tmp, final, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def save_meta(model: Transformer, path: Union[str, Path], n_shards: int = 1, tokenizer_src=None, log=None,
+              overwrite: bool = False) -> Path:
+    """Write params.json + consolidated.NN.pth split into n_shards (Meta layout), or Mistral's consolidated.safetensors
+    for Mistral/Mixtral models when n_shards is 1."""
+    state = _plain_state(model, "save_meta")
+    final, tmp = _atomic_dir(path, overwrite)
+    try:
+        write_meta_weights(state, model.args, tmp, n_shards, log=log or (lambda s: None))
+        copy_tokenizer_files(tokenizer_src, tmp)
+        _finish_dir(tmp, final, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,60 @@
+"""FSDP2 from outside the model: a process group even for one process, activation checkpointing, fully_shard.
+
+Each TransformerBlock is its own FSDP unit (all-gathered for its forward/backward, resharded after); the root unit
+is the CausalLMLoss wrapper, which owns tok_embeddings, norm and output, so the output layer (tied to the
+embedding or not) stays gathered while the chunked loss runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from .model import TransformerBlock
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group when not launched by torchrun, so one code path (FSDP) serves every world size."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Per-block activation checkpointing (non-reentrant): keep each block's input, recompute its inside in backward.
+
+    Wrapping `forward` on the instance (not the module) leaves parameter names, and so checkpoints, unchanged.
+    """
+    for block in model.modules():
+        if isinstance(block, TransformerBlock):
+            inner = block.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            block.forward = forward
+
+
+def apply_fsdp(root: nn.Module, param_dtype: Optional[torch.dtype] = None, cpu_offload: bool = False,
+               reshard_after_forward: bool = True) -> nn.Module:
+    """fully_shard every TransformerBlock, then the root. param_dtype: compute dtype (e.g. bf16) with fp32 grad
+    reduction; None computes in the parameters' own dtype. Gradients are summed across ranks, not averaged: the
+    trainer already divides by the global token count."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for block in root.modules():
+        if isinstance(block, TransformerBlock):
+            fully_shard(block, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mp_policy=mp, offload_policy=offload)
+    for module in root.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM/AVG
+    return root

@@ -1,0 +1,184 @@
+"""Batched generation on the model's static KV cache: one left-padded prefill, then one-token decode steps.
+
+The prompt is never recomputed. Sampling happens on the model's device in float32; the non-streaming loop
+only asks the device "are all rows done?" every `check_every` steps (one host sync per check), while the
+streaming loop syncs once per step because it must hand tokens to the caller.
+Shape letters: B rows, P padded prompt length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .sampling import SamplingParams, next_token, seen_mask
+
+__all__ = ["generate", "generate_stream", "decode_step", "stop_reason"]
+
+
+def decode_step(model, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
+    """One cached forward of a single new token per row. tokens (B, 1) -> float32 logits (B, V)."""
+    return model(tokens, start_pos=start_pos, pad_lens=pad_lens)[:, -1]
+
+
+_compiled_decode_step = None
+
+
+def _compiled_step():
+    """decode_step under torch.compile(mode="reduce-overhead") (CUDA graphs on GPU), built once per process."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead")
+    return _compiled_decode_step
+
+
+def stop_reason(new_tokens: Sequence[int], max_new_tokens: int) -> str:
+    """"stop" if the row ended on a stop token, "length" if it used all max_new_tokens (stop tokens are not returned)."""
+    return "length" if len(new_tokens) >= max_new_tokens else "stop"
+
+
+def _check_prompts(model, prompts, max_new_tokens: int, max_seq_len: Optional[int],
+                   truncate_left: bool) -> list[list[int]]:
+    """Validate the batch and fit each prompt into the context; returns the (possibly left-truncated) prompts."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    limit = model.args.max_seq_len if max_seq_len is None else max_seq_len
+    if limit > model.args.max_seq_len:
+        raise ValueError(f"max_seq_len {limit} exceeds the model's context of {model.args.max_seq_len} tokens")
+    if max_new_tokens >= limit:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in a context of {limit} tokens")
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    vocab = model.args.vocab_size
+    room = limit - max_new_tokens
+    out = []
+    for i, p in enumerate(prompts):
+        p = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+        if not p:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+        if not all(isinstance(t, numbers.Integral) and 0 <= t < vocab for t in p):
+            raise ValueError(f"prompt {i} holds a token id outside 0..{vocab - 1} (or not an int)")
+        if len(p) > room:
+            if not truncate_left:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens {max_new_tokens} it must be "
+                                 f"at most {room} to fit the context of {limit} (pass truncate_left=True to keep "
+                                 f"its last {room} tokens)")
+            p = p[-room:]
+        out.append([int(t) for t in p])
+    return out
+
+
+def _ensure_cache(model, batch: int, seq_len: int) -> None:
+    """Reuse the model's KV cache when it holds batch x seq_len, else allocate one of exactly that size."""
+    cache = model.layers[0].attention.cache
+    if cache is None or cache.k.shape[0] < batch or cache.k.shape[2] < seq_len:
+        model.setup_cache(batch, seq_len)
+
+
+@torch.no_grad()
+def _steps(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop_ids,
+           seed: Optional[int], compile: bool, process_group, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield per step (tokens (B,), emitted (B,) bool, done (B,) bool), all on the device. prompts are checked.
+
+    emitted marks rows whose token is real output (not a stop token, row not already finished).
+    Finished rows keep decoding pad_id so every step has a fixed shape; their output is masked out.
+    """
+    device = model.tok_embeddings.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    _ensure_cache(model, B, P + max_new_tokens)
+
+    tokens = torch.full((B, P), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p):] = torch.tensor(p)  # left padding: every row's last prompt token sits at slot P-1
+    tokens = tokens.to(device)
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
+    pad_lens = pad if bool((pad > 0).any()) else None  # None lets the kernels use their plain causal path
+
+    seen = None
+    if params.repetition_penalty != 1.0:
+        # pad slots copy the row's last token so only real prompt tokens count as seen
+        real = torch.arange(P, device=device)[None] >= pad[:, None]  # (B, P)
+        seen = seen_mask(torch.where(real, tokens, tokens[:, -1:]), model.args.vocab_size)
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    stop = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=torch.long, device=device)
+    step_fn = _compiled_step() if compile else decode_step
+    src = None if process_group is None else dist.get_global_rank(process_group, 0)
+
+    hidden = model(tokens, start_pos=0, pad_lens=pad_lens, return_hidden=True)  # (B, P, D)
+    logits = model.output(hidden[:, -1]).float()  # (B, V): only the last position's logits are needed
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        if i > 0:
+            if compile:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step_fn(model, cur[:, None], P + i - 1, pad_lens)
+        nxt = next_token(logits, params, seen, generator)  # (B,)
+        if src is not None:
+            # tensor parallel: every rank must feed the same token; rank 0's choice wins
+            dist.broadcast(nxt, src=src, group=process_group)
+        is_stop = torch.isin(nxt, stop)
+        emitted = ~done & ~is_stop
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        done = done | is_stop
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        yield nxt, emitted, done
+        cur = nxt
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
+             seed: Optional[int] = None, truncate_left: bool = False, *, max_seq_len: Optional[int] = None,
+             compile: bool = False, process_group=None, pad_id: int = 0,
+             check_every: int = 16) -> list[list[int]]:
+    """New tokens for each prompt (token-id lists of any lengths), each row cut before its first stop token.
+
+    temperature 0 = greedy. max_seq_len caps prompt + new tokens (default: the model's context); prompts that
+    do not fit raise unless truncate_left. process_group: the tensor-parallel group, whose rank 0 broadcasts
+    each sampled token. check_every: steps between the host syncs that end the loop once every row stopped.
+    """
+    params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+    prompts = _check_prompts(model, prompts, max_new_tokens, max_seq_len, truncate_left)
+    toks, keep = [], []
+    for i, (nxt, emitted, done) in enumerate(_steps(model, prompts, max_new_tokens, params, stop_ids, seed,
+                                                     compile, process_group, pad_id)):
+        toks.append(nxt)
+        keep.append(emitted)
+        if (i + 1) % check_every == 0 and bool(done.all()):
+            break
+    toks = torch.stack(toks, dim=1).tolist()  # (B, steps): the one transfer to the host
+    keep = torch.stack(keep, dim=1).tolist()
+    return [[t for t, k in zip(row, ks) if k] for row, ks in zip(toks, keep)]
+
+
+def generate_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                    stop_ids: Sequence[int] = (), seed: Optional[int] = None, truncate_left: bool = False, *,
+                    max_seq_len: Optional[int] = None, compile: bool = False, process_group=None,
+                    pad_id: int = 0) -> Iterator[list[tuple[int, int]]]:
+    """Like generate, but yields each step's new tokens as [(row, token), ...] as soon as they exist.
+
+    Rows that stopped produce nothing; the iteration ends when every row stopped or after max_new_tokens steps.
+    Concatenating a row's tokens over all steps gives exactly generate()'s output for that row.
+    """
+    params = SamplingParams(temperature, top_p, top_k, repetition_penalty)  # bad arguments raise here, not later
+    prompts = _check_prompts(model, prompts, max_new_tokens, max_seq_len, truncate_left)
+    return _stream(_steps(model, prompts, max_new_tokens, params, stop_ids, seed, compile, process_group, pad_id))
+
+
+def _stream(steps) -> Iterator[list[tuple[int, int]]]:
+    for nxt, emitted, done in steps:
+        pairs = [(b, t) for b, (t, e) in enumerate(zip(nxt.tolist(), emitted.tolist())) if e]
+        if pairs:
+            yield pairs
+        if bool(done.all()):
+            return

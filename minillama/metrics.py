@@ -1,0 +1,118 @@
+"""Seeing a run: a rank-0 progress bar on stderr, metrics.jsonl, MFU and peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# dense bf16 tensor-core peaks (TFLOP/s) by device name; MFU is against these unless --peak_tflops says otherwise
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+               "A10G": 125.0, "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0}
+
+
+def default_peak_tflops(device: torch.device) -> Optional[float]:
+    """The device's dense bf16 peak from PEAK_TFLOPS, or None (CPU, unknown GPU: MFU is not shown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ProgressBar:
+    """One redrawn stderr line on a terminal; otherwise a plain line every `every` steps (logs stay readable)."""
+
+    def __init__(self, total: int, start: int = 0, every: int = 10, enabled: bool = True, file=sys.stderr):
+        self.total, self.start, self.every, self.enabled, self.file = total, start, every, enabled, file
+        self.tty = enabled and file.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, fields: dict) -> None:
+        if not self.enabled:
+            return
+        done = step - self.start
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        width = 20
+        filled = int(width * step / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        text = " ".join(f"{k} {v}" for k, v in fields.items())
+        line = f"step {step}/{self.total} [{bar}] {text} eta {_fmt_time(eta)}"
+        if self.tty:
+            self.file.write("\r\033[K" + line)
+            if step == self.total:
+                self.file.write("\n")
+        elif step % self.every == 0 or step == self.total or step == self.start + 1:
+            self.file.write(line + "\n")
+        self.file.flush()
+
+    def message(self, text: str) -> None:
+        """A line that does not get overwritten by the bar."""
+        if self.enabled:
+            self.file.write(("\r\033[K" if self.tty else "") + text + "\n")
+            self.file.flush()
+
+
+class MetricsWriter:
+    """metrics.jsonl: one JSON object per optimizer step (and per eval), appended and flushed as it happens."""
+
+    def __init__(self, path: Path, resume_step: Optional[int] = None, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            # steps after the checkpoint we resume from will be run again: drop their old records
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl (bad lines ignored: a run killed mid-write leaves half a line)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,140 @@
+"""Training checkpoints that resume exactly: sharded weights + optimizer (torch.distributed.checkpoint), data
+position, step and every rank's RNG state, written atomically, with a `latest` pointer updated last.
+
+Layout of OUT/step_N/:  dcp/ (the sharded state, any world size can read it back), train_state.json,
+rng/rank{r}.pt, and for LoRA runs adapter/ (a PEFT adapter, usable directly). OUT/latest holds "step_N".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.tensor import DTensor
+
+from .lora import lora_modules
+
+LATEST = "latest"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _options(lora: bool) -> StateDictOptions:
+    # LoRA: the frozen base comes from --model on resume; only adapters and their optimizer state are saved
+    return StateDictOptions(ignore_frozen_params=lora)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_lora_adapter(model: nn.Module, out_dir: Path, base: Optional[str], rank0: bool) -> None:
+    """Gather every LoRA factor (a collective: all ranks call this) and write a PEFT adapter on rank 0."""
+    from .adapter import save_adapter
+
+    swapped = []
+    for _, m in lora_modules(model):
+        for name, p in list(m.named_parameters(recurse=False)):
+            if name.startswith("lora_"):
+                full = p.full_tensor() if isinstance(p, DTensor) else p
+                swapped.append((m, name, p))
+                m._parameters[name] = full.detach()  # plain tensors while save_adapter reads them
+    try:
+        if rank0:
+            save_adapter(model, out_dir, base_model_name_or_path=base)
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
+
+
+def full_state_dict(root: nn.Module) -> dict:
+    """Every parameter gathered to full tensors on CPU, on rank 0 (a collective; other ranks get {})."""
+    return get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out: Path, step: int, root: nn.Module, optimizer, train_state: dict, lora: bool, rank: int,
+                    base: Optional[str] = None, keep: int = 0) -> Path:
+    """Write OUT/step_N atomically on all ranks (shared file system), then point OUT/latest at it."""
+    final = out / f"step_{step}"
+    tmp = out / f".step_{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(root, optimizer, options=_options(lora))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    if lora:
+        save_lora_adapter(root.model, tmp / "adapter", base, rank == 0)
+    dist.barrier()
+    if rank == 0:
+        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_atomic(out / LATEST, final.name)  # last: a crash before this leaves the previous checkpoint current
+        if keep > 0:
+            for old in sorted(out.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def resolve_resume(resume: str, out: Path) -> Optional[Path]:
+    """--resume value -> a step dir: "latest" reads OUT/latest (None if there is none yet, a fresh start)."""
+    if resume == LATEST:
+        pointer = out / LATEST
+        if not pointer.is_file():
+            return None
+        path = out / pointer.read_text().strip()
+    else:
+        path = Path(resume)
+    if not (path / "train_state.json").is_file() or not (path / "dcp").is_dir():
+        raise FileNotFoundError(f"--resume {resume}: {path} is not a training checkpoint (expected train_state.json "
+                                "and dcp/ from a previous run's OUT/step_N)")
+    return path
+
+
+def load_checkpoint(path: Path, root: nn.Module, optimizer, lora: bool) -> dict:
+    """Restore weights and optimizer from OUT/step_N; returns its train_state (RNG: see load_rng_state)."""
+    model_sd, optim_sd = get_state_dict(root, optimizer, options=_options(lora))
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(lora))
+    return json.loads((path / "train_state.json").read_text())
+
+
+def load_rng_state(path: Path, rank: int) -> bool:
+    """Restore this rank's RNG streams from OUT/step_N (False if the checkpoint has none for this rank)."""
+    rng_file = path / "rng" / f"rank{rank}.pt"
+    if not rng_file.is_file():
+        return False
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return True

@@ -1,0 +1,42 @@
+"""Benchmark floors and scripts: the numbers they divide by are right, and the scripts run at toy shapes on CPU."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minillama import ModelArgs, Transformer
+from minillama.perf import decode_bytes_per_step, forward_flops, param_counts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name, total_b", [("llama3-8b", 8.03), ("llama3.2-1b", 1.24), ("mixtral-8x7b", 46.7),
+                                           ("llama2-70b", 68.98)])
+def test_param_counts_match_released_sizes(name, total_b):
+    assert param_counts(ModelArgs.from_name(name))["total"] / 1e9 == pytest.approx(total_b, abs=0.01)
+
+
+def test_param_counts_match_a_built_model():
+    for over in ({}, {"n_experts": 4, "n_experts_per_tok": 2}, {"tie_embeddings": True}):
+        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=96, **over)
+        n = sum(p.numel() for p in Transformer(args).parameters())  # shared tied weight counted once
+        assert param_counts(args)["total"] == n
+
+
+def test_decode_floor_counts_weights_and_cache():
+    args = ModelArgs.from_name("llama3-8b")
+    # batch 1, empty cache: the 7.5B weights a step reads (embedding table excluded, head included), bf16
+    assert decode_bytes_per_step(args, 1, 0) == 2 * param_counts(args)["active"] - 2 * args.dim
+    # each cached position adds 2 (k, v) * 32 layers * 8 heads * 128 dims * 2 bytes = 128 KiB
+    assert decode_bytes_per_step(args, 1, 1) - decode_bytes_per_step(args, 1, 0) == 131072
+    mixtral = ModelArgs.from_name("mixtral-8x7b")
+    assert decode_bytes_per_step(mixtral, 1, 0) < decode_bytes_per_step(mixtral, 8, 0)  # batch 8 touches more
+
+
+def test_forward_flops_is_2_per_param_per_token_plus_attention():
+    args = ModelArgs.from_name("llama3-8b")
+    f = forward_flops(args, 8192, 8192)
+    assert f / 8192 == pytest.approx(2 * param_counts(args)["active"] + 2 * 32 * 4096 * 8192, rel=1e-9)

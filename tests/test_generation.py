@@ -1,0 +1,133 @@
+"""Cached batched generation == a plain full-forward loop; rows are independent; stop tokens; seeds; bad args."""
+
+import pytest
+import torch
+
+from minillama import ModelArgs, Transformer
+from minillama.generation import generate, generate_stream, stop_reason
+from minillama.sampling import apply_repetition_penalty, seen_mask
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96, max_seq_len=64)
+MOE = {"n_experts": 4, "n_experts_per_tok": 2}
+
+
+def tiny_model(seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**TINY, **overrides})).eval()
+    for p in model.parameters():  # larger weights than default init so logits are far from ties
+        torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
+    return model
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, n, penalty=1.0):
+    """No cache: rerun the whole sequence every step and take the argmax (optionally after HF's penalty)."""
+    seq = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([seq]))[:, -1]
+        if penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seen_mask(torch.tensor([seq]), logits.shape[-1]), penalty)
+        seq.append(int(logits.argmax(-1)))
+    return seq[len(prompt):]
+
+
+def prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("overrides", [{}, MOE])
+def test_cached_greedy_equals_full_forward_loop(overrides):
+    model = tiny_model(**overrides)
+    (p,) = prompts([7])
+    out = generate(model, [p], max_new_tokens=12)
+    assert out == [reference_greedy(model, p, 12)]
+
+
+@pytest.mark.parametrize("overrides", [{}, MOE])
+def test_batch_of_different_lengths_equals_each_alone(overrides):
+    model = tiny_model(**overrides)
+    ps = prompts([3, 9, 1, 6])
+    batched = generate(model, ps, max_new_tokens=10)
+    alone = [generate(model, [p], max_new_tokens=10)[0] for p in ps]
+    assert batched == alone
+    assert batched[0] == reference_greedy(model, ps[0], 10)  # the padded rows are right, not just consistent
+
+
+def test_repetition_penalty_generation_equals_reference():
+    model = tiny_model()
+    (p,) = prompts([5])
+    out = generate(model, [p], max_new_tokens=16, repetition_penalty=1.5)
+    assert out == [reference_greedy(model, p, 16, penalty=1.5)]
+    plain = generate(model, [p], max_new_tokens=16)[0]
+    assert len(set(plain)) < len(plain) and len(set(out[0])) == len(out[0])  # it stopped a repeat
+
+
+def test_stop_tokens_end_each_row_independently():
+    model = tiny_model()
+    ps = prompts([4, 8, 2])
+    full = generate(model, ps, max_new_tokens=12)
+    stop = full[1][5]  # row 1 stops at its 6th token; other rows stop at that token wherever it appears
+    cut = generate(model, ps, max_new_tokens=12, stop_ids=[stop])
+    for row, c in zip(full, cut):
+        expect = row[:row.index(stop)] if stop in row else row
+        assert c == expect
+    assert len(cut[1]) == full[1].index(stop) <= 5
+    assert [stop_reason(c, 12) for c in cut] == ["stop" if stop in r else "length" for r in full]
+
+
+def test_stream_equals_generate():
+    model = tiny_model()
+    ps = prompts([5, 2, 7])
+    stop = generate(model, ps, max_new_tokens=10)[0][3]
+    kw = dict(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=3, stop_ids=[stop])
+    rows = [[] for _ in ps]
+    for step in generate_stream(model, ps, **kw):
+        for b, t in step:
+            rows[b].append(t)
+    assert rows == generate(model, ps, **kw)
+
+
+def test_seed_reproduces_sampled_output():
+    model = tiny_model()
+    ps = prompts([4, 6])
+    kw = dict(max_new_tokens=16, temperature=1.5, top_p=0.95)
+    a = generate(model, ps, seed=11, **kw)
+    assert a == generate(model, ps, seed=11, **kw)
+    assert a != generate(model, ps, seed=12, **kw)
+
+
+def test_cache_is_reused_and_grown():
+    model = tiny_model()
+    model.setup_cache(4, 40)
+    cache = model.layers[0].attention.cache
+    (p,) = prompts([5])
+    out = generate(model, [p], max_new_tokens=8)
+    assert model.layers[0].attention.cache is cache  # big enough: no new allocation
+    assert generate(model, [p] * 5, max_new_tokens=8) == out * 5  # more rows: a new cache
+    assert model.layers[0].attention.cache.k.shape[0] == 5
+
+
+def test_truncate_left_keeps_the_last_tokens():
+    model = tiny_model()
+    (p,) = prompts([60])
+    with pytest.raises(ValueError, match="truncate_left"):
+        generate(model, [p], max_new_tokens=8)
+    out = generate(model, [p], max_new_tokens=8, truncate_left=True)
+    assert out == generate(model, [p[-56:]], max_new_tokens=8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"),
+    (dict(top_k=-3), "top_k"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=64), "max_new_tokens"),
+    (dict(max_new_tokens=10, max_seq_len=100), "context"), (dict(prompts=[[]]), "empty"),
+    (dict(prompts=[[1, 256]]), "outside"), (dict(prompts=[]), "non-empty"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    model = tiny_model()
+    args = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generate(model, **args)
+    with pytest.raises(ValueError, match=match):  # the stream checks before the first step, not lazily
+        generate_stream(model, **args)
