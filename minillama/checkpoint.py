@@ -22,6 +22,8 @@ from .meta_format import is_meta_dir, meta_plan, meta_weight_files, read_meta_ar
 from .model import Transformer
 from .shards import Entry, TensorFiles, check_plan
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 __all__ = ["load_model", "save_hf", "save_meta", "detect_format", "TOKENIZER_FILES"]
@@ -44,7 +46,7 @@ def detect_format(path: Union[str, Path]) -> tuple[str, Path]:
                      "(Hugging Face) or params.json + consolidated.*.pth / consolidated.safetensors (Meta, Mistral)")
 
 
-def load_model(path: Union[str, Path], device="cpu", dtype: Optional[torch.dtype] = torch.float32,
+def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch.dtype, str]] = torch.float32,
                quantize: Optional[str] = None, max_seq_len: Optional[int] = None) -> Transformer:
     """Build the model a checkpoint describes and load its weights; eval mode. dtype=None keeps the checkpoint's.
 
@@ -52,6 +54,10 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[torch.dtype
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)} or a torch.dtype")
+        dtype = DTYPES[dtype]
     fmt, d = detect_format(path)
     files = TensorFiles()
     if fmt == "hf":
@@ -102,9 +108,9 @@ def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], sh
         last_file = e.sources[0].file
         pieces = [files.get(s.file, s.key) for s in e.sources]
         t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=e.cat_dim)  # checkpoint dtype
-        t = t.to(device=device, dtype=dtype or t.dtype)
-        if e.transform is not None:
+        if e.transform is not None:  # before the cast: a slice of a stacked tensor then converts only itself
             t = e.transform(t)
+        t = t.to(device=device, dtype=dtype or t.dtype)
         if e.slot is None:
             _assign(model, e.target, t.contiguous(), quantized)
             continue

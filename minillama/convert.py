@@ -13,12 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from .checkpoint import TOKENIZER_FILES, detect_format, load_model, save_hf, save_meta
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+from .checkpoint import DTYPES, TOKENIZER_FILES, detect_format, load_model, save_hf, save_meta
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -183,7 +183,7 @@ def _ffn_rule(args: ModelArgs) -> dict:
 
 def _split_dim(key: str, args: ModelArgs) -> Optional[int]:
     if key == "tok_embeddings.weight":
-        return 0
+        return 0 if args.family == "llama3" else 1  # VocabParallelEmbedding vs ParallelEmbedding
     return _cat_dim(key, args, ())
 
 

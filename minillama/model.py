@@ -101,8 +101,13 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         inv_freq, self.rope_attention_factor = scaled_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling,
                                                                args.max_seq_len)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # float32 bits in an int32 buffer: follows .to(device) but not .to(bfloat16), which would round the angles
+        self.register_buffer("inv_freq_bits", inv_freq.view(torch.int32), persistent=False)
         self.tie_weights()
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.inv_freq_bits.view(torch.float32)
 
     def tie_weights(self):
         """Share the embedding matrix with the output projection when the model ties them (Llama 3.2 1B/3B)."""
@@ -113,7 +118,8 @@ class Transformer(nn.Module):
         """Recompute the RoPE frequencies (after building on the meta device, where buffers hold no data)."""
         inv_freq, self.rope_attention_factor = scaled_inv_freq(
             self.args.head_dim, self.args.rope_theta, self.args.rope_scaling, self.args.max_seq_len)
-        self.inv_freq = inv_freq.to(device if device is not None else self.tok_embeddings.weight.device)
+        device = device if device is not None else self.tok_embeddings.weight.device
+        self.inv_freq_bits = inv_freq.view(torch.int32).to(device)
 
     # ---- KV cache ----
     def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None, device=None):

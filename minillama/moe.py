@@ -33,25 +33,43 @@ class Experts(nn.Module):
         """Expert e on its routed tokens. (n, D) -> (n, D)"""
         return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
 
+    supports_grouped_mm = True  # LoRA / NF4 twins reuse forward() but only define expert_forward
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's chosen experts. x (N, D), weights/expert_idx (N, k) -> (N, D)"""
         N, k = expert_idx.shape
         flat_expert = expert_idx.flatten()  # (N*k,)
         order = torch.argsort(flat_expert, stable=True)  # token-slots grouped by expert
         token_of_slot = order // k
-        counts = torch.bincount(flat_expert, minlength=self.w1.shape[0]).tolist()
+        slot_weights = weights.flatten()[order, None]  # (N*k, 1)
+        counts = torch.bincount(flat_expert, minlength=self.w1.shape[0])  # (E,)
         out = torch.zeros_like(x)
+        if getattr(self, "supports_grouped_mm", False) and grouped_mm_ok(x):
+            # one grouped GEMM per weight over all experts; offsets stay on the device (no host sync)
+            offsets = torch.cumsum(counts, 0).to(torch.int32)
+            xs = x[token_of_slot]  # (N*k, D)
+            h = F.silu(torch._grouped_mm(xs, self.w1.transpose(1, 2), offs=offsets)) \
+                * torch._grouped_mm(xs, self.w3.transpose(1, 2), offs=offsets)  # (N*k, F)
+            y = torch._grouped_mm(h, self.w2.transpose(1, 2), offs=offsets)  # (N*k, D)
+            return out.index_add_(0, token_of_slot, (y * slot_weights).to(x.dtype))
         start = 0
-        for e, n in enumerate(counts):  # a loop over experts, never over tokens
+        for e, n in enumerate(counts.tolist()):  # a loop over experts, never over tokens
             if n == 0:
                 continue
-            slots = order[start:start + n]
             tokens = token_of_slot[start:start + n]
             y = self.expert_forward(e, x[tokens])  # (n, D)
-            y = y * weights.flatten()[slots, None]
-            out.index_add_(0, tokens, y.to(x.dtype))
+            out.index_add_(0, tokens, (y * slot_weights[start:start + n]).to(x.dtype))
             start += n
         return out
+
+
+def grouped_mm_ok(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on CPU in any float dtype, on CUDA in bfloat16 on Hopper (sm90) and newer."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 class MoEFeedForward(nn.Module):

@@ -65,13 +65,15 @@ def test_left_padded_rows_equal_unpadded():
     torch.testing.assert_close(step[1, 0], model(torch.cat([b, nxt[1]])[None])[0, -1], atol=1e-5, rtol=1e-5)
 
 
-def test_moe_dispatch_equals_dense_reference():
+def test_moe_dispatch_equals_dense_reference(monkeypatch):
     torch.manual_seed(0)
     experts = Experts(n_experts=6, dim=16, hidden_dim=24)
     x = torch.randn(40, 16)
     logits = torch.randn(40, 6)
     weights, idx = route(logits, top_k=2)
     out = experts(x, weights, idx)
+    monkeypatch.setattr(Experts, "supports_grouped_mm", False)  # the per-expert loop (GPU fp32, LoRA, NF4)
+    torch.testing.assert_close(experts(x, weights, idx), out, atol=1e-5, rtol=1e-5)
     # dense reference: every expert on every token, then pick
     every = torch.stack([experts.expert_forward(e, x) for e in range(6)], dim=1)  # (N, E, D)
     ref = (every.gather(1, idx[:, :, None].expand(-1, -1, 16)) * weights[:, :, None]).sum(1)
@@ -129,3 +131,11 @@ def test_varlen_path_equals_dense_mask(monkeypatch):
     mask = attention.packed_mask(doc_ids, half_precision=True)
     assert mask.cu_seqlens is not None and mask.max_seqlen == 7
     torch.testing.assert_close(attention.attend(q, k, v, mask), dense, atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_casting_the_model_keeps_rope_frequencies_float32():
+    model = tiny_model(rope_theta=500000.0)
+    ref = model.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, ref)

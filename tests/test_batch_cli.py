@@ -1,0 +1,112 @@
+"""generate/batch.py: batched outputs == one-by-one generation, ids/order kept, malformed lines, crash resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillama import ModelArgs, Transformer, load_model, save_hf
+from minillama.generation import generate, stop_reason
+from minillama.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = REPO / "generate" / "batch.py"
+MAX_NEW = 6
+
+LINES = [
+    json.dumps("The capital of France is"),
+    json.dumps({"id": "q1", "messages": [{"role": "user", "content": "Hello there, how are you today?"}]}),
+    '{"prompt": "unterminated',
+    json.dumps({"conversation": [{"system": "Be brief.", "input": "Name a colour.", "output": "Red."},
+                                 {"input": "Another one?"}]}),
+    "",
+    json.dumps({"id": 7, "prompt": "One, two"}),
+    json.dumps({"text": "no prompt key"}),
+    json.dumps({"prompt": "A much longer prompt than the others, so that the batch has to pad the short rows."}),
+]
+MESSAGES_3 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+              {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another one?"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smollm2_dir, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer, saved as an HF dir."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=96,
+                                  max_seq_len=256)).eval()
+    for p in model.parameters():  # large weights: logits far from ties, so batching cannot flip an argmax
+        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
+    return save_hf(model, tmp_path_factory.mktemp("tiny") / "tiny", tokenizer_src=smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_dir):
+    """index -> (output text, prompt tokens, output tokens, stop reason), each prompt generated alone."""
+    model, tok = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    prompts = {0: tok.encode("The capital of France is", bos=True),
+               1: tok.encode_dialog([{"role": "user", "content": "Hello there, how are you today?"}]),
+               3: tok.encode_dialog(MESSAGES_3),
+               5: tok.encode("One, two", bos=True),
+               7: tok.encode("A much longer prompt than the others, so that the batch has to pad the short rows.",
+                             bos=True)}
+    out = {}
+    for i, ids in prompts.items():
+        new = generate(model, [ids], MAX_NEW, stop_ids=tok.stop_ids)[0]
+        out[i] = (tok.decode(new), len(ids), len(new), stop_reason(new, MAX_NEW))
+    return out
+
+
+def run_batch(tiny_dir, inp, out, batch_size=3):
+    cmd = [sys.executable, BATCH, "--ckpt", tiny_dir, "--input", inp, "--output", out, "--max_new_tokens",
+           str(MAX_NEW), "--batch_size", str(batch_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def check_output(records, expected):
+    assert [r["index"] for r in records] == [0, 1, 2, 3, 5, 6, 7]  # input order; blank line 4 is not an input
+    for r in records:
+        if r["index"] in (2, 6):
+            assert r["line"] == r["index"] + 1 and r["error"]
+            continue
+        text, n_prompt, n_out, reason = expected[r["index"]]
+        assert (r["output"], r["prompt_tokens"], r["output_tokens"], r["stop_reason"]) == (text, n_prompt, n_out,
+                                                                                         reason)
+    assert records[1]["id"] == "q1" and records[4]["id"] == 7 and "id" not in records[0]
+
+
+def test_batched_outputs_equal_one_by_one_and_bad_lines_are_reported(tiny_dir, expected, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(LINES) + "\n")
+    proc = run_batch(tiny_dir, inp, out)
+    check_output(read_jsonl(out), expected)
+    assert f"{inp}:3: skipped: not valid JSON" in proc.stderr
+    assert f"{inp}:7: skipped" in proc.stderr
+    assert "tok/s" in proc.stderr
+
+
+def test_resume_skips_finished_lines_and_redoes_a_truncated_one(tiny_dir, expected, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(LINES) + "\n")
+    run_batch(tiny_dir, inp, out)
+    lines = out.read_text().splitlines(keepends=True)
+    kept = [json.loads(line) for line in lines[:3]]  # indices 0, 1, 2 stay
+    kept[0]["output"] = "SENTINEL"  # a finished line that is redone would lose this
+    crashed = "".join(json.dumps(r) + "\n" for r in kept) + lines[5][:25]  # index 6's line cut mid-write
+    out.write_text(crashed)
+    proc = run_batch(tiny_dir, inp, out, batch_size=2)
+    assert "dropping 1 incomplete line" in proc.stderr
+    records = read_jsonl(out)
+    assert records[0]["output"] == "SENTINEL"
+    records[0]["output"] = expected[0][0]
+    check_output(records, expected)
+    assert f"{inp}:3:" not in proc.stderr  # line 3 was recorded before the crash, so it is not re-read
