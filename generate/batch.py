@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minillama.distributed import cleanup  # noqa: E402
 from minillama.generation import generate, stop_reason  # noqa: E402
-from minillama.loading import (add_model_args, add_sampling_args, broadcast_object, load_for_inference,  # noqa: E402
-                               sampling_kwargs)
+from minillama.loading import (add_model_args, add_sampling_args, broadcast_object, context_limit,  # noqa: E402
+                               load_for_inference, sampling_kwargs)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -185,7 +185,7 @@ def main(argv=None):
         raise SystemExit(f"--batch_size must be >= 1, got {args.batch_size}")
     loaded = load_for_inference(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     tok, info = loaded.tok, loaded.dist
-    limit = args.max_seq_len or loaded.model.args.max_seq_len
+    limit = context_limit(args, loaded.model)
     plan = plan_work(args, tok, limit) if info.is_rank0 else None
     work, errors = broadcast_object(plan, info)  # rank 0 reads the files; every rank runs the same batches
     work.sort(key=lambda w: len(w[1]))  # similar lengths share a batch: little padding

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minillama.distributed import cleanup  # noqa: E402
 from minillama.generation import generate_stream  # noqa: E402
-from minillama.loading import (add_model_args, add_sampling_args, broadcast_object, load_for_inference,  # noqa: E402
-                               rank0_print, sampling_kwargs)
+from minillama.loading import (add_model_args, add_sampling_args, broadcast_object, context_limit,  # noqa: E402
+                               load_for_inference, rank0_print, sampling_kwargs)
 from minillama.tokenizer import StreamDecoder  # noqa: E402
 
 
@@ -78,9 +78,7 @@ def main(argv=None):
     info_print = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     loaded = load_for_inference(args, log=info_print)
     info, tok = loaded.dist, loaded.tok
-    limit = args.max_seq_len or loaded.model.args.max_seq_len
-    if args.max_new_tokens >= limit:
-        raise SystemExit(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {limit}")
+    limit = context_limit(args, loaded.model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     say = (lambda msg: info_print(msg)) if info.is_rank0 else (lambda msg: None)
 
@@ -115,7 +113,15 @@ def main(argv=None):
             continue
         if dropped:
             say(f"[dropped the {dropped} oldest turn(s) to fit --max_seq_len {limit}]")
-        history.append({"role": "assistant", "content": respond(loaded, ids, args)})
+        try:
+            answer = respond(loaded, ids, args)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat (one process; torchrun stops all ranks)
+            if info.world_size > 1:
+                raise
+            say("\n[interrupted; answer dropped from the history]")
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer})
     cleanup()
 
 

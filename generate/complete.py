@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minillama.distributed import cleanup  # noqa: E402
 from minillama.generation import generate  # noqa: E402
-from minillama.loading import (add_model_args, add_sampling_args, load_for_inference, rank0_print,  # noqa: E402
-                               sampling_kwargs)
+from minillama.loading import (add_model_args, add_sampling_args, context_limit, load_for_inference,  # noqa: E402
+                               rank0_print, sampling_kwargs)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -52,6 +52,7 @@ def main(argv=None):
     prompts = read_prompts(args)
     loaded = load_for_inference(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     tok, info = loaded.tok, loaded.dist
+    context_limit(args, loaded.model)
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
         ids = [tok.encode(p, bos=True) for p in chunk]

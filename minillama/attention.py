@@ -87,12 +87,16 @@ def packed_mask(doc_ids: torch.Tensor, sliding_window: Optional[int] = None, hal
     return AttnMask(causal_only=False, mask=allowed[:, None])
 
 
-def cache_mask(start_pos: int, T: int, S: int, pad_lens: Optional[torch.Tensor], device,
+def cache_mask(start_pos, T: int, S: int, pad_lens: Optional[torch.Tensor], device,
                sliding_window: Optional[int] = None) -> AttnMask:
-    """Queries at cache slots [start_pos, start_pos+T) over keys [0, S): causal, minus each row's left padding."""
-    if pad_lens is None and sliding_window is None and start_pos + T == S and (T == S or T == 1):
+    """Queries at cache slots [start_pos, start_pos+T) over keys [0, S): causal, minus each row's left padding.
+
+    start_pos may be a 0-d tensor (compiled decoding over the whole fixed-size cache).
+    """
+    static = isinstance(start_pos, torch.Tensor)
+    if not static and pad_lens is None and sliding_window is None and start_pos + T == S and (T == S or T == 1):
         return AttnMask(causal_only=True)  # a full prefill, or one new token that sees every cached key
-    q = torch.arange(start_pos, start_pos + T, device=device)[:, None]  # (T, 1)
+    q = (start_pos + torch.arange(T, device=device))[:, None]  # (T, 1)
     k = torch.arange(S, device=device)[None, :]  # (1, S)
     allowed = (k <= q)[None]  # (1, T, S)
     if sliding_window is not None:

@@ -1,6 +1,6 @@
 """Convert a checkpoint between the Meta/Mistral consolidated and Hugging Face formats.
 
-    python -m minillama.convert SRC DST [--to hf|meta] [--dtype bfloat16] [--shards N] [--max-shard-size 5GB]
+    python -m minillama.convert SRC DST [--to hf|meta] [--dtype bfloat16] [--shards N] [--max_shard_size 5GB]
 
 The direction comes from SRC (Meta -> HF, HF -> Meta) unless --to says. Tensors keep their dtype unless --dtype is
 given; the checkpoint is memory-mapped and written shard by shard, never held twice. Tokenizer files are copied.
@@ -23,8 +23,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--to", choices=("hf", "meta"), help="target format (default: the other one)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the checkpoint's dtype)")
     p.add_argument("--shards", type=int, default=1, help="Meta target: model-parallel shards to split into")
-    p.add_argument("--max-shard-size", default="5GB", help="HF target: largest safetensors file")
-    p.add_argument("--max-seq-len", type=int, help="context length to record (params.json does not hold it)")
+    p.add_argument("--max_shard_size", "--max-shard-size", default="5GB",
+                   help="HF target: largest safetensors file")
+    p.add_argument("--max_seq_len", "--max-seq-len", type=int,
+                   help="context length to record (params.json does not hold it)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p.parse_args(argv)
 

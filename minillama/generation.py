@@ -19,8 +19,10 @@ from .sampling import SamplingParams, next_token, seen_mask
 __all__ = ["generate", "generate_stream", "decode_step", "stop_reason"]
 
 
-def decode_step(model, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
-    """One cached forward of a single new token per row. tokens (B, 1) -> float32 logits (B, V)."""
+def decode_step(model, tokens: torch.Tensor, start_pos, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
+    """One cached forward of a single new token per row. tokens (B, 1) -> float32 logits (B, V).
+
+    start_pos: an int (eager) or a 0-d device tensor (compiled: fixed shapes over the whole cache)."""
     return model(tokens, start_pos=start_pos, pad_lens=pad_lens)[:, -1]
 
 
@@ -36,7 +38,7 @@ def _compiled_step():
 
 
 def stop_reason(new_tokens: Sequence[int], max_new_tokens: int) -> str:
-    """"stop" if the row ended on a stop token, "length" if it used all max_new_tokens (stop tokens are not returned)."""
+    """"stop" if the row ended on a stop token, "length" if it used all max_new_tokens (stops are not returned)."""
     return "length" if len(new_tokens) >= max_new_tokens else "stop"
 
 
@@ -80,7 +82,7 @@ def _ensure_cache(model, batch: int, seq_len: int) -> None:
 
 @torch.no_grad()
 def _steps(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop_ids,
-           seed: Optional[int], compile: bool, process_group, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+           seed: Optional[int], compile: bool, process_group, pad_id: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield per step (tokens (B,), emitted (B,) bool, done (B,) bool), all on the device. prompts are checked.
 
     emitted marks rows whose token is real output (not a stop token, row not already finished).
@@ -88,14 +90,16 @@ def _steps(model, prompts: list[list[int]], max_new_tokens: int, params: Samplin
     """
     device = model.tok_embeddings.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
-    _ensure_cache(model, B, P + max_new_tokens)
+    # compiled decoding attends over the whole cache: round its length up so later calls reuse it (and the graph)
+    _ensure_cache(model, B, -(-(P + max_new_tokens) // 512) * 512 if compile else P + max_new_tokens)
 
     tokens = torch.full((B, P), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
         tokens[b, P - len(p):] = torch.tensor(p)  # left padding: every row's last prompt token sits at slot P-1
     tokens = tokens.to(device)
-    pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
-    pad_lens = pad if bool((pad > 0).any()) else None  # None lets the kernels use their plain causal path
+    pad_list = [P - len(p) for p in prompts]
+    pad = torch.tensor(pad_list, device=device)  # (B,)
+    pad_lens = pad if any(pad_list) else None  # None lets the kernels use their plain causal path
 
     seen = None
     if params.repetition_penalty != 1.0:
@@ -114,11 +118,8 @@ def _steps(model, prompts: list[list[int]], max_new_tokens: int, params: Samplin
     hidden = model(tokens, start_pos=0, pad_lens=pad_lens, return_hidden=True)  # (B, P, D)
     logits = model.output(hidden[:, -1]).float()  # (B, V): only the last position's logits are needed
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    pos = torch.tensor(P, device=device) if compile else None  # a device-side position: one graph for all steps
     for i in range(max_new_tokens):
-        if i > 0:
-            if compile:
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = step_fn(model, cur[:, None], P + i - 1, pad_lens)
         nxt = next_token(logits, params, seen, generator)  # (B,)
         if src is not None:
             # tensor parallel: every rank must feed the same token; rank 0's choice wins
@@ -130,7 +131,13 @@ def _steps(model, prompts: list[list[int]], max_new_tokens: int, params: Samplin
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
         yield nxt, emitted, done
-        cur = nxt
+        if i + 1 < max_new_tokens:  # the last token is never fed back
+            if compile:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+                logits = step_fn(model, nxt[:, None], pos, pad_lens)  # (B, V)
+                pos += 1
+            else:
+                logits = step_fn(model, nxt[:, None], P + i, pad_lens)  # (B, V)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,

@@ -61,6 +61,16 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
                 max_seq_len=args.max_seq_len)
 
 
+def context_limit(args: argparse.Namespace, model: nn.Module) -> int:
+    """--max_seq_len checked against the model's context (default: all of it)."""
+    limit = args.max_seq_len or model.args.max_seq_len
+    if limit > model.args.max_seq_len:
+        raise SystemExit(f"--max_seq_len {limit} exceeds the model's context of {model.args.max_seq_len} tokens")
+    if args.max_new_tokens >= limit:
+        raise SystemExit(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {limit}")
+    return limit
+
+
 def parse_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
     """A --dtype name; None means bfloat16 on CUDA and float32 elsewhere."""
     if name is None:
@@ -87,7 +97,7 @@ def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
     return ckpt, tokenizer
 
 
-def _plain_linears(model: nn.Module) -> None:
+def unwrap_merged_lora(model: nn.Module) -> None:
     """Swap merged LoRALinear layers back to nn.Linear so tensor parallelism can split them."""
     from .lora import LoRALinear
     for name, m in list(model.named_modules()):
@@ -127,24 +137,29 @@ def load_for_inference(args: argparse.Namespace, log=None) -> Loaded:
     ckpt, tok_path = resolve_checkpoint(args)
     info = init_distributed(args.device)
     dtype = parse_dtype(args.dtype, info.device)
-    tok = load_tokenizer(tok_path, chat_format=args.chat_format)
     tp = info.world_size > 1
     if tp and args.quantize:
         raise SystemExit("--quantize nf4 cannot be combined with tensor parallelism (run a single process)")
-    model = load_model(ckpt, device="cpu" if tp else info.device, dtype=dtype, quantize=args.quantize)
+    try:  # a bad path or file is the user's to fix: say which, without a traceback
+        tok = load_tokenizer(tok_path, chat_format=args.chat_format)
+        model = load_model(ckpt, device="cpu" if tp else info.device, dtype=dtype, quantize=args.quantize)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     if args.adapter:
         _apply_adapter(model, args.adapter, must_merge=tp, log=log)
     group = None
     if tp:
         from .tensor_parallel import apply_tensor_parallel, tp_mesh
-        _plain_linears(model)
+        unwrap_merged_lora(model)
         mesh = tp_mesh(info.device)
-        apply_tensor_parallel(model, mesh)
+        try:
+            apply_tensor_parallel(model, mesh)
+        except ValueError as e:
+            raise SystemExit(f"{ckpt}: {e}")
         model.to(info.device)
         group = mesh.get_group()
     if tok.vocab_size > model.args.vocab_size:
         log(f"[warning: tokenizer has {tok.vocab_size} tokens, the model {model.args.vocab_size}]")
-    torch.set_grad_enabled(False)
     return Loaded(model.eval(), tok, info, group)
 
 

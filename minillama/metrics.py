@@ -44,9 +44,10 @@ def _fmt_time(seconds: float) -> str:
 class ProgressBar:
     """One redrawn stderr line on a terminal; otherwise a plain line every `every` steps (logs stay readable)."""
 
-    def __init__(self, total: int, start: int = 0, every: int = 10, enabled: bool = True, file=sys.stderr):
-        self.total, self.start, self.every, self.enabled, self.file = total, start, every, enabled, file
-        self.tty = enabled and file.isatty()
+    def __init__(self, total: int, start: int = 0, every: int = 10, enabled: bool = True, file=None):
+        self.total, self.start, self.every, self.enabled = total, start, every, enabled
+        self.file = file or sys.stderr
+        self.tty = enabled and self.file.isatty()
         self.t0 = time.perf_counter()
 
     def update(self, step: int, fields: dict) -> None:

@@ -150,9 +150,11 @@ class Transformer(nn.Module):
                 raise ValueError("forward(start_pos=...) needs a KV cache: call model.setup_cache(batch, seq_len) first")
             if doc_ids is not None:
                 raise ValueError("doc_ids (packed rows) and start_pos (KV cache) cannot be combined")
-            slots = torch.arange(start_pos, start_pos + T, device=device)[None].expand(B, T)
+            slots = (start_pos + torch.arange(T, device=device))[None].expand(B, T)
             positions = slots if pad_lens is None else (slots - pad_lens.to(device)[:, None]).clamp(min=0)
-            return positions, cache_mask(start_pos, T, start_pos + T, pad_lens, device, window)
+            # a tensor start_pos attends over the whole cache (fixed shapes for torch.compile / CUDA graphs)
+            S = self.cache_len if isinstance(start_pos, torch.Tensor) else start_pos + T
+            return positions, cache_mask(start_pos, T, S, pad_lens, device, window)
         if pad_lens is not None:
             raise ValueError("pad_lens is only used with the KV cache (start_pos)")
         if doc_ids is not None:
@@ -165,12 +167,14 @@ class Transformer(nn.Module):
             return positions, packed_mask(torch.zeros_like(tokens), window)
         return positions, AttnMask(causal_only=True)
 
-    def forward(self, tokens: torch.Tensor, start_pos: Optional[int] = None, doc_ids: Optional[torch.Tensor] = None,
+    def forward(self, tokens: torch.Tensor, start_pos: Optional[int | torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None,
                 pad_lens: Optional[torch.Tensor] = None, return_hidden: bool = False) -> torch.Tensor:
         """tokens (B, T) -> float32 logits (B, T, V), or the final-normed hidden states (B, T, D) if return_hidden.
 
         doc_ids (B, T): packed documents; attention stays inside a document and positions restart at 0.
-        start_pos: write/read the static KV cache from this slot. pad_lens (B,): left-padding slots per row.
+        start_pos: write/read the static KV cache from this slot (an int, or a 0-d device tensor for compiled
+        decoding: then attention spans the whole fixed-size cache under a mask). pad_lens (B,): left padding per row.
         """
         positions, attn = self._positions_and_mask(tokens, start_pos, doc_ids, pad_lens)
         inv_freq, attention_factor = self.inv_freq, self.rope_attention_factor

@@ -39,7 +39,8 @@ def pack_rows(lengths: list[int], order: list[int], seq_len: int) -> list[Row]:
     return rows
 
 
-def length_grouped_batches(lengths: list[int], order: list[int], batch_size: int, group_batches: int = 32) -> list[list[int]]:
+def length_grouped_batches(lengths: list[int], order: list[int], batch_size: int,
+                           group_batches: int = 32) -> list[list[int]]:
     """Batches of sample indices; samples of similar length share a batch (less padding)."""
     group = batch_size * group_batches
     batches = []

@@ -43,9 +43,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _model_and_optim_state(root: nn.Module, optimizer, lora: bool) -> dict:
+    model_sd, optim_sd = get_state_dict(root, optimizer, options=_options(lora))
+    if lora:  # buffers (an NF4 base's packed weights) come from --model too
+        trainable = {n for n, p in root.named_parameters() if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trainable}
+    return {"model": model_sd, "optim": optim_sd}
+
+
 def _options(lora: bool) -> StateDictOptions:
-    # LoRA: the frozen base comes from --model on resume; only adapters and their optimizer state are saved
-    return StateDictOptions(ignore_frozen_params=lora)
+    # LoRA: the frozen base comes from --model on resume; only adapters and their optimizer state are saved.
+    # Loading then cannot be strict about the (absent) frozen keys; dcp.load still fails on any missing adapter key.
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -87,8 +96,7 @@ def save_checkpoint(out: Path, step: int, root: nn.Module, optimizer, train_stat
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(root, optimizer, options=_options(lora))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    dcp.save(_model_and_optim_state(root, optimizer, lora), checkpoint_id=str(tmp / "dcp"))
     torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
     if lora:
         save_lora_adapter(root.model, tmp / "adapter", base, rank == 0)
@@ -123,8 +131,7 @@ def resolve_resume(resume: str, out: Path) -> Optional[Path]:
 
 def load_checkpoint(path: Path, root: nn.Module, optimizer, lora: bool) -> dict:
     """Restore weights and optimizer from OUT/step_N; returns its train_state (RNG: see load_rng_state)."""
-    model_sd, optim_sd = get_state_dict(root, optimizer, options=_options(lora))
-    state = {"model": model_sd, "optim": optim_sd}
+    state = _model_and_optim_state(root, optimizer, lora)
     dcp.load(state, checkpoint_id=str(path / "dcp"))
     set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options(lora))

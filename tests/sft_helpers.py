@@ -20,7 +20,7 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-ins for the 256 byte values (the byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -105,8 +105,19 @@ def run_sft(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = T
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     return proc
+
+
+def read_safetensors(d: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in d."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
 
 
 def metrics(out: Path) -> list[dict]:

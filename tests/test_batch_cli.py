@@ -110,3 +110,28 @@ def test_resume_skips_finished_lines_and_redoes_a_truncated_one(tiny_dir, expect
     records[0]["output"] = expected[0][0]
     check_output(records, expected)
     assert f"{inp}:3:" not in proc.stderr  # line 3 was recorded before the crash, so it is not re-read
+
+
+def test_complete_cli_with_adapter_equals_in_process_generation(tiny_dir, tmp_path):
+    from minillama.adapter import save_adapter
+    from minillama.lora import apply_lora
+    model, tok = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    apply_lora(model, rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_b" in name:  # B starts at zero; a non-zero adapter must change the output
+            torch.nn.init.normal_(p, std=0.5)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    prompts = ["The capital of France is", "One, two"]
+    ids = [tok.encode(p, bos=True) for p in prompts]
+    with_adapter = generate(model, ids, MAX_NEW, stop_ids=tok.stop_ids)
+    base = generate(load_model(tiny_dir), ids, MAX_NEW, stop_ids=tok.stop_ids)
+    assert with_adapter != base
+    cmd = [sys.executable, REPO / "generate" / "complete.py", "--ckpt", tiny_dir, "--adapter", adapter,
+           "--temperature", "0", "--max_new_tokens", str(MAX_NEW)]
+    for p in prompts:
+        cmd += ["--prompt", p]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr
+    for p, new in zip(prompts, with_adapter):
+        assert f"{p}\n> {tok.decode(new)}\n" in proc.stdout

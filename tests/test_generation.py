@@ -40,18 +40,18 @@ def prompts(lengths, seed=1):
 def test_cached_greedy_equals_full_forward_loop(overrides):
     model = tiny_model(**overrides)
     (p,) = prompts([7])
-    out = generate(model, [p], max_new_tokens=12)
-    assert out == [reference_greedy(model, p, 12)]
+    out = generate(model, [p], max_new_tokens=10)
+    assert out == [reference_greedy(model, p, 10)]
 
 
 @pytest.mark.parametrize("overrides", [{}, MOE])
 def test_batch_of_different_lengths_equals_each_alone(overrides):
     model = tiny_model(**overrides)
-    ps = prompts([3, 9, 1, 6])
-    batched = generate(model, ps, max_new_tokens=10)
-    alone = [generate(model, [p], max_new_tokens=10)[0] for p in ps]
+    ps = prompts([3, 9, 1])
+    batched = generate(model, ps, max_new_tokens=8)
+    alone = [generate(model, [p], max_new_tokens=8)[0] for p in ps]
     assert batched == alone
-    assert batched[0] == reference_greedy(model, ps[0], 10)  # the padded rows are right, not just consistent
+    assert batched[0] == reference_greedy(model, ps[0], 8)  # the padded rows are right, not just consistent
 
 
 def test_repetition_penalty_generation_equals_reference():

@@ -139,3 +139,22 @@ def test_casting_the_model_keeps_rope_frequencies_float32():
     ref = model.inv_freq.clone()
     model.to(torch.bfloat16)
     assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, ref)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_experts": 4, "n_experts_per_tok": 2}])
+@torch.no_grad()
+def test_tensor_start_pos_decodes_over_the_whole_cache(overrides):
+    """The compile-friendly path (0-d tensor start_pos, attention over the full fixed cache) equals eager decode."""
+    model = tiny_model(**overrides)
+    tokens = torch.randint(0, 256, (2, 10))
+    pad_lens = torch.tensor([0, 3])
+    model.setup_cache(2, 24)
+    eager = [model(tokens[:, :6], start_pos=0, pad_lens=pad_lens)[:, -1]]
+    eager += [model(tokens[:, i:i + 1], start_pos=i, pad_lens=pad_lens)[:, -1] for i in range(6, 10)]
+    model.setup_cache(2, 24)
+    static = [model(tokens[:, :6], start_pos=0, pad_lens=pad_lens)[:, -1]]
+    pos = torch.tensor(6)
+    for i in range(6, 10):
+        static.append(model(tokens[:, i:i + 1], start_pos=pos, pad_lens=pad_lens)[:, -1])
+        pos += 1
+    torch.testing.assert_close(torch.stack(static), torch.stack(eager), atol=1e-5, rtol=1e-5)

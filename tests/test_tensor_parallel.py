@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 
 from minillama import ModelArgs, Transformer
 from minillama.generation import generate
+from minillama.loading import unwrap_merged_lora
+from minillama.lora import apply_lora, merge_lora
 from minillama.tensor_parallel import apply_tensor_parallel, tp_mesh
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96, max_seq_len=64)
@@ -53,6 +55,21 @@ def _worker(rank: int, world: int, port: int):
             everyone = [None] * world
             dist.all_gather_object(everyone, sampled)
             assert all(s == sampled for s in everyone), name
+
+        # a LoRA adapter is merged and its layers swapped back to nn.Linear before splitting (as the CLIs do)
+        model = tiny_model()
+        apply_lora(model, rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+        torch.manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_b" in n:
+                torch.nn.init.normal_(p, std=0.5)
+        with torch.no_grad():
+            ref_logits = model(tokens)
+        merge_lora(model)
+        unwrap_merged_lora(model)
+        apply_tensor_parallel(model, mesh)
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens), ref_logits, atol=1e-5, rtol=1e-5)
     finally:
         dist.destroy_process_group()
 

@@ -1,6 +1,6 @@
 """Supervised fine-tuning with FSDP2: LoRA, QLoRA (NF4 base) or full fine-tuning, on one or many processes.
 
-    torchrun --nproc_per_node 1 train/sft.py                      # LoRA on the embedded SmolLM2 + train/data/reviews.jsonl
+    torchrun --nproc_per_node 1 train/sft.py                      # LoRA: embedded SmolLM2 + train/data/reviews.jsonl
     torchrun --nproc_per_node 8 train/sft.py --model llama3-8b-dir --data chat.jsonl --pack --seq_len 8192
     torchrun --nproc_per_node 2 train/sft.py --lora_rank 0 --lr 2e-5  # full fine-tuning
     python train/sft.py --config run.toml --max_steps 10              # flags override the file's keys
@@ -38,7 +38,7 @@ from minillama.loss import CausalLMLoss  # noqa: E402
 from minillama.metrics import MetricsWriter, ProgressBar, default_peak_tflops, peak_memory_gb, read_metrics  # noqa
 from minillama.optim import build_optimizer, lr_at, set_lr  # noqa: E402
 from minillama.packing import collate, padded_tokens, plan_epoch  # noqa: E402
-from minillama.perf import train_flops  # noqa: E402
+from minillama.perf import param_counts, train_flops  # noqa: E402
 from minillama.plot import write_loss_png  # noqa: E402
 from minillama.resume import (full_state_dict, load_checkpoint, load_rng_state, resolve_resume,  # noqa: E402
                               save_checkpoint, save_lora_adapter, write_atomic)
@@ -217,12 +217,17 @@ def main(argv=None) -> int:
     info = init_distributed(args.device)
     ensure_process_group(info.device)
     rank0 = info.is_rank0
+    if args.cpu_offload and info.device.type != "cuda":
+        raise ValueError("--cpu_offload moves GPU parameters to CPU memory; it needs --device cuda")
     out = Path(args.out)
     lora = args.lora_rank > 0
     compute_dtype = DTYPES[args.dtype or ("bfloat16" if info.device.type == "cuda" else "float32")]
     log = ProgressBar(0, enabled=rank0)
 
     # ---- data ----
+    if not Path(args.model).exists():
+        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.model else ""
+        raise FileNotFoundError(f"--model {args.model} does not exist{hint}")
     tok = load_tokenizer(args.model)
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     samples, stats = load_jsonl(args.data, tok, args.seq_len, args.drop_long)
@@ -270,7 +275,7 @@ def main(argv=None) -> int:
         for p in model.parameters():
             p.requires_grad_(True)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_total = param_counts(model.args)["total"]  # counted from the shapes: NF4 weights are buffers
     if args.activation_checkpointing:
         checkpoint_blocks(model)
     root = CausalLMLoss(model, args.loss_chunk).train()

@@ -1,0 +1,120 @@
+"""Loss properties: chunked == plain cross-entropy (value and gradients), packed == separate samples, prompt
+positions contribute nothing, the router loss is HF's; and the optimizer's groups and LR schedule."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minillama import ModelArgs, Transformer
+from minillama.data import IGNORE, Sample
+from minillama.loss import CausalLMLoss, chunked_cross_entropy
+from minillama.moe import load_balancing_loss
+from minillama.optim import lr_at, param_groups
+from minillama.packing import collate
+
+TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=48, max_seq_len=64)
+
+
+def tiny(seed=0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**TINY, **kw}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(1.0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+def test_chunked_equals_plain_cross_entropy(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False)
+    targets = torch.randint(0, 50, (3, 7))
+    targets[0, :4] = IGNORE
+    targets[2, 5:] = IGNORE
+    ours = chunked_cross_entropy(hidden, head, targets, chunk_size=chunk)
+    g_ours = torch.autograd.grad(ours, [hidden, head.weight])
+    ref = F.cross_entropy(head(hidden).reshape(-1, 50), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    g_ref = torch.autograd.grad(ref, [hidden, head.weight])
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_no_targets_gives_zero_loss_that_still_backpropagates():
+    hidden = torch.randn(2, 3, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False)
+    loss = chunked_cross_entropy(hidden, head, torch.full((2, 3), IGNORE))
+    loss.backward()  # FSDP ranks with nothing to learn must still run the same backward
+    assert loss.item() == 0.0 and head.weight.grad is not None and head.weight.grad.abs().max() == 0
+
+
+def _samples():
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for i, n in enumerate([9, 5, 12]):
+        ids = torch.randint(0, 97, (n,), generator=g).tolist()
+        mask = [False] * (n // 2) + [True] * (n - n // 2)
+        out.append(Sample(ids, mask, i))
+    return out
+
+
+def test_packed_batch_loss_equals_unpacked():
+    model = tiny()
+    root = CausalLMLoss(model, chunk_size=4)
+    samples = _samples()
+    packed = collate(samples, [[0, 1, 2]], pad_id=0, packed=True)
+    loss_p, _ = root(packed.tokens, packed.targets, packed.doc_ids, packed.real)
+    grads_p = torch.autograd.grad(loss_p, list(model.parameters()))
+    padded = collate(samples, [[0], [1], [2]], pad_id=0, packed=False)
+    loss_u, _ = root(padded.tokens, padded.targets, padded.doc_ids, padded.real)
+    grads_u = torch.autograd.grad(loss_u, list(model.parameters()))
+    torch.testing.assert_close(loss_p, loss_u, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_p, grads_u):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # and the loss is the one full logits give on the answer tokens only
+    ref = sum(F.cross_entropy(model(torch.tensor(s.ids)[None])[0], torch.tensor(s.targets()), ignore_index=IGNORE,
+                              reduction="sum") for s in samples)
+    torch.testing.assert_close(loss_p, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_prompt_positions_contribute_no_gradient():
+    model = tiny()
+    s = _samples()[2]
+    mb = collate([s], [[0]], 0, packed=False)
+    hidden = model(mb.tokens, return_hidden=True)
+    hidden.retain_grad()
+    chunked_cross_entropy(hidden, model.output, mb.targets).backward()
+    learned = mb.targets[0] != IGNORE  # positions whose next token is an answer token
+    assert hidden.grad[0, ~learned].abs().max() == 0
+    assert (hidden.grad[0, learned].abs().sum(-1) > 0).all()
+
+
+def test_router_loss_of_the_wrapper_excludes_padding():
+    model = tiny(n_experts=4, n_experts_per_tok=2)
+    root = CausalLMLoss(model)
+    mb = collate(_samples(), [[0], [1], [2]], 0, packed=False)
+    _, aux = root(mb.tokens, mb.targets, None, mb.real)
+    logits = [layer.feed_forward.router_logits for layer in model.layers]
+    torch.testing.assert_close(aux, load_balancing_loss(logits, 4, 2, token_mask=mb.real.reshape(-1)))
+    assert not torch.allclose(aux, load_balancing_loss(logits, 4, 2))  # padding would change it
+    aux.backward()
+    assert model.layers[0].feed_forward.gate.weight.grad.abs().max() > 0
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny()
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert any(p is model.tok_embeddings.weight for p in decay["params"])
+    assert any(p is model.norm.weight for p in no_decay["params"])
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    lrs = [lr_at(s, 1.0, 4, 20) for s in range(1, 21)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # non-increasing after warmup
+    assert math.isclose(lrs[-1], 0.1) and math.isclose(lr_at(12, 1.0, 4, 20), 0.55)
