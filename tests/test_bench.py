@@ -40,3 +40,26 @@ def test_forward_flops_is_2_per_param_per_token_plus_attention():
     args = ModelArgs.from_name("llama3-8b")
     f = forward_flops(args, 8192, 8192)
     assert f / 8192 == pytest.approx(2 * param_counts(args)["active"] + 2 * 32 * 4096 * 8192, rel=1e-9)
+
+
+def run_script(*args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_generate_bench_runs_at_toy_shape_against_transformers():
+    out = run_script("generate/bench.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
+                     "--batch_sizes", "1,2", "--prompt_lens", "16", "--max_new_tokens", "6", "--iters", "1")
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1 ", "2 "))]
+    assert len(rows) == 2 and all(len(r) == 17 and "-" not in r for r in rows), out  # ours, HF, ratio and prefill columns filled
+    assert "copy bandwidth" in out and "matmul peak" in out
+
+
+def test_train_bench_runs_at_toy_shape_against_transformers_and_peft():
+    out = run_script("train/bench.py", "--tiny", "--device", "cpu", "--seq_len", "128", "--moe_tokens", "128",
+                     "--iters", "1")
+    for case in ("lora tiny", "full tiny", "moe layer"):
+        assert f"{case}: " in out and "x HF tokens/s" in out, out
+    assert "HF + peft" in out

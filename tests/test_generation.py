@@ -131,3 +131,10 @@ def test_bad_arguments_raise(kwargs, match):
         generate(model, **args)
     with pytest.raises(ValueError, match=match):  # the stream checks before the first step, not lazily
         generate_stream(model, **args)
+
+
+def test_compiled_decode_equals_eager():
+    """generate(compile=True): the torch.compile'd one-token step over the fixed cache gives the eager tokens."""
+    model = tiny_model()
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    assert generate(model, prompts, 8, compile=True) == generate(model, prompts, 8)

@@ -85,7 +85,8 @@ def test_full_fsdp_two_processes_and_resume_equal_one_process(setup):
     cfg = json.loads((d / "f2" / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["accumulation_steps"] == 2 and cfg["lora_rank"] == 0
     rec = metrics(d / "f1")[0]
-    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= rec.keys()
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "nonpad_frac", "peak_mem_gb"} <= rec.keys()
+    assert 0.5 < rec["nonpad_frac"] <= 1.0
     assert read_png_size(d / "f1" / "loss.png") == (800, 480)
     assert plot_cli.main([str(d / "f2" / "metrics.jsonl"), "--out", str(d / "curve.png")]) == 0
     img = png_pixels(d / "curve.png")

@@ -157,20 +157,21 @@ def rank_rows(batch, rank, world_size):
 
 
 def forward_backward(root, samples, rows, micro, pad_id, pack, device, global_count, aux_scale, aux_coef):
-    """Forward + backward over this rank's micro-batches. Returns (sum of token losses, sum of aux, real tokens,
-    sum of squared document lengths) for this rank."""
-    ce_total, aux_total, n_real, sq = 0.0, 0.0, 0, 0
+    """Forward + backward over this rank's micro-batches. Returns this rank's [sum of token losses, sum of aux losses,
+    real tokens, padded tokens, sum of squared document lengths]."""
+    totals = [0.0, 0.0, 0, 0, 0]
     for m in range(0, len(rows), micro):
         mb = collate(samples, rows[m:m + micro], pad_id, pack)
         doc_ids = mb.doc_ids.to(device) if mb.doc_ids is not None else None
         ce_sum, aux = root(mb.tokens.to(device), mb.targets.to(device), doc_ids, mb.real.to(device))
         loss = ce_sum / global_count + aux_coef * aux * aux_scale
         loss.backward()
-        ce_total += ce_sum.item()
-        aux_total += aux.item()
-        n_real += mb.n_real
-        sq += sum(n * n for n in mb.doc_lengths)
-    return ce_total, aux_total, n_real, sq
+        totals[0] += ce_sum.item()
+        totals[1] += aux.item()
+        totals[2] += mb.n_real
+        totals[3] += mb.tokens.numel()
+        totals[4] += sum(n * n for n in mb.doc_lengths)
+    return totals
 
 
 @torch.no_grad()
@@ -212,6 +213,53 @@ def export_final(root, model: Transformer, args, info, lora: bool) -> Path:
     return final
 
 
+def load_data(args, log):
+    """The tokenizer and the tokenized train (and eval) samples; per-file stats and bad lines go to rank 0's log."""
+    if not Path(args.model).exists():
+        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.model else ""
+        raise FileNotFoundError(f"--model {args.model} does not exist{hint}")
+    tok = load_tokenizer(args.model)
+    out = []
+    for name, path in (("data", args.data), ("eval data", args.eval_data)):
+        if not path:
+            out.append(None)
+            continue
+        samples, stats = load_jsonl(path, tok, args.seq_len, args.drop_long)
+        if log.enabled:
+            report_bad_lines(stats)
+        log.message(f"{name}: {stats.summary()}")
+        out.append(samples)
+    return tok, out[0], out[1]
+
+
+def build_model(args, info, compute_dtype, log):
+    """Load the checkpoint, add LoRA (or unfreeze everything), wrap with the loss, shard with FSDP2, make AdamW."""
+    lora = args.lora_rank > 0
+    torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
+    # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32
+    load_dtype = compute_dtype if lora else torch.float32
+    model = load_model(args.model, device="cpu" if args.cpu_offload else info.device, dtype=load_dtype,
+                       quantize=args.quantize)
+    if lora:
+        apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = param_counts(model.args)["total"]  # counted from the shapes: NF4 weights are buffers
+    if args.activation_checkpointing:
+        checkpoint_blocks(model)
+    root = CausalLMLoss(model, args.loss_chunk).train()
+    apply_fsdp(root, param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
+               cpu_offload=args.cpu_offload)
+    optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas)
+    what = f"LoRA r={args.lora_rank} on {' '.join(args.lora_targets)}" if lora else "full"
+    log.message(f"model: {args.model} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
+                f"{' NF4 base' if args.quantize else ''}: {n_trainable / 1e6:.2f}M trainable; "
+                f"{str(compute_dtype).removeprefix('torch.')} compute on {info.device}")
+    return model, root, optimizer
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     info = init_distributed(args.device)
@@ -225,21 +273,8 @@ def main(argv=None) -> int:
     log = ProgressBar(0, enabled=rank0)
 
     # ---- data ----
-    if not Path(args.model).exists():
-        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.model else ""
-        raise FileNotFoundError(f"--model {args.model} does not exist{hint}")
-    tok = load_tokenizer(args.model)
+    tok, samples, eval_samples = load_data(args, log)
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    samples, stats = load_jsonl(args.data, tok, args.seq_len, args.drop_long)
-    if rank0:
-        report_bad_lines(stats)
-        log.message(f"data: {stats.summary()}")
-    eval_samples = None
-    if args.eval_data:
-        eval_samples, eval_stats = load_jsonl(args.eval_data, tok, args.seq_len, args.drop_long)
-        if rank0:
-            report_bad_lines(eval_stats)
-            log.message(f"eval data: {eval_stats.summary()}")
     lengths = [len(s.ids) for s in samples]
     if args.batch_size % info.world_size:
         raise ValueError(f"--batch_size {args.batch_size} must be a multiple of the {info.world_size} processes")
@@ -265,29 +300,8 @@ def main(argv=None) -> int:
                     f"non-pad fraction {efficiency:.1%}; {total_steps} steps")
 
     # ---- model ----
-    torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
-    load_dtype = compute_dtype if (lora and compute_dtype != torch.float32) else torch.float32
-    model = load_model(args.model, device="cpu" if args.cpu_offload else info.device, dtype=load_dtype,
-                       quantize=args.quantize)
-    if lora:
-        apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = param_counts(model.args)["total"]  # counted from the shapes: NF4 weights are buffers
-    if args.activation_checkpointing:
-        checkpoint_blocks(model)
-    root = CausalLMLoss(model, args.loss_chunk).train()
-    apply_fsdp(root, param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
-               cpu_offload=args.cpu_offload)
-    optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas)
+    model, root, optimizer = build_model(args, info, compute_dtype, log)
     trainable = [p for p in root.parameters() if p.requires_grad]
-    if rank0:
-        log.message(f"model: {args.model} ({model.args.family}, {n_total / 1e6:.1f}M params), "
-                    f"{'LoRA r=%d on %s' % (args.lora_rank, ' '.join(args.lora_targets)) if lora else 'full'}"
-                    f"{' NF4 base' if args.quantize else ''}: {n_trainable / 1e6:.2f}M trainable; "
-                    f"{compute_dtype} compute on {info.device}")
 
     # ---- state ----
     step, epoch, batch_idx, tokens_seen = 0, 0, 0, 0
@@ -333,20 +347,21 @@ def main(argv=None) -> int:
         step_lr = lr_at(step + 1, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
         set_lr(optimizer, step_lr)
         n_micro = accum * info.world_size
-        ce, aux, n_real, sq = forward_backward(root, samples, rows, args.micro_batch_size, pad_id, args.pack,
-                                               info.device, count.clamp(min=1).item(), 1.0 / n_micro, aux_coef)
-        sums = torch.tensor([ce, aux, n_real, sq, float(Stop.requested)], dtype=torch.float64, device=info.device)
+        totals = forward_backward(root, samples, rows, args.micro_batch_size, pad_id, args.pack, info.device,
+                                  count.clamp(min=1).item(), 1.0 / n_micro, aux_coef)
+        # [loss sum, aux sum, real tokens, padded tokens, sum of doc_len^2, stop requested] over all ranks
+        sums = torch.tensor(totals + [float(Stop.requested)], dtype=torch.float64, device=info.device)
         dist.all_reduce(sums)
         loss = sums[0].item() / max(count.item(), 1)
-        if not math.isfinite(loss):
-            msg = (f"step {step + 1}: loss is {loss}; stopping without an optimizer step. Last good checkpoint: "
-                   f"{last_saved or resolve_resume('latest', out) or 'none'} (lower --lr, check the data)")
-            bar.message(msg)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+            bar.message(f"step {step + 1}: {what}; stopping without an optimizer step. Last good checkpoint: "
+                        f"{last_saved or resolve_resume('latest', out) or 'none'} (lower --lr, check the data)")
             metrics.close()
             dist.destroy_process_group()
             return 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step, batch_idx = step + 1, batch_idx + 1
@@ -356,12 +371,12 @@ def main(argv=None) -> int:
         tokens = int(sums[2].item())
         tokens_seen += tokens
         record = {"step": step, "loss": loss, "lr": step_lr, "grad_norm": grad_norm, "tokens": tokens,
-                  "tokens_per_s": tokens / dt, "epoch": epoch, "time_s": dt,
+                  "tokens_per_s": tokens / dt, "nonpad_frac": tokens / sums[3].item(), "epoch": epoch, "time_s": dt,
                   "peak_mem_gb": peak_memory_gb(info.device)}
         if aux_coef:
             record["aux_loss"] = sums[1].item() / n_micro
         if peak:
-            flops = train_flops(model.args, tokens, sums[3].item() / max(tokens, 1), lora=lora)
+            flops = train_flops(model.args, tokens, sums[4].item() / max(tokens, 1), lora=lora)
             record["mfu"] = flops / dt / (peak * 1e12 * info.world_size)
         metrics.write(record)
         fields = {"loss": f"{loss:.4f}", "lr": f"{step_lr:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
@@ -373,7 +388,7 @@ def main(argv=None) -> int:
             ev = evaluate(root, eval_samples, args, info, pad_id)
             metrics.write({"step": step, "eval_loss": ev})
             bar.message(f"step {step}: eval loss {ev:.4f}")
-        stop = sums[4].item() > 0 or step == args.stop_at_step
+        stop = sums[5].item() > 0 or step == args.stop_at_step
         if stop or (args.save_every and step % args.save_every == 0 and step < total_steps):
             save()
         if stop:
