@@ -98,7 +98,7 @@ def test_lora_packed_two_processes_equal_one_process(setup):
     common = ["--model", str(dense), "--data", str(data), "--batch_size", "4", "--max_steps", "4", "--lr", "1e-2",
               "--lora_rank", "4", "--lora_targets", "q_proj", "v_proj", "down_proj", "--pack", "--seq_len", "128"]
     run_sft(common + ["--out", str(d / "l1"), "--micro_batch_size", "1"], nproc=1)
-    run_sft(common + ["--out", str(d / "l2")], nproc=2)
+    run_sft(common + ["--out", str(d / "l2"), "--save_every", "1", "--keep", "2"], nproc=2)
     ref, got = losses(d / "l1"), losses(d / "l2")
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5 and ref[-1] < ref[0]
     a, b = read_safetensors(d / "l1" / "final"), read_safetensors(d / "l2" / "final")
@@ -108,6 +108,7 @@ def test_lora_packed_two_processes_equal_one_process(setup):
     cfg = load_adapter(model, d / "l2" / "final")
     assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
     assert (d / "l2" / "step_4" / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (d / "l2").glob("step_*")) == ["step_3", "step_4"]  # --keep 2 pruned the rest
 
 
 def test_mixtral_router_loss_and_activation_checkpointing(setup):
@@ -140,7 +141,7 @@ def test_qlora_sigterm_saves_a_checkpoint_and_resume_continues_exactly(setup):
     while time.time() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

@@ -4,13 +4,25 @@
     torchrun --nproc_per_node 8 train/sft.py --model llama3-8b-dir --data chat.jsonl --pack --seq_len 8192
     torchrun --nproc_per_node 2 train/sft.py --lora_rank 0 --lr 2e-5  # full fine-tuning
     python train/sft.py --config run.toml --max_steps 10              # flags override the file's keys
-    torchrun ... train/sft.py --out OUT --resume                      # continue from OUT/latest
+    torchrun ... train/sft.py --out OUT --resume                      # continue from OUT/latest (same flags;
+                                                                  # any number of processes)
 
 Outputs in --out: config.json (resolved flags), metrics.jsonl (one record per step), loss.png, step_N/ (resumable
 checkpoints: sharded weights + optimizer + data position + RNG; LoRA runs also hold a PEFT adapter/), latest, and
 final/ (LoRA: a PEFT adapter; full fine-tuning: a Hugging Face model dir).
 The loss of a step is the mean over every learned token of the whole global batch (all ranks, all micro-batches),
 so it does not depend on the number of processes or of accumulation steps.
+
+Choices: AdamW (betas 0.9/0.95) with weight decay on matrices only (linear, embedding, expert, router and LoRA A/B;
+not norms/biases); linear warmup then cosine decay to --min_lr_ratio (10%) of --lr; grad-norm clipping at 1.0.
+Mixtral: router load-balancing loss (HF's formula, padding excluded) weighted by --router_aux_loss_coef 0.02 (the
+value in Mixtral's released config.json), computed per micro-batch and averaged. Compute in bf16 on GPU (FSDP2
+MixedPrecisionPolicy, fp32 gradient reduction) with fp32 master weights for trained parameters; a LoRA run keeps
+its frozen base in the compute dtype and its adapters in fp32. MFU = model FLOPs (minillama.perf.train_flops: 3x
+forward for full fine-tuning, 2x for LoRA, causal attention per document) / time / (--peak_tflops x processes),
+shown on GPUs with a known bf16 peak. SIGTERM: the step in flight finishes, a checkpoint is written, exit 0 (under
+torchrun the agent waits ~30 s before SIGKILL). A non-finite loss or gradient norm stops before the optimizer step,
+keeping the last checkpoint.
 """
 
 from __future__ import annotations
@@ -48,8 +60,12 @@ REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", help="a .toml/.json/.yaml file whose keys are flag names; CLI flags override it")
     p.add_argument("--model", default=str(REPO / "weights" / "smollm2-135m-instruct"),
                    help="checkpoint dir (HF or Meta) that minillama.load_model reads")
@@ -262,6 +278,18 @@ def build_model(args, info, compute_dtype, log):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, Stop.handler)  # finish the step, save, exit 0
+    try:
+        return train(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        Stop.requested = False
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args) -> int:
+    """The recipe: data, model, optional resume, the step loop, final checkpoint + export. Returns the exit code."""
     info = init_distributed(args.device)
     ensure_process_group(info.device)
     rank0 = info.is_rank0
@@ -320,7 +348,6 @@ def main(argv=None) -> int:
                     "total_steps": total_steps, "compute_dtype": str(compute_dtype).removeprefix("torch.")}
         write_atomic(out / "config.json", json.dumps(resolved, indent=2) + "\n")
     metrics = MetricsWriter(out / "metrics.jsonl", resume_step=step if resume_from else 0, enabled=rank0)
-    signal.signal(signal.SIGTERM, Stop.handler)
     peak = args.peak_tflops or default_peak_tflops(info.device)
     bar = ProgressBar(total_steps, start=step, every=args.log_every, enabled=rank0)
     aux_coef = args.router_aux_loss_coef if model.args.n_experts else 0.0
@@ -360,7 +387,6 @@ def main(argv=None) -> int:
             bar.message(f"step {step + 1}: {what}; stopping without an optimizer step. Last good checkpoint: "
                         f"{last_saved or resolve_resume('latest', out) or 'none'} (lower --lr, check the data)")
             metrics.close()
-            dist.destroy_process_group()
             return 1
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -394,7 +420,6 @@ def main(argv=None) -> int:
         if stop:
             bar.message(f"stopped at step {step}; checkpoint {last_saved}; continue with --resume")
             metrics.close()
-            dist.destroy_process_group()
             return 0
 
     # ---- end ----
@@ -409,7 +434,6 @@ def main(argv=None) -> int:
         png = write_loss_png(out / "loss.png", read_metrics(out / "metrics.jsonl"))
         bar.message(f"done: {step} steps, {tokens_seen} tokens; {final} ({'PEFT adapter' if lora else 'HF model'}), "
                     f"{last_saved}, {png}")
-    dist.destroy_process_group()
     return 0
 
 
