@@ -186,8 +186,10 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
         family = "mistral"
     elif vocab >= 128000:
         family = "llama3"
+    elif vocab in (32000, 32016):  # Meta's SentencePiece vocabulary (+16 infilling tokens for Code Llama)
+        family = "codellama" if float(theta) >= 1e6 else "llama2"
     else:
-        family = "llama2"
+        family = "llama"  # another Llama-architecture model (e.g. SmolLM2); its tokenizer brings its chat format
     return ModelArgs(
         dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
         n_kv_heads=config.get("num_key_value_heads"), head_dim=config.get("head_dim"), vocab_size=vocab,

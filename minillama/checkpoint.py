@@ -201,7 +201,7 @@ def _bos_eos(args: ModelArgs, tokenizer_src) -> tuple[Optional[int], Optional[Un
             pass
     if args.family == "llama3" and args.vocab_size >= 128256:
         return 128000, 128001
-    if args.family in ("llama", "llama2", "codellama", "mistral", "mixtral") and args.vocab_size >= 32000:
+    if args.family in ("llama", "llama2", "codellama", "mistral", "mixtral") and args.vocab_size in (32000, 32016, 32768):
         return 1, 2
     return None, None
 

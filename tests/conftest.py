@@ -31,3 +31,12 @@ def smollm2_dir(tmp_path_factory, smollm2_gguf) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return out
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory, smollm2_gguf) -> Path:
+    """SmolLM2's tokenizer.json + tokenizer_config.json as transformers saves them from the GGUF."""
+    from transformers import AutoTokenizer
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(out)
+    return out

