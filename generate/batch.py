@@ -6,7 +6,7 @@
 Input lines: "a prompt string", {"prompt": str}, {"messages": [{"role", "content"}, ...]} or xtuner-style
 {"conversation": [{"system": ..., "input": ..., "output": ...}, ...]} (the last turn's output is what we write).
 Strings and "prompt" are raw text completion unless --chat wraps them as one user turn. An "id" field is copied.
-Output: one line per input line, {"index", "id"?, "output", "prompt_tokens", "output_tokens", "stop_reason"},
+Output: one line per non-blank input line, {"index", "id"?, "output", "prompt_tokens", "output_tokens", "stop_reason"},
 written (and fsync'ed) as each batch finishes, then sorted into input order when the run completes.
 "index" is the input's 0-based line number. A malformed input line is reported on stderr with its line number and
 recorded as {"index", "line", "error"}; delete such lines from the output to retry them.
@@ -36,7 +36,8 @@ def get_args(argv=None) -> argparse.Namespace:
     add_sampling_args(p, temperature=0.0, top_p=1.0, max_new_tokens=256)
     p.add_argument("--input", required=True, help="JSONL of prompts")
     p.add_argument("--output", required=True, help="JSONL of answers (appended to / resumed)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", "--max_batch_size", type=int, default=8,
+                   help="prompts per batch (--max_batch_size: Meta's name)")
     p.add_argument("--chat", action="store_true", help="wrap plain-string / 'prompt' inputs as one user turn")
     p.add_argument("--truncate_left", action="store_true", help="keep the end of prompts longer than the context")
     return p.parse_args(argv)

@@ -27,7 +27,8 @@ def get_args(argv=None) -> argparse.Namespace:
     add_sampling_args(p, temperature=0.6, top_p=0.9, max_new_tokens=64)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts_file", default=None, help="a text file with one prompt per line")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", "--max_batch_size", type=int, default=8,
+                   help="prompts per batch (--max_batch_size: Meta's name)")
     p.add_argument("--truncate_left", action="store_true", help="keep the end of prompts longer than the context")
     return p.parse_args(argv)
 

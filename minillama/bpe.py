@@ -127,6 +127,16 @@ def load_hf_tokenizer_json(path: Path) -> BPEVocab:
         spec = json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a JSON tokenizer file ({e})") from e
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected a JSON object, found a JSON {type(spec).__name__}")
+    try:
+        return _vocab_from_spec(spec, path)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing or of the wrong type
+        raise ValueError(f"{path}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+
+
+def _vocab_from_spec(spec: dict, path: Path) -> BPEVocab:
+    """The byte-level BPE vocabulary a parsed tokenizer.json describes."""
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{path}: model.type is {model.get('type')!r}; expected 'BPE'")
@@ -145,6 +155,8 @@ def load_hf_tokenizer_json(path: Path) -> BPEVocab:
                              f"byte-level alphabet") from None
 
     vocab: dict[str, int] = model["vocab"]
+    if not vocab:
+        raise ValueError(f"{path}: model.vocab is empty")
     added_specs = spec.get("added_tokens", [])
     added_ids = {a["id"] for a in added_specs}
     # tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF applies merges in list

@@ -7,24 +7,41 @@ embedding or not) stays gathered while the chunked loss runs.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from .model import TransformerBlock
 
 
+# on GPU the group also gets gloo for CPU tensors: with CPU offload the shards and gradients live on CPU, and the
+# grad-norm all-reduce and full_tensor() gathers then run on CPU tensors, which nccl cannot carry
+CUDA_BACKEND = "cuda:nccl,cpu:gloo"
+
+
 def ensure_process_group(device: torch.device) -> None:
     """A one-process group when not launched by torchrun, so one code path (FSDP) serves every world size."""
     if dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = CUDA_BACKEND if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                             device_id=device if device.type == "cuda" else None)
+
+
+def init_offload_process_group() -> None:
+    """Under torchrun with --cpu_offload: join the group with CUDA_BACKEND before minillama.distributed would join
+    it with nccl alone (its init_distributed keeps an existing group)."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    dist.init_process_group(CUDA_BACKEND, device_id=device)
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
@@ -43,16 +60,24 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
 
 def apply_fsdp(root: nn.Module, param_dtype: Optional[torch.dtype] = None, cpu_offload: bool = False,
-               reshard_after_forward: bool = True) -> nn.Module:
-    """fully_shard every TransformerBlock, then the root. param_dtype: compute dtype (e.g. bf16) with fp32 grad
-    reduction; None computes in the parameters' own dtype. Gradients are summed across ranks, not averaged: the
-    trainer already divides by the global token count."""
+               reshard_after_forward: bool = True, device: Optional[torch.device] = None) -> nn.Module:
+    """fully_shard every TransformerBlock, then the root, over all processes on `device`'s type (default: where the
+    parameters are). param_dtype: compute dtype (e.g. bf16) with fp32 grad reduction; None computes in the
+    parameters' own dtype. Gradients are summed across ranks, not averaged: the trainer already divides by the
+    global token count.
+
+    Parameters may arrive on CPU: fully_shard moves each unit's parameters to the device as it shards them, so only
+    one unsharded block is ever on the GPU (with cpu_offload the shards then go back to CPU)."""
+    # an explicit mesh: fully_shard's default picks CUDA whenever it exists, even for a --device cpu run
+    device = torch.device(device) if device is not None else next(root.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for block in root.modules():
         if isinstance(block, TransformerBlock):
-            fully_shard(block, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
-    fully_shard(root, mp_policy=mp, offload_policy=offload)
+            fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,
+                        reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload)
     for module in root.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)

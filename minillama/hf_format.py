@@ -32,8 +32,9 @@ def hf_weight_files(d: Path) -> list[Path]:
         index = d / name
         if index.is_file():
             weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: no 'weight_map' object")
+            if not isinstance(weight_map, dict) or not weight_map or \
+                    not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index}: expected a non-empty 'weight_map' object of tensor name -> file name")
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (d / f).is_file()]
             if missing:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .chat_format import FORMATS
 from .distributed import DistInfo, init_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["nf4"], help="load the weights in NF4 (single process)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
-    p.add_argument("--chat_format", default=None, help="force a chat format (llama2, llama3, mistral, chatml, ...)")
+    p.add_argument("--chat_format", default=None, choices=FORMATS,
+                   help="force a chat format (default: the checkpoint's, from its chat template or family)")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (GPU)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
 
@@ -47,7 +49,8 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.6, top_
     """--max_seq_len, --max_new_tokens and the sampling knobs (HF order: penalty, temperature, top-k, top-p)."""
     p.add_argument("--max_seq_len", type=int, default=None,
                    help="cap on prompt + answer tokens (default: the model's context)")
-    p.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max_new_tokens", "--max_gen_len", type=int, default=max_new_tokens,
+                   help="most tokens to generate per answer (--max_gen_len: Meta's name)")
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=top_p)
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
@@ -135,7 +138,10 @@ def load_for_inference(args: argparse.Namespace, log=None) -> Loaded:
     from .tokenizer import load_tokenizer
     log = log or (lambda msg: None)
     ckpt, tok_path = resolve_checkpoint(args)
-    info = init_distributed(args.device)
+    try:
+        info = init_distributed(args.device)
+    except RuntimeError as e:  # no CUDA, or a device string torch does not know
+        raise SystemExit(f"--device {args.device}: {e}")
     dtype = parse_dtype(args.dtype, info.device)
     tp = info.world_size > 1
     if tp and args.quantize:

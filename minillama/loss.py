@@ -67,7 +67,12 @@ class CausalLMLoss(nn.Module):
         aux = ce_sum.new_zeros(())
         if self.moe_layers:
             args = self.model.args
+            logits = [m.router_logits for m in self.moe_layers]
             mask = None if real is None else real.reshape(-1)
-            aux = load_balancing_loss([m.router_logits for m in self.moe_layers], args.n_experts,
-                                      args.n_experts_per_tok, token_mask=mask)
+            if mask is not None and not mask.any():
+                # only filler rows (an epoch's topped-up last batch): no token to balance; the masked mean would
+                # be 0/0 = NaN. A zero that still depends on the router keeps backward the same on every rank.
+                aux = sum(r.sum() for r in logits).float() * 0.0
+            else:
+                aux = load_balancing_loss(logits, args.n_experts, args.n_experts_per_tok, token_mask=mask)
         return ce_sum, aux

@@ -35,7 +35,11 @@ def meta_weight_files(d: Path) -> tuple[list[Path], bool]:
     """(files, model_parallel): MP .pth shards 00..NN (all must be there) or Mistral's safetensors file(s)."""
     index = d / "consolidated.safetensors.index.json"
     if index.is_file():  # split by tensor like HF, not model-parallel
-        files = sorted(set(read_json(index).get("weight_map", {}).values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: expected a non-empty 'weight_map' object of tensor name -> file name")
+        files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (d / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names shard file(s) {', '.join(missing)} which are not in {d}")

@@ -34,7 +34,7 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
             0.7229568362236023, 1.0)
 BLOCK = 64  # weights per absmax
 SCALE_GROUP = 256  # absmax values per second-level float32 scale
-CHUNK = BLOCK * SCALE_GROUP * 256  # elements quantized at a time, to bound the float32 temporaries
+CHUNK = BLOCK * SCALE_GROUP * 256  # elements (de)quantized at a time, to bound the float32 temporaries
 
 # layer weights that QLoRA quantizes; embeddings, norms, router and output head stay in their dtype
 _LINEAR_KEY = re.compile(r"(layers\.\d+\.(?:attention\.w[qkvo]|feed_forward\.w[123]))\.weight")
@@ -43,6 +43,18 @@ _EXPERTS_KEY = re.compile(r"(layers\.\d+\.feed_forward\.experts)\.(w[123])")
 
 def _code(device) -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+_PAIRS: dict = {}
+
+
+def _byte_pairs(device) -> torch.Tensor:
+    """(256, 2) float32: the two code values a packed byte holds, high nibble first (cached per device)."""
+    key = str(device)
+    if key not in _PAIRS:
+        byte, code = torch.arange(256, device=device), _code(device)
+        _PAIRS[key] = torch.stack([code[byte >> 4], code[byte & 15]], dim=-1)
+    return _PAIRS[key]
 
 
 def _quantize_matrix(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,14 +120,23 @@ class NF4Weight(nn.Module):
         return groups.view(self.absmax_q.shape[0], -1)[:, :nb] + mean
 
     def dequantize(self, index: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The whole weight (*lead, out, in), or matrix `index` of a stack (out, in), in `dtype` (default: original)."""
-        packed = self.packed if index is None else self.packed[index:index + 1]
-        absmax = self.absmax() if index is None else self._absmax_row(index)
-        codes = torch.stack([packed >> 4, packed & 15], dim=-1).view(packed.shape[0], -1, BLOCK)  # (S, nb, 64)
-        w = _code(packed.device)[codes.long()] * absmax[..., None]
-        n = self.shape[-2] * self.shape[-1]
-        w = w.view(packed.shape[0], -1)[:, :n].to(dtype or self.dtype)
-        return w.view(self.shape) if index is None else w.view(self.shape[-2:])
+        """The whole weight (*lead, out, in), or matrix `index` of a stack (out, in), in `dtype` (default: original).
+
+        Decoded CHUNK weights at a time into the output, so the float32 temporaries stay small (this runs in every
+        forward and backward of a QLoRA layer; a 70B down_proj has 235M weights).
+        """
+        packed = self.packed if index is None else self.packed[index:index + 1]  # (S, nb*32)
+        absmax = self.absmax() if index is None else self._absmax_row(index)  # (S, nb)
+        S, n = packed.shape[0], self.shape[-2] * self.shape[-1]
+        pair = _byte_pairs(packed.device)
+        out = torch.empty(S, packed.shape[1] * 2, dtype=dtype or self.dtype, device=packed.device)
+        for s in range(0, packed.shape[1], CHUNK // 2):
+            p = packed[:, s:s + CHUNK // 2]  # (S, c/2)
+            w = F.embedding(p.int(), pair).view(S, -1, BLOCK)  # (S, c/64, 64) float32
+            w *= absmax[:, s * 2 // BLOCK:(s + p.shape[1]) * 2 // BLOCK, None]
+            out[:, s * 2:s * 2 + w.shape[1] * BLOCK] = w.view(S, -1)
+        out = out[:, :n]
+        return out.reshape(self.shape) if index is None else out.view(self.shape[-2:])
 
     def _absmax_row(self, index: int) -> torch.Tensor:
         nb = self.packed.shape[-1] * 2 // BLOCK

@@ -93,12 +93,15 @@ def _torch_load(file: Path) -> dict:
 
 
 def read_json(path: Path) -> dict:
-    """json.load with the file named in the error."""
+    """json.load of a JSON object, with the file named in the error."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, found a JSON {type(obj).__name__}")
+    return obj
 
 
 def disk_shape(files: TensorFiles, entry: Entry) -> tuple:

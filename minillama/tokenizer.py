@@ -300,9 +300,12 @@ class StreamDecoder:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, found a JSON {type(obj).__name__}")
+    return obj
 
 
 def _token_text(v) -> str | None:
@@ -370,8 +373,11 @@ def load_tokenizer(path, chat_format: str | None = None) -> Tokenizer:
     cfg = _read_json(cfg_files[0]) if cfg_files else {}
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template}
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{cfg_files[0]}: chat_template must be a string or a list of "
+                         f"{{'name', 'template'}} objects, got {type(template).__name__}")
     jinja_files = [d / "chat_template.jinja" for d in dirs if (d / "chat_template.jinja").is_file()]
     if template is None and jinja_files:  # transformers >= 4.5x saves the template beside the config
         template = jinja_files[0].read_text(encoding="utf-8")

@@ -245,3 +245,18 @@ def test_save_hf_copies_tokenizer_and_takes_bos_eos_from_it(tmp_path):
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (sp.bos_id(), sp.eos_id())
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (sp.bos_id(), sp.eos_id())
+
+
+def test_error_json_that_is_not_an_object_or_has_no_weight_map(hf_dir, tmp_path):
+    cfg = (hf_dir / "config.json").read_text()
+    (hf_dir / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, found a JSON list"):
+        load_model(hf_dir)
+    (hf_dir / "config.json").write_text(cfg)
+    (hf_dir / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: expected a non-empty 'weight_map'"):
+        load_model(hf_dir)
+    meta = write_meta_dir(tiny_hf("llama"), tmp_path / "meta")
+    (meta / "params.json").write_text('"dim"')
+    with pytest.raises(ValueError, match=r"params\.json: expected a JSON object, found a JSON str"):
+        load_model(meta)

@@ -104,6 +104,16 @@ def test_router_loss_of_the_wrapper_excludes_padding():
     assert model.layers[0].feed_forward.gate.weight.grad.abs().max() > 0
 
 
+def test_router_loss_of_an_all_padding_micro_batch_is_zero_not_nan():
+    model = tiny(n_experts=4, n_experts_per_tok=2)
+    mb = collate(_samples(), [[], []], 0, packed=True)  # the empty filler rows that top up an epoch's last batch
+    assert not mb.real.any()
+    ce, aux = CausalLMLoss(model)(mb.tokens, mb.targets, mb.doc_ids, mb.real)
+    assert ce.item() == 0.0 and aux.item() == 0.0
+    (ce + aux).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_weight_decay_only_on_matrices():
     model = tiny()
     decay, no_decay = param_groups(model, 0.1)

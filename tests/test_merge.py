@@ -75,6 +75,21 @@ def test_merge_cli_output_loads_in_transformers_with_adapter_logits(tmp_path):
         assert (hf(x).logits - model(x)).abs().max() <= 1e-4
 
 
+def test_merge_cli_meta_format_output_has_adapter_logits(tmp_path):
+    model = tiny_model()
+    save_hf(model, tmp_path / "base")
+    apply_lora(model, rank=4, alpha=8, targets=("q_proj", "k_proj", "o_proj", "up_proj"))
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "ad")
+    merge_main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m"),
+                "--format", "meta"])
+    assert (tmp_path / "m" / "params.json").is_file() and not (tmp_path / "m" / "config.json").exists()
+    merged = load_model(tmp_path / "m")
+    x = tokens()
+    with torch.no_grad():  # q/k rows are permuted back to Meta order: the merged q/k mean the same function
+        assert (merged(x) - model(x)).abs().max() <= 1e-4
+
+
 def test_two_adapters_sum(tmp_path):
     base = tiny_model()
     save_hf(base, tmp_path / "base")

@@ -96,11 +96,17 @@ def test_full_fsdp_two_processes_and_resume_equal_one_process(setup):
 def test_lora_packed_two_processes_equal_one_process(setup):
     d, data, dense, _ = setup
     common = ["--model", str(dense), "--data", str(data), "--batch_size", "4", "--max_steps", "4", "--lr", "1e-2",
-              "--lora_rank", "4", "--lora_targets", "q_proj", "v_proj", "down_proj", "--pack", "--seq_len", "128"]
+              "--lora_rank", "4", "--lora_targets", "q_proj", "v_proj", "down_proj", "--pack", "--seq_len", "128",
+              "--eval_data", str(data), "--eval_every", "2"]
     run_sft(common + ["--out", str(d / "l1"), "--micro_batch_size", "1"], nproc=1)
     run_sft(common + ["--out", str(d / "l2"), "--save_every", "1", "--keep", "2"], nproc=2)
     ref, got = losses(d / "l1"), losses(d / "l2")
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5 and ref[-1] < ref[0]
+    # eval at step 2 and at the end, over the whole eval set whatever the number of processes
+    ev1 = [(r["step"], r["eval_loss"]) for r in metrics(d / "l1") if "eval_loss" in r]
+    ev2 = [(r["step"], r["eval_loss"]) for r in metrics(d / "l2") if "eval_loss" in r]
+    assert [s for s, _ in ev1] == [s for s, _ in ev2] == [2, 4] and ev1[1][1] < ev1[0][1]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(ev1, ev2)) < 1e-5
     a, b = read_safetensors(d / "l1" / "final"), read_safetensors(d / "l2" / "final")
     assert_same_tensors(a, b)
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in a.items())  # B moved off its zero init

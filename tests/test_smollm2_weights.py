@@ -132,3 +132,15 @@ def test_minillama_logits_match_transformers_reading_the_gguf(smollm2_dir, promp
     scale = gguf_logits.abs().max().item()
     assert (logits - gguf_logits).abs().max().item() <= 1e-4 * scale
     assert (logits.argmax(-1) == gguf_logits.argmax(-1)).all()
+
+
+def test_bad_gguf_is_one_error_line_and_leaves_nothing(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    out = tmp_path / "out"
+    for gguf, match in [(junk, "junk.gguf: "), (tmp_path / "absent.gguf", "no such file")]:
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--gguf", str(gguf)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.startswith("error:") and match in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.gguf"]  # no output dir, no temp dir

@@ -255,3 +255,27 @@ def test_bad_encode_decode_input(llama3, mistral):
             tok.encode(b"hi")
     with pytest.raises(ValueError, match="token id 999999 is not in the vocabulary"):
         llama3.decode([1, 999999])
+
+
+def test_malformed_json_files_are_named_not_crashes(tmp_path, smol_dir):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copy(smol_dir / "tokenizer.json", d)
+    cases = [("tokenizer_config.json", "[1, 2]", r"tokenizer_config\.json: expected a JSON object, found a JSON list"),
+             ("tokenizer_config.json", '{"chat_template": 5}', r"tokenizer_config\.json: chat_template must be"),
+             ("config.json", "[1]", r"config\.json: expected a JSON object")]
+    for name, text, match in cases:
+        for stale in ("tokenizer_config.json", "config.json"):
+            (d / stale).unlink(missing_ok=True)
+        (d / name).write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_tokenizer(d)
+    bad = tmp_path / "bad" / "tokenizer.json"
+    bad.parent.mkdir()
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    for spec, match in [({"model": {"type": "BPE"}, "pre_tokenizer": byte_level}, r"malformed tokenizer\.json \(KeyError"),
+                        ({"model": {"type": "BPE", "vocab": {}}, "pre_tokenizer": byte_level}, "model.vocab is empty"),
+                        ({"model": "BPE"}, r"malformed tokenizer\.json")]:
+        bad.write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match=rf"bad/tokenizer\.json: .*{match}"):
+            load_tokenizer(bad)

@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from minillama import Transformer, load_model, save_hf  # noqa: E402
 from minillama.data import load_jsonl, report_bad_lines  # noqa: E402
 from minillama.distributed import init_distributed  # noqa: E402
-from minillama.fsdp import apply_fsdp, checkpoint_blocks, ensure_process_group  # noqa: E402
+from minillama.fsdp import (apply_fsdp, checkpoint_blocks, ensure_process_group,  # noqa: E402
+                            init_offload_process_group)
 from minillama.lora import apply_lora  # noqa: E402
 from minillama.loss import CausalLMLoss  # noqa: E402
 from minillama.metrics import MetricsWriter, ProgressBar, default_peak_tflops, peak_memory_gb, read_metrics  # noqa
@@ -248,14 +249,27 @@ def load_data(args, log):
     return tok, out[0], out[1]
 
 
+def load_device(args, info) -> torch.device:
+    """Where the checkpoint is read to before sharding.
+
+    On GPU the full model goes to CPU memory first: fully_shard then moves one block at a time to the GPU and keeps
+    only this rank's shard there, so no rank ever holds the whole model in GPU memory. The cost: while loading, each
+    rank holds a CPU copy of the whole model in the load dtype (8 ranks x 16 GB for Llama 3 8B in bf16).
+    QLoRA quantizes on the GPU as tensors arrive (CPU quantization of a 47B model is slow): every rank keeps the
+    whole NF4 base (~0.5 bytes/weight, replicated: FSDP shards parameters, not the 4-bit buffers).
+    """
+    if info.device.type == "cuda" and (args.cpu_offload or not args.quantize):
+        return torch.device("cpu")
+    return info.device
+
+
 def build_model(args, info, compute_dtype, log):
     """Load the checkpoint, add LoRA (or unfreeze everything), wrap with the loss, shard with FSDP2, make AdamW."""
     lora = args.lora_rank > 0
     torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
     # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32
     load_dtype = compute_dtype if lora else torch.float32
-    model = load_model(args.model, device="cpu" if args.cpu_offload else info.device, dtype=load_dtype,
-                       quantize=args.quantize)
+    model = load_model(args.model, device=load_device(args, info), dtype=load_dtype, quantize=args.quantize)
     if lora:
         apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets)
     else:
@@ -267,7 +281,7 @@ def build_model(args, info, compute_dtype, log):
         checkpoint_blocks(model)
     root = CausalLMLoss(model, args.loss_chunk).train()
     apply_fsdp(root, param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
-               cpu_offload=args.cpu_offload)
+               cpu_offload=args.cpu_offload, device=info.device)
     optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas)
     what = f"LoRA r={args.lora_rank} on {' '.join(args.lora_targets)}" if lora else "full"
     log.message(f"model: {args.model} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
@@ -290,11 +304,13 @@ def main(argv=None) -> int:
 
 def train(args) -> int:
     """The recipe: data, model, optional resume, the step loop, final checkpoint + export. Returns the exit code."""
+    if args.cpu_offload:
+        if not (args.device or "cuda").startswith("cuda") or not torch.cuda.is_available():
+            raise ValueError("--cpu_offload moves GPU parameters to CPU memory; it needs --device cuda")
+        init_offload_process_group()
     info = init_distributed(args.device)
     ensure_process_group(info.device)
     rank0 = info.is_rank0
-    if args.cpu_offload and info.device.type != "cuda":
-        raise ValueError("--cpu_offload moves GPU parameters to CPU memory; it needs --device cuda")
     out = Path(args.out)
     lora = args.lora_rank > 0
     compute_dtype = DTYPES[args.dtype or ("bfloat16" if info.device.type == "cuda" else "float32")]

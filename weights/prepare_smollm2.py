@@ -188,7 +188,7 @@ def main(argv=None):
     ensure_installed("gguf", ["gguf"])
     gguf_path = args.gguf.resolve() if args.gguf else default_gguf()
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"--gguf {gguf_path}: no such file")
+        raise SystemExit(f"error: --gguf {gguf_path}: no such file")
 
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +203,10 @@ def main(argv=None):
         if out.exists():
             out.rmdir()  # empty (checked above); os.replace needs the name free or an empty dir
         os.replace(tmp, out)
+    except KeyError as e:  # a GGUF without the tokenizer/model metadata this script reads
+        raise SystemExit(f"error: {gguf_path}: GGUF metadata lacks {e}") from None
+    except ValueError as e:  # not a GGUF, or a model/tokenizer kind this script cannot convert
+        raise SystemExit(f"error: {gguf_path}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"Wrote {out} in {time.time() - start:.1f}s")
