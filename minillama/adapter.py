@@ -88,8 +88,8 @@ def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike,
     if rslora:
         raise ValueError("save_adapter: some LoRA layers use rsLoRA and some do not; PEFT has one use_rslora flag")
 
-    def alpha_of(rank, scaling):
-        return scaling * (rank ** 0.5 if use_rslora else rank)
+    def alpha_of(rank, scaling):  # rounded: alpha / r * r can come back as 16.000000000000004
+        return round(scaling * (rank ** 0.5 if use_rslora else rank), 9)
 
     r = Counter((rank, round(scaling, 12)) for _, rank, scaling in per_module).most_common(1)[0][0][0]
     r_scaling = next(s for _, rank, s in per_module if rank == r)

@@ -12,6 +12,10 @@ import torch
 import torch.distributed as dist
 
 
+# nccl for GPU tensors, plus gloo for CPU ones (FSDP CPU offload, CPU-side gathers), which nccl cannot carry
+CUDA_BACKEND = "cuda:nccl,cpu:gloo"
+
+
 @dataclass
 class DistInfo:
     rank: int
@@ -25,7 +29,7 @@ class DistInfo:
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group (nccl on CUDA, gloo on CPU); a plain `python` run is world size 1.
+    """Join the torchrun process group (nccl + gloo on CUDA, gloo on CPU); a plain `python` run is world size 1.
 
     device: "cuda", "cpu" or None (CUDA when available). Each process takes cuda:LOCAL_RANK.
     """
@@ -42,7 +46,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     else:
         dev = torch.device(device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = CUDA_BACKEND if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, dev)

@@ -7,7 +7,6 @@ embedding or not) stays gathered while the chunked loss runs.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -17,12 +16,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from .distributed import CUDA_BACKEND
 from .model import TransformerBlock
-
-
-# on GPU the group also gets gloo for CPU tensors: with CPU offload the shards and gradients live on CPU, and the
-# grad-norm all-reduce and full_tensor() gathers then run on CPU tensors, which nccl cannot carry
-CUDA_BACKEND = "cuda:nccl,cpu:gloo"
 
 
 def ensure_process_group(device: torch.device) -> None:
@@ -32,16 +27,6 @@ def ensure_process_group(device: torch.device) -> None:
     backend = CUDA_BACKEND if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                             device_id=device if device.type == "cuda" else None)
-
-
-def init_offload_process_group() -> None:
-    """Under torchrun with --cpu_offload: join the group with CUDA_BACKEND before minillama.distributed would join
-    it with nccl alone (its init_distributed keeps an existing group)."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.cuda.set_device(device)
-    dist.init_process_group(CUDA_BACKEND, device_id=device)
 
 
 def checkpoint_blocks(model: nn.Module) -> None:

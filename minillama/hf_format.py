@@ -16,7 +16,8 @@ import torch
 
 from .args import ModelArgs, from_hf_config
 from .hf_keys import hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
-from .shards import Entry, Pending, Source, TensorFiles, raise_unknown, read_json, write_safetensors
+from .shards import (Entry, Pending, Source, TensorFiles, index_weight_files, raise_unknown, read_json,
+                     write_safetensors)
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
@@ -31,15 +32,7 @@ def hf_weight_files(d: Path) -> list[Path]:
     for name in INDEX_NAMES:
         index = d / name
         if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map or \
-                    not all(isinstance(v, str) for v in weight_map.values()):
-                raise ValueError(f"{index}: expected a non-empty 'weight_map' object of tensor name -> file name")
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (d / f).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index} names shard file(s) {', '.join(missing)} which are not in {d}")
-            return [d / f for f in files]
+            return index_weight_files(index)
     for name in SINGLE_NAMES:
         if (d / name).is_file():
             return [d / name]

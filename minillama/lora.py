@@ -12,7 +12,7 @@ hub's per-expert modules `block_sparse_moe.experts.E.w1` (see minillama/adapter.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from .args import ModelArgs, ffn_hidden_dim, from_meta_params
-from .shards import Entry, Pending, Source, TensorFiles, raise_unknown, read_json, write_safetensors
+from .shards import (Entry, Pending, Source, TensorFiles, index_weight_files, raise_unknown, read_json,
+                     write_safetensors)
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")
@@ -35,15 +36,7 @@ def meta_weight_files(d: Path) -> tuple[list[Path], bool]:
     """(files, model_parallel): MP .pth shards 00..NN (all must be there) or Mistral's safetensors file(s)."""
     index = d / "consolidated.safetensors.index.json"
     if index.is_file():  # split by tensor like HF, not model-parallel
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or \
-                not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{index}: expected a non-empty 'weight_map' object of tensor name -> file name")
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (d / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shard file(s) {', '.join(missing)} which are not in {d}")
-        return [d / f for f in files], False
+        return index_weight_files(index), False
     if (d / "consolidated.safetensors").is_file():
         return [d / "consolidated.safetensors"], False
     found = {int(m[1]): p for p in d.iterdir() if (m := _SHARD.fullmatch(p.name))}

@@ -184,3 +184,15 @@ def write_safetensors(path: Path, tensors: list[Pending], metadata: Optional[dic
                 raise RuntimeError(f"{path}: {p.name} came out {tuple(t.shape)} {t.dtype}, announced {p.shape} {p.dtype}")
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
     return offset
+
+
+def index_weight_files(index: Path) -> list[Path]:
+    """The shard files a safetensors index (tensor name -> file name) names; every one must exist."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: expected a non-empty 'weight_map' object of tensor name -> file name")
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (index.parent / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index} names shard file(s) {', '.join(missing)} which are not in {index.parent}")
+    return [index.parent / f for f in files]

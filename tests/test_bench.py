@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from minillama import ModelArgs, Transformer
 from minillama.perf import decode_bytes_per_step, forward_flops, param_counts

@@ -131,6 +131,7 @@ def test_minillama_logits_match_transformers_reading_the_gguf(smollm2_dir, promp
     # 1e-4 relative to the logit scale (|logits| reach ~30 here; HF's own sdpa vs eager differ by ~8e-5 absolute)
     scale = gguf_logits.abs().max().item()
     assert (logits - gguf_logits).abs().max().item() <= 1e-4 * scale
+    assert (logits - gguf_logits).abs().max().item() <= 2e-4  # measured 9.6e-5; HF sdpa vs eager differ by 8e-5
     assert (logits.argmax(-1) == gguf_logits.argmax(-1)).all()
 
 

@@ -44,8 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from minillama import Transformer, load_model, save_hf  # noqa: E402
 from minillama.data import load_jsonl, report_bad_lines  # noqa: E402
 from minillama.distributed import init_distributed  # noqa: E402
-from minillama.fsdp import (apply_fsdp, checkpoint_blocks, ensure_process_group,  # noqa: E402
-                            init_offload_process_group)
+from minillama.fsdp import apply_fsdp, checkpoint_blocks, ensure_process_group  # noqa: E402
 from minillama.lora import apply_lora  # noqa: E402
 from minillama.loss import CausalLMLoss  # noqa: E402
 from minillama.metrics import MetricsWriter, ProgressBar, default_peak_tflops, peak_memory_gb, read_metrics  # noqa
@@ -256,9 +255,10 @@ def load_device(args, info) -> torch.device:
     only this rank's shard there, so no rank ever holds the whole model in GPU memory. The cost: while loading, each
     rank holds a CPU copy of the whole model in the load dtype (8 ranks x 16 GB for Llama 3 8B in bf16).
     QLoRA quantizes on the GPU as tensors arrive (CPU quantization of a 47B model is slow): every rank keeps the
-    whole NF4 base (~0.5 bytes/weight, replicated: FSDP shards parameters, not the 4-bit buffers).
+    whole NF4 base on its GPU (~0.5 bytes/weight, replicated: FSDP shards parameters, not the 4-bit buffers, and
+    CPU offload moves only parameters); the full-precision layer weights pass through one at a time.
     """
-    if info.device.type == "cuda" and (args.cpu_offload or not args.quantize):
+    if info.device.type == "cuda" and not args.quantize:
         return torch.device("cpu")
     return info.device
 
@@ -294,7 +294,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     previous = signal.signal(signal.SIGTERM, Stop.handler)  # finish the step, save, exit 0
     try:
-        return train(args)
+        code = train(args)
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another is still inside a collective
+        return code
     finally:
         signal.signal(signal.SIGTERM, previous)
         Stop.requested = False
@@ -307,7 +310,6 @@ def train(args) -> int:
     if args.cpu_offload:
         if not (args.device or "cuda").startswith("cuda") or not torch.cuda.is_available():
             raise ValueError("--cpu_offload moves GPU parameters to CPU memory; it needs --device cuda")
-        init_offload_process_group()
     info = init_distributed(args.device)
     ensure_process_group(info.device)
     rank0 = info.is_rank0
