@@ -42,7 +42,9 @@ class Experts(nn.Module):
         order = torch.argsort(flat_expert, stable=True)  # token-slots grouped by expert
         token_of_slot = order // k
         slot_weights = weights.flatten()[order, None]  # (N*k, 1)
-        counts = torch.bincount(flat_expert, minlength=self.w1.shape[0])  # (E,)
+        # tokens per expert; scatter_add keeps the shape static (bincount's depends on the data) for torch.compile
+        counts = torch.zeros(self.w1.shape[0], dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))  # (E,)
         out = torch.zeros_like(x)
         if getattr(self, "supports_grouped_mm", False) and grouped_mm_ok(x):
             # one grouped GEMM per weight over all experts; offsets stay on the device (no host sync)
