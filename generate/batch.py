@@ -1,4 +1,4 @@
-"""Generate for every line of a JSONL file, in length-sorted batches, resumable after a crash.
+"""Generate for every line of a JSONL file with continuous batching, resumable after a crash.
 
     python generate/batch.py --ckpt DIR --input prompts.jsonl --output answers.jsonl --batch_size 16
     torchrun --nproc_per_node 2 generate/batch.py --ckpt DIR --input in.jsonl --output out.jsonl
@@ -7,7 +7,10 @@ Input lines: "a prompt string", {"prompt": str}, {"messages": [{"role", "content
 {"conversation": [{"system": ..., "input": ..., "output": ...}, ...]} (the last turn's output is what we write).
 Strings and "prompt" are raw text completion unless --chat wraps them as one user turn. An "id" field is copied.
 Output: one line per non-blank input line, {"index", "id"?, "output", "prompt_tokens", "output_tokens", "stop_reason"},
-written (and fsync'ed) as each batch finishes, then sorted into input order when the run completes.
+written (and fsync'ed) as each prompt finishes, then sorted into input order when the run completes.
+Continuous batching: --batch_size prompts are in flight; when one answer ends, its row takes the next prompt at
+once, so long answers do not hold the others back. Greedy outputs equal generating each prompt alone; sampled
+ones are reproducible for the same --seed, input and --batch_size.
 "index" is the input's 0-based line number. A malformed input line is reported on stderr with its line number and
 recorded as {"index", "line", "error"}; delete such lines from the output to retry them.
 Rerunning with the same --output skips every index already there; a truncated last line (a crash mid-write)
@@ -25,7 +28,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
 from minillama.distributed import cleanup  # noqa: E402
-from minillama.generation import generate, stop_reason  # noqa: E402
+from minillama.generation import generate_continuous  # noqa: E402
 from minillama.loading import (add_model_args, add_sampling_args, broadcast_object, context_limit,  # noqa: E402
                                load_for_inference, sampling_kwargs)
 
@@ -37,7 +40,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", required=True, help="JSONL of prompts")
     p.add_argument("--output", required=True, help="JSONL of answers (appended to / resumed)")
     p.add_argument("--batch_size", "--max_batch_size", type=int, default=8,
-                   help="prompts per batch (--max_batch_size: Meta's name)")
+                   help="prompts decoded together (--max_batch_size: Meta's name)")
     p.add_argument("--chat", action="store_true", help="wrap plain-string / 'prompt' inputs as one user turn")
     p.add_argument("--truncate_left", action="store_true", help="keep the end of prompts longer than the context")
     return p.parse_args(argv)
@@ -189,24 +192,24 @@ def main(argv=None):
     limit = context_limit(args, loaded.model)
     plan = plan_work(args, tok, limit) if info.is_rank0 else None
     work, errors = broadcast_object(plan, info)  # rank 0 reads the files; every rank runs the same batches
-    work.sort(key=lambda w: len(w[1]))  # similar lengths share a batch: little padding
     out = open(args.output, "a", encoding="utf-8") if info.is_rank0 else None
     progress = Progress(len(work) + len(errors)) if info.is_rank0 else None
     for rec in errors if info.is_rank0 else ():
         append_line(out, rec)
         progress.update(1, 0)
-    for start in range(0, len(work), args.batch_size):
-        batch = work[start:start + args.batch_size]
-        outs = generate(loaded.model, [ids for _, ids, _ in batch], args.max_new_tokens, stop_ids=tok.stop_ids,
-                        truncate_left=args.truncate_left, process_group=loaded.tp_group, **sampling_kwargs(args))
+    # every rank runs the same schedule: tensor parallel broadcasts rank 0's tokens, so rows finish in lockstep
+    finished = generate_continuous(loaded.model, [ids for _, ids, _ in work], args.max_new_tokens, args.batch_size,
+                                   stop_ids=tok.stop_ids, truncate_left=args.truncate_left,
+                                   process_group=loaded.tp_group, **sampling_kwargs(args)) if work else ()
+    for k, new, reason in finished:
         if not info.is_rank0:
             continue
-        for (index, ids, rec_id), new in zip(batch, outs):
-            rec = {"index": index, **({"id": rec_id} if rec_id is not None else {}), "output": tok.decode(new),
-                   "prompt_tokens": min(len(ids), limit - args.max_new_tokens), "output_tokens": len(new),
-                   "stop_reason": stop_reason(new, args.max_new_tokens)}
-            append_line(out, rec)
-        progress.update(len(batch), sum(len(n) for n in outs))
+        index, ids, rec_id = work[k]
+        rec = {"index": index, **({"id": rec_id} if rec_id is not None else {}), "output": tok.decode(new),
+               "prompt_tokens": min(len(ids), limit - args.max_new_tokens), "output_tokens": len(new),
+               "stop_reason": reason}
+        append_line(out, rec)
+        progress.update(1, len(new))
     if info.is_rank0:
         progress.close()
         out.close()

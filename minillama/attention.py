@@ -91,20 +91,23 @@ def cache_mask(start_pos, T: int, S: int, pad_lens: Optional[torch.Tensor], devi
                sliding_window: Optional[int] = None) -> AttnMask:
     """Queries at cache slots [start_pos, start_pos+T) over keys [0, S): causal, minus each row's left padding.
 
-    start_pos may be a 0-d tensor (compiled decoding over the whole fixed-size cache).
+    start_pos may be a 0-d tensor (compiled decoding over the whole fixed-size cache) or a (B,) tensor (each row
+    at its own slot: continuous batching). Key j is visible to row b's query at slot q iff pad_lens[b] <= j <= q
+    (and q - j < sliding_window), or j == q.
     """
     static = isinstance(start_pos, torch.Tensor)
     if not static and pad_lens is None and sliding_window is None and start_pos + T == S and (T == S or T == 1):
         return AttnMask(causal_only=True)  # a full prefill, or one new token that sees every cached key
-    q = (start_pos + torch.arange(T, device=device))[:, None]  # (T, 1)
-    k = torch.arange(S, device=device)[None, :]  # (1, S)
-    allowed = (k <= q)[None]  # (1, T, S)
+    start = start_pos.to(device).reshape(-1, 1, 1) if static else start_pos  # (B|1, 1, 1) or int
+    q = start + torch.arange(T, device=device)[None, :, None]  # (B|1, T, 1)
+    k = torch.arange(S, device=device)[None, None, :]  # (1, 1, S)
+    allowed = k <= q  # (B|1, T, S)
     if sliding_window is not None:
-        allowed = allowed & (q - k < sliding_window)[None]
+        allowed = allowed & (q - k < sliding_window)
     if pad_lens is not None:
-        not_pad = k[None] >= pad_lens.to(device)[:, None, None]  # (B, 1, S)
+        not_pad = k >= pad_lens.to(device)[:, None, None]  # (B, 1, S)
         # a query on a pad slot still sees itself: a fully masked row would give NaN that leaks through V
-        allowed = (allowed & not_pad) | (k == q)[None]
+        allowed = (allowed & not_pad) | (k == q)
     return AttnMask(causal_only=False, mask=allowed[:, None])
 
 

@@ -3,6 +3,9 @@
 The prompt is never recomputed. Sampling happens on the model's device in float32; the non-streaming loop
 only asks the device "are all rows done?" every `check_every` steps (one host sync per check), while the
 streaming loop syncs once per step because it must hand tokens to the caller.
+generate_continuous (continuous batching) instead keeps a fixed set of cache rows busy: a row whose answer ends
+is refilled with the next prompt, prefilled alone into that cache row, while the other rows go on decoding; it
+syncs once per step, since which rows finish is a host decision.
 Shape letters: B rows, P padded prompt length, V vocabulary.
 """
 
@@ -16,7 +19,7 @@ import torch.distributed as dist
 
 from .sampling import SamplingParams, next_token, seen_mask
 
-__all__ = ["generate", "generate_stream", "decode_step", "stop_reason"]
+__all__ = ["generate", "generate_stream", "generate_continuous", "decode_step", "stop_reason"]
 
 
 def decode_step(model, tokens: torch.Tensor, start_pos, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
@@ -189,3 +192,99 @@ def _stream(steps) -> Iterator[list[tuple[int, int]]]:
             yield pairs
         if bool(done.all()):
             return
+
+
+def generate_continuous(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
+                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                        repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (), seed: Optional[int] = None,
+                        truncate_left: bool = False, *, max_seq_len: Optional[int] = None, compile: bool = False,
+                        process_group=None, pad_id: int = 0) -> Iterator[tuple[int, list[int], str]]:
+    """Continuous batching: yield (prompt index, new tokens, stop reason) as each prompt finishes.
+
+    At most batch_size prompts are in flight; when one ends (stop token or max_new_tokens) its cache row is
+    refilled with the next pending prompt, prefilled alone at slot 0, and every step decodes one token for all
+    busy rows together. Greedy outputs equal generate() on each prompt alone. Sampled outputs are reproducible for
+    a given seed, prompt order and batch_size, but they depend on the schedule (one generator serves all rows),
+    so they differ from generate()'s. Arguments as in generate(); bad ones raise before the first prefill.
+    """
+    params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    prompts = _check_prompts(model, prompts, max_new_tokens, max_seq_len, truncate_left)
+    return _continuous(model, prompts, max_new_tokens, min(batch_size, len(prompts)), params, stop_ids, seed,
+                       compile, process_group, pad_id)
+
+
+@torch.no_grad()
+def _continuous(model, prompts: list[list[int]], max_new_tokens: int, B: int, params: SamplingParams, stop_ids,
+                seed: Optional[int], compile: bool, process_group,
+                pad_id: int) -> Iterator[tuple[int, list[int], str]]:
+    """The scheduler behind generate_continuous; prompts are checked. Host lists hold each row's state."""
+    device = model.tok_embeddings.weight.device
+    S = max(len(p) for p in prompts) + max_new_tokens
+    _ensure_cache(model, B, -(-S // 512) * 512 if compile else S)
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    stop = set(int(s) for s in stop_ids)
+    step_fn = _compiled_step() if compile else decode_step
+    src = None if process_group is None else dist.get_global_rank(process_group, 0)
+    vocab = model.args.vocab_size
+    seen = torch.zeros(B, vocab, dtype=torch.bool, device=device) if params.repetition_penalty != 1.0 else None
+
+    pending = iter(range(len(prompts)))
+    owner: list[Optional[int]] = [None] * B  # prompt index each cache row is answering; None = idle
+    outs: list[list[int]] = [[] for _ in range(B)]
+    pos = [0] * B  # each row's next cache slot
+    logits = torch.zeros(B, vocab, device=device)  # (B, V): the logits each row samples from next
+    while True:
+        for b in range(B):  # refill: each free row takes the next prompt, prefilled alone into its own cache row
+            if owner[b] is not None:
+                continue
+            i = next(pending, None)
+            if i is None:
+                break
+            p = torch.tensor([prompts[i]], device=device)  # (1, P)
+            hidden = model(p, start_pos=0, cache_rows=torch.tensor([b], device=device), return_hidden=True)
+            logits[b] = model.output(hidden[0, -1]).float()  # only the last position's logits are needed
+            owner[b], outs[b], pos[b] = i, [], len(prompts[i])
+            if seen is not None:
+                seen[b] = seen_mask(p, vocab)[0]
+        if all(o is None for o in owner):
+            return
+        nxt = next_token(logits, params, seen, generator)  # (B,)
+        if src is not None:
+            # tensor parallel: every rank must feed the same token; rank 0's choice wins (and so every rank
+            # makes the same finish/refill decisions)
+            dist.broadcast(nxt, src=src, group=process_group)
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        feed = []  # rows that go on decoding
+        for b, t in enumerate(nxt.tolist()):  # the one host sync per step: finishing is a host decision
+            if owner[b] is None:
+                continue
+            if t not in stop:
+                outs[b].append(t)
+            if t in stop or len(outs[b]) >= max_new_tokens:
+                yield owner[b], outs[b], "stop" if t in stop else "length"
+                owner[b] = None
+            else:
+                feed.append(b)
+        if not feed:
+            continue
+        # one decode step for every row; rows not in feed decode a pad at their current slot, which their next
+        # prompt's prefill overwrites or their causal mask hides, and their logits are ignored
+        fed = torch.zeros(B, dtype=torch.bool)
+        fed[feed] = True
+        fed = fed.to(device)
+        tokens = torch.where(fed, nxt, torch.full_like(nxt, pad_id))[:, None]  # (B, 1)
+        start = torch.tensor(pos, device=device)  # (B,)
+        if compile:
+            torch.compiler.cudagraph_mark_step_begin()
+            logits = step_fn(model, tokens, start, None).clone()  # the graph reuses its output buffer
+        else:
+            logits = step_fn(model, tokens, start, None)  # (B, V)
+        for b in feed:
+            pos[b] += 1

@@ -60,7 +60,8 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttnMask,
-                start_pos: Optional[int] = None) -> torch.Tensor:
+                start_pos: Optional[int | torch.Tensor] = None,
+                cache_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, hd)
@@ -68,7 +69,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, hd)
         if start_pos is not None:
-            k, v = self.cache.update(start_pos, k, v)  # (B, K, S, hd)
+            k, v = self.cache.update(start_pos, k, v, cache_rows)  # (B, K, S, hd)
         out = attend(q, k, v, attn)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -86,8 +87,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttnMask,
-                start_pos: Optional[int] = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, attn, start_pos)
+                start_pos: Optional[int | torch.Tensor] = None,
+                cache_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, attn, start_pos, cache_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -141,7 +143,7 @@ class Transformer(nn.Module):
         return 0 if cache is None else cache.k.shape[2]
 
     # ---- forward ----
-    def _positions_and_mask(self, tokens, start_pos, doc_ids, pad_lens) -> tuple[torch.Tensor, AttnMask]:
+    def _positions_and_mask(self, tokens, start_pos, doc_ids, pad_lens, cache_rows) -> tuple[torch.Tensor, AttnMask]:
         B, T = tokens.shape
         device = tokens.device
         window = self.args.sliding_window
@@ -150,13 +152,18 @@ class Transformer(nn.Module):
                 raise ValueError("forward(start_pos=...) needs a KV cache: call model.setup_cache(batch, seq_len) first")
             if doc_ids is not None:
                 raise ValueError("doc_ids (packed rows) and start_pos (KV cache) cannot be combined")
-            slots = (start_pos + torch.arange(T, device=device))[None].expand(B, T)
+            if isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1 and start_pos.shape[0] != B:
+                raise ValueError(f"per-row start_pos has {start_pos.shape[0]} entries for {B} rows")
+            if cache_rows is not None and tuple(cache_rows.shape) != (B,):
+                raise ValueError(f"cache_rows must be a LongTensor of shape ({B},), got {tuple(cache_rows.shape)}")
+            start = start_pos.to(device).reshape(-1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
+            slots = (start + torch.arange(T, device=device)[None]).expand(B, T)  # (B, T)
             positions = slots if pad_lens is None else (slots - pad_lens.to(device)[:, None]).clamp(min=0)
             # a tensor start_pos attends over the whole cache (fixed shapes for torch.compile / CUDA graphs)
             S = self.cache_len if isinstance(start_pos, torch.Tensor) else start_pos + T
             return positions, cache_mask(start_pos, T, S, pad_lens, device, window)
-        if pad_lens is not None:
-            raise ValueError("pad_lens is only used with the KV cache (start_pos)")
+        if pad_lens is not None or cache_rows is not None:
+            raise ValueError("pad_lens and cache_rows are only used with the KV cache (start_pos)")
         if doc_ids is not None:
             if doc_ids.shape != tokens.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != tokens shape {tuple(tokens.shape)}")
@@ -169,14 +176,17 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: Optional[int | torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None,
-                pad_lens: Optional[torch.Tensor] = None, return_hidden: bool = False) -> torch.Tensor:
+                pad_lens: Optional[torch.Tensor] = None, return_hidden: bool = False,
+                cache_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (B, T) -> float32 logits (B, T, V), or the final-normed hidden states (B, T, D) if return_hidden.
 
         doc_ids (B, T): packed documents; attention stays inside a document and positions restart at 0.
         start_pos: write/read the static KV cache from this slot (an int, or a 0-d device tensor for compiled
-        decoding: then attention spans the whole fixed-size cache under a mask). pad_lens (B,): left padding per row.
+        decoding: then attention spans the whole fixed-size cache under a mask, or a (B,) tensor: each row's own
+        next slot, also over the whole cache). pad_lens (B,): left padding per row. cache_rows (B,): the cache rows
+        this forward's rows use (default 0..B-1): e.g. prefill a new prompt into one row while the others keep theirs.
         """
-        positions, attn = self._positions_and_mask(tokens, start_pos, doc_ids, pad_lens)
+        positions, attn = self._positions_and_mask(tokens, start_pos, doc_ids, pad_lens, cache_rows)
         inv_freq, attention_factor = self.inv_freq, self.rope_attention_factor
         if self.args.rope_scaling and self.args.rope_scaling["rope_type"] == "dynamic":
             seq_len = int(positions.max()) + 1  # dynamic NTK depends on the longest position seen in this forward
@@ -185,7 +195,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(inv_freq, positions, attention_factor)  # (B|1, T, hd/2)
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for layer in self.layers:
-            h = layer(h, cos, sin, attn, start_pos)
+            h = layer(h, cos, sin, attn, start_pos, cache_rows)
         h = self.norm(h)
         if return_hidden:
             return h

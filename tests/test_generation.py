@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minillama import ModelArgs, Transformer
-from minillama.generation import generate, generate_stream, stop_reason
+from minillama.generation import generate, generate_continuous, generate_stream, stop_reason
 from minillama.sampling import apply_repetition_penalty, seen_mask
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96, max_seq_len=64)
@@ -134,7 +134,66 @@ def test_bad_arguments_raise(kwargs, match):
 
 
 def test_compiled_decode_equals_eager():
-    """generate(compile=True): the torch.compile'd one-token step over the fixed cache gives the eager tokens."""
+    """compile=True: the torch.compile'd one-token step over the fixed cache gives the eager tokens."""
     model = tiny_model()
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
     assert generate(model, prompts, 8, compile=True) == generate(model, prompts, 8)
+    ps = prompts + [[4, 4], [9, 8, 7, 6, 5, 4]]  # continuous batching: per-row slots, rows refilled
+    assert (sorted(generate_continuous(model, ps, 8, batch_size=2, compile=True))
+            == sorted(generate_continuous(model, ps, 8, batch_size=2)))
+
+
+class CountingForward:
+    """Wraps model.forward to record (rows, tokens) of every call: T > 1 is a prefill, T == 1 a decode step."""
+
+    def __init__(self, model):
+        self.calls, self.forward = [], model.forward
+        model.forward = self
+
+    def __call__(self, tokens, *args, **kwargs):
+        self.calls.append(tuple(tokens.shape))
+        return self.forward(tokens, *args, **kwargs)
+
+
+@pytest.mark.parametrize("overrides", [{}, MOE])
+def test_continuous_batching_equals_each_prompt_alone(overrides):
+    model = tiny_model(**overrides)
+    ps = prompts([3, 9, 2, 12, 5, 7, 4])
+    full = [generate(model, [p], 10)[0] for p in ps]
+    stop = full[0][2]  # row 0 stops after 2 tokens; others wherever this token comes up
+    for max_new, stop_ids in ((10, [stop]), (4, [])):
+        alone = [generate(model, [p], max_new, stop_ids=stop_ids)[0] for p in ps]
+        counter = CountingForward(model)
+        finished = list(generate_continuous(model, ps, max_new, batch_size=3, stop_ids=stop_ids))
+        del model.forward
+        assert sorted(i for i, _, _ in finished) == list(range(7))
+        if stop_ids:  # prompt 0's answer stops after 2 tokens and is the first to come back
+            assert finished[0] == (0, alone[0], "stop") and len(alone[0]) == 2
+        for i, new, reason in finished:
+            assert new == alone[i], (max_new, i)
+            assert reason == stop_reason(alone[i], max_new)
+        prefills = [c for c in counter.calls if c[1] > 1]
+        decodes = [c for c in counter.calls if c[1] == 1]
+        assert prefills == [(1, len(p)) for p in ps]  # each prompt prefilled alone, in order: 7 > ceil(7/3)
+        assert all(c == (3, 1) for c in decodes)  # one decode step for all rows at a time
+        first_decode = counter.calls.index((3, 1))
+        assert sum(c[1] > 1 for c in counter.calls[first_decode:]) == 7 - 3  # refills between decode steps
+        # batches of 3 that wait for their longest answer would need at least this many decode steps
+        static = sum(max(len(alone[i]) for i in range(s, min(s + 3, 7))) - 1 for s in range(0, 7, 3))
+        assert len(decodes) < static or max_new == 4  # (with every answer 4 tokens long there is nothing to gain)
+    assert [i for i, _, _ in finished] == list(range(7))  # equal lengths finish in input order
+
+
+def test_continuous_batching_sampling_is_seeded_and_repetition_penalty_matches():
+    model = tiny_model()
+    ps = prompts([4, 6, 3, 8])
+    kw = dict(max_new_tokens=8, batch_size=2, temperature=1.5, top_p=0.95)
+    a = sorted(generate_continuous(model, ps, seed=11, **kw))
+    assert a == sorted(generate_continuous(model, ps, seed=11, **kw))
+    assert a != sorted(generate_continuous(model, ps, seed=12, **kw))
+    got = sorted(generate_continuous(model, ps, 12, batch_size=3, repetition_penalty=1.5))
+    assert [n for _, n, _ in got] == [generate(model, [p], 12, repetition_penalty=1.5)[0] for p in ps]
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_continuous(model, ps, 8, batch_size=0)
+    with pytest.raises(ValueError, match="empty"):
+        generate_continuous(model, [[1], []], 8, batch_size=2)

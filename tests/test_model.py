@@ -158,3 +158,33 @@ def test_tensor_start_pos_decodes_over_the_whole_cache(overrides):
         static.append(model(tokens[:, i:i + 1], start_pos=pos, pad_lens=pad_lens)[:, -1])
         pos += 1
     torch.testing.assert_close(torch.stack(static), torch.stack(eager), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_experts": 4, "n_experts_per_tok": 2}, {"sliding_window": 5}])
+@torch.no_grad()
+def test_per_row_start_pos_and_cache_rows_equal_each_row_alone(overrides):
+    """Rows prefilled one at a time into chosen cache rows, then decoded together at their own slots."""
+    model = tiny_model(**overrides)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 256, (n,), generator=g) for n in (9, 4, 6)]  # seqs[r] lives in cache row r
+    new = torch.randint(0, 256, (3, 3), generator=g)  # three decode steps per row
+    model.setup_cache(3, 24)
+    model(torch.randint(0, 256, (1, 15), generator=g), start_pos=0, cache_rows=torch.tensor([1]))  # stale keys
+    prefill = {}
+    for r in (2, 0, 1):  # out of order; row 1's shorter prompt must hide the stale slots 4..14
+        prefill[r] = model(seqs[r][None], start_pos=0, cache_rows=torch.tensor([r]))[0]
+    lens = torch.tensor([len(s) for s in seqs])
+    step0 = model(new[:, :1], start_pos=lens)[:, -1]  # (3, V): forward row r = cache row r
+    order = torch.tensor([2, 0, 1])
+    step1 = model(new[order, 1:2], start_pos=lens[order] + 1, cache_rows=order)[:, -1]  # a permutation
+    pair = torch.tensor([1, 2])
+    step2 = model(new[pair, 2:3], start_pos=lens[pair] + 2, cache_rows=pair)[:, -1]  # a subset of the rows
+    model.clear_cache()
+    for r, s in enumerate(seqs):
+        alone = model(torch.cat([s, new[r]])[None])[0]  # (len + 3, V)
+        n = len(s)
+        torch.testing.assert_close(prefill[r], alone[:n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step0[r], alone[n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step1[order.tolist().index(r)], alone[n + 1], atol=1e-5, rtol=1e-5)
+        if r in pair.tolist():
+            torch.testing.assert_close(step2[pair.tolist().index(r)], alone[n + 2], atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""Tensor parallel over 2 CPU processes (gloo) == one process: logits, greedy tokens, seeded samples."""
+"""Tensor parallel over 2 CPU processes (gloo) == one process: logits, greedy tokens (also continuous batching),
+seeded samples."""
 
 import os
 import socket
@@ -9,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from minillama import ModelArgs, Transformer
-from minillama.generation import generate
+from minillama.generation import generate, generate_continuous
 from minillama.loading import unwrap_merged_lora
 from minillama.lora import apply_lora, merge_lora
 from minillama.tensor_parallel import apply_tensor_parallel, tp_mesh
@@ -41,6 +42,7 @@ def _worker(rank: int, world: int, port: int):
                 ref_logits = model(tokens)
             ref_greedy = generate(model, prompts, max_new_tokens=8)
             ref_sampled = generate(model, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
+            ref_continuous = sorted(generate_continuous(model, prompts, 8, batch_size=2))  # refills row 0 or 1
 
             apply_tensor_parallel(model, mesh)
             assert model.layers[0].attention.wq.weight.to_local().shape[0] == 64 // world, name
@@ -52,6 +54,8 @@ def _worker(rank: int, world: int, port: int):
             sampled = generate(model, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5,
                                process_group=group)
             assert sampled == ref_sampled, name
+            assert sorted(generate_continuous(model, prompts, 8, batch_size=2, process_group=group)) == \
+                ref_continuous, name
             everyone = [None] * world
             dist.all_gather_object(everyone, sampled)
             assert all(s == sampled for s in everyone), name
