@@ -207,3 +207,18 @@ def test_config_file_keys_are_flags_and_cli_wins(tmp_path):
     (tmp_path / "bad.toml").write_text("learning_rate = 1\n")
     with pytest.raises(ValueError, match="bad.toml: unknown keys \\['learning_rate'\\]"):
         sft.parse_args(["--config", str(tmp_path / "bad.toml")])
+
+
+def test_resume_takes_the_runs_saved_flags_and_new_flags_win(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = vars(sft.parse_args(["--model", "/ckpt/llama3", "--data", "d.jsonl", "--lr", "3e-4", "--pack",
+                                 "--micro_batch_size", "2", "--out", str(out)]))
+    (out / "config.json").write_text(json.dumps({**saved, "micro_batch_size": 2, "world_size": 2}))
+    args = sft.parse_args(["--out", str(out), "--resume"])
+    assert (args.model, args.data, args.lr, args.pack, args.resume) == ("/ckpt/llama3", "d.jsonl", 3e-4, True, "latest")
+    assert args.micro_batch_size == 0  # re-derived for the current process count
+    args = sft.parse_args(["--out", str(out), "--resume", "--lr", "1e-4", "--max_steps", "9"])
+    assert (args.lr, args.max_steps, args.model) == (1e-4, 9, "/ckpt/llama3")
+    fresh = sft.parse_args(["--out", str(out)])  # without --resume the saved flags are not used
+    assert fresh.model != "/ckpt/llama3"

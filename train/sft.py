@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 train/sft.py --model llama3-8b-dir --data chat.jsonl --pack --seq_len 8192
     torchrun --nproc_per_node 2 train/sft.py --lora_rank 0 --lr 2e-5  # full fine-tuning
     python train/sft.py --config run.toml --max_steps 10              # flags override the file's keys
-    torchrun ... train/sft.py --out OUT --resume                      # continue from OUT/latest (same flags;
+    torchrun ... train/sft.py --out OUT --resume                      # continue from OUT/latest with the run's
+                                                                  # saved flags (OUT/config.json; new ones win;
                                                                   # any number of processes)
 
 Outputs in --out: config.json (resolved flags), metrics.jsonl (one record per step), loss.png, step_N/ (resumable
@@ -140,7 +141,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
+    pre.add_argument("--out", default=parser.get_default("out"))
+    pre.add_argument("--resume", nargs="?", const="latest", default=None)
     known, _ = pre.parse_known_args(argv)
+    saved = Path(known.out) / "config.json"
+    if known.resume and not known.config and saved.is_file():
+        # resuming picks up the run's own flags (model, data, lr, ...); flags given now still win. Batch splitting
+        # is re-derived for the current process count (the loss does not depend on it).
+        values = json.loads(saved.read_text())
+        valid = {a.dest for a in parser._actions} - {"help", "config", "resume", "out", "micro_batch_size",
+                                                      "stop_at_step"}
+        parser.set_defaults(**{k: v for k, v in values.items() if k in valid})
     if known.config:
         values = {k.replace("-", "_"): v for k, v in read_config_file(known.config).items()}
         valid = {a.dest for a in parser._actions} - {"help", "config"}
