@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -70,9 +69,6 @@ class ModelArgs:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; valid names: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

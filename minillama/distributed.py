@@ -61,8 +61,3 @@ def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def print0(*args, **kwargs):
-    """print on rank 0 only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)

@@ -35,24 +35,23 @@ HF_TARGET_TO_META = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "
 META_TARGET_TO_HF = {v: k for k, v in HF_TARGET_TO_META.items()}
 
 
+def _rename(path: str, top: dict, layer_pattern: str, layer_prefix: str, layer_map: dict) -> Optional[str]:
+    if path in top:
+        return top[path]
+    m = re.fullmatch(layer_pattern, path)
+    if m and m.group(2) in layer_map:
+        return f"{layer_prefix}{m.group(1)}.{layer_map[m.group(2)]}"
+    return None
+
+
 def meta_module_to_hf(path: str) -> Optional[str]:
     """'layers.3.attention.wq' -> 'model.layers.3.self_attn.q_proj'; None if the module has no HF twin."""
-    if path in TOP_META_TO_HF:
-        return TOP_META_TO_HF[path]
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", path)
-    if m and m.group(2) in LAYER_MODULES_META_TO_HF:
-        return f"model.layers.{m.group(1)}.{LAYER_MODULES_META_TO_HF[m.group(2)]}"
-    return None
+    return _rename(path, TOP_META_TO_HF, r"layers\.(\d+)\.(.+)", "model.layers.", LAYER_MODULES_META_TO_HF)
 
 
 def hf_module_to_meta(path: str) -> Optional[str]:
     """'model.layers.3.self_attn.q_proj' -> 'layers.3.attention.wq'; None if unknown."""
-    if path in TOP_HF_TO_META:
-        return TOP_HF_TO_META[path]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", path)
-    if m and m.group(2) in LAYER_MODULES_HF_TO_META:
-        return f"layers.{m.group(1)}.{LAYER_MODULES_HF_TO_META[m.group(2)]}"
-    return None
+    return _rename(path, TOP_HF_TO_META, r"model\.layers\.(\d+)\.(.+)", "layers.", LAYER_MODULES_HF_TO_META)
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's chosen experts. x (N, D), weights/expert_idx (N, k) -> (N, D)"""
-        N, k = expert_idx.shape
+        k = expert_idx.shape[1]
         flat_expert = expert_idx.flatten()  # (N*k,)
         order = torch.argsort(flat_expert, stable=True)  # token-slots grouped by expert
         token_of_slot = order // k
