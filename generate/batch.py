@@ -27,10 +27,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
+from minillama.cli import (add_model_args, add_sampling_args, context_limit, generation_options,  # noqa: E402
+                           load_from_args, positive_int, run, sampling_params)
 from minillama.distributed import cleanup  # noqa: E402
+from minillama.files import atomic_write  # noqa: E402
 from minillama.generation import generate_continuous  # noqa: E402
-from minillama.loading import (add_model_args, add_sampling_args, broadcast_object, context_limit,  # noqa: E402
-                               load_for_inference, sampling_kwargs)
+from minillama.loading import broadcast_object  # noqa: E402
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -39,7 +41,7 @@ def get_args(argv=None) -> argparse.Namespace:
     add_sampling_args(p, temperature=0.0, top_p=1.0, max_new_tokens=256)
     p.add_argument("--input", required=True, help="JSONL of prompts")
     p.add_argument("--output", required=True, help="JSONL of answers (appended to / resumed)")
-    p.add_argument("--batch_size", "--max_batch_size", type=int, default=8,
+    p.add_argument("--batch_size", "--max_batch_size", type=positive_int, default=8,
                    help="prompts decoded together (--max_batch_size: Meta's name)")
     p.add_argument("--chat", action="store_true", help="wrap plain-string / 'prompt' inputs as one user turn")
     p.add_argument("--truncate_left", action="store_true", help="keep the end of prompts longer than the context")
@@ -106,17 +108,8 @@ def done_indices(path: str) -> set[int]:
                 bad += 1
     if bad:
         print(f"[{path}: dropping {bad} incomplete line(s); they will be redone]", file=sys.stderr, flush=True)
-        write_atomic(path, good)
+        atomic_write(path, "".join(good))
     return {json.loads(line)["index"] for line in good}
-
-
-def write_atomic(path: str, lines: list[str]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def append_line(f, record: dict) -> None:
@@ -130,7 +123,7 @@ def sort_output(path: str) -> None:
     """Put the finished output in input order."""
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
-    write_atomic(path, sorted(lines, key=lambda line: json.loads(line)["index"]))
+    atomic_write(path, "".join(sorted(lines, key=lambda line: json.loads(line)["index"])))
 
 
 class Progress:
@@ -165,7 +158,7 @@ def plan_work(args, tok, limit: int) -> tuple[list[tuple[int, list[int], object]
     try:
         f = open(args.input, encoding="utf-8")
     except OSError as e:
-        raise SystemExit(f"--input {args.input}: {e}")
+        raise FileNotFoundError(f"--input {args.input}: {e.strerror}") from None
     with f:
         for index, text in enumerate(f):
             if not text.strip() or index in done:
@@ -185,9 +178,7 @@ def plan_work(args, tok, limit: int) -> tuple[list[tuple[int, list[int], object]
 
 def main(argv=None):
     args = get_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch_size must be >= 1, got {args.batch_size}")
-    loaded = load_for_inference(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    loaded = load_from_args(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     tok, info = loaded.tok, loaded.dist
     limit = context_limit(args, loaded.model)
     plan = plan_work(args, tok, limit) if info.is_rank0 else None
@@ -199,8 +190,8 @@ def main(argv=None):
         progress.update(1, 0)
     # every rank runs the same schedule: tensor parallel broadcasts rank 0's tokens, so rows finish in lockstep
     finished = generate_continuous(loaded.model, [ids for _, ids, _ in work], args.max_new_tokens, args.batch_size,
-                                   stop_ids=tok.stop_ids, truncate_left=args.truncate_left,
-                                   process_group=loaded.tp_group, **sampling_kwargs(args)) if work else ()
+                                   sampling_params(args), stop_ids=tok.stop_ids, truncate_left=args.truncate_left,
+                                   process_group=loaded.tp_group, **generation_options(args)) if work else ()
     for k, new, reason in finished:
         if not info.is_rank0:
             continue
@@ -219,4 +210,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

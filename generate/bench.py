@@ -22,13 +22,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minillama import ModelArgs, Transformer, save_hf  # noqa: E402
+from minillama.dtypes import DTYPE_NAMES, parse_dtype  # noqa: E402
 from minillama.generation import generate  # noqa: E402
-from minillama.perf import (decode_bytes_per_step, forward_flops, measure_copy_bandwidth,  # noqa: E402
+from minillama.training.perf import (decode_bytes_per_step, forward_flops, measure_copy_bandwidth,  # noqa: E402
                             measure_matmul_peak, time_fn)
 
 TINY = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=4096, hidden_dim=512, max_seq_len=16384,
             rope_theta=500000.0, family="llama3")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def get_args():
@@ -38,7 +38,7 @@ def get_args():
     p.add_argument("--batch_sizes", default="1,8")
     p.add_argument("--prompt_lens", default="128,8192")
     p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs)")
     p.add_argument("--no_hf", action="store_true", help="skip the transformers comparison")
@@ -104,7 +104,7 @@ def bench_hf(hf, batch, prompt_len, new, device, vocab, iters):
 
 def main():
     a = get_args()
-    device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    device, dtype = torch.device(a.device), parse_dtype(a.dtype)
     args = model_args(a.shape, a.n_layers)
     batches = [int(x) for x in a.batch_sizes.split(",")]
     prompt_lens = [int(x) for x in a.prompt_lens.split(",")]

@@ -17,10 +17,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
+from minillama.cli import (add_model_args, add_sampling_args, context_limit, generation_options,  # noqa: E402
+                           load_from_args, run, sampling_params)
 from minillama.distributed import cleanup  # noqa: E402
 from minillama.generation import generate_stream  # noqa: E402
-from minillama.loading import (add_model_args, add_sampling_args, broadcast_object, context_limit,  # noqa: E402
-                               load_for_inference, rank0_print, sampling_kwargs)
+from minillama.loading import broadcast_object, rank0_print  # noqa: E402
 from minillama.tokenizer import StreamDecoder  # noqa: E402
 
 
@@ -53,8 +54,8 @@ def respond(loaded, ids: list[int], args) -> str:
     """Stream the answer to stdout (rank 0) and return its text."""
     tok, info = loaded.tok, loaded.dist
     decoder, new = StreamDecoder(tok), []
-    for step in generate_stream(loaded.model, [ids], args.max_new_tokens, stop_ids=tok.stop_ids,
-                                process_group=loaded.tp_group, **sampling_kwargs(args)):
+    for step in generate_stream(loaded.model, [ids], args.max_new_tokens, sampling_params(args),
+                                stop_ids=tok.stop_ids, process_group=loaded.tp_group, **generation_options(args)):
         for _, t in step:
             new.append(t)
             rank0_print(info, decoder.push(t), end="")
@@ -76,7 +77,7 @@ def read_line(info) -> str | None:
 def main(argv=None):
     args = get_args(argv)
     info_print = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    loaded = load_for_inference(args, log=info_print)
+    loaded = load_from_args(args, log=info_print)
     info, tok = loaded.dist, loaded.tok
     limit = context_limit(args, loaded.model)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -84,10 +85,7 @@ def main(argv=None):
 
     if args.prompt is not None:
         messages = system + [{"role": "user", "content": args.prompt}]
-        try:
-            ids, _ = fit_history(tok, messages, limit, args.max_new_tokens)
-        except ValueError as e:
-            raise SystemExit(str(e))
+        ids, _ = fit_history(tok, messages, limit, args.max_new_tokens)
         respond(loaded, ids, args)
         cleanup()
         return
@@ -126,4 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

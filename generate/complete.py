@@ -15,10 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
+from minillama.cli import (add_model_args, add_sampling_args, context_limit, generation_options,  # noqa: E402
+                           load_from_args, positive_int, run, sampling_params)
 from minillama.distributed import cleanup  # noqa: E402
 from minillama.generation import generate  # noqa: E402
-from minillama.loading import (add_model_args, add_sampling_args, context_limit, load_for_inference,  # noqa: E402
-                               rank0_print, sampling_kwargs)
+from minillama.loading import rank0_print  # noqa: E402
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -27,7 +28,7 @@ def get_args(argv=None) -> argparse.Namespace:
     add_sampling_args(p, temperature=0.6, top_p=0.9, max_new_tokens=64)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts_file", default=None, help="a text file with one prompt per line")
-    p.add_argument("--batch_size", "--max_batch_size", type=int, default=8,
+    p.add_argument("--batch_size", "--max_batch_size", type=positive_int, default=8,
                    help="prompts per batch (--max_batch_size: Meta's name)")
     p.add_argument("--truncate_left", action="store_true", help="keep the end of prompts longer than the context")
     return p.parse_args(argv)
@@ -40,28 +41,29 @@ def read_prompts(args) -> list[str]:
             with open(args.prompts_file, encoding="utf-8") as f:
                 prompts += [line.rstrip("\r\n").replace("\\n", "\n") for line in f if line.strip()]
         except OSError as e:
-            raise SystemExit(f"--prompts_file {args.prompts_file}: {e}")
+            raise FileNotFoundError(f"--prompts_file {args.prompts_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts_file {args.prompts_file}: not valid UTF-8 (byte {e.start})") from None
     if not prompts:
-        raise SystemExit("give at least one --prompt or a --prompts_file")
+        raise ValueError("give at least one --prompt or a --prompts_file")
     return prompts
 
 
 def main(argv=None):
     args = get_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch_size must be >= 1, got {args.batch_size}")
     prompts = read_prompts(args)
-    loaded = load_for_inference(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    loaded = load_from_args(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     tok, info = loaded.tok, loaded.dist
     context_limit(args, loaded.model)
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
         ids = [tok.encode(p, bos=True) for p in chunk]
         try:
-            outs = generate(loaded.model, ids, args.max_new_tokens, stop_ids=tok.stop_ids,
-                            truncate_left=args.truncate_left, process_group=loaded.tp_group, **sampling_kwargs(args))
+            outs = generate(loaded.model, ids, args.max_new_tokens, sampling_params(args), stop_ids=tok.stop_ids,
+                            truncate_left=args.truncate_left, process_group=loaded.tp_group,
+                            **generation_options(args))
         except ValueError as e:
-            raise SystemExit(f"prompts {start}..{start + len(chunk) - 1}: {e}")
+            raise ValueError(f"prompts {start}..{start + len(chunk) - 1}: {e}") from None
         for prompt, out in zip(chunk, outs):
             rank0_print(info, prompt)
             rank0_print(info, f"> {tok.decode(out)}")
@@ -70,4 +72,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

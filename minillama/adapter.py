@@ -11,12 +11,10 @@ mlp.experts = down_proj), splitting gate_up's shared-A factor into w1/w3.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .args import ModelArgs
-from .hf_keys import META_TARGET_TO_HF, hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
+from .checkpoints.hf_keys import META_TARGET_TO_HF, hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
+from .files import atomic_dir, read_json, write_json
 from .lora import LoRAExperts, LoRALinear, apply_lora, lora_modules, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,90 +49,97 @@ def _pattern_value(patterns: dict, name: str, default):
 
 
 # ---- save ----
-def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike,
-                 base_model_name_or_path: Optional[str] = None) -> Path:
-    """Write the model's LoRA factors as a PEFT adapter dir (atomically: a temp dir renamed into place)."""
-    mods = lora_modules(model)
-    if not mods:
-        raise ValueError("save_adapter: the model has no LoRA layers; call apply_lora or load_adapter first")
+@dataclass
+class _PeftModule:
+    """One PEFT LoRA module as written: its HF path, factors in HF row order, rank and scaling."""
+
+    hf: str
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    rank: int
+    scaling: float
+
+
+def _peft_modules(model: torch.nn.Module) -> list[_PeftModule]:
+    """Every LoRA module of the model in PEFT's layout: q/k lora_B rows in HF order, experts one module each."""
     args: ModelArgs = model.args
-    tensors, targets, per_module, dropouts, rslora = {}, set(), [], set(), set()
-
-    def put(hf: str, a: torch.Tensor, b: torch.Tensor, rank: int, scaling: float):
-        tensors[f"{PREFIX}{hf}.lora_A.weight"] = a.detach().cpu().contiguous()
-        tensors[f"{PREFIX}{hf}.lora_B.weight"] = b.detach().cpu().contiguous()
-        per_module.append((hf, rank, scaling))
-
-    for path, m in mods:
-        rslora.add(m.use_rslora)
-        dropouts.add(m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0)
+    out = []
+    for path, m in lora_modules(model):
         if isinstance(m, LoRALinear):
             hf = meta_module_to_hf(path)
             if hf is None:
                 raise ValueError(f"save_adapter: LoRA module {path} has no Hugging Face name")
-            b = m.lora_b
+            b = m.lora_b.detach()
             heads = _qk_heads(path, args)
             if heads is not None:
-                b = permute_to_hf(b.detach(), heads, args.head_dim)
-            put(hf, m.lora_a, b, m.rank, m.scaling)
-            targets.add(hf.rpartition(".")[2])
-        else:
-            layer = _LAYER.match(path).group(1)
-            for w in m.targets:
-                a, b = getattr(m, f"lora_{w}_a"), getattr(m, f"lora_{w}_b")
-                for e in range(a.shape[0]):
-                    put(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}", a[e], b[e], m.rank[w], m.scaling[w])
-                targets.add(w)
-    use_rslora = rslora.pop() if len(rslora) == 1 else False
-    if rslora:
+                b = permute_to_hf(b, heads, args.head_dim)
+            out.append(_PeftModule(hf, m.lora_a.detach(), b, m.rank, m.scaling))
+            continue
+        layer = _LAYER.match(path).group(1)
+        for w in m.targets:
+            a, b = getattr(m, f"lora_{w}_a").detach(), getattr(m, f"lora_{w}_b").detach()
+            out += [_PeftModule(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}", a[e], b[e], m.rank[w],
+                                m.scaling[w]) for e in range(a.shape[0])]
+    return out
+
+
+def _peft_config(model: torch.nn.Module, modules: list[_PeftModule], base: Optional[str]) -> dict:
+    """adapter_config.json: the most common rank/alpha as r/lora_alpha, the others as PEFT rank/alpha patterns."""
+    mods = [m for _, m in lora_modules(model)]
+    rslora = {m.use_rslora for m in mods}
+    if len(rslora) != 1:
         raise ValueError("save_adapter: some LoRA layers use rsLoRA and some do not; PEFT has one use_rslora flag")
+    use_rslora = rslora.pop()
+    dropout = max(m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0 for m in mods)
 
     def alpha_of(rank, scaling):  # rounded: alpha / r * r can come back as 16.000000000000004
         return round(scaling * (rank ** 0.5 if use_rslora else rank), 9)
 
-    r = Counter((rank, round(scaling, 12)) for _, rank, scaling in per_module).most_common(1)[0][0][0]
-    r_scaling = next(s for _, rank, s in per_module if rank == r)
+    r = Counter((m.rank, round(m.scaling, 12)) for m in modules).most_common(1)[0][0][0]
+    r_scaling = next(m.scaling for m in modules if m.rank == r)
     lora_alpha = alpha_of(r, r_scaling)
     lora_alpha = int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha
     rank_pattern, alpha_pattern = {}, {}
-    for hf, rank, scaling in per_module:  # layers whose rank/scaling differ keep them via PEFT's patterns
-        if rank != r or abs(scaling - r_scaling) > 1e-12 * abs(r_scaling):
-            rank_pattern[re.escape(hf)] = rank
-            alpha_pattern[re.escape(hf)] = alpha_of(rank, scaling)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": lora_alpha, "lora_dropout": max(dropouts), "target_modules": sorted(targets),
+    for m in modules:  # layers whose rank/scaling differ keep them via PEFT's patterns
+        if m.rank != r or abs(m.scaling - r_scaling) > 1e-12 * abs(r_scaling):
+            rank_pattern[re.escape(m.hf)] = m.rank
+            alpha_pattern[re.escape(m.hf)] = alpha_of(m.rank, m.scaling)
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": r, "lora_alpha": lora_alpha, "lora_dropout": dropout,
+        "target_modules": sorted({m.hf.rpartition(".")[2] for m in modules}),
         "use_rslora": use_rslora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_dora": False, "lora_bias": False,
         "target_parameters": None, "revision": None,
     }
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+
+
+def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike,
+                 base_model_name_or_path: Optional[str] = None, overwrite: bool = True) -> Path:
+    """Write the model's LoRA factors as a PEFT adapter dir, atomically; an existing adapter dir is replaced whole
+    (overwrite=False refuses a non-empty dir instead, as save_hf does by default)."""
+    if not lora_modules(model):
+        raise ValueError("save_adapter: the model has no LoRA layers; call apply_lora or load_adapter first")
+    modules = _peft_modules(model)
+    config = _peft_config(model, modules, base_model_name_or_path)
+    tensors = {}
+    for m in modules:
+        tensors[f"{PREFIX}{m.hf}.lora_A.weight"] = m.a.cpu().contiguous()
+        tensors[f"{PREFIX}{m.hf}.lora_B.weight"] = m.b.cpu().contiguous()
+    with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
+        write_json(tmp / CONFIG_NAME, config)
+    return Path(out_dir)
 
 
 # ---- read / load ----
 def read_adapter_config(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    cfg_file = path / CONFIG_NAME
+    """adapter_config.json, checked for what this LoRA implementation supports."""
+    cfg_file = Path(path) / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: not a PEFT adapter dir")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_json(cfg_file)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
     for key, ok in (("fan_in_fan_out", False), ("use_dora", False), ("bias", "none"), ("lora_bias", False)):
@@ -148,6 +154,75 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
+def _read_pairs(path: Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
+    """(weights file, {HF module path: {"A": lora_A, "B": lora_B}}) from adapter_model.safetensors (or .bin)."""
+    wfile = path / WEIGHTS_NAME
+    if wfile.is_file():
+        state = load_file(str(wfile))
+    elif (path / "adapter_model.bin").is_file():
+        wfile = path / "adapter_model.bin"
+        state = torch.load(wfile, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path / WEIGHTS_NAME} not found (nor adapter_model.bin)")
+    pairs: dict[str, dict] = defaultdict(dict)
+    for key, t in state.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if m is None:
+            raise ValueError(f"{wfile}: unsupported key {key!r} (expected base_model.model.<module>.lora_A/B.weight)")
+        if not t.is_floating_point():
+            raise ValueError(f"{wfile}: {key} is {t.dtype}; LoRA factors must be floating point")
+        pairs[m.group(1)][m.group(2)] = t
+    for hf, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{wfile}: module {hf} has lora_{'A' if 'A' in ab else 'B'} but not its partner")
+    return wfile, pairs
+
+
+def _fused_expert_factors(hf: str, a, b, layer: str, args: ModelArgs, scaling_for, wfile) -> dict:
+    """PEFT's transformers-5 fused experts (gate_up_proj with one A shared by w1/w3, down_proj) -> stacked factors."""
+    E, Fd, D = args.n_experts, args.hidden_dim, args.dim
+    if not E or a.shape[0] % E:
+        raise ValueError(f"{wfile}: {hf} is a fused-experts LoRA (A {tuple(a.shape)}) but the model has {E} experts")
+    rank = a.shape[0] // E
+    a3 = a.view(E, rank, -1)  # PEFT ParamWrapper: A rows are (expert, rank)
+    b3 = b.view(b.shape[0], rank, E).permute(2, 0, 1)  # B columns are (rank, expert) -> (E, out, r)
+    target = f"layers.{layer}.feed_forward.experts"
+    if b.shape[0] == 2 * Fd and a.shape[1] == D:  # gate_up_proj: gate rows first, then up
+        s = scaling_for(hf.replace(".base_layer", "") + ".gate_up_proj", rank)
+        return {(target, "w1"): (a3, b3[:, :Fd], s), (target, "w3"): (a3.clone(), b3[:, Fd:], s)}
+    if b.shape[0] == D and a.shape[1] == Fd:
+        return {(target, "w2"): (a3, b3, scaling_for(hf.replace(".base_layer", "") + ".down_proj", rank))}
+    raise ValueError(f"{wfile}: {hf} factors A {tuple(a.shape)} / B {tuple(b.shape)} fit neither "
+                     f"gate_up_proj ({E}x(2*{Fd}), {D}) nor down_proj ({E}x{D}, {Fd}) of this model")
+
+
+def _linear_factors(hf: str, a, b, args: ModelArgs, scaling: float, wfile) -> dict:
+    """One HF linear module's factors under our module path, q/k lora_B rows permuted to Meta order."""
+    ours = hf_module_to_meta(hf)
+    if ours is None:
+        raise ValueError(f"{wfile}: module {hf} is not a module of a Llama/Mistral/Mixtral model")
+    heads = _qk_heads(ours, args)
+    if heads is not None:
+        if b.shape[0] != heads * args.head_dim:
+            raise ValueError(f"{wfile}: {hf}.lora_B has {b.shape[0]} rows; this model's {ours} has "
+                             f"{heads * args.head_dim} ({heads} heads x {args.head_dim}): another model size?")
+        b = permute_to_meta(b, heads, args.head_dim)
+    return {(ours, None): (a, b, scaling)}
+
+
+def _stack_experts(per_expert: dict[int, tuple], layer: int, w: str, n: int, wfile) -> tuple:
+    """Hub-layout per-expert factors {e: (A, B, scaling)} -> stacked (A (E, r, in), B (E, out, r), scaling)."""
+    if sorted(per_expert) != list(range(n)):
+        raise ValueError(f"{wfile}: layer {layer} {w} has LoRA for experts {sorted(per_expert)}; "
+                         f"the model has {n} experts (0..{n - 1})")
+    scalings = {s for _, _, s in per_expert.values()}
+    if len(scalings) != 1:
+        raise ValueError(f"{wfile}: layer {layer} {w}: experts with different LoRA scalings are not supported")
+    a = torch.stack([per_expert[e][0] for e in range(n)])
+    b = torch.stack([per_expert[e][1] for e in range(n)])
+    return a, b, scalings.pop()
+
+
 def read_adapter(path: str | os.PathLike, args: ModelArgs) -> tuple[dict, dict]:
     """A PEFT adapter dir -> (config, {(our module path, expert weight or None): (A, B, scaling)}) in our layout.
 
@@ -155,19 +230,7 @@ def read_adapter(path: str | os.PathLike, args: ModelArgs) -> tuple[dict, dict]:
     """
     path = Path(path)
     cfg = read_adapter_config(path)
-    wfile = path / WEIGHTS_NAME
-    if wfile.is_file():
-        state = load_file(str(wfile))
-    elif (path / "adapter_model.bin").is_file():
-        state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{wfile} not found (nor adapter_model.bin)")
-    pairs: dict[str, dict] = defaultdict(dict)
-    for key, t in state.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
-        if m is None:
-            raise ValueError(f"{wfile}: unsupported key {key!r} (expected base_model.model.<module>.lora_A/B.weight)")
-        pairs[m.group(1)][m.group(2)] = t
+    wfile, pairs = _read_pairs(path)
     use_rslora = bool(cfg.get("use_rslora", False))
 
     def scaling_for(name: str, rank: int) -> float:
@@ -176,52 +239,16 @@ def read_adapter(path: str | os.PathLike, args: ModelArgs) -> tuple[dict, dict]:
     factors: dict = {}
     experts: dict = defaultdict(dict)  # (layer, w) -> {e: (A, B, scaling)}
     for hf, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{wfile}: module {hf} has lora_{'A' if 'A' in ab else 'B'} but not its partner")
         a, b = ab["A"].float(), ab["B"].float()
-        m4, m5 = _V4_EXPERT.fullmatch(hf), _V5_EXPERTS.fullmatch(hf)
-        if m4:
-            experts[(int(m4.group(1)), m4.group(3))][int(m4.group(2))] = (a, b, scaling_for(hf, a.shape[0]))
-        elif m5:
-            E, Fd, D = args.n_experts, args.hidden_dim, args.dim
-            if not E or a.shape[0] % E:
-                raise ValueError(f"{wfile}: {hf} is a fused-experts LoRA (A {tuple(a.shape)}) but the model has "
-                                 f"{E} experts")
-            rank = a.shape[0] // E
-            a3 = a.view(E, rank, -1)  # PEFT ParamWrapper: A rows are (expert, rank)
-            b3 = b.view(b.shape[0], rank, E).permute(2, 0, 1)  # B columns are (rank, expert) -> (E, out, r)
-            layer = f"layers.{m5.group(1)}.feed_forward.experts"
-            if b.shape[0] == 2 * Fd and a.shape[1] == D:  # gate_up_proj: one A shared by w1 (gate) and w3 (up)
-                s = scaling_for(hf.replace(".base_layer", "") + ".gate_up_proj", rank)
-                factors[(layer, "w1")] = (a3, b3[:, :Fd], s)
-                factors[(layer, "w3")] = (a3.clone(), b3[:, Fd:], s)
-            elif b.shape[0] == D and a.shape[1] == Fd:
-                factors[(layer, "w2")] = (a3, b3, scaling_for(hf.replace(".base_layer", "") + ".down_proj", rank))
-            else:
-                raise ValueError(f"{wfile}: {hf} factors A {tuple(a.shape)} / B {tuple(b.shape)} fit neither "
-                                 f"gate_up_proj ({E}x(2*{Fd}), {D}) nor down_proj ({E}x{D}, {Fd}) of this model")
+        if m := _V4_EXPERT.fullmatch(hf):
+            experts[(int(m.group(1)), m.group(3))][int(m.group(2))] = (a, b, scaling_for(hf, a.shape[0]))
+        elif m := _V5_EXPERTS.fullmatch(hf):
+            factors.update(_fused_expert_factors(hf, a, b, m.group(1), args, scaling_for, wfile))
         else:
-            ours = hf_module_to_meta(hf)
-            if ours is None:
-                raise ValueError(f"{wfile}: module {hf} is not a module of a Llama/Mistral/Mixtral model")
-            heads = _qk_heads(ours, args)
-            if heads is not None:
-                if b.shape[0] != heads * args.head_dim:
-                    raise ValueError(f"{wfile}: {hf}.lora_B has {b.shape[0]} rows; this model's {ours} has "
-                                     f"{heads * args.head_dim} ({heads} heads x {args.head_dim}): another model size?")
-                b = permute_to_meta(b, heads, args.head_dim)
-            factors[(ours, None)] = (a, b, scaling_for(hf, a.shape[0]))
+            factors.update(_linear_factors(hf, a, b, args, scaling_for(hf, a.shape[0]), wfile))
     for (layer, w), per_expert in experts.items():
-        n = args.n_experts
-        if sorted(per_expert) != list(range(n)):
-            raise ValueError(f"{wfile}: layer {layer} {w} has LoRA for experts {sorted(per_expert)}; "
-                             f"the model has {n} experts (0..{n - 1})")
-        scalings = {s for _, _, s in per_expert.values()}
-        if len(scalings) != 1:
-            raise ValueError(f"{wfile}: layer {layer} {w}: experts with different LoRA scalings are not supported")
-        a = torch.stack([per_expert[e][0] for e in range(n)])
-        b = torch.stack([per_expert[e][1] for e in range(n)])
-        factors[(f"layers.{layer}.feed_forward.experts", w)] = (a, b, scalings.pop())
+        factors[(f"layers.{layer}.feed_forward.experts", w)] = _stack_experts(per_expert, layer, w, args.n_experts,
+                                                                            wfile)
     return cfg, factors
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
+
+from .files import read_json
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -120,6 +123,51 @@ def _check_keys(d: dict, required: tuple[str, ...], source: str):
         raise ValueError(f"{source}: missing required keys {missing}")
 
 
+FAMILIES = ("llama", "llama2", "codellama", "llama3", "mistral", "mixtral")
+
+
+def detect_family(config: dict, kind: str) -> str:
+    """The model family of a checkpoint config: picks the chat format, the BOS/EOS fallback and conversions.
+
+    kind "hf": a config.json (model_type, vocab_size, rope theta); kind "meta": a Meta/Mistral params.json.
+    mixtral: MoE. mistral: Mistral's model type, or Mistral's params.json keys (hidden_dim, head_dim,
+    sliding_window). llama3: Meta's 128K vocabulary. llama2 / codellama: Meta's 32K SentencePiece vocabulary (Llama 1
+    and 2 share format and tokenizer; Code Llama raised theta to 1e6, +16 infilling tokens). llama: any other
+    Llama-architecture model (e.g. SmolLM2), whose tokenizer brings its own chat format.
+    """
+    vocab = config.get("vocab_size") or -1
+    if kind == "meta":
+        theta = float(config.get("rope_theta") or 10000.0)
+        if config.get("moe"):
+            return "mixtral"
+        if vocab >= 128000:
+            return "llama3"
+        if any(k in config for k in ("hidden_dim", "head_dim", "sliding_window")):
+            return "mistral"
+        return "codellama" if theta >= 1e6 else "llama2"
+    if kind != "hf":
+        raise ValueError(f"detect_family: kind must be 'hf' or 'meta', got {kind!r}")
+    model_type = config.get("model_type", "llama")
+    if model_type in ("mixtral", "mistral"):
+        return model_type
+    theta = float((config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta") or 10000.0)
+    if vocab >= 128000:
+        return "llama3"
+    if vocab in (32000, 32016):  # Meta's SentencePiece vocabulary (+16 infilling tokens for Code Llama)
+        return "codellama" if theta >= 1e6 else "llama2"
+    return "llama"
+
+
+def read_family(ckpt_dir) -> Optional[str]:
+    """detect_family of the config.json or params.json in a checkpoint dir; None when the dir has neither."""
+    d = Path(ckpt_dir)
+    if (d / "config.json").is_file():
+        return detect_family(read_json(d / "config.json"), "hf")
+    if (d / "params.json").is_file():
+        return detect_family(read_json(d / "params.json"), "meta")
+    return None
+
+
 def from_meta_params(params: dict, vocab_size: Optional[int] = None, source: str = "params.json") -> ModelArgs:
     """Meta (Llama 1/2/3) or Mistral (`moe`, `hidden_dim`, `head_dim`) params.json -> ModelArgs.
 
@@ -136,16 +184,7 @@ def from_meta_params(params: dict, vocab_size: Optional[int] = None, source: str
     if params.get("use_scaled_rope"):
         rope_scaling = {**_LLAMA31_ROPE, "factor": float(params.get("rope_scaling_factor") or 8.0)}
     theta = float(params.get("rope_theta") or 10000.0)
-    if moe:
-        family = "mixtral"
-    elif vocab >= 128000:
-        family = "llama3"
-    elif "hidden_dim" in params or "head_dim" in params or "sliding_window" in params:
-        family = "mistral"
-    elif theta >= 1e6:
-        family = "codellama"
-    else:
-        family = "llama2"  # Llama 1 and 2 share format and tokenizer
+    family = detect_family({**params, "vocab_size": vocab}, "meta")
     return ModelArgs(
         dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
         n_kv_heads=params.get("n_kv_heads"), head_dim=params.get("head_dim"), vocab_size=vocab,
@@ -176,16 +215,7 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
     if scaling:
         scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
     vocab = config["vocab_size"]
-    if model_type == "mixtral":
-        family = "mixtral"
-    elif model_type == "mistral":
-        family = "mistral"
-    elif vocab >= 128000:
-        family = "llama3"
-    elif vocab in (32000, 32016):  # Meta's SentencePiece vocabulary (+16 infilling tokens for Code Llama)
-        family = "codellama" if float(theta) >= 1e6 else "llama2"
-    else:
-        family = "llama"  # another Llama-architecture model (e.g. SmolLM2); its tokenizer brings its chat format
+    family = detect_family(config, "hf")
     return ModelArgs(
         dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
         n_kv_heads=config.get("num_key_value_heads"), head_dim=config.get("head_dim"), vocab_size=vocab,

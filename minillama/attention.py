@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -87,18 +87,45 @@ def packed_mask(doc_ids: torch.Tensor, sliding_window: Optional[int] = None, hal
     return AttnMask(causal_only=False, mask=allowed[:, None])
 
 
-def cache_mask(start_pos, T: int, S: int, pad_lens: Optional[torch.Tensor], device,
-               sliding_window: Optional[int] = None) -> AttnMask:
-    """Queries at cache slots [start_pos, start_pos+T) over keys [0, S): causal, minus each row's left padding.
+@dataclass
+class CacheStep:
+    """Where one cached forward writes and reads the KV cache; built by the caller, shared by all layers.
 
-    start_pos may be a 0-d tensor (compiled decoding over the whole fixed-size cache) or a (B,) tensor (each row
-    at its own slot: continuous batching). Key j is visible to row b's query at slot q iff pad_lens[b] <= j <= q
-    (and q - j < sliding_window), or j == q.
+    start: the first cache slot this forward writes. An int: eager decoding, attention over slots [0, start + T)
+    (shapes grow step by step). A 0-d tensor (one slot for every row) or a (B,) tensor (each row its own slot):
+    attention over the whole fixed-size cache, a mask hides the rest, so one torch.compile graph (one CUDA graph)
+    serves every step. pad_lens (B,): each row's left padding. rows (B,): the cache rows this forward's rows use
+    (default 0..B-1), e.g. prefill a new prompt into one row while the other rows keep theirs.
     """
-    static = isinstance(start_pos, torch.Tensor)
-    if not static and pad_lens is None and sliding_window is None and start_pos + T == S and (T == S or T == 1):
+
+    start: Union[int, torch.Tensor]
+    pad_lens: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None
+
+    @property
+    def fixed_shape(self) -> bool:
+        return isinstance(self.start, torch.Tensor)
+
+    def slots(self, B: int, T: int, device) -> torch.Tensor:
+        """The cache slot of every token of this forward. -> (B, T)"""
+        start = self.start.to(device).reshape(-1, 1) if self.fixed_shape else self.start
+        return (start + torch.arange(T, device=device)[None]).expand(B, T)
+
+    def key_len(self, T: int, cache_len: int) -> int:
+        """How many cache slots the queries attend over: the whole cache for fixed shapes, else up to start + T."""
+        return cache_len if self.fixed_shape else self.start + T
+
+
+def cache_mask(step: CacheStep, T: int, S: int, device, sliding_window: Optional[int] = None) -> AttnMask:
+    """Queries at cache slots [start, start+T) over keys [0, S): causal, minus each row's left padding.
+
+    Key j is visible to row b's query at slot q iff pad_lens[b] <= j <= q (and q - j < sliding_window), or j == q.
+    """
+    pad_lens = step.pad_lens
+    if not step.fixed_shape and pad_lens is None and sliding_window is None and step.start + T == S \
+            and (T == S or T == 1):
         return AttnMask(causal_only=True)  # a full prefill, or one new token that sees every cached key
-    start = start_pos.to(device).reshape(-1, 1, 1) if static else start_pos  # (B|1, 1, 1) or int
+    start = step.start.to(device).reshape(-1, 1, 1) if step.fixed_shape else step.start
     q = start + torch.arange(T, device=device)[None, :, None]  # (B|1, T, 1)
     k = torch.arange(S, device=device)[None, None, :]  # (1, 1, S)
     allowed = k <= q  # (B|1, T, S)

@@ -1,11 +1,12 @@
 """Byte-level BPE vocabularies for tiktoken: Meta's Llama 3 `tokenizer.model` and HF `tokenizer.json` files."""
 
 import base64
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import regex
+
+from .files import read_json
 
 # Meta's Llama 3 pre-tokenization regex (llama_models/llama3/tokenizer.py).
 LLAMA3_PATTERN = (
@@ -123,12 +124,7 @@ def _pre_tokenizer_patterns(spec: dict | None, path: Path) -> list[str]:
 
 def load_hf_tokenizer_json(path: Path) -> BPEVocab:
     """HF byte-level BPE `tokenizer.json` -> tiktoken ranks (id order == merge order, checked) and regexes."""
-    try:
-        spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON tokenizer file ({e})") from e
-    if not isinstance(spec, dict):
-        raise ValueError(f"{path}: expected a JSON object, found a JSON {type(spec).__name__}")
+    spec = read_json(path)
     try:
         return _vocab_from_spec(spec, path)
     except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing or of the wrong type

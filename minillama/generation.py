@@ -12,21 +12,23 @@ Shape letters: B rows, P padded prompt length, V vocabulary.
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from .attention import CacheStep
 from .sampling import SamplingParams, next_token, seen_mask
 
-__all__ = ["generate", "generate_stream", "generate_continuous", "decode_step", "stop_reason"]
+__all__ = ["generate", "generate_stream", "generate_continuous", "decode_step", "stop_reason", "SamplingParams"]
+
+CACHE_ROUND = 512  # compiled decoding attends over the whole cache: lengths are rounded up to reuse it (and the graph)
 
 
-def decode_step(model, tokens: torch.Tensor, start_pos, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
-    """One cached forward of a single new token per row. tokens (B, 1) -> float32 logits (B, V).
-
-    start_pos: an int (eager) or a 0-d device tensor (compiled: fixed shapes over the whole cache)."""
-    return model(tokens, start_pos=start_pos, pad_lens=pad_lens)[:, -1]
+def decode_step(model, tokens: torch.Tensor, step: CacheStep) -> torch.Tensor:
+    """One cached forward of a single new token per row. tokens (B, 1) -> float32 logits (B, V)."""
+    return model(tokens, start_pos=step)[:, -1]
 
 
 _compiled_decode_step = None
@@ -38,6 +40,11 @@ def _compiled_step():
     if _compiled_decode_step is None:
         _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead")
     return _compiled_decode_step
+
+
+def cache_len_for(n: int, compile: bool) -> int:
+    """The KV cache length to allocate for n slots: exact when eager, rounded up to CACHE_ROUND when compiled."""
+    return -(-n // CACHE_ROUND) * CACHE_ROUND if compile else n
 
 
 def stop_reason(new_tokens: Sequence[int], max_new_tokens: int) -> str:
@@ -83,18 +90,49 @@ def _ensure_cache(model, batch: int, seq_len: int) -> None:
         model.setup_cache(batch, seq_len)
 
 
+@dataclass
+class _Run:
+    """What every decoding loop sets up the same way: device, sampler state, stop tokens, the step function."""
+
+    device: torch.device
+    params: SamplingParams
+    generator: torch.Generator
+    stop: torch.Tensor  # (n_stop,) long on the device
+    step_fn: object  # decode_step, or its compiled twin
+    src: Optional[int]  # global rank whose sampled tokens every tensor-parallel rank feeds; None in one process
+    process_group: object
+
+    def pick(self, logits: torch.Tensor, seen: Optional[torch.Tensor]) -> torch.Tensor:
+        """Each row's next token (B,); under tensor parallelism rank 0's choice wins on every rank."""
+        nxt = next_token(logits, self.params, seen, self.generator)
+        if self.src is not None:
+            dist.broadcast(nxt, src=self.src, group=self.process_group)
+        return nxt
+
+
+def _setup(model, params: SamplingParams, stop_ids, seed: Optional[int], compile: bool, process_group) -> _Run:
+    device = model.tok_embeddings.weight.device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    stop = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=torch.long, device=device)
+    src = None if process_group is None else dist.get_global_rank(process_group, 0)
+    return _Run(device, params, generator, stop, _compiled_step() if compile else decode_step, src, process_group)
+
+
 @torch.no_grad()
-def _steps(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop_ids,
-           seed: Optional[int], compile: bool, process_group, pad_id: int) -> Iterator[tuple[torch.Tensor, ...]]:
+def _steps(model, prompts: list[list[int]], max_new_tokens: int, run: _Run, compile: bool,
+           pad_id: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield per step (tokens (B,), emitted (B,) bool, done (B,) bool), all on the device. prompts are checked.
 
     emitted marks rows whose token is real output (not a stop token, row not already finished).
     Finished rows keep decoding pad_id so every step has a fixed shape; their output is masked out.
     """
-    device = model.tok_embeddings.weight.device
+    device = run.device
     B, P = len(prompts), max(len(p) for p in prompts)
-    # compiled decoding attends over the whole cache: round its length up so later calls reuse it (and the graph)
-    _ensure_cache(model, B, -(-(P + max_new_tokens) // 512) * 512 if compile else P + max_new_tokens)
+    _ensure_cache(model, B, cache_len_for(P + max_new_tokens, compile))
 
     tokens = torch.full((B, P), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -105,29 +143,19 @@ def _steps(model, prompts: list[list[int]], max_new_tokens: int, params: Samplin
     pad_lens = pad if any(pad_list) else None  # None lets the kernels use their plain causal path
 
     seen = None
-    if params.repetition_penalty != 1.0:
+    if run.params.repetition_penalty != 1.0:
         # pad slots copy the row's last token so only real prompt tokens count as seen
         real = torch.arange(P, device=device)[None] >= pad[:, None]  # (B, P)
         seen = seen_mask(torch.where(real, tokens, tokens[:, -1:]), model.args.vocab_size)
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    stop = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=torch.long, device=device)
-    step_fn = _compiled_step() if compile else decode_step
-    src = None if process_group is None else dist.get_global_rank(process_group, 0)
 
-    hidden = model(tokens, start_pos=0, pad_lens=pad_lens, return_hidden=True)  # (B, P, D)
+    hidden = model(tokens, start_pos=CacheStep(0, pad_lens), return_hidden=True)  # (B, P, D)
     logits = model.output(hidden[:, -1]).float()  # (B, V): only the last position's logits are needed
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    pos = torch.tensor(P, device=device) if compile else None  # a device-side position: one graph for all steps
+    # compiled: a device-side position, so one graph serves every step; eager: an int, shapes grow
+    step = CacheStep(torch.tensor(P, device=device) if compile else P, pad_lens)
     for i in range(max_new_tokens):
-        nxt = next_token(logits, params, seen, generator)  # (B,)
-        if src is not None:
-            # tensor parallel: every rank must feed the same token; rank 0's choice wins
-            dist.broadcast(nxt, src=src, group=process_group)
-        is_stop = torch.isin(nxt, stop)
+        nxt = run.pick(logits, seen)  # (B,)
+        is_stop = torch.isin(nxt, run.stop)
         emitted = ~done & ~is_stop
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         done = done | is_stop
@@ -137,30 +165,31 @@ def _steps(model, prompts: list[list[int]], max_new_tokens: int, params: Samplin
         if i + 1 < max_new_tokens:  # the last token is never fed back
             if compile:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
-                logits = step_fn(model, nxt[:, None], pos, pad_lens)  # (B, V)
-                pos += 1
+                logits = run.step_fn(model, nxt[:, None], step)  # (B, V)
+                step.start += 1  # in place: the graph reads the same tensor
             else:
-                logits = step_fn(model, nxt[:, None], P + i, pad_lens)  # (B, V)
+                logits = run.step_fn(model, nxt[:, None], step)  # (B, V)
+                step = CacheStep(step.start + 1, pad_lens)
 
 
-def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
-             seed: Optional[int] = None, truncate_left: bool = False, *, max_seq_len: Optional[int] = None,
-             compile: bool = False, process_group=None, pad_id: int = 0,
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Optional[SamplingParams] = None,
+             *, stop_ids: Sequence[int] = (), seed: Optional[int] = None, truncate_left: bool = False,
+             max_seq_len: Optional[int] = None, compile: bool = False, process_group=None, pad_id: int = 0,
              check_every: int = 16) -> list[list[int]]:
     """New tokens for each prompt (token-id lists of any lengths), each row cut before its first stop token.
 
-    temperature 0 = greedy. max_seq_len caps prompt + new tokens (default: the model's context); prompts that
-    do not fit raise unless truncate_left. process_group: the tensor-parallel group, whose rank 0 broadcasts
-    each sampled token. check_every: steps between the host syncs that end the loop once every row stopped.
+    sampling: temperature / top-p / top-k / repetition penalty (default greedy). max_seq_len caps prompt + new
+    tokens (default: the model's context); prompts that do not fit raise unless truncate_left. process_group: the
+    tensor-parallel group, whose rank 0 broadcasts each sampled token. check_every: steps between the host syncs
+    that end the loop once every row stopped.
     """
-    params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+    params = sampling or SamplingParams()
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
     prompts = _check_prompts(model, prompts, max_new_tokens, max_seq_len, truncate_left)
+    run = _setup(model, params, stop_ids, seed, compile, process_group)
     toks, keep = [], []
-    for i, (nxt, emitted, done) in enumerate(_steps(model, prompts, max_new_tokens, params, stop_ids, seed,
-                                                     compile, process_group, pad_id)):
+    for i, (nxt, emitted, done) in enumerate(_steps(model, prompts, max_new_tokens, run, compile, pad_id)):
         toks.append(nxt)
         keep.append(emitted)
         if (i + 1) % check_every == 0 and bool(done.all()):
@@ -170,19 +199,20 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     return [[t for t, k in zip(row, ks) if k] for row, ks in zip(toks, keep)]
 
 
-def generate_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-                    stop_ids: Sequence[int] = (), seed: Optional[int] = None, truncate_left: bool = False, *,
-                    max_seq_len: Optional[int] = None, compile: bool = False, process_group=None,
-                    pad_id: int = 0) -> Iterator[list[tuple[int, int]]]:
+def generate_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    sampling: Optional[SamplingParams] = None, *, stop_ids: Sequence[int] = (),
+                    seed: Optional[int] = None, truncate_left: bool = False, max_seq_len: Optional[int] = None,
+                    compile: bool = False, process_group=None, pad_id: int = 0) -> Iterator[list[tuple[int, int]]]:
     """Like generate, but yields each step's new tokens as [(row, token), ...] as soon as they exist.
 
     Rows that stopped produce nothing; the iteration ends when every row stopped or after max_new_tokens steps.
-    Concatenating a row's tokens over all steps gives exactly generate()'s output for that row.
+    Concatenating a row's tokens over all steps gives exactly generate()'s output for that row. Bad arguments
+    raise here, before the first step.
     """
-    params = SamplingParams(temperature, top_p, top_k, repetition_penalty)  # bad arguments raise here, not later
+    params = sampling or SamplingParams()
     prompts = _check_prompts(model, prompts, max_new_tokens, max_seq_len, truncate_left)
-    return _stream(_steps(model, prompts, max_new_tokens, params, stop_ids, seed, compile, process_group, pad_id))
+    run = _setup(model, params, stop_ids, seed, compile, process_group)
+    return _stream(_steps(model, prompts, max_new_tokens, run, compile, pad_id))
 
 
 def _stream(steps) -> Iterator[list[tuple[int, int]]]:
@@ -195,10 +225,10 @@ def _stream(steps) -> Iterator[list[tuple[int, int]]]:
 
 
 def generate_continuous(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
-                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                        repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (), seed: Optional[int] = None,
-                        truncate_left: bool = False, *, max_seq_len: Optional[int] = None, compile: bool = False,
-                        process_group=None, pad_id: int = 0) -> Iterator[tuple[int, list[int], str]]:
+                        sampling: Optional[SamplingParams] = None, *, stop_ids: Sequence[int] = (),
+                        seed: Optional[int] = None, truncate_left: bool = False, max_seq_len: Optional[int] = None,
+                        compile: bool = False, process_group=None,
+                        pad_id: int = 0) -> Iterator[tuple[int, list[int], str]]:
     """Continuous batching: yield (prompt index, new tokens, stop reason) as each prompt finishes.
 
     At most batch_size prompts are in flight; when one ends (stop token or max_new_tokens) its cache row is
@@ -207,32 +237,23 @@ def generate_continuous(model, prompts: Sequence[Sequence[int]], max_new_tokens:
     a given seed, prompt order and batch_size, but they depend on the schedule (one generator serves all rows),
     so they differ from generate()'s. Arguments as in generate(); bad ones raise before the first prefill.
     """
-    params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+    params = sampling or SamplingParams()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     prompts = _check_prompts(model, prompts, max_new_tokens, max_seq_len, truncate_left)
-    return _continuous(model, prompts, max_new_tokens, min(batch_size, len(prompts)), params, stop_ids, seed,
-                       compile, process_group, pad_id)
+    run = _setup(model, params, stop_ids, seed, compile, process_group)
+    return _continuous(model, prompts, max_new_tokens, min(batch_size, len(prompts)), run, compile, pad_id)
 
 
 @torch.no_grad()
-def _continuous(model, prompts: list[list[int]], max_new_tokens: int, B: int, params: SamplingParams, stop_ids,
-                seed: Optional[int], compile: bool, process_group,
+def _continuous(model, prompts: list[list[int]], max_new_tokens: int, B: int, run: _Run, compile: bool,
                 pad_id: int) -> Iterator[tuple[int, list[int], str]]:
     """The scheduler behind generate_continuous; prompts are checked. Host lists hold each row's state."""
-    device = model.tok_embeddings.weight.device
-    S = max(len(p) for p in prompts) + max_new_tokens
-    _ensure_cache(model, B, -(-S // 512) * 512 if compile else S)
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    stop = set(int(s) for s in stop_ids)
-    step_fn = _compiled_step() if compile else decode_step
-    src = None if process_group is None else dist.get_global_rank(process_group, 0)
+    device = run.device
+    _ensure_cache(model, B, cache_len_for(max(len(p) for p in prompts) + max_new_tokens, compile))
+    stop = set(run.stop.tolist())
     vocab = model.args.vocab_size
-    seen = torch.zeros(B, vocab, dtype=torch.bool, device=device) if params.repetition_penalty != 1.0 else None
+    seen = torch.zeros(B, vocab, dtype=torch.bool, device=device) if run.params.repetition_penalty != 1.0 else None
 
     pending = iter(range(len(prompts)))
     owner: list[Optional[int]] = [None] * B  # prompt index each cache row is answering; None = idle
@@ -247,18 +268,15 @@ def _continuous(model, prompts: list[list[int]], max_new_tokens: int, B: int, pa
             if i is None:
                 break
             p = torch.tensor([prompts[i]], device=device)  # (1, P)
-            hidden = model(p, start_pos=0, cache_rows=torch.tensor([b], device=device), return_hidden=True)
+            hidden = model(p, start_pos=CacheStep(0, rows=torch.tensor([b], device=device)), return_hidden=True)
             logits[b] = model.output(hidden[0, -1]).float()  # only the last position's logits are needed
             owner[b], outs[b], pos[b] = i, [], len(prompts[i])
             if seen is not None:
                 seen[b] = seen_mask(p, vocab)[0]
         if all(o is None for o in owner):
             return
-        nxt = next_token(logits, params, seen, generator)  # (B,)
-        if src is not None:
-            # tensor parallel: every rank must feed the same token; rank 0's choice wins (and so every rank
-            # makes the same finish/refill decisions)
-            dist.broadcast(nxt, src=src, group=process_group)
+        # tensor parallel: every rank feeds rank 0's tokens, so every rank makes the same finish/refill decisions
+        nxt = run.pick(logits, seen)  # (B,)
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
         feed = []  # rows that go on decoding
@@ -280,11 +298,11 @@ def _continuous(model, prompts: list[list[int]], max_new_tokens: int, B: int, pa
         fed[feed] = True
         fed = fed.to(device)
         tokens = torch.where(fed, nxt, torch.full_like(nxt, pad_id))[:, None]  # (B, 1)
-        start = torch.tensor(pos, device=device)  # (B,)
+        step = CacheStep(torch.tensor(pos, device=device))  # (B,): each row at its own slot
         if compile:
             torch.compiler.cudagraph_mark_step_begin()
-            logits = step_fn(model, tokens, start, None).clone()  # the graph reuses its output buffer
+            logits = run.step_fn(model, tokens, step).clone()  # the graph reuses its output buffer
         else:
-            logits = step_fn(model, tokens, start, None)  # (B, V)
+            logits = run.step_fn(model, tokens, step)  # (B, V)
         for b in feed:
             pos[b] += 1

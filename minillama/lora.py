@@ -18,12 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import Experts
-from .quant import NF4Experts, NF4Linear, NF4Weight, nf4_linear
+from .checkpoints.hf_keys import HF_TARGET_TO_META as LINEAR_TARGETS  # PEFT names -> our linear leaf names
+from .moe import Experts, dispatch, grouped_linear, grouped_mm_ok
+from .quant import NF4Experts, NF4Linear, NF4Weight, nf4_grouped_linear, nf4_linear
 
-# PEFT / HF target names -> our leaf names of plain linears
-LINEAR_TARGETS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
-                  "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "lm_head": "output"}
 EXPERT_TARGETS = {"experts": ("w1", "w2", "w3"), "w1": ("w1",), "w2": ("w2",), "w3": ("w3",)}
 ROUTER_TARGETS = ("router", "gate")
 VALID_TARGETS = tuple(LINEAR_TARGETS) + tuple(EXPERT_TARGETS) + ROUTER_TARGETS + ("all-linear",)
@@ -140,9 +138,9 @@ class LoRALinear(nn.Module):
 
 
 class LoRAExperts(nn.Module):
-    """moe.Experts with frozen w1/w2/w3 and per-expert LoRA factors lora_{w}_a (E, r, in), lora_{w}_b (E, out, r)."""
+    """moe.Experts with frozen w1/w2/w3 and per-expert LoRA factors lora_{w}_a (E, r, in), lora_{w}_b (E, out, r).
 
-    forward = Experts.forward  # the same per-expert dispatch; it only needs w1.shape and expert_forward
+    Meets moe.ExpertStack: the per-expert loop, or grouped GEMMs for the base stack and for each factor (A then B)."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  weights: Iterable[str] = ("w1", "w2", "w3"), lora_dtype: torch.dtype = torch.float32,
@@ -150,6 +148,7 @@ class LoRAExperts(nn.Module):
         super().__init__()
         _check_hparams(rank, alpha, dropout, name)
         self.w1, self.w2, self.w3 = _frozen(base.w1), _frozen(base.w2), _frozen(base.w3)
+        self.n_experts = self.w1.shape[0]
         self.targets = tuple(w for w in ("w1", "w2", "w3") if w in tuple(weights))
         self.alpha, self.use_rslora = alpha, use_rslora
         self.rank, self.scaling = {}, {}  # per target weight: the v5 PEFT layout can give w1/w3 another rank
@@ -162,10 +161,13 @@ class LoRAExperts(nn.Module):
             self.rank[w], self.scaling[w] = rank, lora_scaling(rank, alpha, use_rslora)
         self.enabled, self.merged, self._fix = True, False, None
 
+    def _adapted(self, w: str) -> bool:
+        return w in self.targets and not self.merged and self.enabled
+
     def _linear(self, w: str, e: int, x: torch.Tensor) -> torch.Tensor:
         weight = getattr(self, w)
         out = nf4_linear(x, weight, e) if isinstance(weight, NF4Weight) else F.linear(x, weight[e])
-        if w not in self.targets or self.merged or not self.enabled:
+        if not self._adapted(w):
             return out
         a, b = getattr(self, f"lora_{w}_a")[e], getattr(self, f"lora_{w}_b")[e]
         h = F.linear(self.dropout(x).to(a.dtype), a)  # (n, r)
@@ -174,6 +176,29 @@ class LoRAExperts(nn.Module):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its routed tokens. (n, D) -> (n, D)"""
         return self._linear("w2", e, F.silu(self._linear("w1", e, x)) * self._linear("w3", e, x))
+
+    def _grouped(self, w: str, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self, w)
+        out = (nf4_grouped_linear(xs, weight, offsets) if isinstance(weight, NF4Weight)
+               else grouped_linear(xs, weight, offsets))  # (M, out)
+        if not self._adapted(w):
+            return out
+        a, b = getattr(self, f"lora_{w}_a"), getattr(self, f"lora_{w}_b")
+        h = grouped_linear(self.dropout(xs).to(a.dtype), a, offsets)  # (M, r)
+        return out + (grouped_linear(h, b, offsets) * self.scaling[w]).to(out.dtype)
+
+    def grouped_ok(self, x: torch.Tensor) -> bool:
+        factors = [getattr(self, f"lora_{w}_{ab}") for w in self.targets for ab in "ab"]
+        return (grouped_mm_ok(x.device, x.dtype, self.w1, self.w2, self.w3)
+                and (not factors or grouped_mm_ok(x.device, factors[0].dtype, *factors)))
+
+    def grouped_forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Every expert on its slots at once. xs (M, D) sorted by expert -> (M, D)"""
+        h = F.silu(self._grouped("w1", xs, offsets)) * self._grouped("w3", xs, offsets)  # (M, F)
+        return self._grouped("w2", h, offsets)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        return dispatch(self, x, weights, expert_idx)
 
     @torch.no_grad()
     def delta(self, w: str, e: int) -> torch.Tensor:

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
-from .attention import AttnMask, attend, cache_mask, doc_positions, packed_mask
+from .attention import AttnMask, CacheStep, attend, cache_mask, doc_positions, packed_mask
 from .kv_cache import KVCache
 from .moe import MoEFeedForward
 from .rope import apply_rope, rope_cos_sin, scaled_inv_freq
 
-__all__ = ["ModelArgs", "Transformer", "RMSNorm", "FeedForward", "Attention", "TransformerBlock"]
+__all__ = ["ModelArgs", "Transformer", "RMSNorm", "FeedForward", "Attention", "TransformerBlock", "CacheStep"]
 
 
 class RMSNorm(nn.Module):
@@ -60,16 +60,15 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttnMask,
-                start_pos: Optional[int | torch.Tensor] = None,
-                cache_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                step: Optional[CacheStep] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, hd)
-        if start_pos is not None:
-            k, v = self.cache.update(start_pos, k, v, cache_rows)  # (B, K, S, hd)
+        if step is not None:
+            k, v = self.cache.update(step, k, v)  # (B, K, S, hd)
         out = attend(q, k, v, attn)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -87,9 +86,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttnMask,
-                start_pos: Optional[int | torch.Tensor] = None,
-                cache_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, attn, start_pos, cache_rows)
+                step: Optional[CacheStep] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, attn, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -143,27 +141,23 @@ class Transformer(nn.Module):
         return 0 if cache is None else cache.k.shape[2]
 
     # ---- forward ----
-    def _positions_and_mask(self, tokens, start_pos, doc_ids, pad_lens, cache_rows) -> tuple[torch.Tensor, AttnMask]:
+    def _positions_and_mask(self, tokens: torch.Tensor, step: Optional[CacheStep],
+                            doc_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, AttnMask]:
         B, T = tokens.shape
         device = tokens.device
         window = self.args.sliding_window
-        if start_pos is not None:
+        if step is not None:
             if self.layers[0].attention.cache is None:
                 raise ValueError("forward(start_pos=...) needs a KV cache: call model.setup_cache(batch, seq_len) first")
             if doc_ids is not None:
                 raise ValueError("doc_ids (packed rows) and start_pos (KV cache) cannot be combined")
-            if isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1 and start_pos.shape[0] != B:
-                raise ValueError(f"per-row start_pos has {start_pos.shape[0]} entries for {B} rows")
-            if cache_rows is not None and tuple(cache_rows.shape) != (B,):
-                raise ValueError(f"cache_rows must be a LongTensor of shape ({B},), got {tuple(cache_rows.shape)}")
-            start = start_pos.to(device).reshape(-1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
-            slots = (start + torch.arange(T, device=device)[None]).expand(B, T)  # (B, T)
-            positions = slots if pad_lens is None else (slots - pad_lens.to(device)[:, None]).clamp(min=0)
-            # a tensor start_pos attends over the whole cache (fixed shapes for torch.compile / CUDA graphs)
-            S = self.cache_len if isinstance(start_pos, torch.Tensor) else start_pos + T
-            return positions, cache_mask(start_pos, T, S, pad_lens, device, window)
-        if pad_lens is not None or cache_rows is not None:
-            raise ValueError("pad_lens and cache_rows are only used with the KV cache (start_pos)")
+            if step.fixed_shape and step.start.dim() == 1 and step.start.shape[0] != B:
+                raise ValueError(f"per-row start_pos has {step.start.shape[0]} entries for {B} rows")
+            if step.rows is not None and tuple(step.rows.shape) != (B,):
+                raise ValueError(f"cache rows must be a LongTensor of shape ({B},), got {tuple(step.rows.shape)}")
+            slots = step.slots(B, T, device)  # (B, T)
+            positions = slots if step.pad_lens is None else (slots - step.pad_lens.to(device)[:, None]).clamp(min=0)
+            return positions, cache_mask(step, T, step.key_len(T, self.cache_len), device, window)
         if doc_ids is not None:
             if doc_ids.shape != tokens.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != tokens shape {tuple(tokens.shape)}")
@@ -174,19 +168,16 @@ class Transformer(nn.Module):
             return positions, packed_mask(torch.zeros_like(tokens), window)
         return positions, AttnMask(causal_only=True)
 
-    def forward(self, tokens: torch.Tensor, start_pos: Optional[int | torch.Tensor] = None,
-                doc_ids: Optional[torch.Tensor] = None,
-                pad_lens: Optional[torch.Tensor] = None, return_hidden: bool = False,
-                cache_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: Optional[int | CacheStep] = None,
+                doc_ids: Optional[torch.Tensor] = None, return_hidden: bool = False) -> torch.Tensor:
         """tokens (B, T) -> float32 logits (B, T, V), or the final-normed hidden states (B, T, D) if return_hidden.
 
-        doc_ids (B, T): packed documents; attention stays inside a document and positions restart at 0.
-        start_pos: write/read the static KV cache from this slot (an int, or a 0-d device tensor for compiled
-        decoding: then attention spans the whole fixed-size cache under a mask, or a (B,) tensor: each row's own
-        next slot, also over the whole cache). pad_lens (B,): left padding per row. cache_rows (B,): the cache rows
-        this forward's rows use (default 0..B-1): e.g. prefill a new prompt into one row while the others keep theirs.
+        start_pos: read and write the KV cache from this slot on (Meta's int), or a CacheStep for left-padded rows,
+        fixed-shape (compiled) decoding and per-row cache slots (see attention.CacheStep). doc_ids (B, T): packed
+        documents; attention stays inside a document and positions restart at 0.
         """
-        positions, attn = self._positions_and_mask(tokens, start_pos, doc_ids, pad_lens, cache_rows)
+        step = CacheStep(start_pos) if isinstance(start_pos, (int, torch.Tensor)) else start_pos
+        positions, attn = self._positions_and_mask(tokens, step, doc_ids)
         inv_freq, attention_factor = self.inv_freq, self.rope_attention_factor
         if self.args.rope_scaling and self.args.rope_scaling["rope_type"] == "dynamic":
             seq_len = int(positions.max()) + 1  # dynamic NTK depends on the longest position seen in this forward
@@ -195,7 +186,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(inv_freq, positions, attention_factor)  # (B|1, T, hd/2)
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for layer in self.layers:
-            h = layer(h, cos, sin, attn, start_pos, cache_rows)
+            h = layer(h, cos, sin, attn, step)
         h = self.norm(h)
         if return_hidden:
             return h

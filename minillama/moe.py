@@ -5,7 +5,7 @@ Shape letters: N tokens (B*T flattened), D model dim, F expert hidden dim, E exp
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +18,83 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return F.softmax(top_logits, dim=-1), top_idx
 
 
+def grouped_mm_ok(device: torch.device, dtype: torch.dtype, *weights) -> bool:
+    """Whether torch._grouped_mm can multiply rows (M, in) of `dtype` on `device` by each stacked weight (E, out, in).
+
+    It runs on CPU in any float dtype, on CUDA in bfloat16 on Hopper (sm90) and newer; every row must start on a
+    16-byte boundary (a LoRA rank of 2 in float32 does not), and all tensor operands share the rows' dtype.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda":
+        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] < 9:
+            return False
+    elif device.type != "cpu":
+        return False
+    size = dtype.itemsize
+    for w in weights:  # a tensor, or an NF4Weight (dequantized to the rows' dtype when used)
+        if isinstance(w, torch.Tensor) and w.dtype != dtype:
+            return False
+        if w.shape[-1] * size % 16 or w.shape[-2] * size % 16:
+            return False
+    return True
+
+
+def grouped_linear(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of xs grouped by expert (offsets: (E,) int32 running ends) times each group's w[e]^T. -> (M, out)"""
+    return torch._grouped_mm(xs, w.transpose(1, 2), offs=offsets)
+
+
+class ExpertStack(Protocol):
+    """What `dispatch` needs from an expert module (Experts, lora.LoRAExperts, quant.NF4Experts).
+
+    n_experts: E. expert_forward(e, x): expert e on its routed tokens (n, D) -> (n, D), the per-expert loop.
+    grouped_ok(x): whether grouped_forward can run for x's device/dtype. grouped_forward(xs, offsets): every
+    expert at once on token-slots sorted by expert (M, D) -> (M, D), offsets (E,) int32 running ends.
+    """
+
+    n_experts: int
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor: ...
+
+    def grouped_ok(self, x: torch.Tensor) -> bool: ...
+
+    def grouped_forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor: ...
+
+
+def dispatch(experts: ExpertStack, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each token's chosen experts. x (N, D), weights/expert_idx (N, k) -> (N, D)"""
+    k = expert_idx.shape[1]
+    flat_expert = expert_idx.flatten()  # (N*k,)
+    order = torch.argsort(flat_expert, stable=True)  # token-slots grouped by expert
+    token_of_slot = order // k
+    slot_weights = weights.flatten()[order, None]  # (N*k, 1)
+    # tokens per expert; scatter_add keeps the shape static (bincount's depends on the data) for torch.compile
+    counts = torch.zeros(experts.n_experts, dtype=torch.long, device=x.device)
+    counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))  # (E,)
+    out = torch.zeros_like(x)
+    if experts.grouped_ok(x):
+        # one grouped GEMM per weight over all experts; offsets stay on the device (no host sync)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        y = experts.grouped_forward(x[token_of_slot], offsets)  # (N*k, D)
+        return out.index_add_(0, token_of_slot, (y * slot_weights).to(x.dtype))
+    start = 0
+    for e, n in enumerate(counts.tolist()):  # a loop over experts, never over tokens
+        if n == 0:
+            continue
+        tokens = token_of_slot[start:start + n]
+        y = experts.expert_forward(e, x[tokens])  # (n, D)
+        out.index_add_(0, tokens, (y * slot_weights[start:start + n]).to(x.dtype))
+        start += n
+    return out
+
+
 class Experts(nn.Module):
     """E SwiGLU experts with stacked weights: w1/w3 (E, F, D), w2 (E, D, F)."""
 
     def __init__(self, n_experts: int, dim: int, hidden_dim: int):
         super().__init__()
+        self.n_experts = n_experts
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
@@ -33,45 +105,16 @@ class Experts(nn.Module):
         """Expert e on its routed tokens. (n, D) -> (n, D)"""
         return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
 
-    supports_grouped_mm = True  # LoRA / NF4 twins reuse forward() but only define expert_forward
+    def grouped_ok(self, x: torch.Tensor) -> bool:
+        return grouped_mm_ok(x.device, x.dtype, self.w1, self.w2, self.w3)
+
+    def grouped_forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Every expert on its slots at once. xs (M, D) sorted by expert -> (M, D)"""
+        h = F.silu(grouped_linear(xs, self.w1, offsets)) * grouped_linear(xs, self.w3, offsets)  # (M, F)
+        return grouped_linear(h, self.w2, offsets)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of each token's chosen experts. x (N, D), weights/expert_idx (N, k) -> (N, D)"""
-        k = expert_idx.shape[1]
-        flat_expert = expert_idx.flatten()  # (N*k,)
-        order = torch.argsort(flat_expert, stable=True)  # token-slots grouped by expert
-        token_of_slot = order // k
-        slot_weights = weights.flatten()[order, None]  # (N*k, 1)
-        # tokens per expert; scatter_add keeps the shape static (bincount's depends on the data) for torch.compile
-        counts = torch.zeros(self.w1.shape[0], dtype=torch.long, device=x.device)
-        counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))  # (E,)
-        out = torch.zeros_like(x)
-        if getattr(self, "supports_grouped_mm", False) and grouped_mm_ok(x):
-            # one grouped GEMM per weight over all experts; offsets stay on the device (no host sync)
-            offsets = torch.cumsum(counts, 0).to(torch.int32)
-            xs = x[token_of_slot]  # (N*k, D)
-            h = F.silu(torch._grouped_mm(xs, self.w1.transpose(1, 2), offs=offsets)) \
-                * torch._grouped_mm(xs, self.w3.transpose(1, 2), offs=offsets)  # (N*k, F)
-            y = torch._grouped_mm(h, self.w2.transpose(1, 2), offs=offsets)  # (N*k, D)
-            return out.index_add_(0, token_of_slot, (y * slot_weights).to(x.dtype))
-        start = 0
-        for e, n in enumerate(counts.tolist()):  # a loop over experts, never over tokens
-            if n == 0:
-                continue
-            tokens = token_of_slot[start:start + n]
-            y = self.expert_forward(e, x[tokens])  # (n, D)
-            out.index_add_(0, tokens, (y * slot_weights[start:start + n]).to(x.dtype))
-            start += n
-        return out
-
-
-def grouped_mm_ok(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CPU in any float dtype, on CUDA in bfloat16 on Hopper (sm90) and newer."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+        return dispatch(self, x, weights, expert_idx)
 
 
 class MoEFeedForward(nn.Module):

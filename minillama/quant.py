@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import Experts
+from .moe import Experts, dispatch, grouped_linear, grouped_mm_ok
 
 # the 16 NF4 values of the QLoRA paper (quantiles of N(0, 1) scaled to [-1, 1], with an exact 0)
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -179,19 +179,55 @@ class NF4Linear(nn.Module):
         return nf4_linear(x, self.weight)
 
 
-class NF4Experts(nn.Module):
-    """moe.Experts with NF4 w1/w3 (E, F, D) and w2 (E, D, F); filled one weight at a time by `load_quantized_`."""
+class _NF4GroupedMatmul(torch.autograd.Function):
+    """Grouped x @ W[e]^T over an NF4 expert stack, dequantized in forward and again in backward (nothing kept)."""
 
-    forward = Experts.forward  # the same per-expert dispatch; it only needs w1.shape and expert_forward
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, weight: NF4Weight, offsets: torch.Tensor) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.save_for_backward(offsets)
+        return grouped_linear(xs, weight.dequantize(None, xs.dtype), offsets)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (offsets,) = ctx.saved_tensors
+        w = ctx.weight.dequantize(None, grad_out.dtype)  # (E, out, in)
+        return torch._grouped_mm(grad_out.contiguous(), w, offs=offsets), None, None
+
+
+def nf4_grouped_linear(xs: torch.Tensor, weight: NF4Weight, offsets: torch.Tensor) -> torch.Tensor:
+    """moe.grouped_linear for an NF4 stack (E, out, in): one dequantized stack alive at a time. (M, in) -> (M, out)"""
+    return _NF4GroupedMatmul.apply(xs, weight, offsets)
+
+
+class NF4Experts(nn.Module):
+    """moe.Experts with NF4 w1/w3 (E, F, D) and w2 (E, D, F); filled one weight at a time by `load_quantized_`.
+
+    Meets moe.ExpertStack: the per-expert loop dequantizes one expert at a time, the grouped path one stack."""
 
     def __init__(self, w1: Optional[NF4Weight] = None, w2: Optional[NF4Weight] = None,
                  w3: Optional[NF4Weight] = None):
         super().__init__()
         self.w1, self.w2, self.w3 = w1, w2, w3
 
+    @property
+    def n_experts(self) -> int:
+        return self.w1.shape[0]
+
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its routed tokens. (n, D) -> (n, D)"""
         return nf4_linear(F.silu(nf4_linear(x, self.w1, e)) * nf4_linear(x, self.w3, e), self.w2, e)
+
+    def grouped_ok(self, x: torch.Tensor) -> bool:
+        return grouped_mm_ok(x.device, x.dtype, self.w1, self.w2, self.w3)
+
+    def grouped_forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Every expert on its slots at once. xs (M, D) sorted by expert -> (M, D)"""
+        h = F.silu(nf4_grouped_linear(xs, self.w1, offsets)) * nf4_grouped_linear(xs, self.w3, offsets)  # (M, F)
+        return nf4_grouped_linear(h, self.w2, offsets)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        return dispatch(self, x, weights, expert_idx)
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:

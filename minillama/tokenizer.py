@@ -1,15 +1,16 @@
 """Tokenizers: SentencePiece (Llama 1/2, Mistral), tiktoken (Llama 3) and HF byte-level BPE, behind one interface."""
 
 import codecs
-import json
 from pathlib import Path
 
 import regex
 import sentencepiece
 import tiktoken
 
-from minillama import chat_format as cf
-from minillama.bpe import BPEVocab, is_tiktoken_file, load_hf_tokenizer_json, load_tiktoken_model
+from . import chat_format as cf
+from .args import read_family
+from .bpe import BPEVocab, is_tiktoken_file, load_hf_tokenizer_json, load_tiktoken_model
+from .files import read_json
 
 # Meta's reference splits input so tiktoken never sees huge pieces (openai/tiktoken#195); we do the same.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
@@ -298,48 +299,22 @@ class StreamDecoder:
         return "".join(out)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, found a JSON {type(obj).__name__}")
-    return obj
-
-
 def _token_text(v) -> str | None:
     return v.get("content") if isinstance(v, dict) else v
 
 
-def _family(cfg_dir: Path) -> str | None:
-    """Model family from HF config.json (model_type) or a native params.json."""
-    if (cfg_dir / "config.json").is_file():
-        cfg = _read_json(cfg_dir / "config.json")
-        mt = cfg.get("model_type")
-        if mt == "llama" and cfg.get("vocab_size", 0) >= 128000:
-            return "llama3"
-        return mt
-    if (cfg_dir / "params.json").is_file():
-        p = _read_json(cfg_dir / "params.json")
-        if p.get("vocab_size", 0) >= 128000:
-            return "llama3"
-        if "moe" in p:
-            return "mixtral"
-        if "multiple_of" in p:
-            return "llama"
-        if "sliding_window" in p or "head_dim" in p:
-            return "mistral"
-    return None
-
-
-def _find_tokenizer_file(d: Path) -> Path:
+def find_tokenizer_file(d: Path, required: bool = True) -> Path | None:
+    """The tokenizer file of a checkpoint dir (tokenizer.model, original/tokenizer.model, tokenizer.json, or
+    mistral-common's tokenizer.model.vN); None or FileNotFoundError when there is none."""
+    d = Path(d)
     for name in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
         if (d / name).is_file():
             return d / name
     versioned = sorted(d.glob("tokenizer.model.v*"))
     if versioned:
         return versioned[-1]
+    if not required:
+        return None
     raise FileNotFoundError(f"{d}: no tokenizer.model, original/tokenizer.model or tokenizer.json "
                             f"(found: {sorted(p.name for p in d.iterdir())[:20]})")
 
@@ -348,7 +323,7 @@ def load_tokenizer(path, chat_format: str | None = None) -> Tokenizer:
     """Load a tokenizer.model (SentencePiece or tiktoken), a tokenizer.json, or a checkpoint directory."""
     path = Path(path)
     if path.is_dir():
-        ckpt_dir, file = path, _find_tokenizer_file(path)
+        ckpt_dir, file = path, find_tokenizer_file(path)
     elif path.is_file():
         file = path
         ckpt_dir = path.parent.parent if path.parent.name == "original" else path.parent
@@ -370,7 +345,7 @@ def load_tokenizer(path, chat_format: str | None = None) -> Tokenizer:
 
     dirs = list(dict.fromkeys([file.parent, ckpt_dir]))
     cfg_files = [d / "tokenizer_config.json" for d in dirs if (d / "tokenizer_config.json").is_file()]
-    cfg = _read_json(cfg_files[0]) if cfg_files else {}
+    cfg = read_json(cfg_files[0]) if cfg_files else {}
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -384,7 +359,7 @@ def load_tokenizer(path, chat_format: str | None = None) -> Tokenizer:
     tok.chat_template = template
     if tok.kind == "hf-bpe":
         _apply_hf_config(tok, cfg_files[0] if cfg_files else file, cfg)
-    tok.family = _family(ckpt_dir)
+    tok.family = read_family(ckpt_dir)
     tok.chat_format = cf.resolve_format(chat_format) if chat_format else cf.detect_chat_format(tok)
     return tok
 

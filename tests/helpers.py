@@ -8,6 +8,24 @@ from pathlib import Path
 
 import torch
 
+# our ModelArgs for tiny random models built directly (no transformers)
+TINY_ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96, max_seq_len=64)
+MOE_ARGS = dict(n_experts=4, n_experts_per_tok=2)
+
+
+def tiny_model(seed=0, std=0.2, **overrides):
+    """A random tiny Transformer, eval mode; weights larger than the default init so differences would show."""
+    from minillama import ModelArgs, Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**TINY_ARGS, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std) if p.dim() > 1 else p.normal_(1.0, 0.1)
+    return model
+
+
+# transformers config for tiny HF models
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=300, max_position_embeddings=64, rms_norm_eps=1e-5)
 

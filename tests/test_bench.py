@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from minillama import ModelArgs, Transformer
-from minillama.perf import decode_bytes_per_step, forward_flops, param_counts
+from minillama.training.perf import decode_bytes_per_step, forward_flops, param_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

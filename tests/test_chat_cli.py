@@ -99,8 +99,8 @@ def test_history_overflow_drops_oldest_turns_but_keeps_system(smol):
 def test_missing_default_checkpoint_names_the_fetch_command(tmp_path, monkeypatch):
     import argparse
 
-    from minillama import loading
-    monkeypatch.setattr(loading, "DEFAULT_CKPT", tmp_path / "absent")
-    args = argparse.Namespace(ckpt=None, ckpt_dir=None, tokenizer_path=None)
-    with pytest.raises(SystemExit, match="python weights/prepare_smollm2.py"):
-        loading.resolve_checkpoint(args)
+    from minillama import cli
+    monkeypatch.setattr(cli, "DEFAULT_CKPT", tmp_path / "absent")
+    args = argparse.Namespace(ckpt=None, ckpt_dir=None, tokenizer_path=None, adapter=None)
+    with pytest.raises(FileNotFoundError, match="python weights/prepare_smollm2.py"):
+        cli.resolve_checkpoint(args)

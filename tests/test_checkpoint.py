@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 from helpers import hf_logits, random_tokens, read_safetensors_dir, tiny_hf, write_meta_dir  # noqa: E402
 
 from minillama import load_model, save_hf  # noqa: E402
-from minillama.checkpoint import save_meta  # noqa: E402
+from minillama.checkpoints import save_meta  # noqa: E402
 
 
 def _same_logits(ours, hf_model, T=48):  # past original_max_position_embeddings (16) of the scaled-RoPE case

@@ -3,20 +3,11 @@
 import pytest
 import torch
 
-from minillama import ModelArgs, Transformer
 from minillama.generation import generate, generate_continuous, generate_stream, stop_reason
-from minillama.sampling import apply_repetition_penalty, seen_mask
+from minillama.sampling import SamplingParams, apply_repetition_penalty, seen_mask
+from helpers import tiny_model
 
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96, max_seq_len=64)
 MOE = {"n_experts": 4, "n_experts_per_tok": 2}
-
-
-def tiny_model(seed=0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**TINY, **overrides})).eval()
-    for p in model.parameters():  # larger weights than default init so logits are far from ties
-        torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
-    return model
 
 
 @torch.no_grad()
@@ -57,7 +48,7 @@ def test_batch_of_different_lengths_equals_each_alone(overrides):
 def test_repetition_penalty_generation_equals_reference():
     model = tiny_model()
     (p,) = prompts([5])
-    out = generate(model, [p], max_new_tokens=16, repetition_penalty=1.5)
+    out = generate(model, [p], 16, SamplingParams(repetition_penalty=1.5))
     assert out == [reference_greedy(model, p, 16, penalty=1.5)]
     plain = generate(model, [p], max_new_tokens=16)[0]
     assert len(set(plain)) < len(plain) and len(set(out[0])) == len(out[0])  # it stopped a repeat
@@ -80,7 +71,7 @@ def test_stream_equals_generate():
     model = tiny_model()
     ps = prompts([5, 2, 7])
     stop = generate(model, ps, max_new_tokens=10)[0][3]
-    kw = dict(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=3, stop_ids=[stop])
+    kw = dict(max_new_tokens=10, sampling=SamplingParams(0.9, top_k=20, top_p=0.9), seed=3, stop_ids=[stop])
     rows = [[] for _ in ps]
     for step in generate_stream(model, ps, **kw):
         for b, t in step:
@@ -91,7 +82,7 @@ def test_stream_equals_generate():
 def test_seed_reproduces_sampled_output():
     model = tiny_model()
     ps = prompts([4, 6])
-    kw = dict(max_new_tokens=16, temperature=1.5, top_p=0.95)
+    kw = dict(max_new_tokens=16, sampling=SamplingParams(1.5, top_p=0.95))
     a = generate(model, ps, seed=11, **kw)
     assert a == generate(model, ps, seed=11, **kw)
     assert a != generate(model, ps, seed=12, **kw)
@@ -127,10 +118,11 @@ def test_truncate_left_keeps_the_last_tokens():
 def test_bad_arguments_raise(kwargs, match):
     model = tiny_model()
     args = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
+    knobs = {k: args.pop(k) for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in args}
     with pytest.raises(ValueError, match=match):
-        generate(model, **args)
+        generate(model, sampling=SamplingParams(**knobs), **args)
     with pytest.raises(ValueError, match=match):  # the stream checks before the first step, not lazily
-        generate_stream(model, **args)
+        generate_stream(model, sampling=SamplingParams(**knobs), **args)
 
 
 def test_compiled_decode_equals_eager():
@@ -187,12 +179,12 @@ def test_continuous_batching_equals_each_prompt_alone(overrides):
 def test_continuous_batching_sampling_is_seeded_and_repetition_penalty_matches():
     model = tiny_model()
     ps = prompts([4, 6, 3, 8])
-    kw = dict(max_new_tokens=8, batch_size=2, temperature=1.5, top_p=0.95)
+    kw = dict(max_new_tokens=8, batch_size=2, sampling=SamplingParams(1.5, top_p=0.95))
     a = sorted(generate_continuous(model, ps, seed=11, **kw))
     assert a == sorted(generate_continuous(model, ps, seed=11, **kw))
     assert a != sorted(generate_continuous(model, ps, seed=12, **kw))
-    got = sorted(generate_continuous(model, ps, 12, batch_size=3, repetition_penalty=1.5))
-    assert [n for _, n, _ in got] == [generate(model, [p], 12, repetition_penalty=1.5)[0] for p in ps]
+    got = sorted(generate_continuous(model, ps, 12, batch_size=3, sampling=SamplingParams(repetition_penalty=1.5)))
+    assert [n for _, n, _ in got] == [generate(model, [p], 12, SamplingParams(repetition_penalty=1.5))[0] for p in ps]
     with pytest.raises(ValueError, match="batch_size"):
         generate_continuous(model, ps, 8, batch_size=0)
     with pytest.raises(ValueError, match="empty"):

@@ -6,22 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillama import ModelArgs, Transformer
 from minillama.lora import (LoRAExperts, LoRALinear, apply_lora, lora_parameters, lora_state_dict, merge_lora,
                             set_lora_enabled, unmerge_lora)
 from minillama.quant import quantize_model_nf4
+from helpers import TINY_ARGS, tiny_model as _tiny_model
 
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96, max_seq_len=64,
-            family="llama3")
 MOE = dict(n_experts=4, n_experts_per_tok=2, family="mixtral")
 
 
-def tiny_model(seed=0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**TINY, **overrides})).eval()
-    for p in model.parameters():  # larger weights than default init so differences would show
-        torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
-    return model
+def tiny_model(seed=0, **overrides):
+    return _tiny_model(seed, **{"family": "llama3", **overrides})
 
 
 @torch.no_grad()
@@ -33,7 +27,7 @@ def randomize_lora(model, seed=1, std=0.2):
 
 
 def tokens(seed=0, shape=(2, 12)):
-    return torch.randint(0, TINY["vocab_size"], shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, TINY_ARGS["vocab_size"], shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("moe", [False, True])
@@ -151,3 +145,54 @@ def test_merge_equals_adapter_and_unmerge_restores_base_exactly(moe):
         unmerge_lora(model)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())
         assert torch.equal(model(x), adapted)
+
+
+@pytest.mark.parametrize("base", ["float", "nf4"])
+def test_lora_and_nf4_experts_grouped_gemm_equals_the_per_expert_loop(base, monkeypatch):
+    """LoRAExperts / NF4Experts meet moe.ExpertStack: grouped GEMMs give the loop's outputs and gradients."""
+    from minillama.moe import MoEFeedForward
+    from minillama.quant import NF4Experts
+
+    model = tiny_model(**MOE)
+    if base == "nf4":
+        quantize_model_nf4(model)
+    apply_lora(model, rank=4, alpha=8, targets=("experts",))
+    randomize_lora(model)
+    moe = next(m for m in model.modules() if isinstance(m, MoEFeedForward))
+    assert isinstance(moe.experts, LoRAExperts) and (base == "float" or not isinstance(moe.experts.w1, torch.Tensor))
+    x = torch.randn(30, 64, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        y = moe(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+        moe.zero_grad(set_to_none=True)
+        return y.detach(), xi.grad, grads
+
+    assert moe.experts.grouped_ok(x)
+    grouped = run()
+    monkeypatch.setattr(LoRAExperts, "grouped_ok", lambda self, x: False)
+    looped = run()
+    torch.testing.assert_close(grouped[0], looped[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped[1], looped[1], atol=1e-5, rtol=1e-5)
+    assert grouped[2].keys() == looped[2].keys() and any("lora" in k for k in grouped[2])
+    for k in grouped[2]:
+        torch.testing.assert_close(grouped[2][k], looped[2][k], atol=1e-5, rtol=1e-5, msg=k)
+    if base == "nf4":  # the bare NF4 stack too
+        experts = NF4Experts(moe.experts.w1, moe.experts.w2, moe.experts.w3)
+        w, idx = torch.rand(30, 2), torch.randint(0, 4, (30, 2))
+        out = experts(x, w, idx)
+        monkeypatch.setattr(NF4Experts, "grouped_ok", lambda self, x: False)
+        torch.testing.assert_close(experts(x, w, idx), out, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_gemm_is_skipped_when_rows_are_not_16_byte_aligned():
+    """A LoRA rank of 2 in float32 (8-byte rows) cannot go through torch._grouped_mm: the loop serves it."""
+    model = tiny_model(**MOE)
+    apply_lora(model, rank=2, alpha=4, targets=("experts",))
+    experts = next(m for m in model.modules() if isinstance(m, LoRAExperts))
+    assert not experts.grouped_ok(torch.randn(3, 64))
+    x = tokens()
+    with torch.no_grad():
+        model(x)  # runs (the loop), no stride error

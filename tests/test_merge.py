@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from minillama.adapter import save_adapter
-from minillama.checkpoint import load_model, save_hf
+from minillama.checkpoints import load_model, save_hf
 from minillama.lora import apply_lora, merge_lora, unmerge_lora
 from minillama.merge import main as merge_main
 from minillama.merge import merge_adapters_

@@ -3,18 +3,10 @@
 import pytest
 import torch
 
-from minillama import ModelArgs, Transformer
+from minillama import ModelArgs
+from minillama.attention import CacheStep
 from minillama.moe import Experts, load_balancing_loss, route
-
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96, max_seq_len=64)
-
-
-def tiny_model(seed=0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**TINY, **overrides})).eval()
-    for p in model.parameters():  # larger weights than default init so differences would show
-        torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
-    return model
+from helpers import tiny_model
 
 
 @pytest.mark.parametrize("overrides", [{}, {"n_experts": 4, "n_experts_per_tok": 2},
@@ -56,9 +48,9 @@ def test_left_padded_rows_equal_unpadded():
     batch = torch.stack([a, torch.cat([torch.zeros(5, dtype=torch.long), b])])  # b left-padded to 9
     pad_lens = torch.tensor([0, 5])
     model.setup_cache(max_batch_size=2, max_seq_len=16)
-    out = model(batch, start_pos=0, pad_lens=pad_lens)
+    out = model(batch, start_pos=CacheStep(0, pad_lens))
     nxt = torch.randint(0, 256, (2, 1))
-    step = model(nxt, start_pos=9, pad_lens=pad_lens)
+    step = model(nxt, start_pos=CacheStep(9, pad_lens))
     model.clear_cache()
     torch.testing.assert_close(out[0], model(a[None])[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1, 5:], model(b[None])[0], atol=1e-5, rtol=1e-5)
@@ -72,7 +64,7 @@ def test_moe_dispatch_equals_dense_reference(monkeypatch):
     logits = torch.randn(40, 6)
     weights, idx = route(logits, top_k=2)
     out = experts(x, weights, idx)
-    monkeypatch.setattr(Experts, "supports_grouped_mm", False)  # the per-expert loop (GPU fp32, LoRA, NF4)
+    monkeypatch.setattr(Experts, "grouped_ok", lambda self, x: False)  # the per-expert loop (e.g. GPU fp32)
     torch.testing.assert_close(experts(x, weights, idx), out, atol=1e-5, rtol=1e-5)
     # dense reference: every expert on every token, then pick
     every = torch.stack([experts.expert_forward(e, x) for e in range(6)], dim=1)  # (N, E, D)
@@ -149,13 +141,13 @@ def test_tensor_start_pos_decodes_over_the_whole_cache(overrides):
     tokens = torch.randint(0, 256, (2, 10))
     pad_lens = torch.tensor([0, 3])
     model.setup_cache(2, 24)
-    eager = [model(tokens[:, :6], start_pos=0, pad_lens=pad_lens)[:, -1]]
-    eager += [model(tokens[:, i:i + 1], start_pos=i, pad_lens=pad_lens)[:, -1] for i in range(6, 10)]
+    eager = [model(tokens[:, :6], start_pos=CacheStep(0, pad_lens))[:, -1]]
+    eager += [model(tokens[:, i:i + 1], start_pos=CacheStep(i, pad_lens))[:, -1] for i in range(6, 10)]
     model.setup_cache(2, 24)
-    static = [model(tokens[:, :6], start_pos=0, pad_lens=pad_lens)[:, -1]]
+    static = [model(tokens[:, :6], start_pos=CacheStep(0, pad_lens))[:, -1]]
     pos = torch.tensor(6)
     for i in range(6, 10):
-        static.append(model(tokens[:, i:i + 1], start_pos=pos, pad_lens=pad_lens)[:, -1])
+        static.append(model(tokens[:, i:i + 1], start_pos=CacheStep(pos, pad_lens))[:, -1])
         pos += 1
     torch.testing.assert_close(torch.stack(static), torch.stack(eager), atol=1e-5, rtol=1e-5)
 
@@ -169,16 +161,16 @@ def test_per_row_start_pos_and_cache_rows_equal_each_row_alone(overrides):
     seqs = [torch.randint(0, 256, (n,), generator=g) for n in (9, 4, 6)]  # seqs[r] lives in cache row r
     new = torch.randint(0, 256, (3, 3), generator=g)  # three decode steps per row
     model.setup_cache(3, 24)
-    model(torch.randint(0, 256, (1, 15), generator=g), start_pos=0, cache_rows=torch.tensor([1]))  # stale keys
+    model(torch.randint(0, 256, (1, 15), generator=g), start_pos=CacheStep(0, rows=torch.tensor([1])))  # stale keys
     prefill = {}
     for r in (2, 0, 1):  # out of order; row 1's shorter prompt must hide the stale slots 4..14
-        prefill[r] = model(seqs[r][None], start_pos=0, cache_rows=torch.tensor([r]))[0]
+        prefill[r] = model(seqs[r][None], start_pos=CacheStep(0, rows=torch.tensor([r])))[0]
     lens = torch.tensor([len(s) for s in seqs])
     step0 = model(new[:, :1], start_pos=lens)[:, -1]  # (3, V): forward row r = cache row r
     order = torch.tensor([2, 0, 1])
-    step1 = model(new[order, 1:2], start_pos=lens[order] + 1, cache_rows=order)[:, -1]  # a permutation
+    step1 = model(new[order, 1:2], start_pos=CacheStep(lens[order] + 1, rows=order))[:, -1]  # a permutation
     pair = torch.tensor([1, 2])
-    step2 = model(new[pair, 2:3], start_pos=lens[pair] + 2, cache_rows=pair)[:, -1]  # a subset of the rows
+    step2 = model(new[pair, 2:3], start_pos=CacheStep(lens[pair] + 2, rows=pair))[:, -1]  # a subset of the rows
     model.clear_cache()
     for r, s in enumerate(seqs):
         alone = model(torch.cat([s, new[r]])[None])[0]  # (len + 3, V)
@@ -188,3 +180,32 @@ def test_per_row_start_pos_and_cache_rows_equal_each_row_alone(overrides):
         torch.testing.assert_close(step1[order.tolist().index(r)], alone[n + 1], atol=1e-5, rtol=1e-5)
         if r in pair.tolist():
             torch.testing.assert_close(step2[pair.tolist().index(r)], alone[n + 2], atol=1e-5, rtol=1e-5)
+
+
+def test_family_detection_is_one_rule_for_every_reader(tmp_path):
+    """A Llama 2 params.json / config.json is "llama2" for the model args and for the tokenizer alike."""
+    import json
+
+    from minillama.args import detect_family, from_hf_config, from_meta_params
+    from minillama.tokenizer import load_tokenizer
+    from helpers import train_tiny_spm
+
+    llama2 = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": 32000}
+    hf_llama2 = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "intermediate_size": 96, "vocab_size": 32000}
+    cases = [(llama2, "meta", "llama2"), ({**llama2, "rope_theta": 1e6}, "meta", "codellama"),
+             ({**llama2, "vocab_size": 128256}, "meta", "llama3"),
+             ({**llama2, "head_dim": 16, "hidden_dim": 96}, "meta", "mistral"),
+             ({**llama2, "moe": {"num_experts": 8}}, "meta", "mixtral"),
+             (hf_llama2, "hf", "llama2"), ({**hf_llama2, "vocab_size": 49152}, "hf", "llama"),
+             ({**hf_llama2, "rope_parameters": {"rope_theta": 1e6}}, "hf", "codellama"),
+             ({**hf_llama2, "model_type": "mistral"}, "hf", "mistral")]
+    for config, kind, family in cases:
+        assert detect_family(config, kind) == family, (config, kind)
+    assert from_meta_params(llama2).family == from_hf_config(hf_llama2).family == "llama2"
+    for name, config in (("params.json", llama2), ("config.json", hf_llama2)):
+        d = tmp_path / name.split(".")[0]
+        d.mkdir()
+        train_tiny_spm(d)
+        (d / name).write_text(json.dumps(config))
+        assert load_tokenizer(d).family == "llama2", name

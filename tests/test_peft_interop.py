@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minillama.adapter import load_adapter, save_adapter
-from minillama.checkpoint import save_hf
+from minillama.checkpoints import save_hf
 from minillama.lora import LoRAExperts, apply_lora
 from test_lora import MOE, randomize_lora, tiny_model, tokens
 

@@ -104,7 +104,7 @@ def test_load_quantized_on_meta_model_equals_quantizing_a_built_one():
 
 
 def test_checkpoint_loader_quantizes_as_tensors_arrive(tmp_path):
-    from minillama.checkpoint import load_model, save_hf
+    from minillama.checkpoints import load_model, save_hf
     model = tiny_model().to(torch.bfloat16)
     save_hf(model, tmp_path / "m")
     q = load_model(tmp_path / "m", dtype=None, quantize="nf4")

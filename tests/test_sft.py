@@ -17,7 +17,7 @@ import torch
 from minillama import load_model
 from minillama.adapter import load_adapter
 from minillama.generation import generate
-from minillama.plot import BLUE, read_png_size
+from minillama.training.plot import BLUE, read_png_size
 from minillama.tokenizer import load_tokenizer
 from sft_helpers import REPO, metrics, qa_samples, read_safetensors, run_sft, tiny_checkpoint, write_jsonl
 

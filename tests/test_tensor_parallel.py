@@ -9,22 +9,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minillama import ModelArgs, Transformer
 from minillama.generation import generate, generate_continuous
 from minillama.loading import unwrap_merged_lora
 from minillama.lora import apply_lora, merge_lora
+from minillama.sampling import SamplingParams
 from minillama.tensor_parallel import apply_tensor_parallel, tp_mesh
+from helpers import tiny_model
 
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96, max_seq_len=64)
 CASES = {"llama": {}, "tied": {"tie_embeddings": True}, "mixtral": {"n_experts": 4, "n_experts_per_tok": 2}}
-
-
-def tiny_model(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(**{**TINY, **overrides})).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
-    return model
 
 
 def _worker(rank: int, world: int, port: int):
@@ -41,7 +33,7 @@ def _worker(rank: int, world: int, port: int):
             with torch.no_grad():
                 ref_logits = model(tokens)
             ref_greedy = generate(model, prompts, max_new_tokens=8)
-            ref_sampled = generate(model, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
+            ref_sampled = generate(model, prompts, 8, SamplingParams(1.0, top_p=0.9), seed=5)
             ref_continuous = sorted(generate_continuous(model, prompts, 8, batch_size=2))  # refills row 0 or 1
 
             apply_tensor_parallel(model, mesh)
@@ -51,8 +43,7 @@ def _worker(rank: int, world: int, port: int):
             torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
             group = mesh.get_group()
             assert generate(model, prompts, max_new_tokens=8, process_group=group) == ref_greedy, name
-            sampled = generate(model, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5,
-                               process_group=group)
+            sampled = generate(model, prompts, 8, SamplingParams(1.0, top_p=0.9), seed=5, process_group=group)
             assert sampled == ref_sampled, name
             assert sorted(generate_continuous(model, prompts, 8, batch_size=2, process_group=group)) == \
                 ref_continuous, name

@@ -10,7 +10,7 @@ Cases (random weights; speed does not depend on the values):
   full  full fine-tuning of the Llama-3.2-1B shape, bf16 compute with fp32 master weights (ours: FSDP2 mixed
         precision on one process; HF: torch.autocast(bf16) over fp32 weights), AdamW.
   moe   one Mixtral-8x7B MoE layer, forward + backward over --moe_tokens tokens, bf16.
-MFU = model FLOPs (minillama.perf.train_flops: 6N per token for full, 4N for LoRA, plus causal attention) / time /
+MFU = model FLOPs (minillama.training.perf.train_flops: 6N per token for full, 4N for LoRA, plus causal attention) / time /
 the bf16 matmul peak measured in the same run.
 """
 
@@ -26,13 +26,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minillama import ModelArgs, Transformer  # noqa: E402
 from minillama.args import to_hf_config  # noqa: E402
-from minillama.fsdp import apply_fsdp, checkpoint_blocks, ensure_process_group  # noqa: E402
-from minillama.hf_format import hf_tensors  # noqa: E402
+from minillama.training.fsdp import apply_fsdp, checkpoint_blocks, ensure_process_group  # noqa: E402
+from minillama.checkpoints.hf_format import hf_tensors  # noqa: E402
 from minillama.lora import apply_lora, lora_parameters  # noqa: E402
-from minillama.loss import CausalLMLoss  # noqa: E402
+from minillama.training.loss import CausalLMLoss  # noqa: E402
 from minillama.moe import MoEFeedForward  # noqa: E402
 from minillama.attention import doc_positions  # noqa: E402
-from minillama.perf import measure_matmul_peak, time_fn, train_flops  # noqa: E402
+from minillama.training.perf import measure_matmul_peak, time_fn, train_flops  # noqa: E402
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TINY = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, hidden_dim=256, max_seq_len=8192,

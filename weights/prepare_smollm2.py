@@ -11,11 +11,8 @@ import argparse
 import importlib
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -147,7 +144,8 @@ def write_model(gguf_path: Path, tmp: Path):
     """Write every file of the HF directory into `tmp`."""
     from safetensors.torch import save_file
 
-    from minillama.gguf import hf_config, hf_state_dict, open_gguf, read_metadata
+    from minillama.checkpoints.gguf import hf_config, hf_state_dict, open_gguf, read_metadata
+    from minillama.files import follow_umask
 
     log(f"Reading {gguf_path}")
     reader = open_gguf(gguf_path)
@@ -161,6 +159,7 @@ def write_model(gguf_path: Path, tmp: Path):
     n_params = sum(t.numel() for t in state.values())
     log(f"Writing model.safetensors ({n_params / 1e6:.1f}M parameters)")
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    follow_umask(tmp / "model.safetensors")  # safetensors writes owner-only files
     del state
 
     log("Writing config, tokenizer and generation config")
@@ -190,25 +189,16 @@ def main(argv=None):
     if not gguf_path.is_file():
         raise SystemExit(f"error: --gguf {gguf_path}: no such file")
 
+    from minillama.files import atomic_dir
+
     start = time.time()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp (and safetensors) use owner-only modes; follow the user's umask instead
     try:
-        write_model(gguf_path, tmp)
-        for f in FILES:
-            (tmp / f).chmod(0o666 & ~umask)
-        if out.exists():
-            out.rmdir()  # empty (checked above); os.replace needs the name free or an empty dir
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:  # empty or absent (checked above); a crash leaves no half directory
+            write_model(gguf_path, tmp)
     except KeyError as e:  # a GGUF without the tokenizer/model metadata this script reads
         raise SystemExit(f"error: {gguf_path}: GGUF metadata lacks {e}") from None
     except ValueError as e:  # not a GGUF, or a model/tokenizer kind this script cannot convert
         raise SystemExit(f"error: {gguf_path}: {e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"Wrote {out} in {time.time() - start:.1f}s")
     log(f"Chat with it: {CHAT_COMMAND}")
     if out != DEFAULT_OUT.resolve():

@@ -16,8 +16,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from .distributed import CUDA_BACKEND
-from .model import TransformerBlock
+from ..distributed import CUDA_BACKEND
+from ..model import TransformerBlock
 
 
 def ensure_process_group(device: torch.device) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 import struct
 import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from ..files import atomic_write
 
 # 3x5 glyphs, rows top to bottom, '1' = ink; only the characters the plot writes
 FONT = {
@@ -140,11 +141,7 @@ def write_loss_png(path, records: list[dict]) -> Path:
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and "step" in r]
     img = loss_curve_png([s for s, _ in train], [v for _, v in train], [s for s, _ in evals], [v for _, v in evals])
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(png_bytes(img))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, png_bytes(img))
 
 
 def read_png_size(path) -> Optional[tuple[int, int]]:

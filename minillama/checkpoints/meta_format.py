@@ -10,15 +10,15 @@ with w2 stored transposed.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .args import ModelArgs, ffn_hidden_dim, from_meta_params
-from .shards import (Entry, Pending, Source, TensorFiles, index_weight_files, raise_unknown, read_json,
+from ..files import read_json, write_json
+from ..args import ModelArgs, ffn_hidden_dim, from_meta_params
+from .shards import (Entry, Pending, Source, TensorFiles, index_weight_files, raise_unknown,
                      write_safetensors)
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
@@ -227,6 +227,5 @@ def write_meta_weights(state: dict[str, torch.Tensor], args: ModelArgs, out: Pat
         log(f"wrote {fname} ({len(shard)} tensors)")
         names.append(fname)
         del shard
-    with open(out / "params.json", "w") as f:
-        json.dump(params, f, indent=2)
+    write_json(out / "params.json", params)
     return names

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ..files import atomic_write
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device name; MFU is against these unless --peak_tflops says otherwise
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
@@ -93,9 +94,7 @@ class MetricsWriter:
                     continue
                 if rec.get("step", 0) <= resume_step:
                     kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(k + "\n" for k in kept))
         self.file = open(self.path, "a")
 
     def write(self, record: dict) -> None:

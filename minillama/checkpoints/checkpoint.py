@@ -6,24 +6,21 @@ read memory-mapped, converted straight to the target dtype on the target device 
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from .args import ModelArgs, to_hf_config
+from ..args import ModelArgs, to_hf_config
+from ..dtypes import dtype_name, parse_dtype
+from ..files import atomic_dir, check_dir_writable, write_json
+from ..model import Transformer
 from .hf_format import hf_key_files, hf_plan, hf_weight_files, is_hf_dir, read_hf_args, write_hf_weights
 from .meta_format import is_meta_dir, meta_plan, meta_weight_files, read_meta_args, write_meta_weights
-from .model import Transformer
 from .shards import Entry, TensorFiles, check_plan
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 __all__ = ["load_model", "save_hf", "save_meta", "detect_format", "TOKENIZER_FILES"]
@@ -54,10 +51,7 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)} or a torch.dtype")
-        dtype = DTYPES[dtype]
+    dtype = parse_dtype(dtype, "load_model: dtype")
     fmt, d = detect_format(path)
     files = TensorFiles()
     if fmt == "hf":
@@ -96,7 +90,7 @@ def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], sh
     """Read entries file by file; stacked expert tensors are assigned once all their slots are filled."""
     quantized = None
     if quantize == "nf4":
-        from .quant import load_quantized_
+        from ..quant import load_quantized_
         quantized = load_quantized_
     stacks: dict[str, tuple[torch.Tensor, int]] = {}  # target -> (buffer, slots filled)
     order = sorted(range(len(entries)), key=lambda i: str(entries[i].sources[0].file))  # shard by shard
@@ -151,32 +145,6 @@ def _plain_state(model: Transformer, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _atomic_dir(path: Union[str, Path], overwrite: bool) -> tuple[Path, Path]:
-    """(final path, temp dir beside it): write into the temp dir, then os.replace, so a crash leaves no half dir."""
-    final = Path(path).resolve()
-    if final.is_dir() and any(final.iterdir()) and not overwrite:  # fail before the slow part
-        raise FileExistsError(f"{final} exists and is not empty; pass overwrite=True to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    return final, tmp
-
-
-def _finish_dir(tmp: Path, final: Path, overwrite: bool):
-    if final.exists():
-        if not final.is_dir():
-            raise FileExistsError(f"{final} exists and is not a directory")
-        if any(final.iterdir()):
-            if not overwrite:
-                raise FileExistsError(f"{final} exists and is not empty; pass overwrite=True to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, old / "d")
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-            return
-        final.rmdir()
-    os.replace(tmp, final)
-
-
 def copy_tokenizer_files(src: Union[str, Path, None], dst: Path, names=TOKENIZER_FILES) -> list[str]:
     if src is None:
         return []
@@ -190,15 +158,17 @@ def copy_tokenizer_files(src: Union[str, Path, None], dst: Path, names=TOKENIZER
     return copied
 
 
-def _bos_eos(args: ModelArgs, tokenizer_src) -> tuple[Optional[int], Optional[Union[int, list]]]:
+def _bos_eos(args: ModelArgs, tokenizer_src, log) -> tuple[Optional[int], Optional[Union[int, list]]]:
+    """BOS and EOS ids for config.json: the tokenizer's when tokenizer_src has a readable one, else the family's."""
     if tokenizer_src is not None:
+        from ..tokenizer import load_tokenizer
         try:
-            from .tokenizer import load_tokenizer
             tok = load_tokenizer(tokenizer_src)
-            stops = list(getattr(tok, "stop_ids", None) or [tok.eos_id])
+        except (ValueError, FileNotFoundError) as e:  # no usable tokenizer there (a bug elsewhere still raises)
+            log(f"[no BOS/EOS ids from {tokenizer_src}: {e}; using the {args.family} family's]")
+        else:
+            stops = list(tok.stop_ids or [tok.eos_id])
             return tok.bos_id, stops[0] if len(stops) == 1 else stops
-        except Exception:  # no usable tokenizer there: fall back to the family's ids
-            pass
     if args.family == "llama3" and args.vocab_size >= 128256:
         return 128000, 128001
     if args.family in ("llama", "llama2", "codellama", "mistral", "mixtral") and args.vocab_size in (32000, 32016, 32768):
@@ -211,21 +181,17 @@ def save_hf(model: Transformer, path: Union[str, Path], tokenizer_src=None, max_
     """Write a Hugging Face dir (config.json, safetensors shards + index, generation_config.json) in the model's dtype."""
     state = _plain_state(model, "save_hf")
     args = model.args
-    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
-    final, tmp = _atomic_dir(path, overwrite)
-    try:
-        write_hf_weights(state, args, tmp, max_shard_size, log=log or (lambda s: None))
-        bos, eos = _bos_eos(args, tokenizer_src)
-        with open(tmp / "config.json", "w") as f:
-            json.dump(to_hf_config(args, dtype=dtype, bos_id=bos, eos_id=eos), f, indent=2)
+    log = log or (lambda s: None)
+    check_dir_writable(path, overwrite)
+    bos, eos = _bos_eos(args, tokenizer_src, log)
+    with atomic_dir(path, overwrite) as tmp:
+        write_hf_weights(state, args, tmp, max_shard_size, log=log)
+        write_json(tmp / "config.json", to_hf_config(args, dtype=dtype_name(model.tok_embeddings.weight.dtype),
+                                                     bos_id=bos, eos_id=eos))
         gen = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}
-        with open(tmp / "generation_config.json", "w") as f:
-            json.dump({"_from_model_config": True, **gen}, f, indent=2)
+        write_json(tmp / "generation_config.json", {"_from_model_config": True, **gen})
         copy_tokenizer_files(tokenizer_src, tmp)
-        _finish_dir(tmp, final, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(path).resolve()
 
 
 def save_meta(model: Transformer, path: Union[str, Path], n_shards: int = 1, tokenizer_src=None, log=None,
@@ -233,11 +199,7 @@ def save_meta(model: Transformer, path: Union[str, Path], n_shards: int = 1, tok
     """Write params.json + consolidated.NN.pth split into n_shards (Meta layout), or Mistral's consolidated.safetensors
     for Mistral/Mixtral models when n_shards is 1."""
     state = _plain_state(model, "save_meta")
-    final, tmp = _atomic_dir(path, overwrite)
-    try:
+    with atomic_dir(path, overwrite) as tmp:
         write_meta_weights(state, model.args, tmp, n_shards, log=log or (lambda s: None))
         copy_tokenizer_files(tokenizer_src, tmp)
-        _finish_dir(tmp, final, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(path).resolve()

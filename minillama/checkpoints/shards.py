@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..files import read_json
+
 
 @dataclass
 class Source:
@@ -90,18 +92,6 @@ def _torch_load(file: Path) -> dict:
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-
-
-def read_json(path: Path) -> dict:
-    """json.load of a JSON object, with the file named in the error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, found a JSON {type(obj).__name__}")
-    return obj
 
 
 def disk_shape(files: TensorFiles, entry: Entry) -> tuple:

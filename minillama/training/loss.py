@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE
-from .moe import MoEFeedForward, load_balancing_loss
+from ..moe import MoEFeedForward, load_balancing_loss
 
 
 def _chunk_loss(project: Callable, h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

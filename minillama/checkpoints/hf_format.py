@@ -7,16 +7,16 @@ layout, which transformers 5 converts on load and every other tool reads.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 
-from .args import ModelArgs, from_hf_config
+from ..files import read_json, write_json
+from ..args import ModelArgs, from_hf_config
 from .hf_keys import hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
-from .shards import (Entry, Pending, Source, TensorFiles, index_weight_files, raise_unknown, read_json,
+from .shards import (Entry, Pending, Source, TensorFiles, index_weight_files, raise_unknown,
                      write_safetensors)
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -154,6 +154,5 @@ def write_hf_weights(state: dict[str, torch.Tensor], args: ModelArgs, out: Path,
         weight_map.update({p.name: fname for p in shard})
         log(f"wrote {fname} ({len(shard)} tensors)")
     if n > 1:
-        with open(out / "model.safetensors.index.json", "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names

@@ -7,8 +7,6 @@ rng/rank{r}.pt, and for LoRA runs adapter/ (a PEFT adapter, usable directly). OU
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -23,7 +21,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor
 
-from .lora import lora_modules
+from ..files import atomic_write, read_json, replace_dir, write_json
+from ..lora import lora_modules
 
 LATEST = "latest"
 
@@ -62,15 +61,9 @@ def _options(lora: bool) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_lora_adapter(model: nn.Module, out_dir: Path, base: Optional[str], rank0: bool) -> None:
     """Gather every LoRA factor (a collective: all ranks call this) and write a PEFT adapter on rank 0."""
-    from .adapter import save_adapter
+    from ..adapter import save_adapter
 
     swapped = []
     for _, m in lora_modules(model):
@@ -85,6 +78,29 @@ def save_lora_adapter(model: nn.Module, out_dir: Path, base: Optional[str], rank
     finally:
         for m, name, p in swapped:
             m._parameters[name] = p
+
+
+def export_final(root: nn.Module, model: nn.Module, out: Path, base: str, rank0: bool, lora: bool) -> Path:
+    """OUT/final: a PEFT adapter (LoRA) or a Hugging Face model (full fine-tuning, gathered on rank 0)."""
+    from ..checkpoints import save_hf
+    from ..model import Transformer
+
+    final = Path(out) / "final"
+    if lora:
+        save_lora_adapter(model, final, base, rank0)
+        return final
+    state = full_state_dict(root)
+    if rank0:
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        with torch.device("meta"):
+            plain = Transformer(model.args)
+        missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+        if unexpected or [k for k in missing if not (k == "output.weight" and model.args.tie_embeddings)]:
+            raise RuntimeError(f"export_final: state dict mismatch: missing {missing}, unexpected {unexpected}")
+        plain.tie_weights()
+        save_hf(plain, final, tokenizer_src=base, overwrite=True)
+    dist.barrier()
+    return final
 
 
 def full_state_dict(root: nn.Module) -> dict:
@@ -107,11 +123,9 @@ def save_checkpoint(out: Path, step: int, root: nn.Module, optimizer, train_stat
         save_lora_adapter(root.model, tmp / "adapter", base, rank == 0)
     dist.barrier()
     if rank == 0:
-        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_atomic(out / LATEST, final.name)  # last: a crash before this leaves the previous checkpoint current
+        write_json(tmp / "train_state.json", {**train_state, "step": step})
+        replace_dir(tmp, final)
+        atomic_write(out / LATEST, final.name)  # last: a crash before this leaves the previous checkpoint current
         if keep > 0:
             for old in sorted(out.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -140,7 +154,7 @@ def load_checkpoint(path: Path, root: nn.Module, optimizer, lora: bool) -> dict:
     dcp.load(state, checkpoint_id=str(path / "dcp"))
     set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options(lora))
-    return json.loads((path / "train_state.json").read_text())
+    return read_json(path / "train_state.json")
 
 
 def load_rng_state(path: Path, rank: int) -> bool:

@@ -1,0 +1,68 @@
+"""Convert a checkpoint between the Meta/Mistral consolidated and Hugging Face formats.
+
+    python -m minillama.convert SRC DST [--to hf|meta] [--dtype bfloat16] [--shards N] [--max_shard_size 5GB]
+
+The direction comes from SRC (Meta -> HF, HF -> Meta) unless --to says. Tensors keep their dtype unless --dtype is
+given; the checkpoint is memory-mapped and written shard by shard, never held twice. Tokenizer files are copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..dtypes import DTYPE_NAMES, parse_dtype
+from .checkpoint import TOKENIZER_FILES, detect_format, load_model, save_hf, save_meta
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m minillama.convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="checkpoint dir (or a weight file inside it)")
+    p.add_argument("dst", help="output dir (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--to", choices=("hf", "meta"), help="target format (default: the other one)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast weights (default: keep the checkpoint's dtype)")
+    p.add_argument("--shards", type=int, default=1, help="Meta target: model-parallel shards to split into")
+    p.add_argument("--max_shard_size", "--max-shard-size", default="5GB",
+                   help="HF target: largest safetensors file")
+    p.add_argument("--max_seq_len", "--max-seq-len", type=int,
+                   help="context length to record (params.json does not hold it)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    a = parse_args(argv)
+    src_fmt, src_dir = detect_format(a.src)
+    to = a.to or ("meta" if src_fmt == "hf" else "hf")
+    t0 = time.time()
+    print(f"reading {src_fmt} checkpoint {src_dir}", flush=True)
+    model = load_model(src_dir, dtype=parse_dtype(a.dtype), max_seq_len=a.max_seq_len)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"loaded {model.args.family} model, {n_params / 1e6:.1f}M parameters, "
+          f"{model.tok_embeddings.weight.dtype} ({time.time() - t0:.1f}s)", flush=True)
+    if to == "hf":
+        out = save_hf(model, a.dst, tokenizer_src=src_dir, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
+                      log=lambda s: print(s, flush=True))
+    else:
+        out = save_meta(model, a.dst, n_shards=a.shards, tokenizer_src=src_dir,
+                        log=lambda s: print(s, flush=True), overwrite=a.overwrite)
+    copied = [n for n in TOKENIZER_FILES if (out / n).is_file()]
+    print(f"wrote {to} checkpoint {out} (tokenizer files: {', '.join(copied) or 'none found'}) "
+          f"in {time.time() - t0:.1f}s", flush=True)
+    return out
+
+
+def cli(argv=None) -> int:
+    """main() with bad input reported as one line on stderr instead of a traceback."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,160 @@
+"""Files minillama writes and reads: atomic writes, atomic directories, JSON that names the file when it is bad.
+
+The one overwrite rule: a *file* written with `atomic_write` replaces the old one whole (its new content is the
+whole truth: a config, a pointer, a rewritten log); a *directory* written with `atomic_dir` that already exists
+and is not empty is replaced only when the caller says `overwrite=True`, otherwise FileExistsError is raised
+before any work. Both write beside the target first (a hidden `.NAME.tmp-PID-...`), fsync, then os.replace, so a
+crash leaves either the old target or the new one, never half of one. Temp leftovers of a killed process are
+removed the next time the same target is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def _tmp_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Delete `.NAME.tmp-PID-*` siblings of `final` whose writing process no longer runs; returns them."""
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for p in final.parent.glob(_tmp_prefix(final) + "*"):
+        pid = p.name[len(_tmp_prefix(final)):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def follow_umask(path: PathLike) -> None:
+    """Give a file made owner-only (mkstemp, mkdtemp, some writers) the mode open()/mkdir() would: 666/777 - umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: PathLike, data: Union[str, bytes], fsync: bool = True) -> Path:
+    """Replace the file at `path` with `data` (str is written as UTF-8) in one step."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(final)}{os.getpid()}-", dir=final.parent)
+    try:
+        follow_umask(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(final.parent)
+    return final
+
+
+def write_json(path: PathLike, obj) -> Path:
+    """atomic_write of obj as indented JSON with a trailing newline."""
+    return atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_dir_writable(path: PathLike, overwrite: bool, flag: str = "") -> Path:
+    """Raise FileExistsError if `path` is a file, or a non-empty directory and not overwrite (checked before work)."""
+    final = Path(path)
+    name = f"{flag} {final}" if flag else str(final)
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"{name} exists and is not a directory")
+    if final.is_dir() and any(final.iterdir()) and not overwrite:
+        hint = " (pass --overwrite to replace it)" if flag else "; pass overwrite=True to replace it"
+        raise FileExistsError(f"{name} exists and is not empty{hint}")
+    return final
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike, overwrite: bool = False, flag: str = "") -> Iterator[Path]:
+    """Yield a temp directory beside `path`; when the block ends without error it becomes `path`.
+
+    An existing non-empty `path` is an error unless overwrite (checked on entry, before the slow part, and again
+    at the end); with overwrite it is replaced whole. On error the temp directory is removed and `path` is
+    untouched. `flag` names the command-line flag in the error (e.g. "--out").
+    """
+    final = check_dir_writable(Path(path).absolute(), overwrite, flag)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(final)}{os.getpid()}-", dir=final.parent))
+    try:
+        follow_umask(tmp)
+        yield tmp
+        check_dir_writable(final, overwrite, flag)
+        replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temp dir to `final`, replacing what is there (the caller decided it may)."""
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(final)}{os.getpid()}-old-", dir=final.parent))
+        os.replace(final, old / "d")  # the old dir moves aside first: a crash here leaves it recoverable
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def read_json(path: PathLike, what: str = "") -> dict:
+    """A JSON object from a file; every failure names the file (and `what` it is) in a ValueError/FileNotFoundError."""
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{label} does not exist" if not path.exists() else f"{label} is not a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{label}: not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{label}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except OSError as e:
+        raise ValueError(f"{label}: cannot read ({e.strerror})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{label}: expected a JSON object, found a JSON {type(obj).__name__}")
+    return obj

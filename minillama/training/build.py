@@ -1,0 +1,80 @@
+"""What a training run is built from: the tokenized data, and the model (loaded, LoRA applied or unfrozen, wrapped
+with the loss, sharded by FSDP2) with its optimizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoints import load_model
+from ..lora import apply_lora
+from ..tokenizer import load_tokenizer
+from .data import load_jsonl, report_bad_lines
+from .fsdp import apply_fsdp, checkpoint_blocks
+from .loss import CausalLMLoss
+from .optim import build_optimizer
+from .perf import param_counts
+
+
+def load_data(args, log):
+    """The tokenizer and the tokenized train (and eval) samples; per-file stats and bad lines go to rank 0's log."""
+    if not Path(args.model).exists():
+        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.model else ""
+        raise FileNotFoundError(f"--model {args.model} does not exist{hint}")
+    tok = load_tokenizer(args.model)
+    out = []
+    for name, path in (("data", args.data), ("eval data", args.eval_data)):
+        if not path:
+            out.append(None)
+            continue
+        samples, stats = load_jsonl(path, tok, args.seq_len, args.drop_long)
+        if log.enabled:
+            report_bad_lines(stats)
+        log.message(f"{name}: {stats.summary()}")
+        out.append(samples)
+    return tok, out[0], out[1]
+
+
+def load_device(args, info) -> torch.device:
+    """Where the checkpoint is read to before sharding.
+
+    On GPU the full model goes to CPU memory first: fully_shard then moves one block at a time to the GPU and keeps
+    only this rank's shard there, so no rank ever holds the whole model in GPU memory. The cost: while loading, each
+    rank holds a CPU copy of the whole model in the load dtype (8 ranks x 16 GB for Llama 3 8B in bf16).
+    QLoRA quantizes on the GPU as tensors arrive (CPU quantization of a 47B model is slow): every rank keeps the
+    whole NF4 base on its GPU (~0.5 bytes/weight, replicated: FSDP shards parameters, not the 4-bit buffers, and
+    CPU offload moves only parameters); the full-precision layer weights pass through one at a time.
+    """
+    if info.device.type == "cuda" and not args.quantize:
+        return torch.device("cpu")
+    return info.device
+
+
+def build_model(args, info, compute_dtype, log):
+    """Load the checkpoint, add LoRA (or unfreeze everything), wrap with the loss, shard with FSDP2, make AdamW.
+
+    Returns (model, root, optimizer): root is the FSDP-sharded CausalLMLoss around model."""
+    lora = args.lora_rank > 0
+    torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
+    # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32
+    load_dtype = compute_dtype if lora else torch.float32
+    model = load_model(args.model, device=load_device(args, info), dtype=load_dtype, quantize=args.quantize)
+    if lora:
+        apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = param_counts(model.args)["total"]  # counted from the shapes: NF4 weights are buffers
+    if args.activation_checkpointing:
+        checkpoint_blocks(model)
+    root = CausalLMLoss(model, args.loss_chunk).train()
+    apply_fsdp(root, param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
+               cpu_offload=args.cpu_offload, device=info.device)
+    optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas)
+    what = f"LoRA r={args.lora_rank} on {' '.join(args.lora_targets)}" if lora else "full"
+    log.message(f"model: {args.model} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
+                f"{' NF4 base' if args.quantize else ''}: {n_trainable / 1e6:.2f}M trainable; "
+                f"{str(compute_dtype).removeprefix('torch.')} compute on {info.device}")
+    return model, root, optimizer

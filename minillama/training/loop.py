@@ -1,0 +1,228 @@
+"""The pieces of a training loop that every recipe in train/ shares: the run's position (TrainState), the batch
+schedule, one optimizer step over the global batch (train_step), the eval loss, and the per-step log line.
+
+A step's loss is the mean over every learned token of the whole global batch (all ranks, all micro-batches), so it
+does not depend on the number of processes or of accumulation steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .data import Sample
+from .metrics import MetricsWriter, ProgressBar, peak_memory_gb
+from .optim import set_lr
+from .packing import collate, padded_tokens, plan_epoch
+from .perf import train_flops
+
+
+@dataclass
+class TrainState:
+    """Where a run is: what a resumed run restores (with the weights, optimizer and RNG)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_idx: int = 0  # next batch of the epoch's plan
+    tokens_seen: int = 0
+
+    def advance(self, tokens: int) -> None:
+        """One optimizer step done over `tokens` real tokens."""
+        self.step, self.batch_idx, self.tokens_seen = self.step + 1, self.batch_idx + 1, self.tokens_seen + tokens
+
+    def to_json(self, world_size: int) -> dict:
+        return {**asdict(self), "world_size": world_size}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainState":
+        return cls(**{k: d[k] for k in ("step", "epoch", "batch_idx", "tokens_seen")})
+
+
+@dataclass
+class BatchSplit:
+    """How a global batch of rows is split: over ranks, then into micro-batches (gradient accumulation)."""
+
+    batch_size: int  # global rows
+    world_size: int
+    micro_batch_size: int  # rows per forward per rank
+
+    @classmethod
+    def make(cls, batch_size: int, world_size: int, micro_batch_size: int) -> "BatchSplit":
+        if batch_size % world_size:
+            raise ValueError(f"--batch_size {batch_size} must be a multiple of the {world_size} processes")
+        per_rank = batch_size // world_size
+        micro = micro_batch_size or per_rank
+        if per_rank % micro:
+            raise ValueError(f"--batch_size {batch_size} / {world_size} processes = {per_rank} rows per rank, "
+                             f"not a multiple of --micro_batch_size {micro}")
+        return cls(batch_size, world_size, micro)
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.world_size // self.micro_batch_size
+
+    def rank_rows(self, batch: list, rank: int) -> list:
+        """This rank's contiguous share of a global batch's rows."""
+        per_rank = len(batch) // self.world_size
+        return batch[rank * per_rank:(rank + 1) * per_rank]
+
+
+@dataclass
+class Schedule:
+    """The batch plan of every epoch, built on demand from (seed, epoch) alone: the same on every rank."""
+
+    lengths: list[int]
+    batch_size: int
+    seq_len: int
+    pack: bool
+    seed: int
+    plans: dict = field(default_factory=dict)
+
+    def plan(self, epoch: int) -> list:
+        if epoch not in self.plans:
+            self.plans[epoch] = plan_epoch(self.lengths, self.batch_size, self.seq_len, self.pack, self.seed, epoch)
+            self.plans.pop(epoch - 2, None)  # keep the current and the previous epoch only
+        return self.plans[epoch]
+
+    def total_steps(self, max_steps: int, epochs: int) -> int:
+        return max_steps or sum(len(plan_epoch(self.lengths, self.batch_size, self.seq_len, self.pack, self.seed, e))
+                                for e in range(epochs))
+
+    def next_batch(self, state: TrainState) -> list:
+        """The global batch at the state's position, rolling over into the next epoch (state is advanced there)."""
+        if state.batch_idx >= len(self.plan(state.epoch)):
+            state.epoch, state.batch_idx = state.epoch + 1, 0
+        return self.plan(state.epoch)[state.batch_idx]
+
+    def nonpad_fraction(self, micro_batch_size: int) -> float:
+        first = self.plan(0)
+        return sum(self.lengths) / max(1, sum(padded_tokens(b, self.lengths, micro_batch_size) for b in first))
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, summed over all ranks."""
+
+    loss: float  # mean token loss of the global batch
+    grad_norm: float
+    lr: float
+    tokens: int  # real (non-pad) tokens
+    padded: int  # tokens the model processed
+    doc_len_sq: float  # sum of squared document lengths (attention FLOPs)
+    aux_loss: float  # router load-balancing loss, averaged over micro-batches
+    stop_requested: bool  # some rank got SIGTERM
+    seconds: float
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+def _forward_backward(root, samples: list[Sample], rows, split: BatchSplit, pad_id: int, pack: bool, device,
+                      global_count: float, aux_coef: float) -> list:
+    """Forward + backward over this rank's micro-batches. Returns this rank's [sum of token losses, sum of aux
+    losses, real tokens, padded tokens, sum of squared document lengths]."""
+    totals = [0.0, 0.0, 0, 0, 0]
+    aux_scale = 1.0 / (split.accumulation * split.world_size)
+    micro = split.micro_batch_size
+    for m in range(0, len(rows), micro):
+        mb = collate(samples, rows[m:m + micro], pad_id, pack)
+        doc_ids = mb.doc_ids.to(device) if mb.doc_ids is not None else None
+        ce_sum, aux = root(mb.tokens.to(device), mb.targets.to(device), doc_ids, mb.real.to(device))
+        loss = ce_sum / global_count + aux_coef * aux * aux_scale
+        loss.backward()
+        totals[0] += ce_sum.item()
+        totals[1] += aux.item()
+        totals[2] += mb.n_real
+        totals[3] += mb.tokens.numel()
+        totals[4] += sum(n * n for n in mb.doc_lengths)
+    return totals
+
+
+def train_step(root, optimizer, trainable: list, samples: list[Sample], batch: list, split: BatchSplit,
+               rank: int, device, lr: float, pad_id: int, pack: bool, grad_clip: float, aux_coef: float,
+               stop_requested: bool) -> StepResult:
+    """Forward/backward over the global batch, clip, and (if loss and gradient norm are finite) one optimizer step."""
+    t0 = time.perf_counter()
+    rows = split.rank_rows(batch, rank)
+    count = torch.tensor([sum(samples[i].n_targets() for r in rows for i in r)], dtype=torch.float64, device=device)
+    dist.all_reduce(count)  # the loss is a mean over the global batch's learned tokens: count them first
+    set_lr(optimizer, lr)
+    totals = _forward_backward(root, samples, rows, split, pad_id, pack, device, count.clamp(min=1).item(), aux_coef)
+    # [loss sum, aux sum, real tokens, padded tokens, sum of doc_len^2, stop requested] over all ranks
+    sums = torch.tensor(totals + [float(stop_requested)], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+    loss = sums[0].item() / max(count.item(), 1)
+    result = StepResult(loss, grad_norm, lr, int(sums[2].item()), int(sums[3].item()), sums[4].item(),
+                        sums[1].item() / (split.accumulation * split.world_size), sums[5].item() > 0, 0.0)
+    if result.finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@torch.no_grad()
+def evaluate(root, samples: list[Sample], split: BatchSplit, seq_len: int, pack: bool, rank: int, device,
+             pad_id: int) -> float:
+    """Mean token loss over the whole eval set (every rank takes its share of each batch)."""
+    root.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    micro = split.micro_batch_size
+    for batch in plan_epoch([len(s.ids) for s in samples], split.batch_size, seq_len, pack, 0, 0):
+        rows = split.rank_rows(batch, rank)
+        for m in range(0, len(rows), micro):
+            mb = collate(samples, rows[m:m + micro], pad_id, pack)
+            doc_ids = mb.doc_ids.to(device) if mb.doc_ids is not None else None
+            ce_sum, _ = root(mb.tokens.to(device), mb.targets.to(device), doc_ids, mb.real.to(device))
+            total[0] += ce_sum.double()
+            total[1] += int((mb.targets != -100).sum())
+    dist.all_reduce(total)
+    root.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+class StepLog:
+    """Rank 0's view of the run: metrics.jsonl records, the progress bar, and one-off messages."""
+
+    def __init__(self, metrics: MetricsWriter, bar: ProgressBar, model_args, device, world_size: int, lora: bool,
+                 peak_tflops: Optional[float], moe: bool):
+        self.metrics, self.bar = metrics, bar
+        self.model_args, self.device, self.world_size, self.lora = model_args, device, world_size, lora
+        self.peak, self.moe = peak_tflops, moe
+
+    def step(self, step: int, epoch: int, r: StepResult) -> dict:
+        record = {"step": step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens,
+                  "tokens_per_s": r.tokens / r.seconds, "nonpad_frac": r.tokens / max(r.padded, 1), "epoch": epoch,
+                  "time_s": r.seconds, "peak_mem_gb": peak_memory_gb(self.device)}
+        if self.moe:
+            record["aux_loss"] = r.aux_loss
+        if self.peak:
+            flops = train_flops(self.model_args, r.tokens, r.doc_len_sq / max(r.tokens, 1), lora=self.lora)
+            record["mfu"] = flops / r.seconds / (self.peak * 1e12 * self.world_size)
+        self.metrics.write(record)
+        fields = {"loss": f"{r.loss:.4f}", "lr": f"{r.lr:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+        if "mfu" in record:
+            fields["mfu"] = f"{record['mfu']:.1%}"
+        fields["mem"] = f"{record['peak_mem_gb']:.1f}G"
+        self.bar.update(step, fields)
+        return record
+
+    def eval(self, step: int, loss: float, final: bool = False) -> None:
+        self.metrics.write({"step": step, "eval_loss": loss})
+        self.bar.message(f"eval loss {loss:.4f}" if final else f"step {step}: eval loss {loss:.4f}")
+
+    def message(self, text: str) -> None:
+        self.bar.message(text)
+
+    def close(self) -> None:
+        self.metrics.close()
