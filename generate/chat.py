@@ -27,7 +27,7 @@ from minillama.engine import Engine, Request  # noqa: E402
 from minillama.generation import cache_len_for  # noqa: E402
 from minillama.loading import broadcast_object, rank0_print  # noqa: E402
 from minillama.repl import HELP, Terminal, dim  # noqa: E402
-from minillama.tokenizer import StreamDecoder  # noqa: E402
+from minillama.tokenizer import StreamDecoder, decode_cut  # noqa: E402
 
 GO, STOP, QUIT = 0, 1, 2  # what rank 0 tells every rank before each decode step
 
@@ -90,7 +90,8 @@ def respond(loaded, engine: Engine, ids: list[int], args, term: Terminal) -> tup
     n = len(req.output)
     stats = (f"[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s; prompt {len(ids)} tokens, "
              f"{req.cached_tokens} of them cached]")
-    return (None if req.finish == "cancelled" else tok.decode(req.output)), stats
+    text = decode_cut(tok, req.output) if req.finish == "length" else tok.decode(req.output)
+    return (None if req.finish == "cancelled" else text), stats
 
 
 def main(argv=None):
