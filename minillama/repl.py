@@ -3,8 +3,9 @@ stops the answer in progress instead of the chat, under plain python and under t
 
 Ctrl-C under torchrun: torchrun starts each worker in its own session, so the terminal's SIGINT goes to torchrun's
 agent, which forwards it and SIGKILLs the worker ~30 s later, whatever the worker does. So when rank 0 reads a
-terminal under torchrun, it turns the terminal's signal keys off (termios ISIG) and reads Ctrl-C as the byte 0x03:
-between decode steps while answering, and through a readline binding at the prompt. Under plain python a SIGINT
+terminal under torchrun, it takes the terminal's interrupt key away (termios VINTR; readline turns ISIG back on at
+each prompt, so ISIG alone would not do) and reads Ctrl-C as the byte 0x03: between decode steps while answering,
+and through a readline binding at the prompt. Under plain python a SIGINT
 handler sets a flag that the decode loop checks between steps. Either way the cache is never left half-written:
 an answer stops between steps. A second Ctrl-C (at the prompt, or twice while answering) quits without a traceback.
 """
@@ -56,7 +57,7 @@ class Terminal:
             import termios
             self._saved = termios.tcgetattr(self.fd)
             atexit.register(self.restore)
-            self._set_lflag(clear=termios.ISIG)
+            self._set_lflag(clear=0)
 
     # ---- reading a message ----
     def _setup_readline(self) -> None:
@@ -67,7 +68,7 @@ class Terminal:
             return
         self.readline = readline
         readline.parse_and_bind("set enable-bracketed-paste on")  # a multi-line paste arrives as one input
-        if self.keys:  # signals are off: Ctrl-C ends the line with a 0x03 in it, which read() takes as Ctrl-C
+        if self.keys:  # no interrupt key: Ctrl-C ends the line with a 0x03 in it, which read() takes as Ctrl-C
             readline.parse_and_bind(r'"\C-c": "\C-e\C-v\C-c\C-m"')
         try:
             readline.read_history_file(HISTORY)
@@ -131,12 +132,12 @@ class Terminal:
             return
         if self.keys:
             import termios
-            self._set_lflag(clear=termios.ICANON | termios.ECHO | termios.ISIG)
+            self._set_lflag(clear=termios.ICANON | termios.ECHO)
             try:
                 yield
             finally:
                 termios.tcflush(self.fd, termios.TCIFLUSH)  # keys typed during the answer are not the next message
-                self._set_lflag(clear=termios.ISIG)
+                self._set_lflag(clear=0)
             return
 
         def on_sigint(signum, frame):
@@ -161,10 +162,11 @@ class Terminal:
 
     # ---- the terminal's modes ----
     def _set_lflag(self, clear: int) -> None:
-        """The saved terminal settings with these local-mode bits off."""
+        """The saved terminal settings with these local-mode bits off and no interrupt key (Ctrl-C is a byte)."""
         import termios
         attrs = [list(a) if isinstance(a, list) else a for a in self._saved]
         attrs[3] &= ~clear
+        attrs[6][termios.VINTR] = os.fpathconf(self.fd, "PC_VDISABLE")
         attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 1, 0
         termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,90 @@ def test_missing_default_checkpoint_names_the_fetch_command(tmp_path, monkeypatc
     args = argparse.Namespace(ckpt=None, ckpt_dir=None, tokenizer_path=None, adapter=None)
     with pytest.raises(FileNotFoundError, match="python weights/prepare_smollm2.py"):
         cli.resolve_checkpoint(args)
+
+
+class Pty:
+    """A command on a pseudo-terminal that is its controlling terminal, as in an interactive shell."""
+
+    def __init__(self, cmd, tmp_path):
+        import fcntl
+        import termios
+        master, slave = os.openpty()
+        env = {**os.environ, "OMP_NUM_THREADS": "2", "MINILLAMA_HISTORY": str(tmp_path / "history")}
+        self.proc = subprocess.Popen([str(c) for c in cmd], stdin=slave, stdout=slave, stderr=slave, cwd=REPO,
+                                     env=env, start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        self.master, self.out = master, b""
+
+    def expect(self, text: str, timeout: float = 120) -> bool:
+        """Wait until text has appeared since the last expect; True if it did."""
+        import select
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text.encode() in self.out:
+                self.out = self.out[self.out.index(text.encode()) + len(text.encode()):]
+                return True
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    self.out += os.read(self.master, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+        return text.encode() in self.out
+
+    def send(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        os.close(self.master)
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_ctrl_c_stops_the_answer_not_the_chat_and_a_second_one_quits(smollm2_dir, tmp_path, launcher):
+    """Under torchrun the agent SIGKILLs a worker ~30 s after it sees SIGINT; the chat must never let it see one."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    head = [sys.executable] if launcher == "python" else [torchrun, "--nproc_per_node", "1"]
+    term = Pty(head + [CHAT, "--ckpt", smollm2_dir, "--temperature", "0", "--max_new_tokens", "500"], tmp_path)
+    try:
+        assert term.expect("> ")
+        term.send("Tell me a very long story about a dragon.\r")
+        assert term.expect("There are many stories")  # the answer is streaming
+        term.send("\x03")
+        assert term.expect("[interrupted; answer dropped from the history]", 20)
+        assert term.expect("> ", 20)
+        term.send("What is the capital of France?\r")
+        assert term.expect("Paris", 60)  # the chat goes on after the interruption
+        assert term.expect("tokens/s", 20)  # the dim stats line after the answer
+        assert term.expect("> ", 20)
+        term.send("\x03")  # Ctrl-C at the prompt quits cleanly (a torchrun agent that saw SIGINT would exit 1)
+        try:
+            rc = term.proc.wait(60)
+        finally:
+            term.expect("never printed", 1)
+        assert rc == 0, term.out
+        assert b"Traceback" not in term.out and b"KeyboardInterrupt" not in term.out
+    finally:
+        term.close()
+
+
+def test_repl_commands_multiline_input_and_ctrl_d(smollm2_dir, tmp_path):
+    term = Pty([sys.executable, CHAT, "--ckpt", smollm2_dir, "--temperature", "0", "--max_new_tokens", "8"], tmp_path)
+    try:
+        assert term.expect("> ")
+        term.send("/help\r")
+        assert term.expect("/system TEXT") and term.expect("> ")
+        term.send("/system Answer in one word.\r")
+        assert term.expect("[system prompt: 'Answer in one word.']") and term.expect("> ")
+        term.send("What is the capital \\\r")  # a trailing backslash continues the message
+        assert term.expect("... ")
+        term.send("of France?\r")
+        assert term.expect("Paris", 60) and term.expect("> ", 20)
+        term.send("\x04")  # Ctrl-D quits, leaving the shell on a fresh line
+        assert term.proc.wait(20) == 0
+        term.expect("never printed", 1)
+        assert term.out.endswith(b"\r\n") and b"Traceback" not in term.out
+    finally:
+        term.close()
+    assert "What is the capital \\" in (tmp_path / "history").read_text()  # readline history is kept
