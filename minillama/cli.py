@@ -37,7 +37,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                or action.nargs == 0:
             return text
         return super()._get_help_string(action)
 
@@ -150,6 +151,11 @@ def _given_checkpoint(argv) -> Path:
     return Path(known.ckpt) if known.ckpt else DEFAULT_CKPT
 
 
+def _short(path: Path) -> str:
+    rel = os.path.relpath(path)
+    return path.as_posix() if rel.startswith("..") else rel
+
+
 def checkpoint_defaults(p: argparse.ArgumentParser, argv) -> None:
     """Sampling flag defaults from the checkpoint's generation_config.json (flags still win), each one's
     effective value and where it came from written into its --help line."""
@@ -164,15 +170,14 @@ def checkpoint_defaults(p: argparse.ArgumentParser, argv) -> None:
         values["max_seq_len"] = gen.max_length
     for dest in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"):
         a = actions[dest]
-        fallback = a.default
+        fallback = "the rest of the context" if a.default is None else f"{a.default:g}"
         if dest in values:
             a.default = values[dest]
             why = f", {gen.why}" if dest == "temperature" else ""
-            now = f"{a.default:g} from {gen.path}{why}"
+            a.help = (f"{a.help} (default here: {a.default:g} from {_short(gen.path)}{why}; without a "
+                      f"generation_config.json: {fallback})")
         else:
-            now = "the model's context" if fallback is None else f"{fallback:g}"
-        a.help = (f"{a.help}; default: the checkpoint's generation_config.json, else "
-                  f"{'the rest of the context' if fallback is None else f'{fallback:g}'} (here: {now})")
+            a.help = f"{a.help} (default: the checkpoint's generation_config.json, else {fallback})"
     if "max_seq_len" in values:
         actions["max_seq_len"].default = values["max_seq_len"]
 
