@@ -23,8 +23,16 @@ from .dtypes import DTYPE_NAMES
 from .sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CKPT = REPO / "weights" / "smollm2-135m-instruct"
-PREPARE_COMMAND = "python weights/prepare_smollm2.py"
+IN_CHECKOUT = (REPO / "pyproject.toml").is_file()  # else an installed package (site-packages)
+# the embedded default model: weights/ in a checkout; an installed package keeps it in the user's cache
+DEFAULT_CKPT = (REPO / "weights" if IN_CHECKOUT else
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minillama") / "smollm2-135m-instruct"
+PREPARE_COMMAND = "python weights/prepare_smollm2.py" if IN_CHECKOUT else "minillama-prepare-smollm2"
+
+
+def recipe_file(*parts: str) -> Path:
+    """A file shipped beside the scripts (e.g. train/data/reviews.jsonl): the checkout's, or the installed copy."""
+    return (REPO if IN_CHECKOUT else Path(__file__).resolve().parent / "recipes").joinpath(*parts)
 
 # what a user can get wrong: a bad flag value, path or file. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
@@ -108,7 +116,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """Which checkpoint, adapter, dtype, device and CPU threads."""
     p.add_argument("--ckpt", "--model", dest="ckpt", default=None,
                    help="checkpoint dir (HF or Meta/Mistral layout); default: "
-                        f"{DEFAULT_CKPT.relative_to(REPO)}/ (made by `{PREPARE_COMMAND}`)")
+                        f"{DEFAULT_CKPT.relative_to(REPO) if IN_CHECKOUT else DEFAULT_CKPT}/ (made by "
+                        f"`{PREPARE_COMMAND}`)")
     p.add_argument("--ckpt_dir", default=None, help="Meta-style alias of --ckpt")
     p.add_argument("--tokenizer_path", default=None, help="tokenizer file or dir (default: the checkpoint dir)")
     p.add_argument("--adapter", default=None, help="LoRA adapter dir (PEFT layout) to apply on top")

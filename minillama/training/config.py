@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import DEFAULT_CKPT, REPO, ArgumentParser, dehyphenate
+from ..cli import DEFAULT_CKPT, ArgumentParser, dehyphenate, recipe_file
 from ..dtypes import DTYPE_NAMES
 from ..files import read_json
 
@@ -16,8 +16,8 @@ from ..files import read_json
 NOT_RESUMED = {"help", "config", "resume", "out", "micro_batch_size", "stop_at_step"}
 # keys of runs saved before a flag was renamed (OUT/config.json, --config files) -> today's name
 RENAMED = {"model": "ckpt"}
-DEMO_DATA = REPO / "train" / "data" / "reviews.jsonl"
-DEMO_EVAL_DATA = REPO / "train" / "data" / "reviews_eval.jsonl"  # held-out reviews for the demo's eval curve
+DEMO_DATA = recipe_file("train", "data", "reviews.jsonl")
+DEMO_EVAL_DATA = recipe_file("train", "data", "reviews_eval.jsonl")  # held-out reviews for the demo's eval curve
 DEMO_EVAL_EVERY = 4
 
 
@@ -28,7 +28,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    help="checkpoint dir (HF or Meta layout) to fine-tune")
     p.add_argument("--data", default=str(DEMO_DATA), help="training JSONL")
     p.add_argument("--eval_data", default=None,
-                   help=f"JSONL for the eval loss (default: {DEMO_EVAL_DATA.relative_to(REPO)} when --data is the "
+                   help="JSONL for the eval loss (default: train/data/reviews_eval.jsonl when --data is the "
                         "demo's, else none)")
     p.add_argument("--eval_every", type=int, default=None,
                    help=f"eval every N steps, 0: only at the end (default: {DEMO_EVAL_EVERY} for the demo's eval "
