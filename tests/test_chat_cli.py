@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import torch
 
 from minillama import load_model
 from minillama.generation import generate
-from minillama.tokenizer import load_tokenizer
+from minillama.tokenizer import decode_cut, load_tokenizer
+from sft_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = REPO / "generate" / "chat.py"
@@ -39,8 +41,9 @@ def smol(smollm2_dir):
 
 
 def greedy_answer(model, tok, messages, n):
-    ids = tok.encode_dialog(messages)
-    return tok.decode(generate(model, [ids], n, stop_ids=tok.stop_ids)[0])
+    """The answer as chat.py prints it (one cut at n tokens loses a partial last character)."""
+    new = generate(model, [tok.encode_dialog(messages)], n, stop_ids=tok.stop_ids)[0]
+    return decode_cut(tok, new) if len(new) == n else tok.decode(new)
 
 
 def test_one_shot_under_torchrun_answers_paris(smollm2_dir):
@@ -192,3 +195,25 @@ def test_repl_commands_multiline_input_and_ctrl_d(smollm2_dir, tmp_path):
     finally:
         term.close()
     assert "What is the capital \\" in (tmp_path / "history").read_text()  # readline history is kept
+
+
+def test_repl_under_tensor_parallel_equals_one_process(smollm2_dir, tmp_path):
+    """2 CPU processes split the model; rank 0 reads stdin, both step in lockstep and keep the cache between turns."""
+    from minillama import ModelArgs, Transformer, save_hf
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=96,
+                                  max_seq_len=256)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
+    ckpt = save_hf(model, tmp_path / "tiny", tokenizer_src=smollm2_dir)
+    tok = load_tokenizer(ckpt)
+    n, u1, u2 = 5, "Hello there.", "And again?"
+    a1 = greedy_answer(model, tok, [{"role": "user", "content": u1}], n)
+    a2 = greedy_answer(model, tok, [{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
+                                    {"role": "user", "content": u2}], n)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    proc = run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), CHAT, "--ckpt", ckpt,
+                "--device", "cpu", "--temperature", "0", "--max_new_tokens", str(n)], stdin=f"{u1}\n{u2}\n")
+    assert proc.stdout == f"{a1}\n{a2}\n"
+    cached = [int(c) for c in re.findall(r"(\d+) of them cached", proc.stderr)]
+    assert cached[0] == 0 and cached[1] > len(tok.encode_dialog([{"role": "user", "content": u1}])) - 2

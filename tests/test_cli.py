@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 # script -> the function that builds and parses its flags
 SCRIPTS = {"generate/chat.py": "get_args", "generate/complete.py": "get_args", "generate/batch.py": "get_args",
            "generate/serve.py": "get_args", "generate/bench.py": "get_args", "train/bench.py": "get_args",
+           "generate/bench_serve.py": "get_args",
            "train/plot.py": "main", "train/sft.py": "parse_args", "weights/prepare_smollm2.py": "parse_args",
            "minillama/checkpoints/convert.py": "parse_args", "minillama/checkpoints/merge.py": "parse_args"}
 

@@ -26,6 +26,7 @@ from minillama.adapter import save_adapter  # noqa: E402
 from minillama.generation import generate  # noqa: E402
 from minillama.lora import apply_lora, set_lora_enabled  # noqa: E402
 from minillama.tokenizer import decode_cut, load_tokenizer  # noqa: E402
+from sft_helpers import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE, ADAPTER = "smol", "noisy"
@@ -312,3 +313,53 @@ def test_chat_page_streams_an_answer_in_a_real_browser(browser, server, smol):
     while health(url)["running"] and time.time() < deadline:
         time.sleep(0.1)
     assert health(url)["running"] == 0
+
+
+# ---- tensor parallel: 2 CPU processes under torchrun, rank 0 serving ----
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(smollm2_dir, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer (well-separated logits: no argmax ties between layouts)."""
+    from minillama import ModelArgs, Transformer, save_hf
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=96,
+                                  max_seq_len=256)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
+    return save_hf(model, tmp_path_factory.mktemp("tiny") / "tiny", tokenizer_src=smollm2_dir), model
+
+
+def test_tensor_parallel_server_answers_concurrent_requests_like_one_process(tiny_ckpt, tmp_path):
+    ckpt, model = tiny_ckpt
+    tok = load_tokenizer(ckpt)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                             str(REPO / "generate" / "serve.py"), "--ckpt", str(ckpt), "--device", "cpu", "--port", "0",
+                             "--max_seq_len", "128", "--temperature", "0", "--max_batch_size", "4"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines, ready = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            ready.set() if line.startswith("[serving ") else None
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(180), "".join(lines)
+        url = next(x for x in lines if x.startswith("[serving ")).split(" on ")[1].split()[0].rstrip("/")
+        assert "2 process(es)" in "".join(lines)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        time.sleep(2.5)  # idle: rank 0 keeps the followers' collectives alive with empty plans
+        qs = QUESTIONS[:4]
+        with ThreadPoolExecutor(4) as pool:
+            rs = list(pool.map(lambda q: ask(client, q, model="tiny", max_tokens=6), qs))
+        for q, r in zip(qs, rs):
+            new = generate(model, [chat_ids(tok, q)], 6, stop_ids=tok.stop_ids)[0]
+            assert r.choices[0].message.content == (decode_cut(tok, new) if len(new) == 6 else tok.decode(new))
+        with pytest.raises(openai.BadRequestError):  # a bad request does not break the lockstep
+            ask(client, "Hi", model="tiny", temperature=-1)
+        assert ask(client, "Hi", model="tiny", max_tokens=2).usage.completion_tokens <= 2
+    finally:
+        proc.terminate()
+        proc.wait(60)
