@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -51,15 +52,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+_FLAG = re.compile(r"(--[A-Za-z0-9][A-Za-z0-9_-]*)(=|$)")
+
+
 def dehyphenate(argv: list[str]) -> list[str]:
     """--max-new-tokens=5 -> --max_new_tokens=5: flag names only, never values or anything after a bare '--'."""
     out, rest = [], False
     for a in argv:
         if a == "--":
             rest = True
-        if not rest and a.startswith("--") and len(a) > 2:
-            name, eq, value = a.partition("=")
-            a = "--" + name[2:].replace("-", "_") + eq + value
+        m = None if rest else _FLAG.match(a)
+        if m:  # a value such as "--x 1 --y 2" (spaces) is not a flag name and stays as it is
+            a = "--" + m.group(1)[2:].replace("-", "_") + a[m.end(1):]
         out.append(a)
     return out
 

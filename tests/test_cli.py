@@ -65,8 +65,10 @@ def test_every_script_shares_the_flag_vocabulary_and_every_flag_has_help(rel, mo
 
 
 def test_hyphens_are_accepted_and_values_are_left_alone():
-    assert cli.dehyphenate(["--max-new-tokens", "5", "--system=be-brief", "--prompt", "a-b", "--", "--x-y"]) == \
-        ["--max_new_tokens", "5", "--system=be-brief", "--prompt", "a-b", "--", "--x-y"]
+    assert cli.dehyphenate(["--max-new-tokens", "5", "--system=be-brief", "--prompt", "a-b", "--server-args",
+                            "--max-seq-len 512 --top-k 2", "--", "--x-y"]) == \
+        ["--max_new_tokens", "5", "--system=be-brief", "--prompt", "a-b", "--server_args",
+         "--max-seq-len 512 --top-k 2", "--", "--x-y"]
     sft = load_script("train/sft.py")
     args = sft.parse_args(["--lora-rank", "4", "--model", "/ckpt", "--max-steps=3"])
     assert (args.lora_rank, args.ckpt, args.max_steps) == (4, "/ckpt", 3)
