@@ -26,8 +26,8 @@ from .sampling import SamplingParams
 REPO = Path(__file__).resolve().parents[1]
 IN_CHECKOUT = (REPO / "pyproject.toml").is_file()  # else an installed package (site-packages)
 # the embedded default model: weights/ in a checkout; an installed package keeps it in the user's cache
-DEFAULT_CKPT = (REPO / "weights" if IN_CHECKOUT else
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minillama") / "smollm2-135m-instruct"
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minillama"
+DEFAULT_CKPT = (REPO / "weights" if IN_CHECKOUT else USER_CACHE) / "smollm2-135m-instruct"
 PREPARE_COMMAND = "python weights/prepare_smollm2.py" if IN_CHECKOUT else "minillama-prepare-smollm2"
 
 
