@@ -197,16 +197,44 @@ def test_repl_commands_multiline_input_and_ctrl_d(smollm2_dir, tmp_path):
     assert "What is the capital \\" in (tmp_path / "history").read_text()  # readline history is kept
 
 
-def test_repl_under_tensor_parallel_equals_one_process(smollm2_dir, tmp_path):
-    """2 CPU processes split the model; rank 0 reads stdin, both step in lockstep and keep the cache between turns."""
+def tiny_chat_model(smollm2_dir, path):
+    """A tiny random Llama with SmolLM2's tokenizer and well-separated logits, saved as a checkpoint dir."""
     from minillama import ModelArgs, Transformer, save_hf
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=96,
                                   max_seq_len=256)).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
-    ckpt = save_hf(model, tmp_path / "tiny", tokenizer_src=smollm2_dir)
-    tok = load_tokenizer(ckpt)
+    ckpt = save_hf(model, path, tokenizer_src=smollm2_dir)
+    return model, ckpt, load_tokenizer(ckpt)
+
+
+def test_repl_keeps_the_cache_between_turns_and_drops_old_turns_when_full(smollm2_dir, tmp_path):
+    """Each turn's answer equals encoding the (fitted) history from scratch, also once old turns had to go."""
+    model, ckpt, tok = tiny_chat_model(smollm2_dir, tmp_path / "tiny")
+    fit_history = load_chat_module().fit_history
+    n, limit = 6, 80
+    users = ["Tell me about the sea and the sky.", "And the mountains, please?", "What about rivers and lakes?"]
+    history, expected, drops = [], [], []
+    for u in users:
+        msgs = history + [{"role": "user", "content": u}]
+        ids, dropped = fit_history(tok, msgs, limit, n)
+        new = generate(model, [ids], n, stop_ids=tok.stop_ids)[0]
+        expected.append(decode_cut(tok, new) if len(new) == n else tok.decode(new))
+        history = msgs + [{"role": "assistant", "content": expected[-1]}]
+        drops.append(dropped)
+    assert drops[-1] > 0  # the last turn only fits without the oldest one
+    proc = run([sys.executable, CHAT, "--ckpt", ckpt, "--temperature", "0", "--max_new_tokens", str(n),
+                "--max_seq_len", str(limit)], stdin="".join(u + "\n" for u in users))
+    assert proc.stdout == "".join(e + "\n" for e in expected)
+    cached = [int(c) for c in re.findall(r"(\d+) of them cached", proc.stderr)]
+    assert cached[0] == 0 and cached[1] > 10  # turn 2 reused turn 1's tokens
+    assert "dropped the 1 oldest turn(s)" in proc.stderr
+
+
+def test_repl_under_tensor_parallel_equals_one_process(smollm2_dir, tmp_path):
+    """2 CPU processes split the model; rank 0 reads stdin, both step in lockstep and keep the cache between turns."""
+    model, ckpt, tok = tiny_chat_model(smollm2_dir, tmp_path / "tiny")
     n, u1, u2 = 5, "Hello there.", "And again?"
     a1 = greedy_answer(model, tok, [{"role": "user", "content": u1}], n)
     a2 = greedy_answer(model, tok, [{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
