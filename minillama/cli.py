@@ -1,7 +1,7 @@
 """The command-line side shared by every script in generate/ and train/: one flag vocabulary, argparse types that
 reject bad values before a model is loaded, the default checkpoint, and one-line errors instead of tracebacks.
 
-    p = argparse.ArgumentParser(...); add_model_args(p); add_sampling_args(p)
+    p = ArgumentParser(description=__doc__); add_model_args(p); add_sampling_args(p)
     sys.exit(run(main))   # a user mistake prints "error: ..." on rank 0 and exits 1
 """
 
@@ -29,6 +29,19 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and every flag's default in --help."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with HelpFormatter and one-line errors: "PROG: error: MESSAGE (see --help)" on stderr (rank 0 only
+    under torchrun), exit status 2, no usage block."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        if is_rank0():
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # ---- argparse types: the value is checked when the command line is parsed ----
@@ -62,6 +75,7 @@ nonnegative_int = _checked("nonnegative_int", int, lambda v: v >= 0, ">= 0")
 positive_float = _checked("positive_float", float, lambda v: v > 0, "> 0")
 nonnegative_float = _checked("nonnegative_float", float, lambda v: v >= 0, ">= 0")
 probability = _checked("probability", float, lambda v: 0 < v <= 1, "in (0, 1]")  # top_p
+fraction = _checked("fraction", float, lambda v: 0 <= v <= 1, "in [0, 1]")
 unit_fraction = _checked("unit_fraction", float, lambda v: 0 <= v < 1, "in [0, 1)")  # dropout
 
 
