@@ -145,6 +145,8 @@ def start_run(args) -> Run:
     compute_dtype = parse_dtype(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     msg = ProgressBar(0, enabled=info.is_rank0)
     resume_from = resolve_resume(args.resume, out, msg.message) if args.resume else None  # checked before loading
+    if args.resume and resume_from is None:
+        msg.message(f"--resume: no checkpoint in {out} yet; starting a fresh run")
 
     tok, samples, eval_samples = load_data(args, msg)
     split = BatchSplit.make(args.batch_size, info.world_size, args.micro_batch_size)

@@ -214,8 +214,9 @@ def load_jsonl(path, tok, seq_len: int, drop_long: bool = False, flag: str = "--
     return samples, stats
 
 
-def report_bad_lines(stats: DataStats, limit: int = 10, file=sys.stderr) -> None:
-    """Print the first `limit` bad lines as path:line: reason."""
+def report_bad_lines(stats: DataStats, limit: int = 10, file=None) -> None:
+    """Print the first `limit` bad lines as path:line: reason (to stderr by default)."""
+    file = file or sys.stderr
     for lineno, reason in stats.bad[:limit]:
         print(f"{stats.path}:{lineno}: skipped: {reason}", file=file)
     if len(stats.bad) > limit:

@@ -293,7 +293,7 @@ def resolve_resume(resume: str, out: Path, log: Callable[[str], None] = print) -
             log(f"[{problem}; resuming from {candidate}, the newest intact checkpoint]")
         return candidate
     raise ValueError(f"--resume: no intact checkpoint in {out}: {problem}"
-                     + (f"; {len(problems)} other step_N unusable too" if len(problems) > 1 else ""))
+                     + (f"; {len(problems) - 1} other step_N unusable too" if len(problems) > 1 else ""))
 
 
 def load_checkpoint(path: Path, root: nn.Module, optimizer, lora: bool) -> dict:
