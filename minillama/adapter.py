@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .args import ModelArgs
 from .checkpoints.hf_keys import META_TARGET_TO_HF, hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
+from .checkpoints.shards import first_line
 from .files import atomic_dir, read_json, write_json
 from .lora import LoRAExperts, LoRALinear, apply_lora, lora_modules, lora_scaling
 
@@ -164,10 +165,16 @@ def _read_pairs(path: Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
         try:
             state = load_file(str(wfile))
         except Exception as e:  # safetensors raises several types for a damaged file
-            raise ValueError(f"{wfile}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{wfile}: not a readable safetensors file ({type(e).__name__}: {first_line(e)})") \
+                from None
     elif (path / "adapter_model.bin").is_file():
         wfile = path / "adapter_model.bin"
-        state = torch.load(wfile, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(wfile, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses anything but tensors; a damaged file raises many types
+            raise ValueError(f"{wfile}: not a readable tensor file ({type(e).__name__}: {first_line(e)})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{wfile}: expected a dict of tensors, found {type(state).__name__}")
     else:
         raise FileNotFoundError(f"{path / WEIGHTS_NAME} not found (nor adapter_model.bin)")
     pairs: dict[str, dict] = defaultdict(dict)

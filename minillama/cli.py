@@ -174,8 +174,9 @@ def run(main: Callable[[], Optional[int]]) -> int:
     try:
         code = main()
     except USER_ERRORS as e:
-        if is_rank0():
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        if is_rank0():  # one line: a message that runs on (a library's paragraph) keeps its first line
+            text = str(e).strip()
+            print(f"error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         if is_rank0():

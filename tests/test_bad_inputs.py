@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_hf, tiny_model, write_meta_dir
+from helpers import Payload, tiny_hf, tiny_model, write_meta_dir
 from minillama import load_model, save_hf
 from minillama.adapter import save_adapter
 from minillama.checkpoints import save_meta
@@ -102,6 +102,22 @@ def test_integer_tensors_are_refused_with_the_key_named(tmp_path, dtype, name):
     torch.save(sd, meta / "consolidated.00.pth")
     with pytest.raises(ValueError, match=rf"tensor layers\.1\.attention\.wv\.weight is {dtype}, expected a float"):
         load_model(meta)
+
+
+def test_pickled_payloads_in_weight_and_adapter_files_never_run(tmp_path):
+    from minillama.adapter import read_adapter
+    marker = tmp_path / "PWNED"
+    meta = write_meta_dir(tiny_hf("llama"), tmp_path / "meta")
+    torch.save({"tok_embeddings.weight": Payload(marker)}, meta / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"could not read checkpoint file .*consolidated\.00\.pth .*UnpicklingError"):
+        load_model(meta)
+    model = apply_lora(tiny_model(), rank=2, alpha=4, targets=("q_proj",))
+    ad = save_adapter(model, tmp_path / "ad")
+    (ad / "adapter_model.safetensors").unlink()
+    torch.save({"base_model.model.x.lora_A.weight": Payload(marker)}, ad / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin: not a readable tensor file \(UnpicklingError: [^\n]*$"):
+        read_adapter(ad, model.args)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two"])

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from helpers import Payload
 from minillama.cli import run as run_cli
 from minillama.files import file_digest
 from minillama.training.resume import resolve_resume
@@ -80,16 +81,6 @@ def reference(setup):
 def copy_run(src, dst):
     shutil.copytree(src, dst)
     return dst
-
-
-class Payload:
-    """Unpickling this creates `marker`: what a crafted checkpoint file would do to a pickle-based reader."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def payloads(marker) -> dict:

@@ -16,6 +16,12 @@ import torch
 from ..files import read_json
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message up to its first line break (torch.load explains itself in paragraphs)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
 @dataclass
 class Source:
     """One tensor in one file."""
@@ -56,7 +62,7 @@ class TensorFiles:
                 raise
             except Exception as e:  # safetensors and torch raise many types for a corrupt file
                 raise ValueError(f"could not read checkpoint file {file} (truncated or corrupt?): "
-                                 f"{type(e).__name__}: {e}") from e
+                                 f"{type(e).__name__}: {first_line(e)}") from e
         return self._open[file]
 
     def keys(self, file: Path) -> list[str]:
@@ -80,7 +86,7 @@ class TensorFiles:
             return h[key] if isinstance(h, dict) else h.get_tensor(key)
         except Exception as e:
             raise ValueError(f"could not read tensor {key} from {file} (truncated or corrupt?): "
-                             f"{type(e).__name__}: {e}") from e
+                             f"{type(e).__name__}: {first_line(e)}") from e
 
     def close(self, file: Path):
         self._open.pop(file, None)
