@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from ..files import atomic_write, file_digest, read_json, replace_dir, write_json
 from ..lora import lora_modules
-from .sharded import load_sharded, read_index, save_sharded
+from .sharded import INDEX, load_sharded, read_index, save_sharded
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -234,10 +234,11 @@ def verify_checkpoint(path: Path) -> dict:
     problems = [b for b in _gather(bad) if b]
     if problems:
         raise ValueError(problems[0])
-    index = read_index(path / "state")
-    unlisted = [n for n in index["files"] if f"state/{n}" not in files]
-    if unlisted:
-        raise ValueError(f"{path / MANIFEST} does not list state/{unlisted[0]}")
+    named = read_json(path / "state" / INDEX, "checkpoint index").get("files")
+    unlisted = [n for n in named if f"state/{n}" not in files] if isinstance(named, dict) else []
+    if unlisted:  # a piece file the manifest does not vouch for is not opened
+        raise ValueError(f"{path / MANIFEST} does not list state/{unlisted[0]}, which {path / 'state' / INDEX} names")
+    read_index(path / "state")
     for rel in files:
         if rel.startswith("rng/"):
             parse_rng_state(read_json(path / rel, "RNG state"), str(path / rel))
