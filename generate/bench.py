@@ -11,7 +11,6 @@ so prefill is excluded; prefill time is t(1 new). Bytes per decode step = every 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -22,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minillama import ModelArgs, Transformer, save_hf  # noqa: E402
+from minillama.cli import ArgumentParser, run  # noqa: E402
 from minillama.dtypes import DTYPE_NAMES, parse_dtype  # noqa: E402
 from minillama.generation import generate  # noqa: E402
 from minillama.training.perf import (decode_bytes_per_step, forward_flops, measure_copy_bandwidth,  # noqa: E402
@@ -32,7 +32,7 @@ TINY = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=4096, hidde
 
 
 def get_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--shape", default="llama3-8b", help="a ModelArgs preset name (llama3-8b, mixtral-8x7b, ...) or 'tiny'")
     p.add_argument("--n_layers", type=int, default=None, help="override the layer count (say so when reporting)")
     p.add_argument("--batch_sizes", default="1,8")
@@ -149,4 +149,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
-from minillama.cli import (add_model_args, add_sampling_args, context_limit, generation_options,  # noqa: E402
-                           load_from_args, run, sampling_params)
+from minillama.cli import (ArgumentParser, add_model_args, add_sampling_args, context_limit,  # noqa: E402
+                           generation_options, load_from_args, run, sampling_params)
 from minillama.distributed import cleanup  # noqa: E402
 from minillama.generation import generate_stream  # noqa: E402
 from minillama.loading import broadcast_object, rank0_print  # noqa: E402
@@ -26,7 +26,7 @@ from minillama.tokenizer import StreamDecoder  # noqa: E402
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     add_model_args(p)
     add_sampling_args(p, temperature=0.6, top_p=0.9, max_new_tokens=512)
     p.add_argument("--system", default=None, help="system prompt")

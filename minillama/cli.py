@@ -1,7 +1,7 @@
 """The command-line side shared by every script in generate/ and train/: one flag vocabulary, argparse types that
 reject bad values before a model is loaded, the default checkpoint, and one-line errors instead of tracebacks.
 
-    p = argparse.ArgumentParser(...); add_model_args(p); add_sampling_args(p)
+    p = ArgumentParser(description=__doc__); add_model_args(p); add_sampling_args(p)
     sys.exit(run(main))   # a user mistake prints "error: ..." on rank 0 and exits 1
 """
 
@@ -28,7 +28,26 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in --help."""
+    """The module docstring as written, and every flag's default in --help (unless None or already said)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with HelpFormatter and one-line errors: "PROG: error: MESSAGE (see --help)" on stderr (rank 0 only
+    under torchrun), exit status 2, no usage block."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        if is_rank0():
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # ---- argparse types: the value is checked when the command line is parsed ----
@@ -62,6 +81,7 @@ nonnegative_int = _checked("nonnegative_int", int, lambda v: v >= 0, ">= 0")
 positive_float = _checked("positive_float", float, lambda v: v > 0, "> 0")
 nonnegative_float = _checked("nonnegative_float", float, lambda v: v >= 0, ">= 0")
 probability = _checked("probability", float, lambda v: 0 < v <= 1, "in (0, 1]")  # top_p
+fraction = _checked("fraction", float, lambda v: 0 <= v <= 1, "in [0, 1]")
 unit_fraction = _checked("unit_fraction", float, lambda v: 0 <= v < 1, "in [0, 1)")  # dropout
 
 
@@ -154,8 +174,9 @@ def run(main: Callable[[], Optional[int]]) -> int:
     try:
         code = main()
     except USER_ERRORS as e:
-        if is_rank0():
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        if is_rank0():  # one line: a message that runs on (a library's paragraph) keeps its first line
+            text = str(e).strip()
+            print(f"error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         if is_rank0():

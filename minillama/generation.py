@@ -58,6 +58,8 @@ def _check_prompts(model, prompts, max_new_tokens: int, max_seq_len: Optional[in
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     limit = model.args.max_seq_len if max_seq_len is None else max_seq_len
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"max_seq_len must be an int >= 1 (or None: the model's context), got {max_seq_len!r}")
     if limit > model.args.max_seq_len:
         raise ValueError(f"max_seq_len {limit} exceeds the model's context of {model.args.max_seq_len} tokens")
     if max_new_tokens >= limit:

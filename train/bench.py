@@ -16,7 +16,6 @@ the bf16 matmul peak measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minillama import ModelArgs, Transformer  # noqa: E402
 from minillama.args import to_hf_config  # noqa: E402
+from minillama.cli import ArgumentParser, run  # noqa: E402
 from minillama.training.fsdp import apply_fsdp, checkpoint_blocks, ensure_process_group  # noqa: E402
 from minillama.checkpoints.hf_format import hf_tensors  # noqa: E402
 from minillama.lora import apply_lora, lora_parameters  # noqa: E402
@@ -40,7 +40,7 @@ TINY = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, hidde
 
 
 def get_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--cases", default="lora,full,moe")
     p.add_argument("--seq_len", type=int, default=8192, help="packed row length")
     p.add_argument("--docs_per_row", type=int, default=4, help="documents packed into each row")
@@ -245,4 +245,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

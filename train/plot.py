@@ -6,19 +6,19 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from minillama.cli import ArgumentParser, run  # noqa: E402
 from minillama.training.metrics import read_metrics  # noqa: E402
 from minillama.training.plot import write_loss_png  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("metrics", type=Path, help="metrics.jsonl written by train/sft.py")
     p.add_argument("--out", type=Path, default=None, help="PNG path (default: loss.png beside the metrics file)")
     args = p.parse_args(argv)
@@ -33,4 +33,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))
