@@ -54,6 +54,8 @@ def get_args(argv=None):
                    help=f"comma list of {', '.join(IMPLS)} (hf_static: static cache, compiled by generate on GPU)")
     p.add_argument("--iters", type=positive_int, default=2, help="timed repetitions (median reported)")
     p.add_argument("--json", default=None, help="add every figure to this results file as it is measured")
+    p.add_argument("--profile", default=None,
+                   help="append torch.profiler's kernel table of each impl's batch-1, shortest-prompt case here")
     w = p.add_argument_group("the long-prompt workload (--workload)")
     w.add_argument("--workload", action="store_true",
                    help="time continuous batching over --n_prompts prompts instead of the decode cases")
@@ -157,6 +159,9 @@ def bench_decode(a, args, device, dtype, ceil):
                 rows[(impl, b, p)] = r
                 bm.record(a.json, "decode", f"{impl}|b{b}|p{p}", r)
                 print_decode_row(r)
+                if b == 1 and p == cases[0][1]:
+                    bm.profile_to(a.profile, f"decode {impl} {a.shape} batch {b} prompt {p}, {a.max_new_tokens} new",
+                                  lambda: run(a.max_new_tokens), device)
         if group[0] == "ours":
             model.clear_cache()
         del model

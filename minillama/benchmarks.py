@@ -84,6 +84,23 @@ def layers_note(args: ModelArgs, preset: Optional[str]) -> dict:
     return {"n_layers": args.n_layers, "layers_cut": args.n_layers != real, "real_n_layers": real}
 
 
+def profile_to(path: Optional[str], title: str, fn, device: torch.device, rows: int = 25) -> None:
+    """Append torch.profiler's table of the kernels fn() runs (self time, largest first) to a text file."""
+    if not path:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()  # warm: no compile or allocation in the profile
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"==== {title}\n{prof.key_averages().table(sort_by=key, row_limit=rows)}\n")
+
+
 # ---- the results file ----
 
 def record(path: Optional[str], section: str, key: str, value: dict) -> None:

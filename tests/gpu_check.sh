@@ -6,7 +6,8 @@
 #
 # Writes $OUT/gpu_check.json (every figure, added as soon as it is measured, then the parts' statuses, the CUDA
 # test results and the targets), $OUT/gpu_check.log (everything printed), $OUT/cuda_tests.xml (pytest junit) and
-# $OUT/gpu_check_parts.tsv. Parts run in this order, correctness first, then the figures the targets need, the
+# $OUT/gpu_check_parts.tsv, and $OUT/profile.txt (torch.profiler kernel tables: decode batch 1, one LoRA step, one
+# MoE layer: where a target is missed, where the time went). Parts run in this order, correctness first, then the figures the targets need, the
 # optional ones last; each has its own time limit, and none starts once the budget (GPU_CHECK_BUDGET_S, default
 # 465 s) is too nearly spent. Estimates are for an H200 (~4.3 TB/s copy, ~790 TFLOP/s bf16), from the bytes and
 # FLOPs each part moves plus torch.compile time (about a minute per 32-layer compile, cold cache):
@@ -35,7 +36,7 @@ mkdir -p "$OUT"
 JSON=$OUT/gpu_check.json
 PARTS=$OUT/gpu_check_parts.tsv
 JUNIT=$OUT/cuda_tests.xml
-rm -f "$JSON" "$PARTS" "$JUNIT"
+rm -f "$JSON" "$PARTS" "$JUNIT" "$OUT/profile.txt"
 : >"$OUT/gpu_check.log"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -82,13 +83,17 @@ else
 fi
 
 part env 8 40 5 "$PY" tests/gpu_check_report.py env --json "$JSON" "${DEV[@]}" "${ENV_FLAGS[@]}"
-part correctness 110 150 30 "$PY" -m pytest -m cuda tests/test_gpu_paths.py -q -rA -p no:cacheprovider \
-    --junitxml="$JUNIT" -o junit_family=xunit1
-part decode 150 180 40 "$PY" generate/bench.py "${DECODE[@]}" "${DEV[@]}" --impls ours,ours_compile --json "$JSON"
+# one line per test as it finishes (the log keeps them if the part is cut short; the junit file is written at the end)
+PYTEST_TIMEOUT=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout 90)
+part correctness 110 150 30 "$PY" -m pytest -m cuda tests/test_gpu_paths.py -vv -rfE -p no:cacheprovider \
+    --junitxml="$JUNIT" "${PYTEST_TIMEOUT[@]}"
+part decode 150 180 40 "$PY" generate/bench.py "${DECODE[@]}" "${DEV[@]}" --impls ours,ours_compile --json "$JSON" \
+    --profile "$OUT/profile.txt"
 part workload 70 110 40 "$PY" generate/bench.py --workload "${WORK[@]}" "${DEV[@]}" --json "$JSON"
 part hf_decode 40 70 20 "$PY" generate/bench.py "${HF_DECODE[@]}" "${DEV[@]}" --impls hf --json "$JSON"
-part lora 45 80 30 "$PY" train/bench.py --cases lora "${TRAIN[@]}" "${DEV[@]}" --json "$JSON"
-part moe 15 40 10 "$PY" train/bench.py --cases moe "${TRAIN[@]}" "${DEV[@]}" --json "$JSON"
+part lora 45 80 30 "$PY" train/bench.py --cases lora "${TRAIN[@]}" "${DEV[@]}" --json "$JSON" --profile "$OUT/profile.txt"
+part moe 15 40 10 "$PY" train/bench.py --cases moe "${TRAIN[@]}" "${DEV[@]}" --json "$JSON" --profile "$OUT/profile.txt"
 part hf_static 90 150 40 "$PY" generate/bench.py "${HF_STATIC[@]}" "${DEV[@]}" --impls hf_static --json "$JSON"
 part full_ft 30 60 20 "$PY" train/bench.py --cases full "${TRAIN[@]}" "${DEV[@]}" --json "$JSON"
 

@@ -1,5 +1,6 @@
 """Benchmark floors and scripts: the numbers they divide by are right, and the scripts run at toy shapes on CPU."""
 
+import json
 import os
 import subprocess
 import sys
@@ -42,23 +43,38 @@ def test_forward_flops_is_2_per_param_per_token_plus_attention():
 
 
 def run_script(*args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
 
-def test_generate_bench_runs_at_toy_shape_against_transformers():
+def test_generate_bench_runs_at_toy_shape_against_transformers(tmp_path):
+    results = tmp_path / "r.json"
     out = run_script("generate/bench.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
-                     "--batch_sizes", "1,2", "--prompt_lens", "16", "--max_new_tokens", "6", "--iters", "1")
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1 ", "2 "))]
-    assert len(rows) == 2 and all(len(r) == 16 and "-" not in r for r in rows), out  # ours, HF, ratio and prefill columns filled
-    assert "copy bandwidth" in out and "matmul peak" in out
+                     "--batch_sizes", "1,2", "--prompt_lens", "16", "--max_new_tokens", "6", "--iters", "1",
+                     "--impls", "ours,hf", "--json", str(results))
+    decode = json.loads(results.read_text())["decode"]
+    assert set(decode) == {f"{i}|b{b}|p16" for i in ("ours", "hf") for b in (1, 2)}
+    for r in decode.values():  # ours, HF, and the floors filled for every case
+        assert r["tokens_per_s"] > 0 and r["pct_bandwidth"] > 0 and r["prefill_pct_peak"] > 0
+        assert r["copy_GBps"] > 0 and r["matmul_TFLOPs"] > 0 and r["layers_cut"] is False
+    assert "x HF eager decode" in out and "target" in out
 
 
-def test_train_bench_runs_at_toy_shape_against_transformers_and_peft():
+def test_train_bench_runs_at_toy_shape_against_transformers_and_peft(tmp_path):
+    results = tmp_path / "r.json"
     out = run_script("train/bench.py", "--tiny", "--device", "cpu", "--seq_len", "128", "--moe_tokens", "128",
-                     "--iters", "1")
-    for case in ("lora tiny", "full tiny", "moe layer"):
+                     "--iters", "1", "--json", str(results))
+    for case in ("lora", "full"):
         assert f"{case}: " in out and "x HF tokens/s" in out, out
-    assert "HF + peft" in out
+    data = json.loads(results.read_text())
+    assert set(data["train"]) == {"lora|minillama", "lora|HF + peft", "full|minillama", "full|HF"}
+    assert set(data["moe"]) == {"minillama", "HF", "HF grouped_mm"} and data["moe"]["minillama"]["grouped_gemm"]
+    assert "x HF grouped_mm tokens/s" in out
+
+
+def test_bench_flags_are_checked_before_any_work():
+    for script, flag in (("generate/bench.py", "--impls=ours,vllm"), ("train/bench.py", "--cases=lora,dpo")):
+        out = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "unknown ['" in out.stderr and "choose from" in out.stderr

@@ -33,6 +33,9 @@ def test_gpu_check_runs_every_part_at_toy_shapes_and_fills_every_section(tmp_pat
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     log = (tmp_path / "gpu_check.log").read_text()
     assert "== targets" in log and "EXTRAPOLATED, not measured" in log
+    profile = (tmp_path / "profile.txt").read_text()  # where the time went, for each headline figure
+    for title in ("==== decode ours ", "==== decode ours_compile ", "==== train lora minillama", "==== moe layer"):
+        assert title in profile, title
 
     assert {name: p["status"] for name, p in results["parts"].items()} == {name: "ok" for name in PARTS}
     assert results["env"]["device"]["toy"] is True and results["env"]["device"]["copy_GBps"] > 0

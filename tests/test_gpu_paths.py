@@ -1,6 +1,7 @@
 """The GPU routes, each against a reference computed in the same run: packed rows through the varlen kernel,
 grouped-GEMM experts (plain, LoRA, NF4), the compiled CUDA-graph decode step, train/sft.py steps under FSDP2 in
-bf16 (nccl on a GPU; plus CPU offload and QLoRA), and continuous batching.
+bf16 (nccl on a GPU; plus CPU offload and QLoRA), and continuous batching. The compiled-decode tests come last:
+their compiles are the slow, uncertain part of the GPU run's time.
 
 Every test is parametrized by device. The `cuda` variants (marker `cuda`, skipped without a GPU) run on the device
 machine via tests/gpu_check.sh at real widths (Llama-3-8B / Mixtral-8x7B) with 2 layers; the `cpu` variants run the
@@ -229,6 +230,84 @@ def test_grouped_gemm_experts_equal_the_per_expert_loop(device, kind, monkeypatc
         assert rel_err(a, b) < 1e-2
 
 
+# ---- continuous batching == each prompt alone ----
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_continuous_batching_equals_each_prompt_alone(device):
+    """float32 (exact greedy): rows refilled as answers stop at different steps give each prompt's own tokens."""
+    model = make_model(device, "llama", torch.float32)
+    g = torch.Generator().manual_seed(3)
+    lens = [7, 30, 3, 18, 25, 11] if device == "cpu" else [300, 40, 700, 5, 128, 512]
+    prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=g).tolist() for n in lens]
+    n_new = 12
+    alone = [generation.generate(model, [p], n_new)[0] for p in prompts]
+    stop = {alone[0][4], alone[3][7]}  # two answers end early, so rows are refilled at different steps
+    alone = [generation.generate(model, [p], n_new, stop_ids=stop)[0] for p in prompts]
+    assert len(alone[0]) < n_new and len(alone[3]) < n_new
+    out = sorted(generation.generate_continuous(model, prompts, n_new, batch_size=3, stop_ids=stop))
+    assert [toks for _, toks, _ in out] == alone
+
+
+# ---- train/sft.py under FSDP2: a device step == the CPU float32 step ----
+
+def _sft_module():
+    """train/sft.py, imported as tests/test_sft.py does (its main() runs in this process)."""
+    import sys
+
+    if str(REPO / "train") not in sys.path:
+        sys.path.insert(0, str(REPO / "train"))
+    import sft
+
+    return sft
+
+
+SFT_VARIANTS = {  # name: (checkpoint kind, extra flags)
+    "lora": ("dense", []),
+    "full": ("dense", ["--lora_rank", "0", "--lr", "1e-4"]),
+    "moe-lora": ("moe", ["--lora_targets", "all-linear"]),
+    "qlora": ("dense", ["--quantize", "nf4"]),
+    "cpu-offload": ("dense", ["--cpu_offload"]),
+}
+
+
+@pytest.fixture(scope="module")
+def sft_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpu_sft")
+    data = write_jsonl(d / "train.jsonl", qa_samples(24))
+    return d, data, {"dense": tiny_checkpoint(d / "dense"), "moe": tiny_checkpoint(d / "moe", moe=True)}
+
+
+def _sft_params():
+    out = []
+    for name in SFT_VARIANTS:
+        out += [pytest.param("cuda", name, marks=DEVICES[1].marks)]
+        if name in ("lora", "full", "qlora"):  # CPU offload needs a GPU; MoE is covered by test_sft on CPU
+            out.insert(0, pytest.param("cpu", name))
+    return out
+
+
+@pytest.mark.parametrize("device, variant", _sft_params())
+def test_sft_steps_in_bf16_on_device_match_the_cpu_float32_run(device, variant, sft_setup):
+    """Two optimizer steps of train/sft.py (FSDP2, one process; nccl on GPU, bf16 compute, packed rows through the
+    varlen kernel) give the float32 CPU run's losses and gradient norm within bf16 tolerance."""
+    d, data, ckpts = sft_setup
+    kind, extra = SFT_VARIANTS[variant]
+    base = ["--model", str(ckpts[kind]), "--data", str(data), "--max_steps", "2", "--batch_size", "4",
+            "--seq_len", "128", "--pack", "--warmup_steps", "0", "--log_every", "1", *extra]
+    sft = _sft_module()
+    ref_out, out = d / f"{variant}-ref", d / f"{variant}-{device}"
+    reference = [f for f in base if f != "--cpu_offload"]  # the reference runs on CPU: nothing to offload
+    assert sft.main(reference + ["--device", "cpu", "--dtype", "float32", "--out", str(ref_out)]) == 0
+    assert sft.main(base + ["--device", device, "--dtype", "bfloat16", "--out", str(out)]) == 0
+    ref, got = metrics(ref_out), metrics(out)
+    assert [r["step"] for r in got] == [1, 2]
+    assert got[0]["loss"] == pytest.approx(ref[0]["loss"], rel=5e-3), (got[0], ref[0])
+    assert got[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=2e-2), (got[0], ref[0])
+    # the first update was the same update: the loss moved by the same amount (~2% of it, 10x the bf16 noise)
+    drop, ref_drop = got[0]["loss"] - got[1]["loss"], ref[0]["loss"] - ref[1]["loss"]
+    assert ref_drop > 0.01 and drop == pytest.approx(ref_drop, rel=0.15), (drop, ref_drop)
+
+
 # ---- compiled decode (CUDA graphs) == eager ----
 
 class LogitsTap:
@@ -307,81 +386,3 @@ def test_compiled_decode_greedy_tokens_equal_eager(device, family, batch, monkey
                     last = model(seq)[0, -1]
                 gap = (last[ref_toks[d]] - last[toks[d]]).item()
                 assert gap <= 2 * spread + 1e-6, f"prompt {i}: step {d} flipped by {gap} > 2 x {spread}"
-
-
-# ---- continuous batching == each prompt alone ----
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_continuous_batching_equals_each_prompt_alone(device):
-    """float32 (exact greedy): rows refilled as answers stop at different steps give each prompt's own tokens."""
-    model = make_model(device, "llama", torch.float32)
-    g = torch.Generator().manual_seed(3)
-    lens = [7, 30, 3, 18, 25, 11] if device == "cpu" else [300, 40, 700, 5, 128, 512]
-    prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=g).tolist() for n in lens]
-    n_new = 12
-    alone = [generation.generate(model, [p], n_new)[0] for p in prompts]
-    stop = {alone[0][4], alone[3][7]}  # two answers end early, so rows are refilled at different steps
-    alone = [generation.generate(model, [p], n_new, stop_ids=stop)[0] for p in prompts]
-    assert len(alone[0]) < n_new and len(alone[3]) < n_new
-    out = sorted(generation.generate_continuous(model, prompts, n_new, batch_size=3, stop_ids=stop))
-    assert [toks for _, toks, _ in out] == alone
-
-
-# ---- train/sft.py under FSDP2: a device step == the CPU float32 step ----
-
-def _sft_module():
-    """train/sft.py, imported as tests/test_sft.py does (its main() runs in this process)."""
-    import sys
-
-    if str(REPO / "train") not in sys.path:
-        sys.path.insert(0, str(REPO / "train"))
-    import sft
-
-    return sft
-
-
-SFT_VARIANTS = {  # name: (checkpoint kind, extra flags)
-    "lora": ("dense", []),
-    "full": ("dense", ["--lora_rank", "0", "--lr", "1e-4"]),
-    "moe-lora": ("moe", ["--lora_targets", "all-linear"]),
-    "qlora": ("dense", ["--quantize", "nf4"]),
-    "cpu-offload": ("dense", ["--cpu_offload"]),
-}
-
-
-@pytest.fixture(scope="module")
-def sft_setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gpu_sft")
-    data = write_jsonl(d / "train.jsonl", qa_samples(24))
-    return d, data, {"dense": tiny_checkpoint(d / "dense"), "moe": tiny_checkpoint(d / "moe", moe=True)}
-
-
-def _sft_params():
-    out = []
-    for name in SFT_VARIANTS:
-        out += [pytest.param("cuda", name, marks=DEVICES[1].marks)]
-        if name in ("lora", "full", "qlora"):  # CPU offload needs a GPU; MoE is covered by test_sft on CPU
-            out.insert(0, pytest.param("cpu", name))
-    return out
-
-
-@pytest.mark.parametrize("device, variant", _sft_params())
-def test_sft_steps_in_bf16_on_device_match_the_cpu_float32_run(device, variant, sft_setup):
-    """Two optimizer steps of train/sft.py (FSDP2, one process; nccl on GPU, bf16 compute, packed rows through the
-    varlen kernel) give the float32 CPU run's losses and gradient norm within bf16 tolerance."""
-    d, data, ckpts = sft_setup
-    kind, extra = SFT_VARIANTS[variant]
-    base = ["--model", str(ckpts[kind]), "--data", str(data), "--max_steps", "2", "--batch_size", "4",
-            "--seq_len", "128", "--pack", "--warmup_steps", "0", "--log_every", "1", *extra]
-    sft = _sft_module()
-    ref_out, out = d / f"{variant}-ref", d / f"{variant}-{device}"
-    reference = [f for f in base if f != "--cpu_offload"]  # the reference runs on CPU: nothing to offload
-    assert sft.main(reference + ["--device", "cpu", "--dtype", "float32", "--out", str(ref_out)]) == 0
-    assert sft.main(base + ["--device", device, "--dtype", "bfloat16", "--out", str(out)]) == 0
-    ref, got = metrics(ref_out), metrics(out)
-    assert [r["step"] for r in got] == [1, 2]
-    assert got[0]["loss"] == pytest.approx(ref[0]["loss"], rel=5e-3), (got[0], ref[0])
-    assert got[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=2e-2), (got[0], ref[0])
-    # the first update was the same update: the loss moved by the same amount (~2% of it, 10x the bf16 noise)
-    drop, ref_drop = got[0]["loss"] - got[1]["loss"], ref[0]["loss"] - ref[1]["loss"]
-    assert ref_drop > 0.01 and drop == pytest.approx(ref_drop, rel=0.15), (drop, ref_drop)

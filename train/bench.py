@@ -36,6 +36,7 @@ from minillama.lora import apply_lora, lora_parameters  # noqa: E402
 from minillama.moe import MoEFeedForward  # noqa: E402
 from minillama.training.fsdp import apply_fsdp, checkpoint_blocks, ensure_process_group  # noqa: E402
 from minillama.training.loss import CausalLMLoss  # noqa: E402
+from minillama.training.metrics import default_peak_tflops  # noqa: E402
 from minillama.training.perf import time_fn, train_flops  # noqa: E402
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -57,6 +58,7 @@ def get_args(argv=None):
     p.add_argument("--no_hf", action="store_true", help="skip the transformers / peft comparison")
     p.add_argument("--iters", type=positive_int, default=3, help="timed steps (median reported)")
     p.add_argument("--json", default=None, help="add every result to this results file as it is measured")
+    p.add_argument("--profile", default=None, help="append torch.profiler's kernel table of one step of ours here")
     a = p.parse_args(argv)
     bad = set(a.cases.split(",")) - set(CASES)
     if bad:
@@ -127,7 +129,8 @@ def hf_train_step(hf, lora: bool, rank: int, batch, device, autocast_dtype):
     params = [p for p in hf.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     tokens, targets, doc_ids = batch
-    # HF's sdpa path has no document masking; restarting position_ids at least restarts RoPE per document
+    # restarting position_ids restart RoPE per document, and transformers 5 reads the packing from them and masks
+    # attention across documents (one dense (T, T) mask through sdpa; ours skips those blocks in the varlen kernel)
     position_ids = doc_positions(doc_ids)
     labels = tokens.clone()  # HF shifts labels itself: mask each document's first token = our masked targets
     labels[:, 1:][targets[:, :-1] == -100] = -100
@@ -151,6 +154,7 @@ def bench_train(case: str, args, a, device, ceil, preset: str):
     tokens = batch[0].numel()
     flops = train_flops(args, tokens, a.seq_len // a.docs_per_row, lora=lora)
     peak = ceil["matmul_TFLOPs"] * 1e12
+    datasheet = default_peak_tflops(device)  # MFU as the trainer's progress bar shows it
     common = {"case": case, "shape": "tiny" if a.tiny else preset, **bm.layers_note(args, None if a.tiny else preset),
               "seq_len": a.seq_len, "docs_per_row": a.docs_per_row, "tokens_per_step": tokens,
               "floor_tokens_per_s": tokens * peak / flops, **ceil}
@@ -158,6 +162,7 @@ def bench_train(case: str, args, a, device, ceil, preset: str):
     def measure(impl: str, step) -> dict:
         t = time_fn(step, device, warmup=1, iters=a.iters)
         r = {**common, "impl": impl, "tokens_per_s": tokens / t, "step_s": t, "mfu_pct": 100 * flops / t / peak,
+             "mfu_datasheet_pct": 100 * flops / t / (datasheet * 1e12) if datasheet else None,
              "peak_gb": peak_gb(device) if gpu else None}
         bm.record(a.json, "train", f"{case}|{impl}", r)
         print(f"{case:<6} {impl:<12} {r['tokens_per_s']:>10.0f} {r['mfu_pct']:>6.1f} "
@@ -168,6 +173,7 @@ def bench_train(case: str, args, a, device, ceil, preset: str):
     model = bm.random_model(args, base_dtype, device)
     step = ours_train_step(model, lora, a.lora_rank, batch, device, torch.bfloat16 if gpu else None)
     ours = measure("minillama", step)
+    bm.profile_to(a.profile, f"train {case} minillama, rows of {a.seq_len}", step, device)
     del model, step
     torch.distributed.destroy_process_group()
     if a.no_hf:
@@ -225,6 +231,8 @@ def bench_moe(args, a, device, ceil):
         return r
 
     mine = measure("minillama", ours)
+    bm.profile_to(a.profile, f"moe layer minillama, {a.moe_tokens} tokens", lambda: ours(x).backward(
+        torch.ones_like(x)), device)
     if a.no_hf:
         return
     for impl, name in ((None, "HF"), ("grouped_mm", "HF grouped_mm")):
