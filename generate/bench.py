@@ -126,7 +126,8 @@ def decode_record(args, a, ceil, impl, batch, prompt, t_pre, t_tok) -> dict:
     bw, peak = ceil["copy_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
     return {"impl": impl, "shape": a.shape, **bm.layers_note(args, a.shape), "dtype": a.dtype, "batch": batch,
             "prompt": prompt, "new_tokens": a.max_new_tokens, "tokens_per_s": batch / t_tok,
-            "ms_per_token": 1e3 * t_tok, "GBps": step_bytes / t_tok / 1e9, "pct_bandwidth": 100 * step_bytes / t_tok / bw,
+            "ms_per_token": 1e3 * t_tok, "GBps": step_bytes / t_tok / 1e9,
+            "pct_bandwidth": 100 * step_bytes / t_tok / bw,
             "floor_tokens_per_s": batch * bw / step_bytes, "prefill_ms": 1e3 * t_pre,
             "prefill_pct_peak": 100 * pre_flops / t_pre / peak, "prefill_floor_ms": 1e3 * pre_flops / peak, **ceil}
 
@@ -140,8 +141,8 @@ def print_decode_row(r: dict):
 def bench_decode(a, args, device, dtype, ceil):
     """Every (impl, batch, prompt) case; ours first (then freed), then HF's."""
     impls = a.impls.split(",")
-    cases = [(b, p) for b in (int(x) for x in a.batch_sizes.split(",")) for p in (int(x) for x in a.prompt_lens.split(","))
-             if p + a.max_new_tokens <= args.max_seq_len]
+    batches, prompt_lens = (int(x) for x in a.batch_sizes.split(",")), [int(x) for x in a.prompt_lens.split(",")]
+    cases = [(b, p) for b in batches for p in prompt_lens if p + a.max_new_tokens <= args.max_seq_len]
     print(f"\n{'impl':<12} {'batch':>5} {'prompt':>6} | {'tok/s':>8} {'ms/tok':>7} {'GB/s':>7} {'%bw':>5} "
           f"{'floor':>8} | {'prefill ms':>10} {'%peak':>6}")
     rows = {}
@@ -159,7 +160,7 @@ def bench_decode(a, args, device, dtype, ceil):
                 rows[(impl, b, p)] = r
                 bm.record(a.json, "decode", f"{impl}|b{b}|p{p}", r)
                 print_decode_row(r)
-                if b == 1 and p == cases[0][1]:
+                if b == 1 and p == min(prompt_lens):
                     bm.profile_to(a.profile, f"decode {impl} {a.shape} batch {b} prompt {p}, {a.max_new_tokens} new",
                                   lambda: run(a.max_new_tokens), device)
         if group[0] == "ours":

@@ -5,25 +5,28 @@
 #     GPU_CHECK_TOY=1 bash tests/gpu_check.sh     # the same parts at toy shapes on CPU (tests/test_gpu_check.py)
 #
 # Writes $OUT/gpu_check.json (every figure, added as soon as it is measured, then the parts' statuses, the CUDA
-# test results and the targets), $OUT/gpu_check.log (everything printed), $OUT/cuda_tests.xml (pytest junit) and
-# $OUT/gpu_check_parts.tsv, and $OUT/profile.txt (torch.profiler kernel tables: decode batch 1, one LoRA step, one
-# MoE layer: where a target is missed, where the time went). Parts run in this order, correctness first, then the figures the targets need, the
-# optional ones last; each has its own time limit, and none starts once the budget (GPU_CHECK_BUDGET_S, default
-# 465 s) is too nearly spent. Estimates are for an H200 (~4.3 TB/s copy, ~790 TFLOP/s bf16), from the bytes and
-# FLOPs each part moves plus torch.compile time (about a minute per 32-layer compile, cold cache):
+# test results and the targets), $OUT/gpu_check.log (everything printed), $OUT/cuda_tests.xml (pytest junit),
+# $OUT/gpu_check_parts.tsv and $OUT/profile.txt (torch.profiler kernel tables of decode at batch 1, one LoRA step
+# and one MoE layer: where the time went if a target is missed). Parts run in this order: correctness first, then
+# the figures the targets need, the optional ones last; each has its own time limit, and none starts once the
+# budget (GPU_CHECK_BUDGET_S, default 465 s) is too nearly spent. Estimates for an H200 (~4.3 TB/s copy, ~790
+# TFLOP/s bf16) from the bytes and FLOPs each part moves, plus torch.compile time (a guess: ~50 s per 32-layer
+# compile with a cold cache, ~10 s for one layer; never measured here):
 #   env          8 s  versions, the copy bandwidth and bf16 matmul peak of this run
-#   correctness 110 s pytest -m cuda: varlen packed rows, grouped-GEMM experts (plain/LoRA/NF4), compiled decode
-#                     (4 compiles of 2-layer models), continuous batching, train/sft.py steps (nccl, bf16, CPU
-#                     offload, QLoRA, MoE) against CPU float32
-#   decode      150 s Llama-3-8B (32 layers) bf16, batch 1/8 x prompt 128/8192, eager then compiled (2 compiles);
-#                     prefill of the 8K prompt from the same runs
+#   correctness 100 s pytest -m cuda: varlen packed rows, grouped-GEMM experts (plain/LoRA/NF4), continuous
+#                     batching, train/sft.py steps (nccl, bf16, CPU offload, QLoRA, MoE) against CPU float32, then
+#                     compiled decode (5 compiles of 1-layer models: the slow, uncertain part, so it comes last)
+#   decode      150 s Llama-3-8B (32 layers) bf16, batch 1/8 x prompt 128/8192, eager then compiled (2 compiles,
+#                     ~50 s each; ~2.5 s per batch-8 x 8K prefill); prefill of the 8K prompt from the same runs
+#   moe          15 s one Mixtral MoE layer fwd+bwd over 8K tokens (~1.7e13 FLOPs): ours vs HF loop vs grouped_mm
+#   lora         45 s LoRA r=16, Llama-3-8B, one 8K packed row, checkpointing (~4e14 FLOPs, ~1 s a step): ours vs
+#                     HF + peft
 #   workload     70 s Mixtral-8x7B (32 layers, 87 GiB bf16), 32 prompts x 8192 tokens, 512 new each, continuous
-#                     batching on 32 rows: ~7e15 prefill FLOPs (~20 s) + 512 steps reading ~125 GB (~20 s)
-#   hf_decode    40 s transformers generate (sdpa, eager) at the same cases, 32 new tokens
-#   lora         45 s LoRA r=16, Llama-3-8B, one 8K packed row, checkpointing: ours vs HF + peft (~1.5 s a step)
-#   moe          15 s one Mixtral MoE layer fwd+bwd over 8K tokens: ours vs HF (loop) vs HF grouped_mm
+#                     batching on 32 rows: ~7e15 prefill FLOPs (~20 s) + 512 steps reading ~130 GB (~20 s)
+#   hf_decode    40 s transformers generate (sdpa, eager) at the decode cases, 32 new tokens
 #   hf_static    90 s optional: HF static cache + compile (generate compiles itself), batch 1, prompt 128
 #   full_ft      30 s optional: full fine-tuning, Llama-3.2-1B shape, ours vs HF (autocast)
+# Sum of the required parts ~430 s: the optional ones run only if the others finish early.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -86,16 +89,20 @@ part env 8 40 5 "$PY" tests/gpu_check_report.py env --json "$JSON" "${DEV[@]}" "
 # one line per test as it finishes (the log keeps them if the part is cut short; the junit file is written at the end)
 PYTEST_TIMEOUT=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout 90)
-part correctness 110 150 30 "$PY" -m pytest -m cuda tests/test_gpu_paths.py -vv -rfE -p no:cacheprovider \
+part correctness 100 140 30 "$PY" -m pytest -m cuda tests/test_gpu_paths.py -vv -rfE -p no:cacheprovider \
     --junitxml="$JUNIT" "${PYTEST_TIMEOUT[@]}"
 part decode 150 180 40 "$PY" generate/bench.py "${DECODE[@]}" "${DEV[@]}" --impls ours,ours_compile --json "$JSON" \
     --profile "$OUT/profile.txt"
+part moe 15 40 10 "$PY" train/bench.py --cases moe "${TRAIN[@]}" "${DEV[@]}" --json "$JSON" \
+    --profile "$OUT/profile.txt"
+part lora 45 80 30 "$PY" train/bench.py --cases lora "${TRAIN[@]}" "${DEV[@]}" --json "$JSON" \
+    --profile "$OUT/profile.txt"
 part workload 70 110 40 "$PY" generate/bench.py --workload "${WORK[@]}" "${DEV[@]}" --json "$JSON"
 part hf_decode 40 70 20 "$PY" generate/bench.py "${HF_DECODE[@]}" "${DEV[@]}" --impls hf --json "$JSON"
-part lora 45 80 30 "$PY" train/bench.py --cases lora "${TRAIN[@]}" "${DEV[@]}" --json "$JSON" --profile "$OUT/profile.txt"
-part moe 15 40 10 "$PY" train/bench.py --cases moe "${TRAIN[@]}" "${DEV[@]}" --json "$JSON" --profile "$OUT/profile.txt"
 part hf_static 90 150 40 "$PY" generate/bench.py "${HF_STATIC[@]}" "${DEV[@]}" --impls hf_static --json "$JSON"
 part full_ft 30 60 20 "$PY" train/bench.py --cases full "${TRAIN[@]}" "${DEV[@]}" --json "$JSON"
 
 "$PY" tests/gpu_check_report.py summary --json "$JSON" --parts "$PARTS" --junit "$JUNIT"
 echo "== done in $((SECONDS - START))s; results in $OUT"
+# exit 1 if a part failed or ran out of its time (skipped for lack of budget is not a failure)
+! cut -f2 "$PARTS" | grep -qv -e '^ok$' -e '^skipped'

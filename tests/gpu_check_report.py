@@ -93,7 +93,8 @@ def summary(a):
     results = bm.load(a.json)
     print("\n== parts (estimate on an H200 / limit / took)")
     for name, p in parts.items():
-        print(f"  {name:<12} {p['status']:<18} est {p['estimate_s']:>4}s  limit {p['limit_s']:>4}s  took {p['seconds']:>4}s")
+        print(f"  {name:<12} {p['status']:<18} est {p['estimate_s']:>4}s  limit {p['limit_s']:>4}s  "
+              f"took {p['seconds']:>4}s")
     if tests:
         print(f"\n== CUDA tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
         for name, t in tests["tests"].items():
