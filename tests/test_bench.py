@@ -1,11 +1,15 @@
 """Benchmark floors and scripts: the numbers they divide by are right, and the scripts run at toy shapes on CPU."""
 
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from minillama import ModelArgs, Transformer
 from minillama.training.perf import decode_bytes_per_step, forward_flops, param_counts
@@ -78,3 +82,22 @@ def test_bench_flags_are_checked_before_any_work():
     for script, flag in (("generate/bench.py", "--impls=ours,vllm"), ("train/bench.py", "--cases=lora,dpo")):
         out = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and "unknown ['" in out.stderr and "choose from" in out.stderr
+
+
+def test_workload_extrapolation_scales_the_measured_prefill_rate_and_decode_bandwidth():
+    """285 x 12K prompts + 1K answers: prefill FLOPs at the measured FLOP/s + decode bytes at the measured bytes/s."""
+    spec = importlib.util.spec_from_file_location("generate_bench", os.path.join(ROOT, "generate", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = SimpleNamespace(extrapolate="285,12288,1024", batch_size=32)
+    measured = {"prefill_flops_per_s": 4e14, "decode_Bps": 3.5e12}
+    mixtral = ModelArgs.from_name("mixtral-8x7b")
+    r = bench.extrapolate(mixtral, a, measured, torch.device("cpu"), 2)
+    prefill = 285 * forward_flops(mixtral, 12288, 12288) / 4e14
+    decode = math.ceil(285 * 1024 / 32) * decode_bytes_per_step(mixtral, 32, 12288 + 512) / 3.5e12
+    assert r["extrapolated_prefill_s"] == pytest.approx(prefill) and r["extrapolated_decode_s"] == pytest.approx(decode)
+    assert r["extrapolated_minutes"] == pytest.approx((prefill + decode) / 60)
+    assert r["extrapolated_job"] == {"prompts": 285, "prompt_len": 12288, "new_tokens": 1024, "rows": 32}
+    assert "exceed" not in r["extrapolation_basis"]  # 13K tokens fit Mixtral's 32K context
+    llama = bench.extrapolate(ModelArgs.from_name("llama3-8b"), a, measured, torch.device("cpu"), 2)
+    assert "exceed this preset's context of 8192" in llama["extrapolation_basis"]

@@ -153,10 +153,10 @@ def test_packed_rows_through_varlen_equal_each_document_alone(device, monkeypatc
         if packed:
             h = m(tokens, doc_ids=doc_ids, return_hidden=True).float()  # (2, T, D)
         else:
-            parts, s = [], 0
+            parts = []
             for b, row in enumerate(lengths):
                 s = 0
-                for n in row:
+                for n in row:  # each document alone, from its own position 0
                     parts.append(m(tokens[b:b + 1, s:s + n], return_hidden=True).float()[0])
                     s += n
             h = torch.cat(parts).view(2, T, -1)
