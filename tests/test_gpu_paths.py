@@ -307,6 +307,33 @@ def test_sft_steps_in_bf16_on_device_match_the_cpu_float32_run(device, variant, 
     assert ref_drop > 0.01 and drop == pytest.approx(ref_drop, rel=0.15), (drop, ref_drop)
 
 
+# ---- generate/batch.py on the device == on CPU ----
+
+@pytest.mark.parametrize("device", [DEVICES[1]])
+def test_batch_cli_on_device_writes_the_cpu_answers(device, sft_setup, tmp_path):
+    """The users' path end to end (load, continuous batching, output file) on the GPU, float32: CPU's greedy text."""
+    import json
+    import subprocess
+    import sys
+
+    d, _, ckpts = sft_setup
+    prompts = ["red blue", "a much longer prompt about the moon and the sun", "fish", "tree rock star dog cat"]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(prompts)])
+
+    def run(dev: str) -> list[dict]:
+        out = tmp_path / f"out-{dev}.jsonl"
+        cmd = [sys.executable, str(REPO / "generate" / "batch.py"), "--ckpt", str(ckpts["dense"]), "--input", str(src),
+               "--output", str(out), "--batch_size", "2", "--max_new_tokens", "8", "--dtype", "float32",
+               "--device", dev]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    got, ref = run(device), run("cpu")
+    assert [r["index"] for r in got] == [0, 1, 2, 3]
+    assert [(r["output"], r["output_tokens"]) for r in got] == [(r["output"], r["output_tokens"]) for r in ref]
+
+
 # ---- compiled decode (CUDA graphs) == eager ----
 
 class LogitsTap:
