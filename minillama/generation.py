@@ -35,10 +35,14 @@ _compiled_decode_step = None
 
 
 def _compiled_step():
-    """decode_step under torch.compile(mode="reduce-overhead") (CUDA graphs on GPU), built once per process."""
+    """decode_step under torch.compile(mode="reduce-overhead") (CUDA graphs on GPU), built once per process.
+
+    dynamic=True: batch size and cache length are symbolic, so one compile serves every size above one row (a
+    single row is specialised by torch: a second compile); CUDA graphs are still recorded per concrete shape.
+    """
     global _compiled_decode_step
     if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead")
+        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", dynamic=True)
     return _compiled_decode_step
 
 
@@ -86,9 +90,12 @@ def _check_prompts(model, prompts, max_new_tokens: int, max_seq_len: Optional[in
 
 
 def _ensure_cache(model, batch: int, seq_len: int) -> None:
-    """Reuse the model's KV cache when it holds batch x seq_len, else allocate one of exactly that size."""
-    cache = model.layers[0].attention.cache
-    if cache is None or cache.k.shape[0] < batch or cache.k.shape[2] < seq_len:
+    """Reuse the model's KV cache when it holds batch x seq_len (in the model's dtype, on its device), else allocate
+    one of exactly that size."""
+    cache, weight = model.layers[0].attention.cache, model.tok_embeddings.weight
+    dtype = weight.dtype if weight.is_floating_point() else torch.bfloat16
+    if (cache is None or cache.k.shape[0] < batch or cache.k.shape[2] < seq_len or cache.k.dtype != dtype
+            or cache.k.device != weight.device):
         model.setup_cache(batch, seq_len)
 
 
