@@ -11,10 +11,11 @@ written (and fsync'ed) as each prompt finishes, then sorted into input order whe
 Continuous batching: --batch_size prompts are in flight; when one answer ends, its row takes the next prompt at
 once, so long answers do not hold the others back. Greedy outputs equal generating each prompt alone; sampled
 ones are reproducible for the same --seed, input and --batch_size.
-"index" is the input's 0-based line number. A malformed input line is reported on stderr with its line number and
-recorded as {"index", "line", "error"}; delete such lines from the output to retry them.
-Rerunning with the same --output skips every index already there; a truncated last line (a crash mid-write)
-is dropped and redone.
+"index" is the input's 0-based line number. A bad input line (not UTF-8, not JSON, an empty prompt, too long) is
+reported on stderr as FILE:LINE and recorded as {"index", "id"?, "line", "error"}; the run goes on.
+Rerunning with the same --output skips every index answered there and retries the ones that ended in an error; a
+truncated or unreadable line (a crash mid-write) is dropped and redone. With nothing left to do it says so without
+loading the model.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from minillama.cli import (ArgumentParser, add_model_args, add_sampling_args, context_limit,  # noqa: E402
                            generation_options, load_from_args, parse_args, positive_int, run, sampling_params)
 from minillama.distributed import cleanup  # noqa: E402
-from minillama.files import atomic_write  # noqa: E402
+from minillama.files import atomic_write, require_file  # noqa: E402
 from minillama.generation import generate_continuous  # noqa: E402
 from minillama.loading import broadcast_object  # noqa: E402
 from minillama.tokenizer import decode_cut  # noqa: E402
@@ -67,8 +68,12 @@ def to_messages(record) -> list[dict] | None:
     return messages
 
 
-def encode_line(text: str, tok, chat: bool) -> tuple[list[int], object]:
-    """(prompt token ids, id field or None) of one input line; ValueError says what is wrong with it."""
+def parse_line(raw: bytes) -> dict:
+    """One input line -> its record ({"prompt"} for a JSON string); ValueError says what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not valid UTF-8") from None
     try:  # without its newline: inside an unterminated string json would blame the newline's column instead
         record = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
@@ -77,39 +82,77 @@ def encode_line(text: str, tok, chat: bool) -> tuple[list[int], object]:
         record = {"prompt": record}
     if not isinstance(record, dict) or not {"prompt", "messages", "conversation"} & record.keys():
         raise ValueError('expected a JSON string or an object with "prompt", "messages" or "conversation"')
+    return record
+
+
+def encode_record(record: dict, tok, chat: bool) -> list[int]:
+    """The prompt token ids of a parsed record; ValueError says what is wrong with it."""
     if "prompt" in record:
         if not isinstance(record["prompt"], str):
             raise ValueError('"prompt" must be a string')
+        if not record["prompt"]:
+            raise ValueError("empty prompt")
         if chat:
-            return tok.encode_dialog([{"role": "user", "content": record["prompt"]}]), record.get("id")
-        return tok.encode(record["prompt"], bos=True), record.get("id")
+            return tok.encode_dialog([{"role": "user", "content": record["prompt"]}])
+        ids = tok.encode(record["prompt"], bos=True)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        return ids
     messages = to_messages(record)
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ValueError('"messages" must be a list of {"role", "content"} objects')
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ValueError('"messages" must be a non-empty list of {"role", "content"} objects')
     try:
-        return tok.encode_dialog(messages), record.get("id")
+        return tok.encode_dialog(messages)
     except (KeyError, TypeError) as e:
         raise ValueError(f"bad messages: {e!r}") from None
 
 
-def done_indices(path: str) -> set[int]:
-    """Indices already in the output; drops a truncated or unreadable line left by a crash (rewriting atomically)."""
+def scan_output(path: str) -> tuple[set[int], list[str], list[str]]:
+    """(indices answered, the output's good lines, notes on what is dropped): lines cut off by a crash or not UTF-8
+    are dropped and redone; error records are dropped so their lines are retried. Reads only."""
     if not os.path.exists(path):
-        return set()
-    good, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+        return set(), [], []
+    require_file(path, "--output")
+    done, good, notes, cut, retry = set(), [], [], 0, 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                notes.append(f"{path}:{n}: not valid UTF-8; dropped, its prompt will be redone")
+                continue
             try:
                 rec = json.loads(line)
-                if not line.endswith("\n") or not isinstance(rec.get("index"), int):
+                if not line.endswith("\n") or not isinstance(rec, dict) or not isinstance(rec.get("index"), int):
                     raise ValueError
-                good.append(line)
-            except (ValueError, AttributeError):
-                bad += 1
-    if bad:
-        print(f"[{path}: dropping {bad} incomplete line(s); they will be redone]", file=sys.stderr, flush=True)
+            except ValueError:
+                cut += 1
+                continue
+            if "error" in rec:
+                retry += 1
+                continue
+            good.append(line)
+            done.add(rec["index"])
+    notes += [f"[{path}: dropping {cut} incomplete line(s); they will be redone]"] * bool(cut)
+    notes += [f"[{path}: retrying {retry} line(s) whose earlier attempt ended in an error]"] * bool(retry)
+    return done, good, notes
+
+
+def done_indices(path: str) -> set[int]:
+    """Indices answered in the output, after rewriting it (atomically) without the lines scan_output drops."""
+    done, good, notes = scan_output(path)
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
+    if notes:
         atomic_write(path, "".join(good))
-    return {json.loads(line)["index"] for line in good}
+    return done
+
+
+def input_indices(path: str) -> list[int]:
+    """The 0-based line numbers of the input's non-blank lines (checked before the model loads)."""
+    require_file(path, "--input")
+    with open(path, "rb") as f:
+        return [i for i, raw in enumerate(f) if raw.strip()]
 
 
 def append_line(f, record: dict) -> None:
@@ -128,13 +171,13 @@ def sort_output(path: str) -> None:
 
 class Progress:
     """Progress with tokens/s on stderr: one redrawn line on a terminal (at most 5 times a second), else one plain
-    line per update at most every 10 s (a log file gets lines, not \r-joined redraws)."""
+    line per update (at most every 5 s) so logs stay readable."""
 
     def __init__(self, total: int, width: int = 30, file=None):
         self.total, self.width, self.done, self.tokens = total, width, 0, 0
         self.file = file or sys.stderr
         self.tty = self.file.isatty()
-        self.every = 0.2 if self.tty else 10.0
+        self.every = 0.2 if self.tty else 5.0
         self.start = self.last = time.perf_counter()
 
     def update(self, n_done: int, n_tokens: int, force: bool = False):
@@ -157,25 +200,25 @@ class Progress:
 
 
 def plan_work(args, tok, limit: int) -> tuple[list[tuple[int, list[int], object]], list[dict]]:
-    """(work items (index, ids, id) not yet in the output, error records for malformed lines)."""
+    """(work items (index, ids, id) not yet answered in the output, error records for bad lines)."""
     done = done_indices(args.output)
     work, errors = [], []
-    try:
-        f = open(args.input, encoding="utf-8")
-    except OSError as e:
-        raise FileNotFoundError(f"--input {args.input}: {e.strerror}") from None
-    with f:
-        for index, text in enumerate(f):
-            if not text.strip() or index in done:
+    with open(args.input, "rb") as f:
+        for index, raw in enumerate(f):
+            if not raw.strip() or index in done:
                 continue
+            rec_id = None
             try:
-                ids, rec_id = encode_line(text, tok, args.chat)
+                record = parse_line(raw)
+                rec_id = record.get("id")
+                ids = encode_record(record, tok, args.chat)
                 if len(ids) + args.max_new_tokens > limit and not args.truncate_left:
                     raise ValueError(f"prompt has {len(ids)} tokens; with --max_new_tokens {args.max_new_tokens} "
                                      f"it exceeds --max_seq_len {limit} (use --truncate_left to keep its end)")
             except ValueError as e:
                 print(f"{args.input}:{index + 1}: skipped: {e}", file=sys.stderr, flush=True)
-                errors.append({"index": index, "line": index + 1, "error": str(e)})
+                errors.append({"index": index, **({"id": rec_id} if rec_id is not None else {}), "line": index + 1,
+                               "error": str(e)})
                 continue
             work.append((index, ids, rec_id))
     return work, errors
@@ -183,11 +226,20 @@ def plan_work(args, tok, limit: int) -> tuple[list[tuple[int, list[int], object]
 
 def main(argv=None):
     args = get_args(argv)
+    lines = input_indices(args.input)
+    if not lines:
+        raise ValueError(f"--input {args.input} holds no prompts (every line is blank)")
+    answered = len(scan_output(args.output)[0] & set(lines))
+    if answered == len(lines):
+        print(f"{args.output}: {answered} of {len(lines)} already done", file=sys.stderr, flush=True)
+        return
     loaded = load_from_args(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     tok, info = loaded.tok, loaded.dist
     limit = context_limit(args, loaded.model)
     plan = plan_work(args, tok, limit) if info.is_rank0 else None
     work, errors = broadcast_object(plan, info)  # rank 0 reads the files; every rank runs the same batches
+    if info.is_rank0 and os.path.dirname(args.output):
+        os.makedirs(os.path.dirname(args.output), exist_ok=True)
     out = open(args.output, "a", encoding="utf-8") if info.is_rank0 else None
     progress = Progress(len(work) + len(errors)) if info.is_rank0 else None
     for rec in errors if info.is_rank0 else ():

@@ -1,72 +1,86 @@
-"""Decode and prefill speed: minillama vs Hugging Face `generate` on the same random weights, as fractions of the
-device's measured copy bandwidth (decode) and matmul peak (prefill).
+"""Generation speed: decode and prefill of minillama vs Hugging Face `generate` at the real shapes, as fractions of
+the device's measured copy bandwidth (decode) and matmul peak (prefill); and the long-prompt batch workload
+through continuous batching (generate/batch.py's engine), with an extrapolation to a larger job.
 
-    python generate/bench.py --shape llama3-8b                       # batch 1 and 8, prompts 128 and 8192
-    python generate/bench.py --shape mixtral-8x7b --n_layers 8       # fewer layers so both copies fit
-    python generate/bench.py --shape tiny --device cpu               # toy shapes, seconds on a laptop
+    python generate/bench.py --shape llama3-8b                          # batch 1 and 8, prompts 128 and 8192
+    python generate/bench.py --shape llama3-8b --impls ours_compile     # the compiled (CUDA-graph) decode step
+    python generate/bench.py --shape llama3-8b --impls hf,hf_static     # transformers: sdpa, static cache + compile
+    python generate/bench.py --shape mixtral-8x7b --workload            # 32 prompts of 8K, 512 new tokens each
+    python generate/bench.py --shape tiny --device cpu --dtype float32  # toy shapes, seconds on a laptop
 
-Weights are random (speed does not depend on the values). Decode time per token is (t(N new) - t(1 new)) / (N - 1),
-so prefill is excluded; prefill time is t(1 new). Bytes per decode step = every weight a step reads + the KV cache.
+Weights are random (speed does not depend on the values); HF's model has its own random weights. Decode time per
+token is (t(N new) - t(1 new)) / (N - 1), so prefill is excluded; prefill time is t(1 new). Bytes per decode step =
+every weight a step reads + the KV cache at mid-generation. --json adds every figure to a results file as soon
+as it is measured (see minillama/benchmarks.py); the targets of the performance issue are printed at the end.
 """
 
 from __future__ import annotations
 
-import gc
+import math
 import os
 import sys
-import tempfile
+import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minillama import ModelArgs, Transformer, save_hf  # noqa: E402
-from minillama.cli import ArgumentParser  # noqa: E402
+from minillama import ModelArgs  # noqa: E402
+from minillama import benchmarks as bm  # noqa: E402
+from minillama.cli import ArgumentParser, positive_int, run  # noqa: E402
 from minillama.dtypes import DTYPE_NAMES, parse_dtype  # noqa: E402
-from minillama.generation import generate  # noqa: E402
-from minillama.training.perf import (decode_bytes_per_step, forward_flops, measure_copy_bandwidth,  # noqa: E402
-                            measure_matmul_peak, time_fn)
+from minillama.generation import cache_len_for, generate, generate_continuous  # noqa: E402
+from minillama.training.perf import decode_bytes_per_step, forward_flops, time_fn  # noqa: E402
 
 TINY = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=4096, hidden_dim=512, max_seq_len=16384,
             rope_theta=500000.0, family="llama3")
+TINY_MOE = dict(TINY, n_experts=8, n_experts_per_tok=2, family="mixtral")
+IMPLS = ("ours", "ours_compile", "hf", "hf_static")
 
 
-def get_args():
+def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--shape", default="llama3-8b", help="a ModelArgs preset name (llama3-8b, mixtral-8x7b, ...) or 'tiny'")
-    p.add_argument("--n_layers", type=int, default=None, help="override the layer count (say so when reporting)")
+    p.add_argument("--shape", default="llama3-8b",
+                   help="a ModelArgs preset name (llama3-8b, mixtral-8x7b, ...), or 'tiny' / 'tiny-moe'")
+    p.add_argument("--n_layers", type=positive_int, default=None,
+                   help="fewer layers than the preset (the output says so)")
     p.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes to time")
     p.add_argument("--prompt_lens", default="128,8192", help="comma-separated prompt lengths to time")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="tokens decoded per timed run")
+    p.add_argument("--max_new_tokens", type=positive_int, default=128, help="decode steps timed per case")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="weight and compute dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs)")
-    p.add_argument("--no_hf", action="store_true", help="skip the transformers comparison")
-    p.add_argument("--iters", type=int, default=3, help="timed repetitions (median reported)")
-    return p.parse_args()
+    p.add_argument("--impls", default="ours,ours_compile,hf",
+                   help=f"comma list of {', '.join(IMPLS)} (hf_static: static cache, compiled by generate on GPU)")
+    p.add_argument("--iters", type=positive_int, default=2, help="timed repetitions (median reported)")
+    p.add_argument("--json", default=None, help="add every figure to this results file as it is measured")
+    p.add_argument("--profile", default=None,
+                   help="append torch.profiler's kernel table of each impl's batch-1, shortest-prompt case here")
+    w = p.add_argument_group("the long-prompt workload (--workload)")
+    w.add_argument("--workload", action="store_true",
+                   help="time continuous batching over --n_prompts prompts instead of the decode cases")
+    w.add_argument("--n_prompts", type=positive_int, default=32, help="prompts in the workload")
+    w.add_argument("--prompt_len", type=positive_int, default=8192, help="tokens per workload prompt")
+    w.add_argument("--new_tokens", type=positive_int, default=512, help="tokens generated for every prompt")
+    w.add_argument("--batch_size", type=positive_int, default=32, help="cache rows decoded together")
+    w.add_argument("--compile", action="store_true", help="compile the workload's decode step")
+    w.add_argument("--extrapolate", default="285,12288,1024",
+                   help="N,PROMPT,NEW: also estimate (not measure) the time of N prompts of PROMPT tokens, NEW each")
+    a = p.parse_args(argv)
+    bad = set(a.impls.split(",")) - set(IMPLS)
+    if bad:
+        p.error(f"--impls: unknown {sorted(bad)}; choose from {', '.join(IMPLS)}")
+    return a
 
 
 def model_args(shape: str, n_layers) -> ModelArgs:
     over = {"n_layers": n_layers} if n_layers else {}
-    if shape == "tiny":
-        return ModelArgs(**{**TINY, **over})
+    if shape in ("tiny", "tiny-moe"):
+        return ModelArgs(**{**(TINY if shape == "tiny" else TINY_MOE), **over})
     return ModelArgs.from_name(shape, **over)
 
 
-def random_model(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """The real shape with small random weights, allocated directly in dtype on the device."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device=device).to(dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for p in model.parameters():
-        if p.dim() > 1:
-            p.data.normal_(0.0, 0.02, generator=gen)
-        else:
-            p.data.fill_(1.0)
-    model.reset_rope(device)
-    model.tie_weights()
-    return model.eval()
+def random_prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def time_generate(run, max_new_tokens: int, device, iters: int) -> tuple[float, float]:
@@ -78,75 +92,227 @@ def time_generate(run, max_new_tokens: int, device, iters: int) -> tuple[float, 
     return t1, (tn - t1) / (max_new_tokens - 1)
 
 
-def bench_ours(model, batch, prompt_len, new, device, compile, iters):
-    prompts = torch.randint(0, model.args.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
-    prompts = prompts.tolist()
+def ours_runner(model, prompts, max_new_tokens: int, compile: bool):
+    # this case's own cache, allocated once: a larger one left by another case would be read whole when compiled,
+    # and a new one per run would move the addresses the CUDA graph was recorded with
+    model.setup_cache(len(prompts), cache_len_for(len(prompts[0]) + max_new_tokens, compile))
 
     @torch.inference_mode()
     def run(n):
         out = generate(model, prompts, max_new_tokens=n, compile=compile, check_every=1 << 30)
         assert all(len(o) == n for o in out), "a row stopped early: the timing would be wrong"
+    return run
 
-    return time_generate(run, new, device, iters)
 
-
-def bench_hf(hf, batch, prompt_len, new, device, vocab, iters):
-    ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
+def hf_runner(hf, prompts, max_new_tokens: int, static: bool):
+    ids = torch.tensor(prompts, device=hf.device)
     mask = torch.ones_like(ids)
+    # one static cache size for the 1- and N-token runs: a new size would make generate recompile its step
+    extra = {"cache_implementation": "static", "max_cache_len": ids.shape[1] + max_new_tokens} if static else {}
 
     @torch.inference_mode()
     def run(n):
         hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                    pad_token_id=0, eos_token_id=None)
+                    pad_token_id=0, eos_token_id=None, **extra)
+    return run
 
-    return time_generate(run, new, device, iters)
+
+def decode_record(args, a, ceil, impl, batch, prompt, t_pre, t_tok) -> dict:
+    """Tokens/s and the fractions of the floors, with everything needed to read them."""
+    bytes_per = torch.tensor([], dtype=parse_dtype(a.dtype)).element_size()
+    step_bytes = decode_bytes_per_step(args, batch, prompt + a.max_new_tokens // 2, bytes_per, bytes_per)
+    pre_flops = forward_flops(args, batch * prompt, prompt)
+    bw, peak = ceil["copy_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
+    return {"impl": impl, "shape": a.shape, **bm.layers_note(args, a.shape), "dtype": a.dtype, "batch": batch,
+            "prompt": prompt, "new_tokens": a.max_new_tokens, "tokens_per_s": batch / t_tok,
+            "ms_per_token": 1e3 * t_tok, "GBps": step_bytes / t_tok / 1e9,
+            "pct_bandwidth": 100 * step_bytes / t_tok / bw,
+            "floor_tokens_per_s": batch * bw / step_bytes, "prefill_ms": 1e3 * t_pre,
+            "prefill_pct_peak": 100 * pre_flops / t_pre / peak, "prefill_floor_ms": 1e3 * pre_flops / peak, **ceil}
 
 
-def main():
-    a = get_args()
+def print_decode_row(r: dict):
+    print(f"{r['impl']:<12} {r['batch']:>5} {r['prompt']:>6} | {r['tokens_per_s']:>8.1f} {r['ms_per_token']:>7.2f} "
+          f"{r['GBps']:>7.0f} {r['pct_bandwidth']:>5.1f} {r['floor_tokens_per_s']:>8.1f} | "
+          f"{r['prefill_ms']:>10.1f} {r['prefill_pct_peak']:>6.1f}", flush=True)
+
+
+def bench_decode(a, args, device, dtype, ceil):
+    """Every (impl, batch, prompt) case; ours first (then freed), then HF's."""
+    impls = a.impls.split(",")
+    batches, prompt_lens = (int(x) for x in a.batch_sizes.split(",")), [int(x) for x in a.prompt_lens.split(",")]
+    cases = [(b, p) for b in batches for p in prompt_lens if p + a.max_new_tokens <= args.max_seq_len]
+    print(f"\n{'impl':<12} {'batch':>5} {'prompt':>6} | {'tok/s':>8} {'ms/tok':>7} {'GB/s':>7} {'%bw':>5} "
+          f"{'floor':>8} | {'prefill ms':>10} {'%peak':>6}")
+    rows = {}
+    for group in (("ours", "ours_compile"), ("hf", "hf_static")):
+        wanted = [i for i in impls if i in group]
+        if not wanted:
+            continue
+        model = bm.random_model(args, dtype, device) if group[0] == "ours" else bm.hf_model(args, dtype, device)
+        for impl in wanted:
+            for b, p in cases:
+                prompts = random_prompts(b, p, args.vocab_size)
+                run = (ours_runner(model, prompts, a.max_new_tokens, impl == "ours_compile") if group[0] == "ours"
+                       else hf_runner(model, prompts, a.max_new_tokens, impl == "hf_static"))
+                r = decode_record(args, a, ceil, impl, b, p, *time_generate(run, a.max_new_tokens, device, a.iters))
+                rows[(impl, b, p)] = r
+                bm.record(a.json, "decode", f"{impl}|b{b}|p{p}", r)
+                print_decode_row(r)
+                if b == 1 and p == min(prompt_lens):
+                    bm.profile_to(a.profile, f"decode {impl} {a.shape} batch {b} prompt {p}, {a.max_new_tokens} new",
+                                  lambda: run(a.max_new_tokens), device)
+        if group[0] == "ours":
+            model.clear_cache()
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for (impl, b, p), r in rows.items():
+        hf = rows.get(("hf", b, p))
+        if impl != "hf" and hf:
+            print(f"{impl} batch {b} prompt {p}: {r['tokens_per_s'] / hf['tokens_per_s']:.2f}x HF eager decode")
+    print("\n%bw: bytes a decode step must read (weights + KV cache at mid-generation) / step time, over the copy "
+          "bandwidth; floor: the tokens/s that bandwidth allows.\n%peak: prefill matmul FLOPs (incl. causal "
+          "attention) / prefill time, over the measured matmul peak.")
+
+
+class PrefillClock:
+    """Times the prefills (forwards of more than one token) inside a run without adding syncs: CUDA events on GPU."""
+
+    def __init__(self, model, device):
+        self.model, self.cuda, self.spans = model, device.type == "cuda", []
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def __enter__(self):
+        forward = self.model.forward
+
+        def timed(tokens, *args, **kwargs):
+            if tokens.shape[1] == 1:  # a decode step (also what a compiled step traces: this branch only)
+                return forward(tokens, *args, **kwargs)
+            start = self._mark()
+            out = forward(tokens, *args, **kwargs)
+            self.spans.append((start, self._mark()))
+            return out
+
+        self.model.forward = timed
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward  # the class's forward again
+
+    def seconds(self) -> float:
+        if not self.cuda:
+            return sum(end - start for start, end in self.spans)
+        torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.spans) / 1e3
+
+
+def rows_that_fit(args: ModelArgs, device, seq_len: int, bytes_per: int, batch: int) -> int:
+    """Cache rows of seq_len slots that fit beside the weights in the device's memory (batch itself on CPU)."""
+    if device.type != "cuda":
+        return batch
+    from minillama.training.perf import param_counts
+
+    free = torch.cuda.get_device_properties(device).total_memory - param_counts(args)["total"] * bytes_per - 8 * 2**30
+    per_row = 2 * args.n_layers * args.n_kv_heads * args.head_dim * seq_len * bytes_per  # k and v, every layer
+    return max(1, min(batch, int(free // per_row)))
+
+
+def extrapolate(args: ModelArgs, a, measured: dict, device, bytes_per: int) -> dict:
+    """Estimate (not measure) the time of the --extrapolate job from this run's prefill FLOP rate and decode bytes/s.
+
+    Prefill: its FLOPs (minillama.training.perf.forward_flops, causal attention included) at the FLOP rate the
+    measured prefills reached. Decode: steps = prompts x new / rows (continuous batching keeps rows busy), each
+    reading the weights + the rows' KV cache at mid-answer, at the bytes/s the measured decode reached. Rows: the
+    measured batch, or fewer if their longer cache would not fit in this device's memory.
+    """
+    n, prompt, new = (int(x) for x in a.extrapolate.split(","))
+    rows = rows_that_fit(args, device, prompt + new, bytes_per, a.batch_size)
+    prefill = n * forward_flops(args, prompt, prompt) / measured["prefill_flops_per_s"]
+    steps = math.ceil(n * new / rows)
+    decode = steps * decode_bytes_per_step(args, rows, prompt + new // 2, bytes_per, bytes_per) / measured["decode_Bps"]
+    note = "" if prompt + new <= args.max_seq_len else (f"; {prompt + new} tokens exceed this preset's context of "
+                                                        f"{args.max_seq_len} (assumes a long-context variant)")
+    return {"extrapolated_job": {"prompts": n, "prompt_len": prompt, "new_tokens": new, "rows": rows},
+            "extrapolated_prefill_s": prefill, "extrapolated_decode_s": decode,
+            "extrapolated_minutes": (prefill + decode) / 60,
+            "extrapolation_basis": "prefill FLOP rate and decode bytes/s measured in this run" + note}
+
+
+def bench_workload(a, args, device, dtype, ceil):
+    """generate_continuous over n_prompts random prompts (greedy, no stop token: every answer runs to new_tokens)."""
+    bytes_per = torch.tensor([], dtype=dtype).element_size()
+    model = bm.random_model(args, dtype, device)
+    prompts = random_prompts(a.n_prompts, a.prompt_len, args.vocab_size)
+    B = min(a.batch_size, a.n_prompts)
+    with PrefillClock(model, device) as clock:  # installed first: the compiled step sees the same model twice
+        warm = random_prompts(B, 16, args.vocab_size, seed=2)  # kernels (and the compiled step) before timing
+        list(generate_continuous(model, warm, 4, B, compile=a.compile))
+        model.setup_cache(B, cache_len_for(a.prompt_len + a.new_tokens, a.compile))
+        clock.seconds()
+        clock.spans.clear()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        done = [(i, len(out)) for i, out, _ in generate_continuous(model, prompts, a.new_tokens, B,
+                                                                  compile=a.compile)]
+        prefill_s = clock.seconds()
+        wall = time.perf_counter() - t0
+    assert len(done) == a.n_prompts and all(n == a.new_tokens for _, n in done), "an answer stopped early"
+    decode_s = max(wall - prefill_s, 1e-9)
+    out_tokens, in_tokens = a.n_prompts * a.new_tokens, a.n_prompts * a.prompt_len
+    steps = math.ceil(out_tokens / B)
+    measured = {
+        "prefill_flops_per_s": a.n_prompts * forward_flops(args, a.prompt_len, a.prompt_len) / prefill_s,
+        "decode_Bps": steps * decode_bytes_per_step(args, B, a.prompt_len + a.new_tokens // 2, bytes_per,
+                                                    bytes_per) / decode_s}
+    r = {"shape": a.shape, **bm.layers_note(args, a.shape), "dtype": a.dtype, "compile": a.compile,
+         "prompts": a.n_prompts, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "batch_size": B,
+         "wall_s": wall, "prefill_s": prefill_s, "decode_s": decode_s, "output_tokens_per_s": out_tokens / wall,
+         "prompt_tokens_per_s": in_tokens / prefill_s, "decode_tokens_per_s": out_tokens / decode_s,
+         "prefill_pct_peak": 100 * measured["prefill_flops_per_s"] / (ceil["matmul_TFLOPs"] * 1e12),
+         "decode_pct_bandwidth": 100 * measured["decode_Bps"] / (ceil["copy_GBps"] * 1e9),
+         "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+         **measured, **ceil}
+    r.update(extrapolate(args, a, measured, device, bytes_per))
+    bm.record(a.json, "workload", "run", r)
+    cut = f" (layers cut to {args.n_layers} of {r['real_n_layers']})" if r["layers_cut"] else ""
+    print(f"\nworkload: {a.n_prompts} prompts x {a.prompt_len} tokens, {a.new_tokens} new each, {B} rows, "
+          f"{a.shape}{cut} {a.dtype}{' compiled' if a.compile else ''}")
+    print(f"  wall {wall:.1f} s: prefill {prefill_s:.1f} s ({r['prompt_tokens_per_s']:.0f} prompt tok/s, "
+          f"{r['prefill_pct_peak']:.0f}% of matmul peak), decode {decode_s:.1f} s "
+          f"({r['decode_tokens_per_s']:.0f} tok/s, {r['decode_pct_bandwidth']:.0f}% of copy bandwidth)")
+    print(f"  output tokens/s over the whole run: {r['output_tokens_per_s']:.1f}")
+    job = r["extrapolated_job"]
+    print(f"  EXTRAPOLATED, not measured: {job['prompts']} prompts x {job['prompt_len']} tokens with "
+          f"{job['new_tokens']}-token answers on {job['rows']} rows: prefill {r['extrapolated_prefill_s'] / 60:.1f} min"
+          f" + decode {r['extrapolated_decode_s'] / 60:.1f} min = {r['extrapolated_minutes']:.1f} min "
+          f"({r['extrapolation_basis']})")
+
+
+def main(argv=None):
+    a = get_args(argv)
     device, dtype = torch.device(a.device), parse_dtype(a.dtype)
     args = model_args(a.shape, a.n_layers)
-    batches = [int(x) for x in a.batch_sizes.split(",")]
-    prompt_lens = [int(x) for x in a.prompt_lens.split(",")]
-    bw = measure_copy_bandwidth(device, mbytes=1024 if device.type == "cuda" else 128)
-    peak = measure_matmul_peak(device, dtype, n=8192 if device.type == "cuda" else 512)
-    bytes_per = torch.tensor([], dtype=dtype).element_size()
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
-    print(f"shape: {a.shape} ({args.n_layers} layers), {a.dtype}; copy bandwidth {bw / 1e9:.0f} GB/s, "
-          f"{a.dtype} matmul peak {peak / 1e12:.1f} TFLOP/s")
-
-    cases = [(b, p) for b in batches for p in prompt_lens if p + a.max_new_tokens <= args.max_seq_len]
-    model = random_model(args, dtype, device)
-    ours = {c: bench_ours(model, *c, a.max_new_tokens, device, a.compile, a.iters) for c in cases}
-    hf_times = {}
-    if not a.no_hf:
-        from transformers import AutoModelForCausalLM
-        with tempfile.TemporaryDirectory() as tmp:  # the same weights, through the public save path
-            save_hf(model, tmp)
-            del model
-            gc.collect()
-            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-        hf_times = {c: bench_hf(hf, *c, a.max_new_tokens, device, args.vocab_size, a.iters) for c in cases}
-
-    print(f"\n{'batch':>5} {'prompt':>6} | {'tok/s':>8} {'ms/tok':>7} {'GB/s':>7} {'%bw':>5} | "
-          f"{'HF tok/s':>8} {'HF %bw':>6} | {'x HF':>5} | {'prefill ms':>10} {'%peak':>6} {'HF prefill':>10}")
-    for (b, p), (t_pre, t_tok) in ours.items():
-        step_bytes = decode_bytes_per_step(args, b, p + a.max_new_tokens // 2, bytes_per, bytes_per)
-        gbs = step_bytes / t_tok
-        pre_flops = forward_flops(args, b * p, p)
-        line = (f"{b:>5} {p:>6} | {b / t_tok:>8.1f} {t_tok * 1e3:>7.2f} {gbs / 1e9:>7.0f} {100 * gbs / bw:>5.1f} | ")
-        if (b, p) in hf_times:
-            h_pre, h_tok = hf_times[(b, p)]
-            line += f"{b / h_tok:>8.1f} {100 * step_bytes / h_tok / bw:>6.1f} | {h_tok / t_tok:>5.2f} | "
-        else:
-            h_pre = None
-            line += f"{'-':>8} {'-':>6} | {'-':>5} | "
-        line += f"{t_pre * 1e3:>10.1f} {100 * pre_flops / t_pre / peak:>6.1f} "
-        line += f"{h_pre * 1e3:>10.1f}" if h_pre else f"{'-':>10}"
-        print(line)
-    print("\n%bw: bytes a decode step must read (weights + KV cache at mid-generation) / step time, over the copy "
-          "bandwidth.\n%peak: prefill matmul FLOPs (incl. causal attention) / prefill time, over the measured peak.")
+    ceil = bm.ceilings(device, dtype)
+    note = bm.layers_note(args, a.shape)
+    cut = f", layers cut to {args.n_layers} of {note['real_n_layers']}" if note["layers_cut"] else ""
+    print(f"device: {bm.device_name(device)}, torch {torch.__version__}")
+    print(f"shape: {a.shape} ({args.n_layers} layers{cut}), {a.dtype}; copy bandwidth {ceil['copy_GBps']:.0f} GB/s, "
+          f"{a.dtype} matmul peak {ceil['matmul_TFLOPs']:.1f} TFLOP/s", flush=True)
+    if a.workload:
+        bench_workload(a, args, device, dtype, ceil)
+    else:
+        bench_decode(a, args, device, dtype, ceil)
+    if a.json:
+        print("\n" + bm.format_targets(bm.target_rows(bm.load(a.json))))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .args import ModelArgs
 from .checkpoints.hf_keys import META_TARGET_TO_HF, hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
+from .checkpoints.shards import first_line
 from .files import atomic_dir, read_json, write_json
 from .lora import LoRAExperts, LoRALinear, apply_lora, lora_modules, lora_scaling
 
@@ -146,8 +147,11 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         if cfg.get(key, ok) != ok:
             raise ValueError(f"{cfg_file}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not isinstance(alpha, (int, float)) or alpha <= 0:
         raise ValueError(f"{cfg_file}: r={r!r} and lora_alpha={alpha!r} must be positive")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise ValueError(f"{cfg_file}: {key} must be an object of module pattern -> value")
     if cfg.get("modules_to_save"):
         raise ValueError(f"{cfg_file}: modules_to_save {cfg['modules_to_save']} (full copies of modules) "
                          "is not supported")
@@ -158,10 +162,19 @@ def _read_pairs(path: Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
     """(weights file, {HF module path: {"A": lora_A, "B": lora_B}}) from adapter_model.safetensors (or .bin)."""
     wfile = path / WEIGHTS_NAME
     if wfile.is_file():
-        state = load_file(str(wfile))
+        try:
+            state = load_file(str(wfile))
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise ValueError(f"{wfile}: not a readable safetensors file ({type(e).__name__}: {first_line(e)})") \
+                from None
     elif (path / "adapter_model.bin").is_file():
         wfile = path / "adapter_model.bin"
-        state = torch.load(wfile, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(wfile, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses anything but tensors; a damaged file raises many types
+            raise ValueError(f"{wfile}: not a readable tensor file ({type(e).__name__}: {first_line(e)})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{wfile}: expected a dict of tensors, found {type(state).__name__}")
     else:
         raise FileNotFoundError(f"{path / WEIGHTS_NAME} not found (nor adapter_model.bin)")
     pairs: dict[str, dict] = defaultdict(dict)

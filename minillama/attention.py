@@ -5,6 +5,7 @@ Shape letters: B batch, T query length, S key length, H query heads, K kv heads,
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -19,9 +20,27 @@ except Exception:  # ImportError, or a broken CUDA build on a CPU machine
 
 try:  # torch >= 2.10: flash-attention's varlen kernel shipped with torch (CUDA only)
     from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
-    _VARLEN_PARAMS = inspect.signature(torch_varlen_attn).parameters
 except Exception:
-    torch_varlen_attn, _VARLEN_PARAMS = None, {}
+    torch_varlen_attn = None
+
+
+@functools.lru_cache(maxsize=None)
+def _params(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def varlen_kwargs(fn, n_heads: int, n_kv_heads: int) -> tuple[dict, bool]:
+    """(causal keyword arguments, whether k/v must be repeated to n_heads) for torch's varlen_attn as `fn` spells it.
+
+    torch 2.10: is_causal=True, no GQA. torch 2.11: window_size=(-1, 0) means causal, still no GQA. torch 2.13:
+    window_size plus enable_gqa (k/v keep their n_kv_heads).
+    """
+    params = _params(fn)
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    repeat = n_kv_heads != n_heads
+    if repeat and "enable_gqa" in params:
+        kwargs["enable_gqa"], repeat = True, False
+    return kwargs, repeat
 
 
 def varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -29,14 +48,10 @@ def varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     """Causal attention over concatenated documents. q (N, H, D), k/v (N, K, D) -> (N, H, D)."""
     if flash_attn_varlen_func is not None:
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
-    if "enable_gqa" not in _VARLEN_PARAMS and k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    kwargs, repeat = varlen_kwargs(torch_varlen_attn, q.shape[1], k.shape[1])
+    if repeat:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (N, H, D)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    kwargs = {"enable_gqa": True} if "enable_gqa" in _VARLEN_PARAMS else {}
-    if "window_size" in _VARLEN_PARAMS:  # torch > 2.10 spells causal as a (left, right) window
-        kwargs["window_size"] = (-1, 0)
-    else:
-        kwargs["is_causal"] = True
     return torch_varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
@@ -140,19 +155,26 @@ def cache_mask(step: CacheStep, T: int, S: int, device, sliding_window: Optional
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMask) -> torch.Tensor:
     """Scaled dot-product attention with GQA. q (B, H, T, D), k/v (B, K, S, D) -> (B, H, T, D)."""
-    n_rep = q.shape[1] // k.shape[1]
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    n_rep = H // K
     if attn.cu_seqlens is not None:
-        B, H, T, D = q.shape
         flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], D)  # (B*T, heads, D)
         out = varlen_causal(flat(q), flat(k), flat(v), attn.cu_seqlens, attn.max_seqlen)
         return out.view(B, T, H, D).transpose(1, 2)
     if (attn.causal_only and flash_attn_func is not None and q.is_cuda
-            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[2] == k.shape[2]):
+            and q.dtype in (torch.float16, torch.bfloat16) and T == k.shape[2]):
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return out.transpose(1, 2)
-    if n_rep > 1:
+    if n_rep > 1 and T == 1:
+        # one query per row (decoding): the n_rep query heads sharing a kv head become n_rep queries of that head,
+        # so the cache is read once instead of being copied n_rep times; the (B, 1, 1, S) mask broadcasts over them
+        out = F.scaled_dot_product_attention(q.reshape(B, K, n_rep, D), k, v, attn_mask=attn.mask)
+        return out.view(B, H, 1, D)
+    if attn.causal_only:
+        # flash (CUDA) reads grouped k/v directly; the math kernel repeats them itself
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=n_rep > 1)
+    if n_rep > 1:  # a mask with many queries (padded prefill): the kernels that take masks need equal head counts
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(n_rep, dim=1)
-    if attn.causal_only:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask)

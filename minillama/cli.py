@@ -69,15 +69,20 @@ def dehyphenate(argv: list[str]) -> list[str]:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with HelpFormatter and the hyphenated spelling of every flag accepted."""
+    """argparse with HelpFormatter, the hyphenated spelling of every flag accepted, and one-line errors:
+    "PROG: error: MESSAGE (see --help)" on stderr (rank 0 only under torchrun), exit status 2, no usage block."""
 
-    def __init__(self, *a, **kw):
-        kw.setdefault("formatter_class", HelpFormatter)
-        kw.setdefault("epilog", "Flags also take hyphens: --max-new-tokens is --max_new_tokens.")
-        super().__init__(*a, **kw)
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        kwargs.setdefault("epilog", "Flags also take hyphens: --max-new-tokens is --max_new_tokens.")
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
         return super().parse_known_args(dehyphenate(sys.argv[1:] if args is None else list(args)), namespace)
+
+    def error(self, message):
+        if is_rank0():
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # ---- argparse types: the value is checked when the command line is parsed ----
@@ -111,6 +116,7 @@ nonnegative_int = _checked("nonnegative_int", int, lambda v: v >= 0, ">= 0")
 positive_float = _checked("positive_float", float, lambda v: v > 0, "> 0")
 nonnegative_float = _checked("nonnegative_float", float, lambda v: v >= 0, ">= 0")
 probability = _checked("probability", float, lambda v: 0 < v <= 1, "in (0, 1]")  # top_p
+fraction = _checked("fraction", float, lambda v: 0 <= v <= 1, "in [0, 1]")
 unit_fraction = _checked("unit_fraction", float, lambda v: 0 <= v < 1, "in [0, 1)")  # dropout
 
 
@@ -290,8 +296,9 @@ def run(main: Callable[[], Optional[int]]) -> int:
     try:
         code = main()
     except USER_ERRORS as e:
-        if is_rank0():
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        if is_rank0():  # one line: a message that runs on (a library's paragraph) keeps its first line
+            text = str(e).strip()
+            print(f"error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         if is_rank0():

@@ -11,6 +11,7 @@ removed the next time the same target is written.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -138,6 +139,31 @@ def replace_dir(tmp: Path, final: Path) -> None:
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
+
+
+def require_file(path: PathLike, what: str = "", nonempty: bool = False) -> Path:
+    """`path` if it is a readable file (non-empty if asked); else FileNotFoundError/IsADirectoryError/ValueError
+    naming it (and `what` it is, e.g. "--data")."""
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{label} is a directory, expected a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{label} does not exist" if not path.exists() else f"{label} is not a file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{label} is not readable")
+    if nonempty and path.stat().st_size == 0:
+        raise ValueError(f"{label} is empty")
+    return path
+
+
+def file_digest(path: PathLike) -> dict:
+    """{"bytes": size, "sha256": hex digest} of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
 
 
 def read_json(path: PathLike, what: str = "") -> dict:

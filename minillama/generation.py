@@ -36,10 +36,14 @@ _compiled_decode_step = None
 
 
 def _compiled_step():
-    """decode_step under torch.compile(mode="reduce-overhead") (CUDA graphs on GPU), built once per process."""
+    """decode_step under torch.compile(mode="reduce-overhead") (CUDA graphs on GPU), built once per process.
+
+    dynamic=True: batch size and cache length are symbolic, so one compile serves every size above one row (a
+    single row is specialised by torch: a second compile); CUDA graphs are still recorded per concrete shape.
+    """
     global _compiled_decode_step
     if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead")
+        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", dynamic=True)
     return _compiled_decode_step
 
 
@@ -59,6 +63,8 @@ def _check_prompts(model, prompts, max_new_tokens: int, max_seq_len: Optional[in
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     limit = model.args.max_seq_len if max_seq_len is None else max_seq_len
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"max_seq_len must be an int >= 1 (or None: the model's context), got {max_seq_len!r}")
     if limit > model.args.max_seq_len:
         raise ValueError(f"max_seq_len {limit} exceeds the model's context of {model.args.max_seq_len} tokens")
     if max_new_tokens >= limit:
@@ -85,9 +91,12 @@ def _check_prompts(model, prompts, max_new_tokens: int, max_seq_len: Optional[in
 
 
 def _ensure_cache(model, batch: int, seq_len: int) -> None:
-    """Reuse the model's KV cache when it holds batch x seq_len, else allocate one of exactly that size."""
-    cache = model.layers[0].attention.cache
-    if cache is None or cache.k.shape[0] < batch or cache.k.shape[2] < seq_len:
+    """Reuse the model's KV cache when it holds batch x seq_len (in the model's dtype, on its device), else allocate
+    one of exactly that size."""
+    cache, weight = model.layers[0].attention.cache, model.tok_embeddings.weight
+    dtype = weight.dtype if weight.is_floating_point() else torch.bfloat16
+    if (cache is None or cache.k.shape[0] < batch or cache.k.shape[2] < seq_len or cache.k.dtype != dtype
+            or cache.k.device != weight.device):
         model.setup_cache(batch, seq_len)
 
 

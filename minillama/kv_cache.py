@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .attention import CacheStep
 
 
-class KVCache(nn.Module):
-    """One layer's keys and values for up to max_batch_size rows of max_seq_len slots."""
+class KVCache:
+    """One layer's keys and values for up to max_batch_size rows of max_seq_len slots.
+
+    A plain object, not an nn.Module: torch.compile keeps module buffers at static shapes (a new batch size or cache
+    length would recompile the whole decode step), while plain tensors marked as static addresses get one graph for
+    every size and are still written in place inside the CUDA graph (HF's StaticCache does the same).
+    """
 
     def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device=None):
-        super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)  # (B, K, S, D)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        for t in (self.k, self.v):
+            # unguarded: a new cache (another size) re-records the CUDA graph instead of recompiling
+            torch._dynamo.mark_static_address(t, guard=False)
 
     def update(self, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, K, T, D) at the step's (row, slot) pairs; return the keys/values to attend over (B, K, S, D).

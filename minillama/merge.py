@@ -3,4 +3,5 @@
 from .checkpoints.merge import main, merge_adapters_, parse_args  # noqa: F401
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+    raise SystemExit(run(main))

@@ -22,12 +22,17 @@ def grouped_mm_ok(device: torch.device, dtype: torch.dtype, *weights) -> bool:
     """Whether torch._grouped_mm can multiply rows (M, in) of `dtype` on `device` by each stacked weight (E, out, in).
 
     It runs on CPU in any float dtype, on CUDA in bfloat16 on Hopper (sm90) and newer; every row must start on a
-    16-byte boundary (a LoRA rank of 2 in float32 does not), and all tensor operands share the rows' dtype.
+    16-byte boundary (a LoRA rank of 2 in float32 does not), and all tensor operands share the rows' dtype. Under
+    torch.compile only bfloat16 traces (its shape function checks for it, on every device).
     """
     if not hasattr(torch, "_grouped_mm"):
         return False
+    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False
     if device.type == "cuda":
-        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] < 9:
+        # get_device_properties, not get_device_capability: torch.compile folds the first to a constant (dynamo's
+        # constant-fold list, torch 2.11); the second is not on it and could split the compiled decode step
+        if dtype != torch.bfloat16 or torch.cuda.get_device_properties(device).major < 9:
             return False
     elif device.type != "cpu":
         return False

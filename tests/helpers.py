@@ -194,3 +194,14 @@ def train_tiny_spm(out_dir: Path) -> Path:
     text.unlink()
     (out_dir / "tokenizer.vocab").unlink()
     return out_dir / "tokenizer.model"
+
+
+class Payload:
+    """Unpickling this creates `marker`: what a crafted file does to a reader that unpickles (torch.load without
+    weights_only, torch.distributed.checkpoint's .metadata)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -116,7 +116,9 @@ def test_resume_skips_finished_lines_and_redoes_a_truncated_one(tiny_dir, expect
     assert records[0]["output"] == "SENTINEL"
     records[0]["output"] = expected[0][0]
     check_output(records, expected)
-    assert f"{inp}:3:" not in proc.stderr  # line 3 was recorded before the crash, so it is not re-read
+    # line 3's earlier attempt ended in an error record: that is not an answer, so the rerun tried it again
+    assert "retrying 1 line(s) whose earlier attempt ended in an error" in proc.stderr
+    assert f"{inp}:3: skipped: not valid JSON" in proc.stderr
 
 
 def test_complete_cli_with_adapter_equals_in_process_generation(tiny_dir, tmp_path):

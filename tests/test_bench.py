@@ -1,10 +1,15 @@
 """Benchmark floors and scripts: the numbers they divide by are right, and the scripts run at toy shapes on CPU."""
 
+import importlib.util
+import json
+import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from minillama import ModelArgs, Transformer
 from minillama.training.perf import decode_bytes_per_step, forward_flops, param_counts
@@ -42,23 +47,57 @@ def test_forward_flops_is_2_per_param_per_token_plus_attention():
 
 
 def run_script(*args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
 
-def test_generate_bench_runs_at_toy_shape_against_transformers():
+def test_generate_bench_runs_at_toy_shape_against_transformers(tmp_path):
+    results = tmp_path / "r.json"
     out = run_script("generate/bench.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
-                     "--batch_sizes", "1,2", "--prompt_lens", "16", "--max_new_tokens", "6", "--iters", "1")
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1 ", "2 "))]
-    assert len(rows) == 2 and all(len(r) == 16 and "-" not in r for r in rows), out  # ours, HF, ratio and prefill columns filled
-    assert "copy bandwidth" in out and "matmul peak" in out
+                     "--batch_sizes", "1,2", "--prompt_lens", "16", "--max_new_tokens", "6", "--iters", "1",
+                     "--impls", "ours,hf", "--json", str(results))
+    decode = json.loads(results.read_text())["decode"]
+    assert set(decode) == {f"{i}|b{b}|p16" for i in ("ours", "hf") for b in (1, 2)}
+    for r in decode.values():  # ours, HF, and the floors filled for every case
+        assert r["tokens_per_s"] > 0 and r["pct_bandwidth"] > 0 and r["prefill_pct_peak"] > 0
+        assert r["copy_GBps"] > 0 and r["matmul_TFLOPs"] > 0 and r["layers_cut"] is False
+    assert "x HF eager decode" in out and "target" in out
 
 
-def test_train_bench_runs_at_toy_shape_against_transformers_and_peft():
+def test_train_bench_runs_at_toy_shape_against_transformers_and_peft(tmp_path):
+    results = tmp_path / "r.json"
     out = run_script("train/bench.py", "--tiny", "--device", "cpu", "--seq_len", "128", "--moe_tokens", "128",
-                     "--iters", "1")
-    for case in ("lora tiny", "full tiny", "moe layer"):
+                     "--iters", "1", "--json", str(results))
+    for case in ("lora", "full"):
         assert f"{case}: " in out and "x HF tokens/s" in out, out
-    assert "HF + peft" in out
+    data = json.loads(results.read_text())
+    assert set(data["train"]) == {"lora|minillama", "lora|HF + peft", "full|minillama", "full|HF"}
+    assert set(data["moe"]) == {"minillama", "HF", "HF grouped_mm"} and data["moe"]["minillama"]["grouped_gemm"]
+    assert "x HF grouped_mm tokens/s" in out
+
+
+def test_bench_flags_are_checked_before_any_work():
+    for script, flag in (("generate/bench.py", "--impls=ours,vllm"), ("train/bench.py", "--cases=lora,dpo")):
+        out = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "unknown ['" in out.stderr and "choose from" in out.stderr
+
+
+def test_workload_extrapolation_scales_the_measured_prefill_rate_and_decode_bandwidth():
+    """285 x 12K prompts + 1K answers: prefill FLOPs at the measured FLOP/s + decode bytes at the measured bytes/s."""
+    spec = importlib.util.spec_from_file_location("generate_bench", os.path.join(ROOT, "generate", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = SimpleNamespace(extrapolate="285,12288,1024", batch_size=32)
+    measured = {"prefill_flops_per_s": 4e14, "decode_Bps": 3.5e12}
+    mixtral = ModelArgs.from_name("mixtral-8x7b")
+    r = bench.extrapolate(mixtral, a, measured, torch.device("cpu"), 2)
+    prefill = 285 * forward_flops(mixtral, 12288, 12288) / 4e14
+    decode = math.ceil(285 * 1024 / 32) * decode_bytes_per_step(mixtral, 32, 12288 + 512) / 3.5e12
+    assert r["extrapolated_prefill_s"] == pytest.approx(prefill) and r["extrapolated_decode_s"] == pytest.approx(decode)
+    assert r["extrapolated_minutes"] == pytest.approx((prefill + decode) / 60)
+    assert r["extrapolated_job"] == {"prompts": 285, "prompt_len": 12288, "new_tokens": 1024, "rows": 32}
+    assert "exceed" not in r["extrapolation_basis"]  # 13K tokens fit Mixtral's 32K context
+    llama = bench.extrapolate(ModelArgs.from_name("llama3-8b"), a, measured, torch.device("cpu"), 2)
+    assert "exceed this preset's context of 8192" in llama["extrapolation_basis"]

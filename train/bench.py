@@ -4,18 +4,22 @@
     python train/bench.py --cases lora --seq_len 8192       # LoRA, Llama-3-8B shape, one 8K packed row per step
     python train/bench.py --tiny --device cpu               # toy shapes (what the test suite runs)
 
-Cases (random weights; speed does not depend on the values):
+Cases (random weights; speed does not depend on the values; HF's model has its own):
   lora  LoRA r=16 on q/k/v/o/gate/up/down, Llama-3-8B shape, bf16 base, packed rows of --seq_len, activation
-        checkpointing; ours: document-masked packing + chunked loss; HF: sdpa + gradient checkpointing + peft.
+        checkpointing; ours: the trainer's path (FSDP2 on one process, bf16 compute as train/sft.py does, varlen
+        attention per document, chunked loss); HF: sdpa + gradient checkpointing + peft (fp32 adapters).
   full  full fine-tuning of the Llama-3.2-1B shape, bf16 compute with fp32 master weights (ours: FSDP2 mixed
         precision on one process; HF: torch.autocast(bf16) over fp32 weights), AdamW.
-  moe   one Mixtral-8x7B MoE layer, forward + backward over --moe_tokens tokens, bf16.
-MFU = model FLOPs (minillama.training.perf.train_flops: 6N per token for full, 4N for LoRA, plus causal attention) / time /
-the bf16 matmul peak measured in the same run.
+  moe   one Mixtral-8x7B MoE layer, forward + backward over --moe_tokens tokens, bf16, against transformers'
+        MixtralSparseMoeBlock as a standalone module (its per-expert loop) and with experts_implementation=
+        "grouped_mm" (what transformers 5 picks inside a loaded model), on the same weights.
+MFU = model FLOPs (minillama.training.perf.train_flops: 6N per token for full, 4N for LoRA, plus causal attention) /
+time / the bf16 matmul peak measured in the same run. --json adds each result to a results file as it is measured.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -23,49 +27,48 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minillama import ModelArgs, Transformer  # noqa: E402
-from minillama.args import to_hf_config  # noqa: E402
-from minillama.cli import ArgumentParser  # noqa: E402
-from minillama.training.fsdp import apply_fsdp, checkpoint_blocks, ensure_process_group  # noqa: E402
-from minillama.checkpoints.hf_format import hf_tensors  # noqa: E402
-from minillama.lora import apply_lora, lora_parameters  # noqa: E402
-from minillama.training.loss import CausalLMLoss  # noqa: E402
-from minillama.moe import MoEFeedForward  # noqa: E402
+from minillama import ModelArgs  # noqa: E402
+from minillama import benchmarks as bm  # noqa: E402
 from minillama.attention import doc_positions  # noqa: E402
-from minillama.training.perf import measure_matmul_peak, time_fn, train_flops  # noqa: E402
+from minillama.cli import ArgumentParser, positive_int, run  # noqa: E402
+from minillama.lora import apply_lora, lora_parameters  # noqa: E402
+from minillama.moe import MoEFeedForward  # noqa: E402
+from minillama.training.fsdp import apply_fsdp, checkpoint_blocks, ensure_process_group  # noqa: E402
+from minillama.training.loss import CausalLMLoss  # noqa: E402
+from minillama.training.metrics import default_peak_tflops  # noqa: E402
+from minillama.training.perf import time_fn, train_flops  # noqa: E402
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TINY = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, hidden_dim=256, max_seq_len=8192,
             rope_theta=500000.0, family="llama3")
+CASES = ("lora", "full", "moe")
 
 
-def get_args():
+def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--cases", default="lora,full,moe", help="comma-separated cases to run: lora, full, moe")
-    p.add_argument("--seq_len", type=int, default=8192, help="packed row length")
-    p.add_argument("--docs_per_row", type=int, default=4, help="documents packed into each row")
-    p.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of the lora case")
-    p.add_argument("--moe_tokens", type=int, default=8192, help="tokens routed through the MoE layer case")
+    p.add_argument("--cases", default="lora,full,moe", help=f"comma list of {', '.join(CASES)}")
+    p.add_argument("--seq_len", type=positive_int, default=8192, help="packed row length")
+    p.add_argument("--docs_per_row", type=positive_int, default=4, help="documents packed into each row")
+    p.add_argument("--lora_rank", type=positive_int, default=16, help="LoRA rank of the lora case")
+    p.add_argument("--n_layers", type=positive_int, default=None, help="fewer layers (the output says so)")
+    p.add_argument("--moe_tokens", type=positive_int, default=8192, help="tokens routed through the MoE layer case")
     p.add_argument("--tiny", action="store_true", help="toy shapes instead of the real ones")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--no_hf", action="store_true", help="skip the transformers + peft comparison")
-    p.add_argument("--iters", type=int, default=3, help="timed repetitions (median reported)")
-    return p.parse_args()
+    p.add_argument("--no_hf", action="store_true", help="skip the transformers / peft comparison")
+    p.add_argument("--iters", type=positive_int, default=3, help="timed steps (median reported)")
+    p.add_argument("--json", default=None, help="add every result to this results file as it is measured")
+    p.add_argument("--profile", default=None, help="append torch.profiler's kernel table of one step of ours here")
+    a = p.parse_args(argv)
+    bad = set(a.cases.split(",")) - set(CASES)
+    if bad:
+        p.error(f"--cases: unknown {sorted(bad)}; choose from {', '.join(CASES)}")
+    return a
 
 
-def shape(name: str, tiny: bool, **over) -> ModelArgs:
-    return ModelArgs(**{**TINY, **over}) if tiny else ModelArgs.from_name(name, **over)
-
-
-def random_model(args: ModelArgs, dtype, device) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device=device).to(dtype)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, 0.0, 0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
-    model.reset_rope(device)
-    model.tie_weights()
-    return model
+def shape(name: str, a, **over) -> ModelArgs:
+    if a.n_layers:
+        over["n_layers"] = a.n_layers
+    return ModelArgs(**{**TINY, **over}) if a.tiny else ModelArgs.from_name(name, **over)
 
 
 def packed_batch(args: ModelArgs, seq_len: int, docs: int, device):
@@ -84,21 +87,23 @@ def peak_gb(device) -> float:
 
 
 def reset_peak(device):
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def ours_train_step(model, lora: bool, ac: bool, batch, device, compute_dtype):
+def ours_train_step(model, lora: bool, rank: int, batch, device, compute_dtype):
     """A trainer-shaped step: CausalLMLoss under FSDP2 (one process), AdamW on the trainable parameters."""
     if lora:
-        apply_lora(model, rank=16, alpha=32, targets=LORA_TARGETS)
-    if ac:
-        checkpoint_blocks(model)
+        apply_lora(model, rank=rank, alpha=2 * rank, targets=LORA_TARGETS)
+    else:
+        model.requires_grad_(True)
+    checkpoint_blocks(model)
     ensure_process_group(device)
-    wrapper = apply_fsdp(CausalLMLoss(model), param_dtype=compute_dtype)
+    wrapper = apply_fsdp(CausalLMLoss(model).train(), param_dtype=compute_dtype)
     params = lora_parameters(model) if lora else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-5)
     tokens, targets, doc_ids = batch
     n = (targets != -100).sum()
 
@@ -111,33 +116,20 @@ def ours_train_step(model, lora: bool, ac: bool, batch, device, compute_dtype):
     return step
 
 
-def hf_weights(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our weights under HF names and q/k row order, copied to host memory (taken before LoRA/FSDP change them)."""
-    return {p.name: p.make().detach().to("cpu", copy=True) for p in hf_tensors(model.state_dict(), model.args)}
-
-
-def hf_model(args: ModelArgs, weights: dict, dtype, device):
-    """transformers' twin of our model with the same weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.for_model(**to_hf_config(args))
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device)
-    missing, unexpected = hf.load_state_dict(weights, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"HF twin: missing {missing}, unexpected {unexpected}")
-    return hf
-
-
-def hf_train_step(hf, lora: bool, batch, device, autocast_dtype):
+def hf_train_step(hf, lora: bool, rank: int, batch, device, autocast_dtype):
     if lora:
         from peft import LoraConfig, get_peft_model
-        hf = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS)))
+        hf = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS)))
+    else:
+        hf.requires_grad_(True)
     hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.config.use_cache = False
     hf.train()
     params = [p for p in hf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-5)
     tokens, targets, doc_ids = batch
-    # HF's sdpa path has no document masking; restarting position_ids at least restarts RoPE per document
+    # restarting position_ids restart RoPE per document, and transformers 5 reads the packing from them and masks
+    # attention across documents (one dense (T, T) mask through sdpa; ours skips those blocks in the varlen kernel)
     position_ids = doc_positions(doc_ids)
     labels = tokens.clone()  # HF shifts labels itself: mask each document's first token = our masked targets
     labels[:, 1:][targets[:, :-1] == -100] = -100
@@ -153,96 +145,124 @@ def hf_train_step(hf, lora: bool, batch, device, autocast_dtype):
     return step
 
 
-def bench_train(name, args, lora, a, device, peak, results):
+def bench_train(case: str, args, a, device, ceil, preset: str):
+    lora = case == "lora"
     base_dtype = torch.bfloat16 if lora else torch.float32  # full fine-tuning keeps fp32 master weights
-    compute_dtype = torch.bfloat16 if not lora and device.type == "cuda" else None
+    gpu = device.type == "cuda"
     batch = packed_batch(args, a.seq_len, a.docs_per_row, device)
     tokens = batch[0].numel()
     flops = train_flops(args, tokens, a.seq_len // a.docs_per_row, lora=lora)
+    peak = ceil["matmul_TFLOPs"] * 1e12
+    datasheet = default_peak_tflops(device)  # MFU as the trainer's progress bar shows it
+    common = {"case": case, "shape": "tiny" if a.tiny else preset, **bm.layers_note(args, None if a.tiny else preset),
+              "seq_len": a.seq_len, "docs_per_row": a.docs_per_row, "tokens_per_step": tokens,
+              "floor_tokens_per_s": tokens * peak / flops, **ceil}
+
+    def measure(impl: str, step) -> dict:
+        t = time_fn(step, device, warmup=1, iters=a.iters)
+        r = {**common, "impl": impl, "tokens_per_s": tokens / t, "step_s": t, "mfu_pct": 100 * flops / t / peak,
+             "mfu_datasheet_pct": 100 * flops / t / (datasheet * 1e12) if datasheet else None,
+             "peak_gb": peak_gb(device) if gpu else None}
+        bm.record(a.json, "train", f"{case}|{impl}", r)
+        print(f"{case:<6} {impl:<12} {r['tokens_per_s']:>10.0f} {r['mfu_pct']:>6.1f} "
+              f"{r['peak_gb'] if r['peak_gb'] is not None else float('nan'):>8.1f}", flush=True)
+        return r
+
     reset_peak(device)
-    model = random_model(args, base_dtype, device)
-    weights = None if a.no_hf else hf_weights(model)
-    step = ours_train_step(model, lora, ac=True, batch=batch, device=device, compute_dtype=compute_dtype)
-    t = time_fn(step, device, warmup=1, iters=a.iters)
-    results.append((name, "minillama", tokens / t, 100 * flops / t / peak, peak_gb(device)))
+    model = bm.random_model(args, base_dtype, device)
+    step = ours_train_step(model, lora, a.lora_rank, batch, device, torch.bfloat16 if gpu else None)
+    ours = measure("minillama", step)
+    bm.profile_to(a.profile, f"train {case} minillama, rows of {a.seq_len}", step, device)
     del model, step
     torch.distributed.destroy_process_group()
     if a.no_hf:
         return
     reset_peak(device)
-    hf = hf_model(args, weights, base_dtype, device)
-    del weights
-    hf_step = hf_train_step(hf, lora, batch, device, compute_dtype)
-    t = time_fn(hf_step, device, warmup=1, iters=a.iters)
-    results.append((name, "HF" + (" + peft" if lora else ""), tokens / t, 100 * flops / t / peak, peak_gb(device)))
+    hf = bm.hf_model(args, base_dtype, device)
+    hf_step = hf_train_step(hf, lora, a.lora_rank, batch, device, torch.bfloat16 if gpu and not lora else None)
+    theirs = measure("HF + peft" if lora else "HF", hf_step)
     del hf, hf_step
+    mem = (f", {ours['peak_gb'] / theirs['peak_gb']:.2f}x its peak memory" if gpu else "")
+    print(f"{case}: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x HF tokens/s{mem}")
 
 
-def bench_moe(args, a, device, peak, results):
-    dtype = torch.bfloat16
-    torch.manual_seed(0)
-    ours = MoEFeedForward(args.dim, args.hidden_dim, args.n_experts, args.n_experts_per_tok).to(device, dtype)
-    x = torch.randn(1, a.moe_tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
-    # FLOPs actually done: k experts per token, 3 matmuls, forward + 2x backward
-    flops = 3 * 2 * a.moe_tokens * args.n_experts_per_tok * 3 * args.dim * args.hidden_dim
-
-    def fwd_bwd(block):
-        def run():
-            out = block(x)
-            out.backward(torch.ones_like(out))
-        return run
-
-    reset_peak(device)
-    t_ours = time_fn(fwd_bwd(ours), device, warmup=2, iters=a.iters)
-    results.append(("moe layer", "minillama", a.moe_tokens / t_ours, 100 * flops / t_ours / peak, peak_gb(device)))
-    if a.no_hf:
-        return
+def hf_moe_block(args: ModelArgs, ours: MoEFeedForward, experts_implementation, device, dtype):
+    """transformers' MixtralSparseMoeBlock with our layer's weights (fused gate_up = [w1; w3])."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
     config = MixtralConfig(hidden_size=args.dim, intermediate_size=args.hidden_dim, num_local_experts=args.n_experts,
                            num_experts_per_tok=args.n_experts_per_tok)
-    hf = MixtralSparseMoeBlock(config).to(device, dtype)
-    with torch.no_grad():  # same weights: fused gate_up = [w1; w3]
+    if experts_implementation:
+        config._experts_implementation = experts_implementation
+    with torch.device(device):
+        hf = MixtralSparseMoeBlock(config).to(dtype)
+    with torch.no_grad():
         hf.gate.weight.copy_(ours.gate.weight)
         hf.experts.gate_up_proj.copy_(torch.cat([ours.experts.w1, ours.experts.w3], dim=1))
         hf.experts.down_proj.copy_(ours.experts.w2)
-        diff = (hf(x).float() - ours(x).float()).abs().mean().item()
-        assert diff < 1e-2, f"HF's MoE block and ours disagree (mean |diff| {diff}): the comparison would be unfair"
-    reset_peak(device)
-    t_hf = time_fn(fwd_bwd(hf), device, warmup=2, iters=a.iters)
-    results.append(("moe layer", "HF", a.moe_tokens / t_hf, 100 * flops / t_hf / peak, peak_gb(device)))
+    return hf
 
 
-def main():
-    a = get_args()
+def bench_moe(args, a, device, ceil):
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = MoEFeedForward(args.dim, args.hidden_dim, args.n_experts, args.n_experts_per_tok).to(dtype)
+    x = torch.randn(1, a.moe_tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
+    # FLOPs actually done: k experts per token, 3 matmuls, forward + 2x backward
+    flops = 3 * 2 * a.moe_tokens * args.n_experts_per_tok * 3 * args.dim * args.hidden_dim
+    peak = ceil["matmul_TFLOPs"] * 1e12
+    common = {"shape": "tiny" if a.tiny else "mixtral-8x7b", "tokens": a.moe_tokens, "dim": args.dim,
+              "hidden_dim": args.hidden_dim, "experts": args.n_experts, "top_k": args.n_experts_per_tok,
+              "grouped_gemm": ours.experts.grouped_ok(x), "floor_tokens_per_s": a.moe_tokens * peak / flops, **ceil}
+
+    def measure(impl, block):
+        def run():
+            out = block(x)
+            out.backward(torch.ones_like(out))
+        reset_peak(device)
+        t = time_fn(run, device, warmup=2, iters=a.iters)
+        r = {**common, "impl": impl, "tokens_per_s": a.moe_tokens / t, "ms": 1e3 * t,
+             "mfu_pct": 100 * flops / t / peak, "peak_gb": peak_gb(device) if device.type == "cuda" else None}
+        bm.record(a.json, "moe", impl, r)
+        print(f"{'moe':<6} {impl:<14} {r['tokens_per_s']:>10.0f} {r['mfu_pct']:>6.1f}", flush=True)
+        return r
+
+    mine = measure("minillama", ours)
+    bm.profile_to(a.profile, f"moe layer minillama, {a.moe_tokens} tokens", lambda: ours(x).backward(
+        torch.ones_like(x)), device)
+    if a.no_hf:
+        return
+    for impl, name in ((None, "HF"), ("grouped_mm", "HF grouped_mm")):
+        hf = hf_moe_block(args, ours, impl, device, dtype)
+        with torch.no_grad():
+            diff = (hf(x).float() - ours(x).float()).abs().mean().item()
+        assert diff < 1e-2, f"{name}'s MoE block and ours disagree (mean |diff| {diff}): the comparison would be unfair"
+        theirs = measure(name, hf)
+        print(f"moe layer: {mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x {name} tokens/s")
+        del hf
+
+
+def main(argv=None):
+    a = get_args(argv)
     device = torch.device(a.device)
-    peak = measure_matmul_peak(device, torch.bfloat16, n=8192 if device.type == "cuda" else 256)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}, torch {torch.__version__}; bf16 matmul peak {peak / 1e12:.1f} TFLOP/s; "
-          f"rows of {a.seq_len} tokens, {a.docs_per_row} documents each")
-    results = []
+    ceil = bm.ceilings(device, torch.bfloat16)
+    print(f"device: {bm.device_name(device)}, torch {torch.__version__}; bf16 matmul peak "
+          f"{ceil['matmul_TFLOPs']:.1f} TFLOP/s; rows of {a.seq_len} tokens, {a.docs_per_row} documents each")
+    print(f"\n{'case':<6} {'impl':<12} {'tokens/s':>10} {'MFU %':>6} {'peak GB':>8}")
     cases = a.cases.split(",")
-    if "lora" in cases:
-        bench_train("lora " + ("tiny" if a.tiny else "llama3-8b"), shape("llama3-8b", a.tiny), True, a, device,
-                    peak, results)
-    if "full" in cases:
-        bench_train("full " + ("tiny" if a.tiny else "llama3.2-1b"), shape("llama3.2-1b", a.tiny), False, a, device,
-                    peak, results)
+    for case, preset in (("lora", "llama3-8b"), ("full", "llama3.2-1b")):
+        if case in cases:
+            args = shape(preset, a)
+            if args.n_layers != ModelArgs.from_name(preset).n_layers and not a.tiny:
+                print(f"({case}: layers cut to {args.n_layers} of {ModelArgs.from_name(preset).n_layers})")
+            bench_train(case, args, a, device, ceil, preset)
     if "moe" in cases:
-        bench_moe(shape("mixtral-8x7b", a.tiny, n_experts=8, n_experts_per_tok=2), a, device, peak, results)
-    print(f"\n{'case':<18} {'impl':<12} {'tokens/s':>10} {'MFU %':>6} {'peak GB':>8}")
-    for case, impl, tps, mfu, mem in results:
-        mem_s = f"{mem:>8.1f}" if mem == mem else f"{'-':>8}"  # nan on CPU: no allocator statistics
-        print(f"{case:<18} {impl:<12} {tps:>10.0f} {mfu:>6.1f} {mem_s}")
-    by_case = {}
-    for case, impl, tps, _, mem in results:
-        by_case.setdefault(case, []).append((tps, mem))
-    for case, rows in by_case.items():
-        if len(rows) == 2:
-            (t0, m0), (t1, m1) = rows
-            mem = f", {m0 / m1:.2f}x its peak memory" if m1 == m1 and m1 else ""
-            print(f"{case}: {t0 / t1:.2f}x HF tokens/s{mem}")
+        bench_moe(shape("mixtral-8x7b", a, n_experts=8, n_experts_per_tok=2), a, device, ceil)
+    if a.json:
+        print("\n" + bm.format_targets(bm.target_rows(bm.load(a.json))))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minillama.cli import ArgumentParser  # noqa: E402
+from minillama.cli import ArgumentParser, run  # noqa: E402
 from minillama.training.metrics import read_metrics  # noqa: E402
 from minillama.training.plot import write_loss_png  # noqa: E402
 
@@ -33,4 +33,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

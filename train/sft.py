@@ -7,10 +7,14 @@
     torchrun ... train/sft.py --out OUT --resume                      # continue from OUT/latest with the run's
                                                                   # saved flags (OUT/config.json; new ones win;
                                                                   # any number of processes)
+    torchrun ... train/sft.py --out OUT --overwrite                   # start over in a used OUT
+
+A non-empty --out is refused unless --resume or --overwrite says what to do with the run there.
 
 Outputs in --out: config.json (resolved flags), metrics.jsonl (one record per step), loss.png, step_N/ (resumable
-checkpoints: sharded weights + optimizer + data position + RNG; LoRA runs also hold a PEFT adapter/), latest, and
-final/ (LoRA: a PEFT adapter; full fine-tuning: a Hugging Face model dir).
+checkpoints: sharded weights + optimizer + data position + RNG, safetensors and JSON with a SHA-256 manifest, no
+pickle; LoRA runs also hold a PEFT adapter/), latest, and final/ (LoRA: a PEFT adapter; full fine-tuning: a Hugging
+Face model dir).
 The loss of a step is the mean over every learned token of the whole global batch (all ranks, all micro-batches),
 so it does not depend on the number of processes or of accumulation steps.
 
@@ -40,8 +44,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from minillama.cli import run as run_cli  # noqa: E402
 from minillama.dtypes import dtype_name, parse_dtype  # noqa: E402
-from minillama.distributed import init_distributed  # noqa: E402
+from minillama.distributed import cleanup, init_distributed  # noqa: E402
 from minillama.files import atomic_write  # noqa: E402
 from minillama.training import config  # noqa: E402
 from minillama.training.build import build_model, load_data  # noqa: E402
@@ -50,8 +55,8 @@ from minillama.training.loop import BatchSplit, Schedule, StepLog, TrainState, e
 from minillama.training.metrics import MetricsWriter, ProgressBar, default_peak_tflops, read_metrics  # noqa: E402
 from minillama.training.optim import lr_at  # noqa: E402
 from minillama.training.plot import write_loss_png  # noqa: E402
-from minillama.training.resume import (export_final, load_checkpoint, load_rng_state, resolve_resume,  # noqa: E402
-                                       save_checkpoint)
+from minillama.training.resume import (check_out_dir, export_final, load_checkpoint, load_rng_state,  # noqa: E402
+                                       remove_run_outputs, resolve_resume, save_checkpoint)
 
 
 def parse_args(argv=None):
@@ -79,8 +84,7 @@ def main(argv=None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         Stop.requested = False
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        cleanup()
 
 
 @dataclass
@@ -132,13 +136,17 @@ def train(args) -> int:
 
 def start_run(args) -> Run:
     """Process group, data, model + optimizer, and the state: fresh, or restored from --resume."""
+    out, lora = Path(args.out), args.lora_rank > 0
+    check_out_dir(out, args.resume, args.overwrite)  # before any work: never a previous run lost by accident
     if args.cpu_offload and not ((args.device or "cuda").startswith("cuda") and torch.cuda.is_available()):
         raise ValueError("--cpu_offload moves GPU parameters to CPU memory; it needs --device cuda")
     info = init_distributed(args.device)
     ensure_process_group(info.device)
-    out, lora = Path(args.out), args.lora_rank > 0
     compute_dtype = parse_dtype(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     msg = ProgressBar(0, enabled=info.is_rank0)
+    resume_from = resolve_resume(args.resume, out, msg.message) if args.resume else None  # checked before loading
+    if args.resume and resume_from is None:
+        msg.message(f"--resume: no checkpoint in {out} yet; starting a fresh run")
 
     tok, samples, eval_samples = load_data(args, msg)
     split = BatchSplit.make(args.batch_size, info.world_size, args.micro_batch_size)
@@ -151,7 +159,7 @@ def start_run(args) -> Run:
 
     model, root, optimizer = build_model(args, info, compute_dtype, msg)
 
-    state, resume_from = TrainState(), resolve_resume(args.resume, out) if args.resume else None
+    state = TrainState()
     if resume_from is not None:
         saved = load_checkpoint(resume_from, root, optimizer, lora)
         state = TrainState.from_json(saved)
@@ -159,6 +167,10 @@ def start_run(args) -> Run:
     torch.manual_seed(args.seed * 1000 + info.rank + 1)  # LoRA dropout streams differ per rank
     if resume_from is not None and saved.get("world_size") == info.world_size:
         load_rng_state(resume_from, info.rank)  # exact continuation of each rank's dropout stream
+    if info.is_rank0 and args.overwrite:
+        gone = remove_run_outputs(out)
+        if gone:
+            msg.message(f"--overwrite: removed the previous run's {', '.join(gone)} from {out}")
     if info.is_rank0:
         atomic_write(out / "config.json", config.saved_flags(
             args, world_size=info.world_size, accumulation_steps=split.accumulation,
@@ -171,7 +183,7 @@ def start_run(args) -> Run:
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     return Run(args, info, out, lora, model, root, optimizer, [p for p in root.parameters() if p.requires_grad],
                samples, eval_samples, pad_id, split, schedule, total_steps, state, log,
-               args.router_aux_loss_coef if model.args.n_experts else 0.0)
+               args.router_aux_loss_coef if model.args.n_experts else 0.0, last_saved=resume_from)
 
 
 def run_eval(run: Run) -> float:
@@ -200,7 +212,7 @@ def maybe_save(run: Run, stop: bool) -> None:
 def stop_on_nonfinite(run: Run, result) -> int:
     what = f"loss is {result.loss}" if not math.isfinite(result.loss) else f"gradient norm is {result.grad_norm}"
     run.log.message(f"step {run.state.step + 1}: {what}; stopping without an optimizer step. Last good checkpoint: "
-                    f"{run.last_saved or resolve_resume('latest', run.out) or 'none'} (lower --lr, check the data)")
+                    f"{run.last_saved or 'none'} (lower --lr, check the data)")
     run.log.close()
     return 1
 
@@ -219,4 +231,4 @@ def finish(run: Run) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

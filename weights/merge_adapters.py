@@ -6,7 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from minillama.cli import run  # noqa: E402
 from minillama.merge import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -7,6 +7,7 @@ read memory-mapped, converted straight to the target dtype on the target device 
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,12 +19,13 @@ from ..dtypes import dtype_name, parse_dtype
 from ..files import atomic_dir, check_dir_writable, write_json
 from ..model import Transformer
 from .hf_format import hf_key_files, hf_plan, hf_weight_files, is_hf_dir, read_hf_args, write_hf_weights
-from .meta_format import is_meta_dir, meta_plan, meta_weight_files, read_meta_args, write_meta_weights
+from .meta_format import (check_meta_split, is_meta_dir, meta_plan, meta_weight_files, read_meta_args,
+                          write_meta_weights)
 from .shards import Entry, TensorFiles, check_plan
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
-__all__ = ["load_model", "save_hf", "save_meta", "detect_format", "TOKENIZER_FILES"]
+__all__ = ["load_model", "read_model_args", "save_hf", "save_meta", "detect_format", "TOKENIZER_FILES"]
 
 
 def detect_format(path: Union[str, Path]) -> tuple[str, Path]:
@@ -43,6 +45,15 @@ def detect_format(path: Union[str, Path]) -> tuple[str, Path]:
                      "(Hugging Face) or params.json + consolidated.*.pth / consolidated.safetensors (Meta, Mistral)")
 
 
+def read_model_args(path: Union[str, Path]) -> ModelArgs:
+    """The ModelArgs a checkpoint's config describes, without reading any weights (for checks before loading)."""
+    fmt, d = detect_format(path)
+    if fmt == "hf":
+        return read_hf_args(d)
+    files = TensorFiles()
+    return read_meta_args(d, files, meta_weight_files(d)[0])  # reads at most a header
+
+
 def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch.dtype, str]] = torch.float32,
                quantize: Optional[str] = None, max_seq_len: Optional[int] = None) -> Transformer:
     """Build the model a checkpoint describes and load its weights; eval mode. dtype=None keeps the checkpoint's.
@@ -58,13 +69,18 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
         weight_files = hf_weight_files(d)
         args = read_hf_args(d)
         where = hf_key_files(files, weight_files)
-        if "lm_head.weight" not in where:
-            args.tie_embeddings = True
+        head = "lm_head.weight" in where
     else:
         weight_files, model_parallel = meta_weight_files(d)
         args = read_meta_args(d, files, weight_files)
-        if not any("output.weight" in files.keys(f) for f in weight_files):
-            args.tie_embeddings = True
+        head = any("output.weight" in files.keys(f) for f in weight_files)
+    tied_in_config = args.tie_embeddings
+    if not head and not tied_in_config:
+        raise ValueError(f"{d}: the checkpoint has no {'lm_head' if fmt == 'hf' else 'output'}.weight and its "
+                         f"config does not tie it to the embeddings: a weight file left out of the index, or a "
+                         f"broken save? (a model with tied weights says tie_word_embeddings: true)")
+    if head:  # read the file's head; it is dropped below only if it equals the embedding
+        args.tie_embeddings = False
     if max_seq_len is not None:
         args.max_seq_len = max_seq_len
     device = torch.device(device)
@@ -80,9 +96,22 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
         entries = meta_plan(files, weight_files, model_parallel, args, shapes, source)
     check_plan(files, entries, shapes, source)
     _load_entries(model, files, entries, shapes, device, dtype, quantize)
+    if head and tied_in_config:
+        _tie_or_keep_head(model, d)
     model.reset_rope(device)
     model.tie_weights()
     return model.eval()
+
+
+def _tie_or_keep_head(model: Transformer, d: Path) -> None:
+    """The config ties the output head to the embedding but the file has its own: tie when they are equal, else keep
+    the file's head (untied) and say so. This is what transformers does; dropping it would change the function."""
+    if torch.equal(model.output.weight, model.tok_embeddings.weight):
+        model.args.tie_embeddings = True
+        return
+    warnings.warn(f"{d}: the config ties the output head to the embeddings (tie_word_embeddings), but the checkpoint "
+                  "holds a different output head; keeping the checkpoint's head, untied (as transformers does). Set "
+                  "tie_word_embeddings to false in its config.json to silence this.", stacklevel=3)
 
 
 @torch.no_grad()
@@ -199,6 +228,7 @@ def save_meta(model: Transformer, path: Union[str, Path], n_shards: int = 1, tok
     """Write params.json + consolidated.NN.pth split into n_shards (Meta layout), or Mistral's consolidated.safetensors
     for Mistral/Mixtral models when n_shards is 1."""
     state = _plain_state(model, "save_meta")
+    check_meta_split(model.args, n_shards)
     with atomic_dir(path, overwrite) as tmp:
         write_meta_weights(state, model.args, tmp, n_shards, log=log or (lambda s: None))
         copy_tokenizer_files(tokenizer_src, tmp)

@@ -13,21 +13,25 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import ArgumentParser
+from ..cli import ArgumentParser, positive_int, run
 from ..dtypes import DTYPE_NAMES, parse_dtype
-from .checkpoint import TOKENIZER_FILES, detect_format, load_model, save_hf, save_meta
+from ..files import check_dir_writable
+from .checkpoint import TOKENIZER_FILES, detect_format, load_model, read_model_args, save_hf, save_meta
+from .hf_format import parse_size
+from .meta_format import check_meta_split
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(prog="python -m minillama.convert", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m minillama.convert", description=__doc__)
     p.add_argument("src", help="checkpoint dir (or a weight file inside it)")
     p.add_argument("dst", help="output dir (must not exist or be empty, unless --overwrite)")
     p.add_argument("--to", "--format", dest="to", choices=("hf", "meta"),
                    help="target format (default: the other one)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast weights (default: keep the checkpoint's dtype)")
-    p.add_argument("--shards", type=int, default=1, help="Meta target: model-parallel shards to split into")
+    p.add_argument("--shards", type=positive_int, default=None,
+                   help="Meta target: model-parallel shards to split into (default 1)")
     p.add_argument("--max_shard_size", default="5GB", help="HF target: largest safetensors file")
-    p.add_argument("--max_seq_len", type=int, help="context length to record (params.json does not hold it)")
+    p.add_argument("--max_seq_len", type=positive_int, help="context length to record (params.json does not hold it)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p.parse_args(argv)
 
@@ -36,6 +40,13 @@ def main(argv=None) -> Path:
     a = parse_args(argv)
     src_fmt, src_dir = detect_format(a.src)
     to = a.to or ("meta" if src_fmt == "hf" else "hf")
+    # every check that needs no weights, before the slow part
+    check_dir_writable(a.dst, a.overwrite, "DST")
+    if to == "hf" and a.shards not in (None, 1):
+        raise ValueError(f"--shards {a.shards} splits a Meta checkpoint; the target here is hf (see --to)")
+    if to == "meta":
+        check_meta_split(read_model_args(src_dir), a.shards or 1)
+    parse_size(a.max_shard_size)
     t0 = time.time()
     print(f"reading {src_fmt} checkpoint {src_dir}", flush=True)
     model = load_model(src_dir, dtype=parse_dtype(a.dtype), max_seq_len=a.max_seq_len)
@@ -46,7 +57,7 @@ def main(argv=None) -> Path:
         out = save_hf(model, a.dst, tokenizer_src=src_dir, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
                       log=lambda s: print(s, flush=True))
     else:
-        out = save_meta(model, a.dst, n_shards=a.shards, tokenizer_src=src_dir,
+        out = save_meta(model, a.dst, n_shards=a.shards or 1, tokenizer_src=src_dir,
                         log=lambda s: print(s, flush=True), overwrite=a.overwrite)
     copied = [n for n in TOKENIZER_FILES if (out / n).is_file()]
     print(f"wrote {to} checkpoint {out} (tokenizer files: {', '.join(copied) or 'none found'}) "
@@ -55,13 +66,11 @@ def main(argv=None) -> Path:
 
 
 def cli(argv=None) -> int:
-    """main() with bad input reported as one line on stderr instead of a traceback."""
-    try:
+    """main() with bad input reported as one line on stderr instead of a traceback (cli.run)."""
+    def convert():
         main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run(convert)
 
 
 if __name__ == "__main__":

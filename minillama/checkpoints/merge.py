@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 
 from ..adapter import read_adapter
+from ..args import ModelArgs
 from ..cli import ArgumentParser
 from ..dtypes import DTYPE_NAMES, parse_dtype
+from ..files import check_dir_writable
 
 
 def _delta(parts: list, shape: tuple, name: str, expert: Optional[int] = None) -> torch.Tensor:
@@ -30,17 +33,46 @@ def _delta(parts: list, shape: tuple, name: str, expert: Optional[int] = None) -
     return delta
 
 
-@torch.no_grad()
-def merge_adapters_(model: torch.nn.Module, adapter_dirs: Iterable[str],
-                    log: Callable[[str], None] = print) -> torch.nn.Module:
-    """Fold PEFT adapters (applied in sum, as PEFT's multi-adapter merge does) into the base weights in place."""
+def check_fits(factors: dict, args: ModelArgs, source) -> None:
+    """Every factor pair targets a weight of a model with these args, with its shape (checked before loading it)."""
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    for (path, w), (a, b, _) in factors.items():
+        key = f"{path}.{w}" if w is not None else f"{path}.weight"
+        if key not in shapes:
+            raise ValueError(f"{source}: adapter module {path} does not exist in the base model ({args.n_layers} "
+                             "layers): adapter for another model?")
+        want = shapes[key][1:] if w is not None else shapes[key]
+        stacked = shapes[key][:1] if w is not None else ()
+        if tuple(b.shape[:-2]) != stacked or a.shape[-2] != b.shape[-1] or (b.shape[-2], a.shape[-1]) != want[-2:]:
+            raise ValueError(f"{source}: the adapter's update for {key} is ({b.shape[-2]}, {a.shape[-1]}) but the "
+                             f"base weight is {want}: adapter for another model?")
+
+
+def read_adapters(adapter_dirs: Iterable[str], args: ModelArgs, log: Callable[[str], None] = print) -> dict:
+    """{(module path, expert weight or None): [(A, B, scaling) per adapter]}, each checked against args."""
     per_weight: dict = {}
     for d in adapter_dirs:
-        cfg, factors = read_adapter(d, model.args)
+        if not Path(d).is_dir():
+            raise FileNotFoundError(f"--adapter {d}: no such directory")
+        cfg, factors = read_adapter(d, args)
+        check_fits(factors, args, d)
         log(f"adapter {d}: r={cfg['r']} alpha={cfg['lora_alpha']} rslora={bool(cfg.get('use_rslora'))}, "
             f"{len(factors)} weights")
         for key, f in factors.items():
             per_weight.setdefault(key, []).append(f)
+    return per_weight
+
+
+@torch.no_grad()
+def merge_adapters_(model: torch.nn.Module, adapter_dirs: Iterable[str],
+                    log: Callable[[str], None] = print, per_weight: Optional[dict] = None) -> torch.nn.Module:
+    """Fold PEFT adapters (applied in sum, as PEFT's multi-adapter merge does) into the base weights in place.
+    per_weight: what read_adapters already read (then adapter_dirs are not read again)."""
+    if per_weight is None:
+        per_weight = read_adapters(adapter_dirs, model.args, log)
     emb = getattr(model, "tok_embeddings", None)
     t0, last_layer = time.time(), None
     for i, ((path, w), parts) in enumerate(per_weight.items()):
@@ -83,14 +115,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    from .checkpoint import load_model, save_hf, save_meta  # the checkpoint formats live there
+    from .checkpoint import load_model, read_model_args, save_hf, save_meta  # the checkpoint formats live there
 
+    # everything that needs no base weights first: the output dir, the base's config, the adapters against it
+    check_dir_writable(args.out, args.overwrite, "--out")
+    per_weight = read_adapters(args.adapter, read_model_args(args.base), log=lambda s: print(s, flush=True))
     t0 = time.time()
     print(f"loading base {args.base} ...", flush=True)
     model = load_model(args.base, device="cpu", dtype=parse_dtype(args.dtype))
     dtype = next(model.parameters()).dtype
     print(f"  {model.args.family}, {model.args.n_layers} layers, {dtype} ({time.time() - t0:.1f}s)", flush=True)
-    merge_adapters_(model, args.adapter, log=lambda s: print(s, flush=True))
+    merge_adapters_(model, args.adapter, log=lambda s: print(s, flush=True), per_weight=per_weight)
     print(f"saving {args.format} checkpoint to {args.out} ...", flush=True)
     if args.format == "hf":
         save_hf(model, args.out, tokenizer_src=args.base, overwrite=args.overwrite)
@@ -100,4 +135,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from ..cli import run
+    sys.exit(run(main))

@@ -190,11 +190,9 @@ def uses_mistral_format(args: ModelArgs) -> bool:
     return not (llama_family and args.head_dim == args.dim // args.n_heads)
 
 
-def write_meta_weights(state: dict[str, torch.Tensor], args: ModelArgs, out: Path, n_shards: int,
-                       log=print) -> list[str]:
-    """params.json + consolidated.NN.pth shards, or Mistral's consolidated.safetensors (experts in
-    mistral-inference naming) when unsplit. One shard's tensors in memory at a time."""
-    named = []  # (consolidated name, tensor)
+def _consolidated(state: dict[str, torch.Tensor], args: ModelArgs) -> list[tuple[str, torch.Tensor]]:
+    """Our state dict -> (consolidated name, tensor): experts one tensor each, `output` even when tied."""
+    named = []
     for key, t in state.items():
         m = re.fullmatch(r"layers\.(\d+)\.feed_forward\.experts\.(w[123])", key)
         if m:
@@ -203,6 +201,36 @@ def write_meta_weights(state: dict[str, torch.Tensor], args: ModelArgs, out: Pat
             named.append((key, t))
     if args.tie_embeddings and "output.weight" not in state:
         named.append(("output.weight", state["tok_embeddings.weight"]))  # Meta's model always has `output`
+    return named
+
+
+def check_meta_split(args: ModelArgs, n_shards) -> None:
+    """Raise ValueError, before any work, unless the model splits into n_shards model-parallel shards."""
+    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
+        raise ValueError(f"shards {n_shards!r}: expected an integer >= 1")
+    if n_shards == 1:
+        return
+    for what, n in (("attention heads", args.n_heads), ("key/value heads", args.n_kv_heads)):
+        if n % n_shards:
+            raise ValueError(f"{n_shards} model-parallel shards: the model's {n} {what} do not split into "
+                             f"{n_shards} (each shard must hold whole heads)")
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        state = Transformer(args).state_dict()
+    for name, t in _consolidated(state, args):
+        dim = _split_dim(name, args)
+        if dim is not None and t.shape[dim] % n_shards:
+            raise ValueError(f"{n_shards} model-parallel shards: {name} dim {dim} ({t.shape[dim]}) does not split "
+                             f"into {n_shards}")
+
+
+def write_meta_weights(state: dict[str, torch.Tensor], args: ModelArgs, out: Path, n_shards: int,
+                       log=print) -> list[str]:
+    """params.json + consolidated.NN.pth shards, or Mistral's consolidated.safetensors (experts in
+    mistral-inference naming) when unsplit. One shard's tensors in memory at a time."""
+    check_meta_split(args, n_shards)
+    named = _consolidated(state, args)  # (consolidated name, tensor)
     params = meta_params(args)
     names = []
     if n_shards == 1 and uses_mistral_format(args):  # streamed: expert slices are written without copies

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,12 @@ from typing import Callable, Optional
 import torch
 
 from ..files import read_json
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message up to its first line break (torch.load explains itself in paragraphs)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 @dataclass
@@ -55,7 +62,7 @@ class TensorFiles:
                 raise
             except Exception as e:  # safetensors and torch raise many types for a corrupt file
                 raise ValueError(f"could not read checkpoint file {file} (truncated or corrupt?): "
-                                 f"{type(e).__name__}: {e}") from e
+                                 f"{type(e).__name__}: {first_line(e)}") from e
         return self._open[file]
 
     def keys(self, file: Path) -> list[str]:
@@ -68,13 +75,18 @@ class TensorFiles:
             return tuple(h[key].shape)
         return tuple(h.get_slice(key).get_shape())
 
+    def dtype(self, file: Path, key: str) -> str:
+        """The tensor's dtype name as stored ('BF16', 'I32' in safetensors; 'torch.int32' in .pth)."""
+        h = self._handle(file)
+        return str(h[key].dtype) if isinstance(h, dict) else h.get_slice(key).get_dtype()
+
     def get(self, file: Path, key: str) -> torch.Tensor:
         h = self._handle(file)
         try:
             return h[key] if isinstance(h, dict) else h.get_tensor(key)
         except Exception as e:
             raise ValueError(f"could not read tensor {key} from {file} (truncated or corrupt?): "
-                             f"{type(e).__name__}: {e}") from e
+                             f"{type(e).__name__}: {first_line(e)}") from e
 
     def close(self, file: Path):
         self._open.pop(file, None)
@@ -112,6 +124,12 @@ def check_plan(files: TensorFiles, entries: list[Entry], shapes: dict[str, tuple
     """Every model tensor (and every expert slot) covered exactly once, and every shape as the config says."""
     covered: dict[str, set] = {}
     for e in entries:
+        for src in e.sources:
+            kind = files.dtype(src.file, src.key)
+            if not (kind.startswith(("F", "BF")) or kind in _FLOAT_NAMES):
+                raise ValueError(f"{src.file}: tensor {src.key} is {kind}, expected a floating-point weight "
+                                 "(an integer tensor would be cast silently into nonsense: a quantized export or a "
+                                 "damaged file?)")
         got = disk_shape(files, e)
         if got != tuple(e.expected):
             where = e.sources[0].file if len(e.sources) == 1 else f"{len(e.sources)} shards in {source}"
@@ -129,6 +147,9 @@ def check_plan(files: TensorFiles, entries: list[Entry], shapes: dict[str, tuple
     if missing:
         raise ValueError(f"{source}: checkpoint is missing {len(missing)} tensor(s) the config needs: "
                          f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+
+
+_FLOAT_NAMES = {str(t) for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def raise_unknown(unknown: list[str], source: str, what: str):
@@ -155,8 +176,9 @@ class Pending:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def write_safetensors(path: Path, tensors: list[Pending], metadata: Optional[dict] = None) -> int:
-    """Stream tensors into a .safetensors file one at a time, so a file never needs its tensors all in memory."""
+def write_safetensors(path: Path, tensors: list[Pending], metadata: Optional[dict] = None, hasher=None) -> int:
+    """Stream tensors into a .safetensors file one at a time, so a file never needs its tensors all in memory; the
+    file is fsync'ed. hasher (e.g. hashlib.sha256()) sees every byte written. Returns the data size in bytes."""
     header, offset = {}, 0
     for p in tensors:
         header[p.name] = {"dtype": _ST_DTYPES[p.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
@@ -166,13 +188,20 @@ def write_safetensors(path: Path, tensors: list[Pending], metadata: Optional[dic
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        def write(data):
+            f.write(data)
+            if hasher is not None:
+                hasher.update(data)
+
+        write(struct.pack("<Q", len(blob)))
+        write(blob)
         for p in tensors:
             t = p.make().detach().to("cpu").contiguous()
             if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
                 raise RuntimeError(f"{path}: {p.name} came out {tuple(t.shape)} {t.dtype}, announced {p.shape} {p.dtype}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            write(t.reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
     return offset
 
 

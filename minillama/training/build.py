@@ -10,7 +10,7 @@ import torch
 from ..checkpoints import load_model
 from ..lora import apply_lora
 from ..tokenizer import load_tokenizer
-from .data import load_jsonl, report_bad_lines
+from .data import check_data_file, load_jsonl, report_bad_lines
 from .fsdp import apply_fsdp, checkpoint_blocks
 from .loss import CausalLMLoss
 from .optim import build_optimizer
@@ -22,13 +22,17 @@ def load_data(args, log):
     if not Path(args.ckpt).exists():
         hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.ckpt else ""
         raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist{hint}")
+    flags = (("data", "--data", args.data), ("eval data", "--eval_data", args.eval_data))
+    for _, flag, path in flags:  # a bad path fails before the tokenizer is read
+        if path:
+            check_data_file(path, flag)
     tok = load_tokenizer(args.ckpt)
     out = []
-    for name, path in (("data", args.data), ("eval data", args.eval_data)):
+    for name, flag, path in flags:
         if not path:
             out.append(None)
             continue
-        samples, stats = load_jsonl(path, tok, args.seq_len, args.drop_long)
+        samples, stats = load_jsonl(path, tok, args.seq_len, args.drop_long, flag)
         if log.enabled:
             report_bad_lines(stats)
         log.message(f"{name}: {stats.summary()}")

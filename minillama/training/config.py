@@ -8,12 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import DEFAULT_CKPT, ArgumentParser, dehyphenate, recipe_file
+from ..cli import (DEFAULT_CKPT, ArgumentParser, dehyphenate, fraction, nonnegative_float, nonnegative_int,
+                   positive_float, positive_int, recipe_file, unit_fraction)
 from ..dtypes import DTYPE_NAMES
 from ..files import read_json
 
 # flags a resumed run re-derives instead of taking them from OUT/config.json
-NOT_RESUMED = {"help", "config", "resume", "out", "micro_batch_size", "stop_at_step"}
+NOT_RESUMED = {"help", "config", "resume", "overwrite", "out", "micro_batch_size", "stop_at_step"}
 # keys of runs saved before a flag was renamed (OUT/config.json, --config files) -> today's name
 RENAMED = {"model": "ckpt"}
 DEMO_DATA = recipe_file("train", "data", "reviews.jsonl")
@@ -30,50 +31,59 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--eval_data", default=None,
                    help="JSONL for the eval loss (default: train/data/reviews_eval.jsonl when --data is the "
                         "demo's, else none)")
-    p.add_argument("--eval_every", type=int, default=None,
+    p.add_argument("--eval_every", type=nonnegative_int, default=None,
                    help=f"eval every N steps, 0: only at the end (default: {DEMO_EVAL_EVERY} for the demo's eval "
                         "data, else 0)")
     p.add_argument("--out", default="out/sft", help="output dir")
     # schedule
-    p.add_argument("--max_steps", type=int, default=0, help="optimizer steps; 0 = --epochs passes over the data")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the data when --max_steps is 0")
-    p.add_argument("--batch_size", type=int, default=8, help="global batch in rows (all ranks, all micro-steps)")
-    p.add_argument("--micro_batch_size", type=int, default=0, help="rows per forward per rank; 0 = no accumulation")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 LoRA, 2e-5 full)")
-    p.add_argument("--warmup_steps", type=int, default=2, help="steps of linear warmup to --lr")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr")
-    p.add_argument("--weight_decay", type=float, default=0.1, help="on matrices only (not norms/biases)")
-    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW beta1 beta2")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    p.add_argument("--max_steps", type=nonnegative_int, default=0,
+                   help="optimizer steps; 0 = --epochs passes over the data")
+    p.add_argument("--epochs", type=positive_int, default=3, help="passes over the data when --max_steps is 0")
+    p.add_argument("--batch_size", type=positive_int, default=8,
+                   help="global batch in rows (all ranks, all micro-steps)")
+    p.add_argument("--micro_batch_size", type=nonnegative_int, default=0,
+                   help="rows per forward per rank; 0 = no accumulation")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: 1e-3 LoRA, 2e-5 full)")
+    p.add_argument("--warmup_steps", type=nonnegative_int, default=2, help="steps of linear warmup to --lr")
+    p.add_argument("--min_lr_ratio", type=fraction, default=0.1, help="cosine decays to this fraction of --lr")
+    p.add_argument("--weight_decay", type=nonnegative_float, default=0.1, help="on matrices only (not norms/biases)")
+    p.add_argument("--betas", type=unit_fraction, nargs=2, default=(0.9, 0.95), help="AdamW beta1 beta2")
+    p.add_argument("--grad_clip", type=nonnegative_float, default=1.0, help="max global grad norm (0: off)")
     # data
-    p.add_argument("--seq_len", type=int, default=8192, help="max tokens per row (packed) or per sample")
+    p.add_argument("--seq_len", type=positive_int, default=8192, help="max tokens per row (packed) or per sample")
     p.add_argument("--pack", action="store_true", help="pack whole samples into rows of --seq_len (with doc_ids)")
     p.add_argument("--drop_long", action="store_true", help="drop samples longer than --seq_len instead of cutting")
-    p.add_argument("--loss_chunk", type=int, default=1024, help="positions per chunk of the output projection")
+    p.add_argument("--loss_chunk", type=positive_int, default=1024, help="positions per chunk of the output projection")
     # what is trained
-    p.add_argument("--lora_rank", type=int, default=16, help="0 = full fine-tuning")
-    p.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA scaling is alpha / rank")
-    p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--lora_rank", type=nonnegative_int, default=16, help="0 = full fine-tuning")
+    p.add_argument("--lora_alpha", type=positive_float, default=32.0, help="LoRA scaling is alpha / rank")
+    p.add_argument("--lora_dropout", type=unit_fraction, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--lora_targets", nargs="+", default=["all-linear"],
                    help="PEFT names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head experts "
                         "router, or all-linear")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="QLoRA: NF4 base weights (needs --lora_rank)")
-    p.add_argument("--router_aux_loss_coef", type=float, default=0.02, help="Mixtral load-balancing loss weight")
+    p.add_argument("--router_aux_loss_coef", type=nonnegative_float, default=0.02,
+                   help="Mixtral load-balancing loss weight")
     # systems
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="compute dtype (default bfloat16 on cuda, float32 on cpu); master weights stay float32")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--cpu_offload", action="store_true", help="FSDP2 CPUOffloadPolicy: params/grads/optimizer on CPU")
-    p.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: the device's bf16 peak)")
+    p.add_argument("--peak_tflops", type=positive_float, default=None, help="for MFU (default: the device's bf16 peak)")
     p.add_argument("--seed", type=int, default=0, help="data order, LoRA init and dropout")
     # checkpoints
-    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--keep", type=int, default=2, help="keep the last N step_* checkpoints (0: all)")
+    p.add_argument("--save_every", type=nonnegative_int, default=0,
+                   help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep", type=nonnegative_int, default=2, help="keep the last N step_* checkpoints (0: all)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from OUT/latest (no value) or a given OUT/step_N dir")
-    p.add_argument("--stop_at_step", type=int, default=0, help="save and exit after this step, as on SIGTERM")
-    p.add_argument("--log_every", type=int, default=10, help="progress line every N steps when stderr is no tty")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in a non-empty --out, removing the previous run's outputs there")
+    p.add_argument("--stop_at_step", type=nonnegative_int, default=0,
+                   help="save and exit after this step, as on SIGTERM")
+    p.add_argument("--log_every", type=positive_int, default=10,
+                   help="progress line every N steps when stderr is no tty")
     return p
 
 
@@ -106,7 +116,7 @@ def read_config_file(path: str) -> dict:
 def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     """The resolved flags: defaults < OUT/config.json (with --resume) < --config file < the command line."""
     parser = build_parser(description)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False, prog=parser.prog)
     pre.add_argument("--config")
     pre.add_argument("--out", default=parser.get_default("out"))
     pre.add_argument("--resume", nargs="?", const="latest", default=None)
@@ -127,6 +137,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
             raise ValueError(f"--config {known.config}: unknown keys {unknown}; valid keys: {', '.join(sorted(valid))}")
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
+    recheck_values(parser, args, known.config or (str(saved) if known.resume else ""))
     if args.eval_data is None and Path(args.data).resolve() == DEMO_DATA.resolve():
         args.eval_data = str(DEMO_EVAL_DATA)  # the demo run draws a train and an eval curve
     if args.eval_every is None:
@@ -136,6 +147,27 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     if args.quantize and args.lora_rank <= 0:
         parser.error("--quantize nf4 trains LoRA adapters on a frozen NF4 base: give --lora_rank > 0")
     return args
+
+
+def recheck_values(parser: argparse.ArgumentParser, args: argparse.Namespace, source: str) -> None:
+    """Values from a config file or OUT/config.json skip argparse's type= checks: run them now (parser.error names
+    the flag and the file)."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if value is None or action.dest == "help" or (action.type is None and not action.choices):
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if action.choices and v not in action.choices:
+                parser.error(f"argument {action.option_strings[0]}: {v!r} from {source} is not one of "
+                             f"{', '.join(map(str, action.choices))}")
+            if action.type is None:
+                continue
+            if isinstance(v, bool) and action.type is not bool:
+                parser.error(f"argument {action.option_strings[0]}: {v!r} from {source} is not a number")
+            try:
+                action.type(str(v))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                parser.error(f"argument {action.option_strings[0]}: {e}" + (f" (from {source})" if source else ""))
 
 
 def saved_flags(args: argparse.Namespace, **resolved) -> str:

@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import require_file
+
 IGNORE = -100  # target value that contributes no loss
 
 
@@ -156,15 +158,26 @@ def tokenize_record(tok, shape: str, content, seq_len: int) -> list[tuple[list[i
     return [fit_to_length(list(ids), [bool(m) for m in mask], seq_len)]
 
 
-def load_jsonl(path, tok, seq_len: int, drop_long: bool = False) -> tuple[list[Sample], DataStats]:
-    """Read and tokenize a JSONL file; bad lines are skipped and listed in the stats (never trained on)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+def check_data_file(path, flag: str = "--data") -> Path:
+    """The file a data flag names: it must exist, be a file and not be empty (checked before the model loads)."""
+    return require_file(path, flag, nonempty=True)
+
+
+def load_jsonl(path, tok, seq_len: int, drop_long: bool = False, flag: str = "--data") -> tuple[list[Sample],
+                                                                                                DataStats]:
+    """Read and tokenize a JSONL file; bad lines (not UTF-8, not JSON, wrong shape) are skipped and listed in the
+    stats (never trained on)."""
+    path = check_data_file(path, flag)
     stats = DataStats(path=str(path))
     samples: list[Sample] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                stats.lines += 1
+                stats.bad.append((lineno, "not valid UTF-8"))
+                continue
             if not line.strip():
                 continue
             stats.lines += 1
@@ -194,13 +207,16 @@ def load_jsonl(path, tok, seq_len: int, drop_long: bool = False) -> tuple[list[S
                 stats.split += 1
     stats.samples = len(samples)
     if not samples:
-        reasons = "; ".join(f"line {n}: {r}" for n, r in stats.bad[:5])
-        raise ValueError(f"{path}: no usable samples in {stats.lines} lines" + (f" ({reasons})" if reasons else ""))
+        reasons = "; ".join(f"line {n}: {r}" for n, r in stats.bad[:3])
+        why = f" ({reasons}{'; ...' if len(stats.bad) > 3 else ''})" if reasons else \
+            f" ({stats.no_target} with nothing to learn, {stats.dropped_long} dropped as too long)"
+        raise ValueError(f"{flag} {path}: no usable samples in {stats.lines} lines{why}")
     return samples, stats
 
 
-def report_bad_lines(stats: DataStats, limit: int = 10, file=sys.stderr) -> None:
-    """Print the first `limit` bad lines as path:line: reason."""
+def report_bad_lines(stats: DataStats, limit: int = 10, file=None) -> None:
+    """Print the first `limit` bad lines as path:line: reason (to stderr by default)."""
+    file = file or sys.stderr
     for lineno, reason in stats.bad[:limit]:
         print(f"{stats.path}:{lineno}: skipped: {reason}", file=file)
     if len(stats.bad) > limit:

@@ -24,6 +24,9 @@ def ensure_process_group(device: torch.device) -> None:
     """A one-process group when not launched by torchrun, so one code path (FSDP) serves every world size."""
     if dist.is_initialized():
         return
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # init_process_group binds to one indexed device only
+        device = torch.device("cuda", torch.cuda.current_device())
     backend = CUDA_BACKEND if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                             device_id=device if device.type == "cuda" else None)

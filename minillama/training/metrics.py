@@ -87,12 +87,12 @@ class MetricsWriter:
         kept = []
         if resume_step is not None and self.path.is_file():
             # steps after the checkpoint we resume from will be run again: drop their old records
-            for line in self.path.read_text().splitlines():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if rec.get("step", 0) <= resume_step:
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= resume_step:
                     kept.append(line)
         atomic_write(self.path, "".join(k + "\n" for k in kept))
         self.file = open(self.path, "a")
@@ -110,9 +110,11 @@ class MetricsWriter:
 def read_metrics(path) -> list[dict]:
     """The records of a metrics.jsonl (bad lines ignored: a run killed mid-write leaves half a line)."""
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(rec, dict):
+            out.append(rec)
     return out

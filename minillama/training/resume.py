@@ -1,50 +1,87 @@
-"""Training checkpoints that resume exactly: sharded weights + optimizer (torch.distributed.checkpoint), data
-position, step and every rank's RNG state, written atomically, with a `latest` pointer updated last.
+"""Training checkpoints that resume exactly, with nothing read through pickle: sharded weights + optimizer state
+(minillama.training.sharded: safetensors per rank + a JSON index), data position, step and every rank's RNG state
+(JSON), a manifest of every file's size and SHA-256, written atomically, with a `latest` pointer updated last.
 
-Layout of OUT/step_N/:  dcp/ (the sharded state, any world size can read it back), train_state.json,
-rng/rank{r}.pt, and for LoRA runs adapter/ (a PEFT adapter, usable directly). OUT/latest holds "step_N".
+Layout of OUT/step_N/:  state/ (rank{r}.safetensors + index.json; any number of processes can read it back),
+train_state.json, rng/rank{r}.json, for LoRA runs adapter/ (a PEFT adapter, usable directly), and manifest.json
+(written last). OUT/latest holds "step_N". On resume every file is checked against the manifest before it is parsed;
+when `latest` is unusable the newest intact step_N is used instead, and the run says so.
 """
 
 from __future__ import annotations
 
+import base64
 import random
+import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor
 
-from ..files import atomic_write, read_json, replace_dir, write_json
+from ..files import atomic_write, file_digest, read_json, replace_dir, write_json
 from ..lora import lora_modules
+from .sharded import INDEX, load_sharded, read_index, save_sharded
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+TRAIN_STATE = "train_state.json"
+FORMAT = "minillama-train-checkpoint/1"
+STEP_DIR = re.compile(r"step_(\d+)")
+# what a run writes into --out; --overwrite removes exactly these (never other files of the directory)
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "loss.png", LATEST, "final")
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().contiguous().numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's RNG streams as JSON: torch (and this GPU's) generator bytes, Python's and NumPy's MT state."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": _b64(torch.get_rng_state()), "python": [version, list(mt), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
     # only this rank's own GPU (a CPU run leaves CUDA uninitialized: asking would start a context on GPU 0)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if isinstance(cuda, list):  # older checkpoints: every visible device's state
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            torch.cuda.set_rng_state(cuda)
+def parse_rng_state(state: dict, source: str = "rng state") -> tuple:
+    """rng_state()'s JSON -> (torch, python, numpy, cuda or None) states; a malformed value is a ValueError naming
+    `source`."""
+    try:
+        version, mt, gauss = state["python"]
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        torch_state = _unb64(state["torch"])
+        if torch_state.numel() != torch.get_rng_state().numel() or len(mt) != 625 or len(keys) != 624:
+            raise ValueError("wrong state size")
+        py_state = (int(version), tuple(int(x) for x in mt), None if gauss is None else float(gauss))
+        np_state = (str(kind), np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+        cuda = _unb64(state["cuda"]) if "cuda" in state else None
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{source}: not a valid RNG state ({type(e).__name__}: {e})") from None
+    return torch_state, py_state, np_state, cuda
+
+
+def set_rng_state(state: dict, source: str = "rng state") -> None:
+    torch_state, py_state, np_state, cuda = parse_rng_state(state, source)
+    torch.set_rng_state(torch_state)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def _model_and_optim_state(root: nn.Module, optimizer, lora: bool) -> dict:
@@ -57,7 +94,7 @@ def _model_and_optim_state(root: nn.Module, optimizer, lora: bool) -> dict:
 
 def _options(lora: bool) -> StateDictOptions:
     # LoRA: the frozen base comes from --model on resume; only adapters and their optimizer state are saved.
-    # Loading then cannot be strict about the (absent) frozen keys; dcp.load still fails on any missing adapter key.
+    # Loading then cannot be strict about the (absent) frozen keys; load_sharded still fails on any missing adapter key.
     return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
@@ -108,59 +145,194 @@ def full_state_dict(root: nn.Module) -> dict:
     return get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _gather(obj) -> list:
+    """obj from every rank (between this job's own processes, not from a file); [obj] in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _step_dirs(out: Path) -> list[Path]:
+    """OUT/step_N directories, newest first."""
+    found = [p for p in out.glob("step_*") if p.is_dir() and STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: -int(p.name.split("_")[1]))
+
+
 def save_checkpoint(out: Path, step: int, root: nn.Module, optimizer, train_state: dict, lora: bool, rank: int,
                     base: Optional[str] = None, keep: int = 0) -> Path:
     """Write OUT/step_N atomically on all ranks (shared file system), then point OUT/latest at it."""
     final = out / f"step_{step}"
     tmp = out / f".step_{step}.tmp"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
+        for stale in out.glob(".step_*.tmp"):  # this one, or a killed run's at another step
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "state").mkdir(parents=True)
+        (tmp / "rng").mkdir()
     dist.barrier()
-    dcp.save(_model_and_optim_state(root, optimizer, lora), checkpoint_id=str(tmp / "dcp"))
-    torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    written = {f"state/{k}": v for k, v in save_sharded(_model_and_optim_state(root, optimizer, lora),
+                                                        tmp / "state").items()}
+    rng = write_json(tmp / "rng" / f"rank{rank}.json", rng_state())
+    written[f"rng/{rng.name}"] = file_digest(rng)
     if lora:
         save_lora_adapter(root.model, tmp / "adapter", base, rank == 0)
-    dist.barrier()
+    everyone = _gather(written)
     if rank == 0:
-        write_json(tmp / "train_state.json", {**train_state, "step": step})
+        write_json(tmp / TRAIN_STATE, {**train_state, "step": step})
+        files = {k: v for w in everyone for k, v in w.items()}
+        for f in [tmp / TRAIN_STATE, *sorted((tmp / "adapter").glob("*"))]:
+            if f.is_file():
+                files[f.relative_to(tmp).as_posix()] = file_digest(f)
+        write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": dict(sorted(files.items()))})
         replace_dir(tmp, final)
         atomic_write(out / LATEST, final.name)  # last: a crash before this leaves the previous checkpoint current
-        if keep > 0:
-            for old in sorted(out.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+        if keep > 0:  # only checkpoints up to this step: newer ones (an abandoned run's) are replaced when reached
+            for old in [p for p in _step_dirs(out) if int(p.name.split("_")[1]) <= step][keep:]:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def resolve_resume(resume: str, out: Path) -> Optional[Path]:
-    """--resume value -> a step dir: "latest" reads OUT/latest (None if there is none yet, a fresh start)."""
-    if resume == LATEST:
-        pointer = out / LATEST
-        if not pointer.is_file():
-            return None
-        path = out / pointer.read_text().strip()
-    else:
+# ---- reading a checkpoint back: every file is checked before it is parsed ----
+
+def _manifest_files(path: Path) -> dict[str, dict]:
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file() and (path / "dcp").is_dir():
+        raise ValueError(f"{path} was written by an older minillama (torch.distributed.checkpoint, whose files are "
+                         "pickles); it is not read, for safety: start a fresh run (--overwrite)")
+    manifest = read_json(manifest_file, "checkpoint manifest")
+    files = manifest.get("files")
+    ok = manifest.get("format") == FORMAT and isinstance(files, dict) and all(
+        isinstance(k, str) and not k.startswith("/") and ".." not in k.split("/") and isinstance(v, dict)
+        and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str) for k, v in files.items())
+    if not ok:
+        raise ValueError(f"{manifest_file}: not a {FORMAT} manifest (expected 'format' and 'files': "
+                         "{path: {bytes, sha256}})")
+    for need in (TRAIN_STATE, "state/index.json"):
+        if need not in files:
+            raise ValueError(f"{manifest_file} lists no {need}")
+    return files
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check OUT/step_N against its manifest (sizes, SHA-256; the hashing is split over the ranks, a collective) and
+    parse its JSON and safetensors headers; returns its train_state. Raises ValueError/FileNotFoundError naming the
+    file that is wrong."""
+    files = _manifest_files(path)
+    for rel, want in files.items():
+        f = path / rel
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing (listed in {path / MANIFEST})")
+        if f.stat().st_size != want["bytes"]:
+            raise ValueError(f"{f} has {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    bad = next((f"{path / rel}: contents changed since it was written (SHA-256 differs from {path / MANIFEST})"
+                for i, rel in enumerate(sorted(files)) if i % world == rank
+                and file_digest(path / rel)["sha256"] != files[rel]["sha256"]), None)
+    problems = [b for b in _gather(bad) if b]
+    if problems:
+        raise ValueError(problems[0])
+    named = read_json(path / "state" / INDEX, "checkpoint index").get("files")
+    unlisted = [n for n in named if f"state/{n}" not in files] if isinstance(named, dict) else []
+    if unlisted:  # a piece file the manifest does not vouch for is not opened
+        raise ValueError(f"{path / MANIFEST} does not list state/{unlisted[0]}, which {path / 'state' / INDEX} names")
+    read_index(path / "state")
+    for rel in files:
+        if rel.startswith("rng/"):
+            parse_rng_state(read_json(path / rel, "RNG state"), str(path / rel))
+    return read_train_state(path)
+
+
+def read_train_state(path: Path) -> dict:
+    state = read_json(path / TRAIN_STATE, "training state")
+    bad = [k for k in ("step", "epoch", "batch_idx", "tokens_seen")
+           if isinstance(state.get(k), bool) or not isinstance(state.get(k), int) or state[k] < 0]
+    if bad:
+        raise ValueError(f"{path / TRAIN_STATE}: {', '.join(bad)} must be integers >= 0")
+    return state
+
+
+def resolve_resume(resume: str, out: Path, log: Callable[[str], None] = print) -> Optional[Path]:
+    """--resume value -> a verified step dir (a collective). "latest" follows OUT/latest; when that is missing or
+    unusable, the newest intact OUT/step_N is used and `log` says why. None: nothing to resume (a fresh start)."""
+    if resume != LATEST:
         path = Path(resume)
-    if not (path / "train_state.json").is_file() or not (path / "dcp").is_dir():
-        raise FileNotFoundError(f"--resume {resume}: {path} is not a training checkpoint (expected train_state.json "
-                                "and dcp/ from a previous run's OUT/step_N)")
-    return path
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+        try:
+            verify_checkpoint(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"--resume {resume}: {e}") from None
+        return path
+    pointer, steps = out / LATEST, _step_dirs(out)
+    if not pointer.exists() and not steps:
+        return None
+    named, problem = None, f"{pointer} does not exist"
+    if pointer.exists():
+        try:
+            text = pointer.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            text = None
+        if text is not None and STEP_DIR.fullmatch(text):
+            named, problem = out / text, None
+        else:
+            problem = f"{pointer} does not name a step_N checkpoint"
+    problems = []
+    for candidate in ([named] if named else []) + [p for p in steps if p != named]:
+        if not candidate.is_dir():
+            problem = problem or f"{pointer} names {candidate.name}, which does not exist"
+            continue
+        try:
+            verify_checkpoint(candidate)
+        except (ValueError, FileNotFoundError) as e:
+            problem = problem or f"{pointer} names {candidate.name}, which is unusable: {e}"
+            problems.append(str(e))
+            continue
+        if problem:
+            log(f"[{problem}; resuming from {candidate}, the newest intact checkpoint]")
+        return candidate
+    raise ValueError(f"--resume: no intact checkpoint in {out}: {problem}"
+                     + (f"; {len(problems) - 1} other step_N unusable too" if len(problems) > 1 else ""))
 
 
 def load_checkpoint(path: Path, root: nn.Module, optimizer, lora: bool) -> dict:
-    """Restore weights and optimizer from OUT/step_N; returns its train_state (RNG: see load_rng_state)."""
+    """Restore weights and optimizer from a verified OUT/step_N; returns its train_state (RNG: load_rng_state)."""
     state = _model_and_optim_state(root, optimizer, lora)
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    load_sharded(state, path / "state")
     set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options(lora))
-    return read_json(path / "train_state.json")
+    return read_train_state(path)
 
 
 def load_rng_state(path: Path, rank: int) -> bool:
     """Restore this rank's RNG streams from OUT/step_N (False if the checkpoint has none for this rank)."""
-    rng_file = path / "rng" / f"rank{rank}.pt"
+    rng_file = path / "rng" / f"rank{rank}.json"
     if not rng_file.is_file():
         return False
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(read_json(rng_file, "RNG state"), str(rng_file))
     return True
+
+
+# ---- --out: never overwrite a run by accident ----
+
+def check_out_dir(out: Path, resume: Optional[str], overwrite: bool) -> None:
+    """Before any work: a non-empty --out needs --resume (continue it) or --overwrite (start over)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one of them")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory")
+    if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} is not empty (a previous run?): pass --resume to continue it, "
+                              "--overwrite to start over, or choose another --out")
+
+
+def remove_run_outputs(out: Path) -> list[str]:
+    """--overwrite: delete what a previous run wrote into OUT (step_N/, latest, metrics, final/, ...), nothing else."""
+    gone = []
+    for p in sorted(out.iterdir()) if out.is_dir() else []:
+        if p.name in RUN_OUTPUTS or STEP_DIR.fullmatch(p.name) or re.fullmatch(r"\.step_\d+\.tmp", p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            gone.append(p.name)
+    return gone
