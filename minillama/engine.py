@@ -77,12 +77,10 @@ class Engine:
                  reuse_prefix: bool = False, row_adapters: Optional[Callable] = None, mix_adapters: bool = True):
         """fixed_batch: decode every cache row each step (one shape, as compiled decoding needs); False decodes only
         the rows up to the last busy one. mix_adapters False: a request waits until the busy rows use its adapter."""
-        from .generation import _compiled_step, decode_step
+        from .generation import _compiled_step, _ensure_cache, decode_step
         self.model, self.B = model, batch_size
         self.device = model.tok_embeddings.weight.device
-        cache = model.layers[0].attention.cache
-        if cache is None or cache.k.shape[0] < batch_size or cache.k.shape[2] < cache_len:
-            model.setup_cache(batch_size, cache_len)
+        _ensure_cache(model, batch_size, cache_len)
         self.cache_len = model.cache_len
         self.generator = torch.Generator(device=self.device)
         self.generator.seed() if seed is None else self.generator.manual_seed(seed)

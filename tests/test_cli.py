@@ -36,8 +36,12 @@ def load_script(rel: str):
 
 
 def parser_of(rel: str, monkeypatch):
-    """The parser a script builds (caught as it starts parsing)."""
+    """The parser a script builds (caught as it starts parsing; pre-parsers without --help run as usual)."""
+    parse = cli.ArgumentParser.parse_known_args
+
     def capture(self, args=None, namespace=None):
+        if not self.add_help:
+            return parse(self, args, namespace)
         raise Captured(self)
     monkeypatch.setattr(cli.ArgumentParser, "parse_known_args", capture)
     fn = getattr(load_script(rel), SCRIPTS[rel])

@@ -45,5 +45,16 @@ def plot():
     sys.exit(_script("train.plot").main())
 
 
+def convert():
+    from ..checkpoints import convert
+    sys.exit(convert.cli())
+
+
+def merge():
+    from ..checkpoints import merge
+    from ..cli import run
+    sys.exit(run(merge.main))
+
+
 def prepare_smollm2():
     sys.exit(_script("weights.prepare_smollm2").main())
