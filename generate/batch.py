@@ -20,7 +20,6 @@ loading the model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,14 +28,15 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
 from minillama.cli import (ArgumentParser, add_model_args, add_sampling_args, context_limit,  # noqa: E402
-                           generation_options, load_from_args, positive_int, run, sampling_params)
+                           generation_options, load_from_args, parse_args, positive_int, run, sampling_params)
 from minillama.distributed import cleanup  # noqa: E402
 from minillama.files import atomic_write, require_file  # noqa: E402
 from minillama.generation import generate_continuous  # noqa: E402
 from minillama.loading import broadcast_object  # noqa: E402
+from minillama.tokenizer import decode_cut  # noqa: E402
 
 
-def get_args(argv=None) -> argparse.Namespace:
+def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
     add_model_args(p)
     add_sampling_args(p, temperature=0.0, top_p=1.0, max_new_tokens=256)
@@ -46,7 +46,7 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="prompts decoded together (--max_batch_size: Meta's name)")
     p.add_argument("--chat", action="store_true", help="wrap plain-string / 'prompt' inputs as one user turn")
     p.add_argument("--truncate_left", action="store_true", help="keep the end of prompts longer than the context")
-    return p.parse_args(argv)
+    return parse_args(p, argv)
 
 
 def to_messages(record) -> list[dict] | None:
@@ -74,10 +74,10 @@ def parse_line(raw: bytes) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("not valid UTF-8") from None
-    try:
-        record = json.loads(text)
+    try:  # without its newline: inside an unterminated string json would blame the newline's column instead
+        record = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        raise ValueError(f"not valid JSON at column {e.colno}: {e.msg}") from None
     if isinstance(record, str):
         record = {"prompt": record}
     if not isinstance(record, dict) or not {"prompt", "messages", "conversation"} & record.keys():
@@ -173,28 +173,30 @@ class Progress:
     """Progress with tokens/s on stderr: one redrawn line on a terminal (at most 5 times a second), else one plain
     line per update (at most every 5 s) so logs stay readable."""
 
-    def __init__(self, total: int, width: int = 30):
+    def __init__(self, total: int, width: int = 30, file=None):
         self.total, self.width, self.done, self.tokens = total, width, 0, 0
+        self.file = file or sys.stderr
+        self.tty = self.file.isatty()
+        self.every = 0.2 if self.tty else 5.0
         self.start = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
 
     def update(self, n_done: int, n_tokens: int, force: bool = False):
         self.done += n_done
         self.tokens += n_tokens
         now = time.perf_counter()
-        if not force and now - self.last < (0.2 if self.tty else 5.0):
+        if not force and now - self.last < self.every:
             return
         self.last = now
         elapsed = max(now - self.start, 1e-9)
         filled = self.width * self.done // max(self.total, 1)
         bar = "#" * filled + "-" * (self.width - filled)
         line = f"[{bar}] {self.done}/{self.total}  {self.tokens / elapsed:7.1f} tok/s  {elapsed:6.1f}s"
-        print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+        print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", file=self.file, flush=True)
 
     def close(self):
         self.update(0, 0, force=True)
         if self.tty:
-            print(file=sys.stderr, flush=True)
+            print(file=self.file, flush=True)
 
 
 def plan_work(args, tok, limit: int) -> tuple[list[tuple[int, list[int], object]], list[dict]]:
@@ -251,7 +253,8 @@ def main(argv=None):
         if not info.is_rank0:
             continue
         index, ids, rec_id = work[k]
-        rec = {"index": index, **({"id": rec_id} if rec_id is not None else {}), "output": tok.decode(new),
+        text = decode_cut(tok, new) if reason == "length" else tok.decode(new)  # no half character at a cut
+        rec = {"index": index, **({"id": rec_id} if rec_id is not None else {}), "output": text,
                "prompt_tokens": min(len(ids), limit - args.max_new_tokens), "output_tokens": len(new),
                "stop_reason": reason}
         append_line(out, rec)

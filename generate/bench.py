@@ -44,11 +44,11 @@ def get_args(argv=None):
                    help="a ModelArgs preset name (llama3-8b, mixtral-8x7b, ...), or 'tiny' / 'tiny-moe'")
     p.add_argument("--n_layers", type=positive_int, default=None,
                    help="fewer layers than the preset (the output says so)")
-    p.add_argument("--batch_sizes", default="1,8")
-    p.add_argument("--prompt_lens", default="128,8192")
+    p.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes to time")
+    p.add_argument("--prompt_lens", default="128,8192", help="comma-separated prompt lengths to time")
     p.add_argument("--max_new_tokens", type=positive_int, default=128, help="decode steps timed per case")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="weight and compute dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--impls", default="ours,ours_compile,hf",
                    help=f"comma list of {', '.join(IMPLS)} (hf_static: static cache, compiled by generate on GPU)")
     p.add_argument("--iters", type=positive_int, default=2, help="timed repetitions (median reported)")
@@ -58,8 +58,8 @@ def get_args(argv=None):
     w = p.add_argument_group("the long-prompt workload (--workload)")
     w.add_argument("--workload", action="store_true",
                    help="time continuous batching over --n_prompts prompts instead of the decode cases")
-    w.add_argument("--n_prompts", type=positive_int, default=32)
-    w.add_argument("--prompt_len", type=positive_int, default=8192)
+    w.add_argument("--n_prompts", type=positive_int, default=32, help="prompts in the workload")
+    w.add_argument("--prompt_len", type=positive_int, default=8192, help="tokens per workload prompt")
     w.add_argument("--new_tokens", type=positive_int, default=512, help="tokens generated for every prompt")
     w.add_argument("--batch_size", type=positive_int, default=32, help="cache rows decoded together")
     w.add_argument("--compile", action="store_true", help="compile the workload's decode step")

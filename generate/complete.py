@@ -9,20 +9,20 @@ Each prompt is printed, then its completion after "> ".
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
 from minillama.cli import (ArgumentParser, add_model_args, add_sampling_args, context_limit,  # noqa: E402
-                           generation_options, load_from_args, positive_int, run, sampling_params)
+                           generation_options, load_from_args, parse_args, positive_int, run, sampling_params)
 from minillama.distributed import cleanup  # noqa: E402
 from minillama.generation import generate  # noqa: E402
 from minillama.loading import rank0_print  # noqa: E402
+from minillama.tokenizer import decode_cut  # noqa: E402
 
 
-def get_args(argv=None) -> argparse.Namespace:
+def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
     add_model_args(p)
     add_sampling_args(p, temperature=0.6, top_p=0.9, max_new_tokens=64)
@@ -31,7 +31,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", "--max_batch_size", type=positive_int, default=8,
                    help="prompts per batch (--max_batch_size: Meta's name)")
     p.add_argument("--truncate_left", action="store_true", help="keep the end of prompts longer than the context")
-    return p.parse_args(argv)
+    return parse_args(p, argv)
 
 
 def read_prompts(args) -> list[str]:
@@ -66,7 +66,8 @@ def main(argv=None):
             raise ValueError(f"prompts {start}..{start + len(chunk) - 1}: {e}") from None
         for prompt, out in zip(chunk, outs):
             rank0_print(info, prompt)
-            rank0_print(info, f"> {tok.decode(out)}")
+            text = decode_cut(tok, out) if len(out) == args.max_new_tokens else tok.decode(out)  # no half character
+            rank0_print(info, f"> {text}")
             rank0_print(info, "\n==================================\n")
     cleanup()
 

@@ -2,7 +2,11 @@
 reject bad values before a model is loaded, the default checkpoint, and one-line errors instead of tracebacks.
 
     p = ArgumentParser(description=__doc__); add_model_args(p); add_sampling_args(p)
-    sys.exit(run(main))   # a user mistake prints "error: ..." on rank 0 and exits 1
+    args = parse_args(p, argv)   # sampling defaults from the checkpoint's generation_config.json, shown in --help
+    sys.exit(run(main))          # a user mistake prints "error: ..." on rank 0 and exits 1
+
+Flags are spelled with underscores (Meta's and HF's scripts do); every parser built here also takes the hyphenated
+spelling (--max-new-tokens = --max_new_tokens).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,8 +24,16 @@ from .dtypes import DTYPE_NAMES
 from .sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CKPT = REPO / "weights" / "smollm2-135m-instruct"
-PREPARE_COMMAND = "python weights/prepare_smollm2.py"
+IN_CHECKOUT = (REPO / "pyproject.toml").is_file()  # else an installed package (site-packages)
+# the embedded default model: weights/ in a checkout; an installed package keeps it in the user's cache
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minillama"
+DEFAULT_CKPT = (REPO / "weights" if IN_CHECKOUT else USER_CACHE) / "smollm2-135m-instruct"
+PREPARE_COMMAND = "python weights/prepare_smollm2.py" if IN_CHECKOUT else "minillama-prepare-smollm2"
+
+
+def recipe_file(*parts: str) -> Path:
+    """A file shipped beside the scripts (e.g. train/data/reviews.jsonl): the checkout's, or the installed copy."""
+    return (REPO if IN_CHECKOUT else Path(__file__).resolve().parent / "recipes").joinpath(*parts)
 
 # what a user can get wrong: a bad flag value, path or file. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
@@ -28,21 +41,43 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in --help (unless None or already said)."""
+    """The module docstring as written, and every flag's default in --help (once: not when the help text already
+    says what the default is, nor for on/off switches)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default is None or action.default is False or "default" in text:
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                or action.default == [] or action.nargs == 0:
             return text
         return super()._get_help_string(action)
 
 
+_FLAG = re.compile(r"(--[A-Za-z0-9][A-Za-z0-9_-]*)(=|$)")
+
+
+def dehyphenate(argv: list[str]) -> list[str]:
+    """--max-new-tokens=5 -> --max_new_tokens=5: flag names only, never values or anything after a bare '--'."""
+    out, rest = [], False
+    for a in argv:
+        if a == "--":
+            rest = True
+        m = None if rest else _FLAG.match(a)
+        if m:  # a value such as "--x 1 --y 2" (spaces) is not a flag name and stays as it is
+            a = "--" + m.group(1)[2:].replace("-", "_") + a[m.end(1):]
+        out.append(a)
+    return out
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with HelpFormatter and one-line errors: "PROG: error: MESSAGE (see --help)" on stderr (rank 0 only
-    under torchrun), exit status 2, no usage block."""
+    """argparse with HelpFormatter, the hyphenated spelling of every flag accepted, and one-line errors:
+    "PROG: error: MESSAGE (see --help)" on stderr (rank 0 only under torchrun), exit status 2, no usage block."""
 
     def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        kwargs.setdefault("epilog", "Flags also take hyphens: --max-new-tokens is --max_new_tokens.")
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(dehyphenate(sys.argv[1:] if args is None else list(args)), namespace)
 
     def error(self, message):
         if is_rank0():
@@ -88,10 +123,11 @@ unit_fraction = _checked("unit_fraction", float, lambda v: 0 <= v < 1, "in [0, 1
 # ---- flags ----
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Which checkpoint, adapter, dtype and device."""
+    """Which checkpoint, adapter, dtype, device and CPU threads."""
     p.add_argument("--ckpt", "--model", dest="ckpt", default=None,
                    help="checkpoint dir (HF or Meta/Mistral layout); default: "
-                        f"{DEFAULT_CKPT.relative_to(REPO)}/ (made by `{PREPARE_COMMAND}`)")
+                        f"{DEFAULT_CKPT.relative_to(REPO) if IN_CHECKOUT else DEFAULT_CKPT}/ (made by "
+                        f"`{PREPARE_COMMAND}`)")
     p.add_argument("--ckpt_dir", default=None, help="Meta-style alias of --ckpt")
     p.add_argument("--tokenizer_path", default=None, help="tokenizer file or dir (default: the checkpoint dir)")
     p.add_argument("--adapter", default=None, help="LoRA adapter dir (PEFT layout) to apply on top")
@@ -102,23 +138,107 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="force a chat format (default: the checkpoint's, from its chat template or family)")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (GPU)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for the model (default: $OMP_NUM_THREADS if set, else the idle cores, at most "
+                        f"{MAX_AUTO_THREADS}: decoding is memory-bound, and threads that must wait for a busy core "
+                        "slow every step down)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.6, top_p: float = 0.9,
-                      max_new_tokens: int = 256) -> None:
-    """--max_seq_len, --max_new_tokens and the sampling knobs (HF order: penalty, temperature, top-k, top-p)."""
+                      max_new_tokens: Optional[int] = 256) -> None:
+    """--max_seq_len, --max_new_tokens and the sampling knobs (HF order: penalty, temperature, top-k, top-p).
+
+    The values given here are the fallbacks; parse_args replaces them with the checkpoint's generation_config.json.
+    """
     p.add_argument("--max_seq_len", type=positive_int, default=None,
-                   help="cap on prompt + answer tokens (default: the model's context)")
+                   help="cap on prompt + answer tokens (default: generation_config.json's max_length, else the "
+                        "model's context)")
     p.add_argument("--max_new_tokens", "--max_gen_len", type=positive_int, default=max_new_tokens,
                    help="most tokens to generate per answer (--max_gen_len: Meta's name)")
     p.add_argument("--temperature", type=nonnegative_float, default=temperature, help="0 = greedy")
     p.add_argument("--top_p", type=probability, default=top_p, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--top_k", type=nonnegative_int, default=0, help="0 = off")
     p.add_argument("--repetition_penalty", type=positive_float, default=1.0, help="1 = off (CTRL/HF penalty)")
+    p.set_defaults(_checkpoint_defaults=True)
+
+
+def _given_checkpoint(argv) -> Path:
+    """The checkpoint dir the command line names (or the default one), read before the full parse."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--ckpt", "--model", "--ckpt_dir", dest="ckpt", default=None)
+    known, _ = pre.parse_known_args(dehyphenate(argv))
+    return Path(known.ckpt) if known.ckpt else DEFAULT_CKPT
+
+
+def _short(path: Path) -> str:
+    rel = os.path.relpath(path)
+    return path.as_posix() if rel.startswith("..") else rel
+
+
+def checkpoint_defaults(p: argparse.ArgumentParser, argv) -> None:
+    """Sampling flag defaults from the checkpoint's generation_config.json (flags still win), each one's
+    effective value and where it came from written into its --help line."""
+    from .loading import generation_defaults
+    ckpt = _given_checkpoint(argv)
+    gen = generation_defaults(ckpt) if ckpt.is_dir() else None
+    actions = {a.dest: a for a in p._actions}
+    values = dict(gen.sampling) if gen and gen.path else {}
+    if gen and gen.max_new_tokens:
+        values["max_new_tokens"] = gen.max_new_tokens
+    if gen and gen.max_length:
+        values["max_seq_len"] = gen.max_length
+    for dest in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"):
+        a = actions[dest]
+        fallback = "the rest of the context" if a.default is None else f"{a.default:g}"
+        if dest in values:
+            a.default = values[dest]
+            why = f", {gen.why}" if dest == "temperature" else ""
+            a.help = (f"{a.help} (default here: {a.default:g} from {_short(gen.path)}{why}; without a "
+                      f"generation_config.json: {fallback})")
+        else:
+            a.help = f"{a.help} (default: the checkpoint's generation_config.json, else {fallback})"
+    if "max_seq_len" in values:
+        actions["max_seq_len"].default = values["max_seq_len"]
+
+
+def parse_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """p.parse_args with the checkpoint's sampling defaults (when add_sampling_args was used)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if p.get_default("_checkpoint_defaults"):
+        checkpoint_defaults(p, argv)
+    args = p.parse_args(argv)
+    args.__dict__.pop("_checkpoint_defaults", None)
+    return args
+
+
+def set_help(p: argparse.ArgumentParser, dest: str, text: str, default=None) -> None:
+    """Reword a shared flag's help (and default) for one script."""
+    for a in p._actions:
+        if a.dest == dest:
+            a.help, a.default = text, default if default is not None else a.default
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+
+
+MAX_AUTO_THREADS = 4
+
+
+def auto_threads() -> int:
+    """CPU threads for inference: the cores no other process is using (1-minute load average), 1 to 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(MAX_AUTO_THREADS, cores, round(cores - busy)))
+
+
+def set_threads(args: argparse.Namespace) -> int:
+    """Apply --threads (or the automatic choice) to torch's CPU thread pool; returns the count in use."""
+    import torch
+    n = args.threads or (None if os.environ.get("OMP_NUM_THREADS") else auto_threads())
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def generation_options(args: argparse.Namespace) -> dict:
@@ -150,17 +270,19 @@ def context_limit(args: argparse.Namespace, model) -> int:
     limit = args.max_seq_len or model.args.max_seq_len
     if limit > model.args.max_seq_len:
         raise ValueError(f"--max_seq_len {limit} exceeds the model's context of {model.args.max_seq_len} tokens")
-    if args.max_new_tokens >= limit:
+    if args.max_new_tokens is not None and args.max_new_tokens >= limit:
         raise ValueError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {limit}")
     return limit
 
 
-def load_from_args(args: argparse.Namespace, log=None):
-    """loading.load_for_inference with what add_model_args parsed."""
+def load_from_args(args: argparse.Namespace, log=None, merge_adapter: bool = True):
+    """loading.load_for_inference with what add_model_args parsed (CPU threads set first)."""
     from .loading import load_for_inference
     ckpt, tokenizer = resolve_checkpoint(args)
+    set_threads(args)
     return load_for_inference(ckpt, tokenizer=tokenizer, adapter=args.adapter, quantize=args.quantize,
-                              dtype=args.dtype, device=args.device, chat_format=args.chat_format, log=log)
+                              dtype=args.dtype, device=args.device, chat_format=args.chat_format, log=log,
+                              merge_adapter=merge_adapter)
 
 
 # ---- running a script ----

@@ -3,9 +3,9 @@
 The prompt is never recomputed. Sampling happens on the model's device in float32; the non-streaming loop
 only asks the device "are all rows done?" every `check_every` steps (one host sync per check), while the
 streaming loop syncs once per step because it must hand tokens to the caller.
-generate_continuous (continuous batching) instead keeps a fixed set of cache rows busy: a row whose answer ends
-is refilled with the next prompt, prefilled alone into that cache row, while the other rows go on decoding; it
-syncs once per step, since which rows finish is a host decision.
+generate_continuous (continuous batching, on engine.Engine) instead keeps a fixed set of cache rows busy: a row
+whose answer ends is refilled with the next prompt, prefilled alone into that cache row, while the other rows go
+on decoding; it syncs once per step, since which rows finish is a host decision.
 Shape letters: B rows, P padded prompt length, V vocabulary.
 """
 
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .attention import CacheStep
+from .engine import Engine, Request
 from .sampling import SamplingParams, next_token, seen_mask
 
 __all__ = ["generate", "generate_stream", "generate_continuous", "decode_step", "stop_reason", "SamplingParams"]
@@ -242,76 +243,27 @@ def generate_continuous(model, prompts: Sequence[Sequence[int]], max_new_tokens:
 
     At most batch_size prompts are in flight; when one ends (stop token or max_new_tokens) its cache row is
     refilled with the next pending prompt, prefilled alone at slot 0, and every step decodes one token for all
-    busy rows together. Greedy outputs equal generate() on each prompt alone. Sampled outputs are reproducible for
-    a given seed, prompt order and batch_size, but they depend on the schedule (one generator serves all rows),
-    so they differ from generate()'s. Arguments as in generate(); bad ones raise before the first prefill.
+    busy rows together (engine.Engine). Greedy outputs equal generate() on each prompt alone. Sampled outputs are
+    reproducible for a given seed, prompt order and batch_size, but they depend on the schedule (one generator
+    serves all rows), so they differ from generate()'s. Arguments as in generate(); bad ones raise before the first
+    prefill.
     """
     params = sampling or SamplingParams()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     prompts = _check_prompts(model, prompts, max_new_tokens, max_seq_len, truncate_left)
-    run = _setup(model, params, stop_ids, seed, compile, process_group)
-    return _continuous(model, prompts, max_new_tokens, min(batch_size, len(prompts)), run, compile, pad_id)
+    stop = frozenset(int(s) for s in stop_ids)
+    engine = Engine(model, min(batch_size, len(prompts)),
+                    cache_len_for(max(len(p) for p in prompts) + max_new_tokens, compile), seed=seed,
+                    step_fn=_compiled_step() if compile else decode_step, compile=compile,
+                    process_group=process_group, pad_id=pad_id)
+    for i, p in enumerate(prompts):
+        engine.submit(Request(p, max_new_tokens, params, stop, key=i))
+    return _finished(engine)
 
 
-@torch.no_grad()
-def _continuous(model, prompts: list[list[int]], max_new_tokens: int, B: int, run: _Run, compile: bool,
-                pad_id: int) -> Iterator[tuple[int, list[int], str]]:
-    """The scheduler behind generate_continuous; prompts are checked. Host lists hold each row's state."""
-    device = run.device
-    _ensure_cache(model, B, cache_len_for(max(len(p) for p in prompts) + max_new_tokens, compile))
-    stop = set(run.stop.tolist())
-    vocab = model.args.vocab_size
-    seen = torch.zeros(B, vocab, dtype=torch.bool, device=device) if run.params.repetition_penalty != 1.0 else None
-
-    pending = iter(range(len(prompts)))
-    owner: list[Optional[int]] = [None] * B  # prompt index each cache row is answering; None = idle
-    outs: list[list[int]] = [[] for _ in range(B)]
-    pos = [0] * B  # each row's next cache slot
-    logits = torch.zeros(B, vocab, device=device)  # (B, V): the logits each row samples from next
-    while True:
-        for b in range(B):  # refill: each free row takes the next prompt, prefilled alone into its own cache row
-            if owner[b] is not None:
-                continue
-            i = next(pending, None)
-            if i is None:
-                break
-            p = torch.tensor([prompts[i]], device=device)  # (1, P)
-            hidden = model(p, start_pos=CacheStep(0, rows=torch.tensor([b], device=device)), return_hidden=True)
-            logits[b] = model.output(hidden[0, -1]).float()  # only the last position's logits are needed
-            owner[b], outs[b], pos[b] = i, [], len(prompts[i])
-            if seen is not None:
-                seen[b] = seen_mask(p, vocab)[0]
-        if all(o is None for o in owner):
-            return
-        # tensor parallel: every rank feeds rank 0's tokens, so every rank makes the same finish/refill decisions
-        nxt = run.pick(logits, seen)  # (B,)
-        if seen is not None:
-            seen.scatter_(1, nxt[:, None], True)
-        feed = []  # rows that go on decoding
-        for b, t in enumerate(nxt.tolist()):  # the one host sync per step: finishing is a host decision
-            if owner[b] is None:
-                continue
-            if t not in stop:
-                outs[b].append(t)
-            if t in stop or len(outs[b]) >= max_new_tokens:
-                yield owner[b], outs[b], "stop" if t in stop else "length"
-                owner[b] = None
-            else:
-                feed.append(b)
-        if not feed:
-            continue
-        # one decode step for every row; rows not in feed decode a pad at their current slot, which their next
-        # prompt's prefill overwrites or their causal mask hides, and their logits are ignored
-        fed = torch.zeros(B, dtype=torch.bool)
-        fed[feed] = True
-        fed = fed.to(device)
-        tokens = torch.where(fed, nxt, torch.full_like(nxt, pad_id))[:, None]  # (B, 1)
-        step = CacheStep(torch.tensor(pos, device=device))  # (B,): each row at its own slot
-        if compile:
-            torch.compiler.cudagraph_mark_step_begin()
-            logits = run.step_fn(model, tokens, step).clone()  # the graph reuses its output buffer
-        else:
-            logits = run.step_fn(model, tokens, step)  # (B, V)
-        for b in feed:
-            pos[b] += 1
+def _finished(engine: Engine) -> Iterator[tuple[int, list[int], str]]:
+    while engine.busy:
+        for ev in engine.step():
+            if ev.finish is not None:
+                yield ev.request.key, ev.request.output, ev.finish

@@ -44,3 +44,11 @@ class KVCache:
         if step.rows is None:
             return self.k[:B, :, :S], self.v[:B, :, :S]
         return self.k[step.rows, :, :S], self.v[step.rows, :, :S]
+
+    def resized(self, max_seq_len: int) -> "KVCache":
+        """A cache of max_seq_len slots per row holding this one's first slots (a chat that outgrew its cache)."""
+        B, K, S, D = self.k.shape
+        new = KVCache(B, max_seq_len, K, D, self.k.dtype, self.k.device)
+        n = min(S, max_seq_len)
+        new.k[:, :, :n], new.v[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n]
+        return new

@@ -20,6 +20,10 @@ from torch import nn
 
 from .distributed import DistInfo, init_distributed
 from .dtypes import parse_dtype
+from .files import read_json
+
+# Hugging Face's GenerationConfig defaults for what a generation_config.json leaves out
+HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
 
 
 def unwrap_merged_lora(model: nn.Module) -> None:
@@ -34,16 +38,63 @@ def unwrap_merged_lora(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, attr, lin)
 
 
-def _apply_adapter(model: nn.Module, path, must_merge: bool, log) -> None:
+def _apply_adapter(model: nn.Module, path, must_merge: bool, merge: bool, log) -> None:
     from .adapter import load_adapter
     from .lora import merge_lora
     load_adapter(model, path)
+    if not (merge or must_merge):
+        return
     try:
         merge_lora(model)  # folded in: decoding then costs no more than the base model
     except ValueError as e:
         if must_merge:
             raise ValueError(f"adapter {path}: tensor parallel needs the adapter merged, but: {e}") from None
         log(f"[adapter kept unmerged: {e}]")
+
+
+@dataclass
+class GenerationDefaults:
+    """What a checkpoint's generation_config.json says about decoding, read as transformers reads it."""
+
+    path: Optional[Path]  # the file, or None when the checkpoint has none
+    sampling: dict  # temperature / top_p / top_k / repetition_penalty it implies (empty without a file)
+    why: str  # how temperature was derived, for --help
+    eos_ids: list[int]
+    max_new_tokens: Optional[int]
+    max_length: Optional[int]
+
+
+def generation_defaults(ckpt: Union[str, Path]) -> GenerationDefaults:
+    """Read CKPT/generation_config.json. As in transformers, sampling is on only with "do_sample": true (else
+    greedy, temperature 0), and a sampling knob the file leaves out takes GenerationConfig's default."""
+    path = Path(ckpt) / "generation_config.json"
+    if not path.is_file():
+        return GenerationDefaults(None, {}, "", [], None, None)
+    cfg = read_json(path, "generation config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+
+    def num(key, kind, ok):
+        v = cfg.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v) or (kind is int and v != int(v)):
+            raise ValueError(f"{path}: {key} must be a valid {kind.__name__}, got {v!r}")
+        return kind(v)
+
+    sampling = {k: num(k, type(d), lambda v: v >= 0) for k, d in HF_SAMPLING_DEFAULTS.items()}
+    sampling = {k: HF_SAMPLING_DEFAULTS[k] if v is None else v for k, v in sampling.items()}
+    if cfg.get("do_sample") is True:
+        why = "do_sample: true"
+    else:
+        sampling["temperature"] = 0.0
+        why = "do_sample: false, so greedy" if "do_sample" in cfg else "no do_sample, so greedy as in transformers"
+    eos = cfg.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {cfg['eos_token_id']!r}")
+    return GenerationDefaults(path, sampling, why, eos, num("max_new_tokens", int, lambda v: v >= 1),
+                              num("max_length", int, lambda v: v >= 2))
 
 
 @dataclass
@@ -56,10 +107,11 @@ class Loaded:
 
 def load_for_inference(ckpt: Union[str, Path], tokenizer: Union[str, Path, None] = None, adapter=None,
                        quantize: Optional[str] = None, dtype=None, device: Optional[str] = None,
-                       chat_format: Optional[str] = None, log=None) -> Loaded:
+                       chat_format: Optional[str] = None, log=None, merge_adapter: bool = True) -> Loaded:
     """Join torchrun (if any), load tokenizer + model (+ adapter), split it over the processes; eval mode.
 
-    dtype None: bfloat16 on CUDA, float32 elsewhere. device None: CUDA when available.
+    dtype None: bfloat16 on CUDA, float32 elsewhere. device None: CUDA when available. merge_adapter False keeps
+    the adapter beside the base weights (one process only), so set_lora_enabled can switch it off again.
     """
     from .checkpoints import load_model
     from .tokenizer import load_tokenizer
@@ -73,9 +125,11 @@ def load_for_inference(ckpt: Union[str, Path], tokenizer: Union[str, Path, None]
     if tp and quantize:
         raise ValueError("quantize nf4 cannot be combined with tensor parallelism (run a single process)")
     tok = load_tokenizer(tokenizer or ckpt, chat_format=chat_format)
+    # the checkpoint's own end-of-answer ids (e.g. Llama 3.1's [128001, 128008, 128009]) stop generation too
+    tok.stop_ids = sorted(set(tok.stop_ids) | set(generation_defaults(ckpt).eos_ids))
     model = load_model(ckpt, device="cpu" if tp else info.device, dtype=dtype, quantize=quantize)
     if adapter:
-        _apply_adapter(model, adapter, must_merge=tp, log=log)
+        _apply_adapter(model, adapter, must_merge=tp, merge=merge_adapter, log=log)
     group = None
     if tp:
         from .tensor_parallel import apply_tensor_parallel, tp_mesh

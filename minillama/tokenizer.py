@@ -299,6 +299,13 @@ class StreamDecoder:
         return "".join(out)
 
 
+def decode_cut(tok: Tokenizer, ids) -> str:
+    """Text of an answer cut off by a token limit: a last character left incomplete is dropped, where decode()
+    would end it with U+FFFD."""
+    decoder = StreamDecoder(tok)
+    return "".join(decoder.push(t) for t in ids)
+
+
 def _token_text(v) -> str | None:
     return v.get("content") if isinstance(v, dict) else v
 

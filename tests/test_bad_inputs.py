@@ -393,7 +393,7 @@ def test_errors_under_torchrun_are_one_line_from_rank_0(byte_model, tmp_path):
             ([str(REPO / "generate" / "chat.py"), "--ckpt", str(missing), "--prompt", "hi", "--device", "cpu"],
              f"error: --ckpt {missing} does not exist"),
             ([str(REPO / "train" / "sft.py"), "--model", str(missing), "--data", str(data), "--device", "cpu",
-              "--out", str(tmp_path / "o")], f"error: --model {missing} does not exist")):
+              "--out", str(tmp_path / "o")], f"error: --ckpt {missing} does not exist")):  # --model: its alias
         proc = subprocess.run(torchrun + ["--master_port", str(free_port())] + cmd,
                               capture_output=True, text=True, timeout=300, env=ENV)
         assert proc.returncode != 0

@@ -11,7 +11,7 @@ import torch
 
 from minillama import ModelArgs, Transformer, load_model, save_hf
 from minillama.generation import generate, stop_reason
-from minillama.tokenizer import load_tokenizer
+from minillama.tokenizer import decode_cut, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = REPO / "generate" / "batch.py"
@@ -30,6 +30,11 @@ LINES = [
 ]
 MESSAGES_3 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
               {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another one?"}]
+
+
+def answer_text(tok, new):
+    """An answer cut at MAX_NEW tokens ends on a whole character (decode() would end it in U+FFFD)."""
+    return decode_cut(tok, new) if len(new) == MAX_NEW else tok.decode(new)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,7 @@ def expected(tiny_dir):
     out = {}
     for i, ids in prompts.items():
         new = generate(model, [ids], MAX_NEW, stop_ids=tok.stop_ids)[0]
-        out[i] = (tok.decode(new), len(ids), len(new), stop_reason(new, MAX_NEW))
+        out[i] = (answer_text(tok, new), len(ids), len(new), stop_reason(new, MAX_NEW))
     return out
 
 
@@ -89,9 +94,11 @@ def test_batched_outputs_equal_one_by_one_and_bad_lines_are_reported(tiny_dir, e
     inp.write_text("\n".join(LINES) + "\n")
     proc = run_batch(tiny_dir, inp, out)
     check_output(read_jsonl(out), expected)
-    assert f"{inp}:3: skipped: not valid JSON" in proc.stderr
+    assert f"{inp}:3: skipped: not valid JSON at column 12: Unterminated string" in proc.stderr
     assert f"{inp}:7: skipped" in proc.stderr
-    assert "tok/s" in proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if "tok/s" in line]
+    assert progress and "\r" not in proc.stderr  # not a terminal: one plain line per update
+    assert progress[-1].startswith("[" + "#" * 30 + "] 7/7")
 
 
 def test_resume_skips_finished_lines_and_redoes_a_truncated_one(tiny_dir, expected, tmp_path):
@@ -136,4 +143,4 @@ def test_complete_cli_with_adapter_equals_in_process_generation(tiny_dir, tmp_pa
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr
     for p, new in zip(prompts, with_adapter):
-        assert f"{p}\n> {tok.decode(new)}\n" in proc.stdout
+        assert f"{p}\n> {answer_text(tok, new)}\n" in proc.stdout

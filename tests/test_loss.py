@@ -119,3 +119,25 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # non-increasing after warmup
     assert math.isclose(lrs[-1], 0.1) and math.isclose(lr_at(12, 1.0, 4, 20), 0.55)
+
+
+def test_loss_png_draws_train_and_eval_curves_with_labelled_axes():
+    import numpy as np
+
+    from minillama.training.plot import BLUE, ORANGE, draw_text, draw_text_up, loss_curve_png, text_width
+    steps = list(range(1, 25))
+    img = loss_curve_png(steps, [3 - s / 12 for s in steps], [4, 8, 12], [3.1, 2.9, 2.6])
+    ink = lambda color, part: int((part == np.array(color, np.uint8)).all(-1).sum())  # noqa: E731
+    plot = img[40:430, 90:780]
+    assert ink(BLUE, plot) > 500 and ink(ORANGE, plot) > 200  # both curves inside the axes
+    assert ink(BLUE, img[:35]) and ink(ORANGE, img[:35])  # the legend names both series in their colours
+    label = np.full((10, text_width("step"), 3), 255, np.uint8)
+    draw_text(label, 0, 0, "step")
+    x0 = 90 + 690 // 2 - text_width("step") // 2
+    assert (img[480 - 18:480 - 8, x0:x0 + label.shape[1]] == label).all()  # x axis: "step"
+    blank = np.full_like(img, 255)
+    draw_text_up(blank, 12, 40 + 390 // 2 - text_width("loss") // 2, "loss")
+    drawn = (blank != 255).any(-1)
+    assert drawn.sum() > 20 and (img[drawn] == blank[drawn]).all()  # y axis: "loss", written upwards
+    no_eval = loss_curve_png(steps, [3 - s / 12 for s in steps])
+    assert ink(ORANGE, no_eval) == 0

@@ -216,9 +216,9 @@ def test_resume_takes_the_runs_saved_flags_and_new_flags_win(tmp_path):
                                  "--micro_batch_size", "2", "--out", str(out)]))
     (out / "config.json").write_text(json.dumps({**saved, "micro_batch_size": 2, "world_size": 2}))
     args = sft.parse_args(["--out", str(out), "--resume"])
-    assert (args.model, args.data, args.lr, args.pack, args.resume) == ("/ckpt/llama3", "d.jsonl", 3e-4, True, "latest")
+    assert (args.ckpt, args.data, args.lr, args.pack, args.resume) == ("/ckpt/llama3", "d.jsonl", 3e-4, True, "latest")
     assert args.micro_batch_size == 0  # re-derived for the current process count
     args = sft.parse_args(["--out", str(out), "--resume", "--lr", "1e-4", "--max_steps", "9"])
-    assert (args.lr, args.max_steps, args.model) == (1e-4, 9, "/ckpt/llama3")
+    assert (args.lr, args.max_steps, args.ckpt) == (1e-4, 9, "/ckpt/llama3")
     fresh = sft.parse_args(["--out", str(out)])  # without --resume the saved flags are not used
-    assert fresh.model != "/ckpt/llama3"
+    assert fresh.ckpt != "/ckpt/llama3"

@@ -15,7 +15,11 @@ def test_default_recipe_writes_an_adapter_chat_loads(smollm2_dir, tmp_path):
     run_sft(["--model", str(smollm2_dir), "--out", str(out), "--max_steps", "2", "--batch_size", "2",
              "--seq_len", "256", "--save_every", "1"], nproc=1, timeout=600)
     recs = metrics(out)
-    assert [r["step"] for r in recs] == [1, 2] and all(0 < r["loss"] < 10 for r in recs)
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and all(0 < r["loss"] < 10 for r in train)
+    # the default run evaluates on the shipped train/data/reviews_eval.jsonl (here only at the end: 2 steps < 4)
+    assert [(r["step"], 0 < r["eval_loss"] < 10) for r in recs if "eval_loss" in r] == [(2, True)]
+    assert json.loads((out / "config.json").read_text())["eval_data"].endswith("train/data/reviews_eval.jsonl")
     cfg = json.loads((out / "final" / "adapter_config.json").read_text())
     assert cfg["r"] == 16 and cfg["lora_alpha"] == 32 and "down_proj" in cfg["target_modules"]
     assert cfg["base_model_name_or_path"] == str(smollm2_dir)

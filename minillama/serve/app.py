@@ -1,0 +1,158 @@
+"""The HTTP side: FastAPI routes for the OpenAI endpoints, server-sent events, and the chat page at GET /.
+
+    app = create_app(served, loop)     # served: protocol.Served, loop: worker.BatchLoop (started)
+
+Every request is checked (protocol.parse_*) before it reaches the batching loop; a bad one gets HTTP 400 with an
+OpenAI error body naming the field. A client that disconnects (closes the stream, or gives up waiting) has its
+request cancelled, which frees its cache row at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..engine import Event
+from . import protocol
+from .protocol import APIError, Job
+from .text import TextStream
+
+POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+
+
+def chat_page() -> str:
+    return resources.files(__package__).joinpath("chat.html").read_text(encoding="utf-8")
+
+
+class Answer:
+    """One job's run in the batching loop: its events arrive on an asyncio queue and become text pieces."""
+
+    def __init__(self, job: Job, served, loop):
+        self.job, self.loop = job, loop
+        self.text = TextStream(served.tok, job.stop)
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.tokens, self.finish, self.key = 0, None, None
+        aio = asyncio.get_running_loop()
+        stop_ids = served.tok.stop_ids
+        self.key = loop.submit(job.prompt_ids, job.max_tokens, job.sampling, stop_ids, job.seed, job.adapter,
+                               lambda ev: aio.call_soon_threadsafe(self.events.put_nowait, ev))
+
+    async def pieces(self, poll=None):
+        """Yield text pieces until the answer ends; self.finish is then "stop" or "length"."""
+        while self.finish is None:
+            try:
+                ev: Event = await asyncio.wait_for(self.events.get(), POLL_S) if poll else await self.events.get()
+            except asyncio.TimeoutError:
+                if await poll():
+                    self.cancel()
+                    return
+                continue
+            if ev.finish == "error":
+                raise RuntimeError("the model failed while generating this answer (see the server log)")
+            if ev.finish is not None:
+                self.key = None  # the engine freed the row itself
+            piece = ""
+            if ev.token is not None:
+                self.tokens += 1
+                piece = self.text.push(ev.token)
+            if self.text.stopped:  # a stop string: the row is freed now, not after max_tokens
+                self.cancel()
+                self.finish = "stop"
+            elif ev.finish is not None:
+                self.finish = ev.finish
+                piece += self.text.finish(cut=ev.finish == "length")
+            if piece:
+                yield piece
+
+    def cancel(self) -> None:
+        """Free the request's row (a no-op once it ended)."""
+        if self.key is not None:
+            self.loop.cancel(self.key)
+            self.key = None
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(answer: Answer):
+    job = answer.job
+    try:
+        yield _sse(protocol.chunk(job, text=job.echo, first=True))
+        async for piece in answer.pieces():
+            yield _sse(protocol.chunk(job, text=piece))
+        yield _sse(protocol.chunk(job, finish=answer.finish))
+        if job.include_usage:
+            yield _sse(protocol.chunk(job, usage_only=protocol.usage(len(job.prompt_ids), answer.tokens)))
+        yield "data: [DONE]\n\n"
+    except RuntimeError as e:
+        yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    finally:  # also when the client went away mid-stream (the response task is cancelled)
+        answer.cancel()
+
+
+async def _run(request: Request, job: Job, served, loop):
+    answer = Answer(job, served, loop)
+    if job.stream:
+        return StreamingResponse(_stream(answer), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        text = "".join([p async for p in answer.pieces(poll=request.is_disconnected)])
+    finally:
+        answer.cancel()
+    if answer.finish is None:  # the client left; nobody reads this
+        return JSONResponse({}, status_code=499)
+    return JSONResponse(protocol.response(job, text, answer.finish, answer.tokens))
+
+
+def create_app(served, loop) -> FastAPI:
+    """The routes; served describes the model, loop is the running worker.BatchLoop."""
+    app = FastAPI(title="minillama", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e):
+        return JSONResponse(APIError(str(e)).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(f"{request.method} {request.url.path}: {e.detail}", kind=kind).body(),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):  # a bug: say so, keep serving
+        return JSONResponse(APIError(f"{type(e).__name__}: {e}", kind="server_error").body(), status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(chat_page())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **loop.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        return protocol.models(served)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _run(request, protocol.parse_chat(protocol.parse_body(await request.body()), served),
+                          served, loop)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _run(request, protocol.parse_completion(protocol.parse_body(await request.body()), served),
+                          served, loop)
+
+    return app

@@ -1,0 +1,2 @@
+"""The scripts in train/; an installed minillama has them as minillama.recipes.train (console scripts: see
+minillama/recipes/__init__.py)."""
