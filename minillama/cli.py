@@ -8,6 +8,7 @@ reject bad values before a model is loaded, the default checkpoint, and one-line
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -16,6 +17,8 @@ from typing import Callable, Optional
 
 from .chat_format import FORMATS
 from .dtypes import DTYPE_NAMES
+from .files import read_json
+from .rope import check_rope_scaling, runs_past_context
 from .sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,10 +68,44 @@ probability = _checked("probability", float, lambda v: 0 < v <= 1, "in (0, 1]") 
 unit_fraction = _checked("unit_fraction", float, lambda v: 0 <= v < 1, "in [0, 1)")  # dropout
 
 
+def rope_scaling_arg(text: str) -> dict:
+    """--rope_scaling: a JSON object, or the path of a JSON file holding one; its keys are checked here.
+
+    'null' or {"rope_type": "default"} removes the checkpoint's scaling."""
+    stripped = text.strip()
+    if stripped.startswith("{") or stripped == "null":
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    elif Path(text).is_file():
+        try:
+            value = read_json(Path(text), "--rope_scaling")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    else:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a JSON object nor an existing JSON file")
+    try:
+        return check_rope_scaling(value, "--rope_scaling")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--rope_scaling: ")) from None
+
+
+def add_rope_args(p: argparse.ArgumentParser) -> None:
+    """--rope_theta and --rope_scaling: the same RoPE overrides for every tool that loads a model."""
+    p.add_argument("--rope_theta", type=positive_float, default=None,
+                   help="RoPE base override, e.g. 1e6 to stretch Llama 3's 500000 (none: the checkpoint's)")
+    p.add_argument("--rope_scaling", type=rope_scaling_arg, default=None,
+                   help='RoPE scaling override as JSON or a JSON file, e.g. \'{"rope_type": "yarn", "factor": 4.0, '
+                        '"original_max_position_embeddings": 8192}\' (linear, dynamic, yarn, llama3; null removes '
+                        "one). Without --max_seq_len a linear/yarn/llama3 scaling extends the context to factor x "
+                        "the original")
+
+
 # ---- flags ----
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Which checkpoint, adapter, dtype and device."""
+    """Which checkpoint, adapter, dtype and device; the context and RoPE to run it with."""
     p.add_argument("--ckpt", "--model", dest="ckpt", default=None,
                    help="checkpoint dir (HF or Meta/Mistral layout); default: "
                         f"{DEFAULT_CKPT.relative_to(REPO)}/ (made by `{PREPARE_COMMAND}`)")
@@ -82,13 +119,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="force a chat format (default: the checkpoint's, from its chat template or family)")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (GPU)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--max_seq_len", type=positive_int, default=None,
+                   help="the context to run at, a cap on prompt + answer tokens (default: the model's context). "
+                        "Above the checkpoint's context it extends the model's (recorded as its max_seq_len); "
+                        "with dynamic NTK scaling the trained context stays and generation runs past it")
+    add_rope_args(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.6, top_p: float = 0.9,
                       max_new_tokens: int = 256) -> None:
-    """--max_seq_len, --max_new_tokens and the sampling knobs (HF order: penalty, temperature, top-k, top-p)."""
-    p.add_argument("--max_seq_len", type=positive_int, default=None,
-                   help="cap on prompt + answer tokens (default: the model's context)")
+    """--max_new_tokens and the sampling knobs (HF order: penalty, temperature, top-k, top-p)."""
     p.add_argument("--max_new_tokens", "--max_gen_len", type=positive_int, default=max_new_tokens,
                    help="most tokens to generate per answer (--max_gen_len: Meta's name)")
     p.add_argument("--temperature", type=nonnegative_float, default=temperature, help="0 = greedy")
@@ -126,9 +166,9 @@ def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def context_limit(args: argparse.Namespace, model) -> int:
-    """--max_seq_len checked against the model's context (default: all of it)."""
+    """--max_seq_len checked against the model's context (default: all of it; dynamic NTK may go past it)."""
     limit = args.max_seq_len or model.args.max_seq_len
-    if limit > model.args.max_seq_len:
+    if limit > model.args.max_seq_len and not runs_past_context(model.args.rope_scaling):
         raise ValueError(f"--max_seq_len {limit} exceeds the model's context of {model.args.max_seq_len} tokens")
     if args.max_new_tokens >= limit:
         raise ValueError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {limit}")
@@ -140,7 +180,8 @@ def load_from_args(args: argparse.Namespace, log=None):
     from .loading import load_for_inference
     ckpt, tokenizer = resolve_checkpoint(args)
     return load_for_inference(ckpt, tokenizer=tokenizer, adapter=args.adapter, quantize=args.quantize,
-                              dtype=args.dtype, device=args.device, chat_format=args.chat_format, log=log)
+                              dtype=args.dtype, device=args.device, chat_format=args.chat_format, log=log,
+                              rope_theta=args.rope_theta, rope_scaling=args.rope_scaling, max_seq_len=args.max_seq_len)
 
 
 # ---- running a script ----

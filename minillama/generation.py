@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .attention import CacheStep
+from .rope import runs_past_context
 from .sampling import SamplingParams, next_token, seen_mask
 
 __all__ = ["generate", "generate_stream", "generate_continuous", "decode_step", "stop_reason", "SamplingParams"]
@@ -58,7 +59,7 @@ def _check_prompts(model, prompts, max_new_tokens: int, max_seq_len: Optional[in
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     limit = model.args.max_seq_len if max_seq_len is None else max_seq_len
-    if limit > model.args.max_seq_len:
+    if limit > model.args.max_seq_len and not runs_past_context(model.args.rope_scaling):  # dynamic NTK may, as in HF
         raise ValueError(f"max_seq_len {limit} exceeds the model's context of {model.args.max_seq_len} tokens")
     if max_new_tokens >= limit:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in a context of {limit} tokens")

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..args import ModelArgs, to_hf_config
+from ..args import ModelArgs, to_hf_config, with_rope
 from ..dtypes import dtype_name, parse_dtype
 from ..files import atomic_dir, check_dir_writable, write_json
 from ..model import Transformer
@@ -44,10 +44,13 @@ def detect_format(path: Union[str, Path]) -> tuple[str, Path]:
 
 
 def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch.dtype, str]] = torch.float32,
-               quantize: Optional[str] = None, max_seq_len: Optional[int] = None) -> Transformer:
+               quantize: Optional[str] = None, max_seq_len: Optional[int] = None, rope_theta: Optional[float] = None,
+               rope_scaling: Optional[dict] = None) -> Transformer:
     """Build the model a checkpoint describes and load its weights; eval mode. dtype=None keeps the checkpoint's.
 
-    max_seq_len overrides the trained context length (params.json does not record it; dynamic/yarn RoPE use it).
+    rope_theta / rope_scaling / max_seq_len override the checkpoint's RoPE base, scaling and context, exactly as the
+    same values in its config.json would (args.with_rope; rope_scaling {"rope_type": "default"} removes a scaling).
+    params.json does not record the context; dynamic NTK and yarn read it.
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
@@ -65,8 +68,7 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
         args = read_meta_args(d, files, weight_files)
         if not any("output.weight" in files.keys(f) for f in weight_files):
             args.tie_embeddings = True
-    if max_seq_len is not None:
-        args.max_seq_len = max_seq_len
+    args = with_rope(args, rope_theta, rope_scaling, max_seq_len)
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(args)

@@ -1,6 +1,7 @@
 """Convert a checkpoint between the Meta/Mistral consolidated and Hugging Face formats.
 
     python -m minillama.convert SRC DST [--to hf|meta] [--dtype bfloat16] [--shards N] [--max_shard_size 5GB]
+    python -m minillama.convert llama3-8b/ llama3-8b-16k/ --rope_theta 1e6 --max_seq_len 16384   # record a RoPE change
 
 The direction comes from SRC (Meta -> HF, HF -> Meta) unless --to says. Tensors keep their dtype unless --dtype is
 given; the checkpoint is memory-mapped and written shard by shard, never held twice. Tokenizer files are copied.
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import add_rope_args, positive_int
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from .checkpoint import TOKENIZER_FILES, detect_format, load_model, save_hf, save_meta
 
@@ -26,8 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=1, help="Meta target: model-parallel shards to split into")
     p.add_argument("--max_shard_size", "--max-shard-size", default="5GB",
                    help="HF target: largest safetensors file")
-    p.add_argument("--max_seq_len", "--max-seq-len", type=int,
+    p.add_argument("--max_seq_len", "--max-seq-len", type=positive_int,
                    help="context length to record (params.json does not hold it)")
+    add_rope_args(p)  # --rope_theta, --rope_scaling: written into the output's config.json / params.json
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p.parse_args(argv)
 
@@ -38,7 +41,8 @@ def main(argv=None) -> Path:
     to = a.to or ("meta" if src_fmt == "hf" else "hf")
     t0 = time.time()
     print(f"reading {src_fmt} checkpoint {src_dir}", flush=True)
-    model = load_model(src_dir, dtype=parse_dtype(a.dtype), max_seq_len=a.max_seq_len)
+    model = load_model(src_dir, dtype=parse_dtype(a.dtype), max_seq_len=a.max_seq_len, rope_theta=a.rope_theta,
+                       rope_scaling=a.rope_scaling)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"loaded {model.args.family} model, {n_params / 1e6:.1f}M parameters, "
           f"{model.tok_embeddings.weight.dtype} ({time.time() - t0:.1f}s)", flush=True)

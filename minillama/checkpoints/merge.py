@@ -2,6 +2,9 @@
 
 The base is loaded in its own dtype on CPU; each targeted weight is merged on its own in float32 and rounded once,
 W <- (W.float() + sum_i scaling_i * B_i @ A_i).to(W.dtype), so at most one weight (one expert) is ever in float32.
+Whole modules an adapter trained (PEFT modules_to_save, e.g. embeddings and norms) replace the base's. The RoPE the
+adapters were trained with (their base_rope.json) is applied to the base and recorded in the merged config, unless
+--rope_theta / --rope_scaling / --max_seq_len say otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from ..adapter import read_adapter
+from ..adapter import read_adapter, read_base_rope, read_modules_to_save
+from ..cli import add_rope_args, positive_int
 from ..dtypes import DTYPE_NAMES, parse_dtype
 
 
@@ -34,12 +38,18 @@ def merge_adapters_(model: torch.nn.Module, adapter_dirs: Iterable[str],
                     log: Callable[[str], None] = print) -> torch.nn.Module:
     """Fold PEFT adapters (applied in sum, as PEFT's multi-adapter merge does) into the base weights in place."""
     per_weight: dict = {}
+    whole: dict = {}  # whole trained modules: {parameter name: (adapter, tensor)}
     for d in adapter_dirs:
         cfg, factors = read_adapter(d, model.args)
         log(f"adapter {d}: r={cfg['r']} alpha={cfg['lora_alpha']} rslora={bool(cfg.get('use_rslora'))}, "
             f"{len(factors)} weights")
         for key, f in factors.items():
             per_weight.setdefault(key, []).append(f)
+        for name, t in read_modules_to_save(d, cfg, model.args).items():
+            if name in whole:
+                raise ValueError(f"merge: adapters {whole[name][0]} and {d} both replace {name} (modules_to_save)")
+            whole[name] = (d, t)
+    _replace_modules(model, whole, log)
     emb = getattr(model, "tok_embeddings", None)
     t0, last_layer = time.time(), None
     for i, ((path, w), parts) in enumerate(per_weight.items()):
@@ -66,6 +76,34 @@ def merge_adapters_(model: torch.nn.Module, adapter_dirs: Iterable[str],
     return model
 
 
+@torch.no_grad()
+def _replace_modules(model: torch.nn.Module, whole: dict, log) -> None:
+    """Copy the adapters' whole trained modules ({name: (adapter, tensor)}, modules_to_save) over the base's."""
+    params = dict(model.named_parameters())
+    for name, (adapter, t) in whole.items():
+        p = params.get(name)
+        if p is None or tuple(p.shape) != tuple(t.shape):
+            raise ValueError(f"merge: adapter {adapter} holds {name} {tuple(t.shape)}, which does not fit the base "
+                             f"({tuple(p.shape) if p is not None else 'no such weight'})")
+        p.copy_(t.to(p.dtype))
+    if whole:
+        log(f"replaced {len(whole)} whole weights (modules_to_save): {', '.join(sorted(whole)[:4])}"
+            f"{' ...' if len(whole) > 4 else ''}")
+
+
+def adapters_rope(adapter_dirs: list[str], log) -> dict:
+    """The base RoPE the adapters were trained with (load_model keywords); adapters that disagree are an error."""
+    found = {d: read_base_rope(d) for d in adapter_dirs}
+    found = {d: r for d, r in found.items() if r}
+    if len({str(sorted(r.items())) for r in found.values()}) > 1:
+        raise ValueError("merge: the adapters were trained with different RoPE settings: "
+                         + "; ".join(f"{d}: {r}" for d, r in found.items()))
+    rope = next(iter(found.values()), {})
+    if rope:
+        log(f"RoPE the adapters were trained with: {rope}")
+    return dict(rope)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minillama.merge", description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="base checkpoint dir (Hugging Face or Meta format)")
@@ -74,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", choices=("hf", "meta"), default="hf", help="output format (default: hf)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="dtype to merge and save in (default: the base checkpoint's own)")
+    p.add_argument("--max_seq_len", type=positive_int, default=None,
+                   help="context to record (default: the adapters' recorded one, else the base's)")
+    add_rope_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p.parse_args(argv)
 
@@ -84,7 +125,12 @@ def main(argv=None):
 
     t0 = time.time()
     print(f"loading base {args.base} ...", flush=True)
-    model = load_model(args.base, device="cpu", dtype=parse_dtype(args.dtype))
+    rope = adapters_rope(args.adapter, lambda s: print(s, flush=True))
+    if args.rope_scaling is not None:
+        rope.pop("max_seq_len", None)  # a new scaling derives its own context
+    rope.update({k: v for k, v in (("rope_theta", args.rope_theta), ("rope_scaling", args.rope_scaling),
+                                   ("max_seq_len", args.max_seq_len)) if v is not None})
+    model = load_model(args.base, device="cpu", dtype=parse_dtype(args.dtype), **rope)
     dtype = next(model.parameters()).dtype
     print(f"  {model.args.family}, {model.args.n_layers} layers, {dtype} ({time.time() - t0:.1f}s)", flush=True)
     merge_adapters_(model, args.adapter, log=lambda s: print(s, flush=True))
