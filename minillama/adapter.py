@@ -322,9 +322,10 @@ def _add_modules_to_save(model: torch.nn.Module, config: dict, tensors: dict) ->
         tensors[f"{PREFIX}{hf}.weight"] = w.cpu().contiguous()
     config["modules_to_save"] = sorted({hf.rpartition(".")[2] for hf in trained})
     if model.args.tie_embeddings and "model.embed_tokens" in trained:
-        # PEFT then re-ties lm_head to the trained embedding copy (otherwise its head would keep the old one)
+        # PEFT then re-ties lm_head to the trained embedding copy; its loader wants the head's key too (a copy:
+        # safetensors refuses shared storage), which is what PEFT itself writes
         config["ensure_weight_tying"] = True
-        tensors[f"{PREFIX}lm_head.weight"] = tensors[f"{PREFIX}model.embed_tokens.weight"]
+        tensors[f"{PREFIX}lm_head.weight"] = tensors[f"{PREFIX}model.embed_tokens.weight"].clone()
 
 
 def read_modules_to_save(path: str | os.PathLike, cfg: dict, args: ModelArgs) -> dict[str, torch.Tensor]:

@@ -52,20 +52,21 @@ def load_device(args, info) -> torch.device:
     return info.device
 
 
-def report_rope(args, model_args, log) -> None:
+def report_rope(args, model_args, longest: int, log) -> None:
     """The RoPE the run trains with, and a warning when rows are longer than the model's context."""
     if args.rope_theta is not None or args.rope_scaling is not None or args.max_seq_len is not None:
         log.message(f"RoPE: {rope_settings(model_args)}")
     scaling = model_args.rope_scaling
-    if args.seq_len > model_args.max_seq_len and not (scaling and scaling["rope_type"] == "dynamic"):
-        log.message(f"warning: --seq_len {args.seq_len} is longer than the model's context of "
-                    f"{model_args.max_seq_len} tokens; pass --max_seq_len (and a --rope_theta / --rope_scaling that "
-                    "reaches it) to record the longer context")
+    if longest > model_args.max_seq_len and not (scaling and scaling["rope_type"] == "dynamic"):
+        log.message(f"warning: rows of up to {longest} tokens are longer than the model's context of "
+                    f"{model_args.max_seq_len}; pass --max_seq_len (and a --rope_theta / --rope_scaling that reaches "
+                    "it) to record the longer context")
 
 
-def build_model(args, info, compute_dtype, log):
+def build_model(args, info, compute_dtype, log, longest: int = 0):
     """Load the checkpoint, add LoRA (or unfreeze everything), wrap with the loss, shard with FSDP2, make AdamW.
 
+    longest: the longest row the run will train on (for the context warning).
     Returns (model, root, optimizer): root is the FSDP-sharded CausalLMLoss around model."""
     lora = args.lora_rank > 0
     torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
@@ -73,7 +74,7 @@ def build_model(args, info, compute_dtype, log):
     load_dtype = compute_dtype if lora else torch.float32
     model = load_model(args.model, device=load_device(args, info), dtype=load_dtype, quantize=args.quantize,
                        max_seq_len=args.max_seq_len, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling)
-    report_rope(args, model.args, log)
+    report_rope(args, model.args, longest, log)
     if lora:
         apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets)
         if args.trainable:
