@@ -130,6 +130,18 @@ def record_index(length: int, depth: float, trial: int) -> int:
 
 
 # ---- passkey ----
+def most_that_fit(size, budget: int) -> int:
+    """The largest n >= 0 with size(n) <= budget, for size growing with n (size(0) must fit)."""
+    hi = 1
+    while size(hi) <= budget:  # doubling, then bisection: a few encodes of texts about the budget's size
+        hi *= 2
+    lo = hi // 2 if hi > 1 else 0
+    while lo < hi - 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid)
+    return lo
+
+
 def passkey_prompt(tok, length: int, depth: float, key: str, reserve: int) -> list[int]:
     """The longest chat prompt of at most length - reserve tokens with the key at `depth` of the filler."""
     budget = length - reserve
@@ -143,14 +155,7 @@ def passkey_prompt(tok, length: int, depth: float, key: str, reserve: int) -> li
     if len(build(0)) > budget:
         raise ValueError(f"--lengths {length}: even without filler the prompt needs {len(build(0))} tokens "
                          f"(+ --max_new_tokens {reserve})")
-    lo, hi = 0, budget  # build(lo) fits; find the most filler that does
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(build(mid)) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return build(lo)
+    return build(most_that_fit(lambda n: len(build(n)), budget))
 
 
 def passkey_work(args, tok, done: set) -> list[dict]:

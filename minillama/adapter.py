@@ -30,6 +30,7 @@ from .args import ModelArgs, rope_settings, with_rope
 from .checkpoints.hf_keys import META_TARGET_TO_HF, hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
 from .files import atomic_dir, read_json, write_json
 from .lora import LoRAExperts, LoRALinear, apply_lora, lora_modules, lora_scaling
+from .rope import check_rope_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -389,7 +390,13 @@ def read_base_rope(path: str | os.PathLike) -> dict:
     unknown = sorted(set(rope) - {"rope_theta", "rope_scaling", "max_seq_len"})
     if unknown:
         raise ValueError(f"{file}: unknown keys {unknown} (expected rope_theta, rope_scaling, max_seq_len)")
-    with_rope(ModelArgs(dim=64, n_layers=1, n_heads=1), **rope, source=str(file))  # checks every value now
+    theta, context = rope.get("rope_theta"), rope.get("max_seq_len")
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0):
+        raise ValueError(f"{file}: rope_theta must be a number > 0, got {theta!r}")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ValueError(f"{file}: max_seq_len must be an integer >= 1, got {context!r}")
+    if "rope_scaling" in rope:
+        rope["rope_scaling"] = check_rope_scaling(rope["rope_scaling"], str(file))
     return rope
 
 

@@ -118,3 +118,21 @@ def test_tensor_parallel_with_adapter_and_rope_override_equals_one_process(tiny,
     assert [r["answer"] for r in one] == [r["answer"] for r in tp] and len(one) == 4
     cfg = json.loads((tmp_path / "tp" / "eval_config.json").read_text())["passkey"]
     assert cfg["rope_theta"] == 20000.0 and cfg["adapter"] == str(adapter)
+
+
+def test_passkey_training_set_is_deterministic_sized_and_worded_like_the_eval(smol_dir, tmp_path):
+    sys.path.insert(0, str(REPO / "train" / "data"))
+    import make_passkey
+    tok = load_tokenizer(smol_dir)
+    a = make_passkey.make_samples(6, 512, 1024, 0, tok)
+    assert a == make_passkey.make_samples(6, 512, 1024, 0, tok)  # the same flags, the same file
+    assert a != make_passkey.make_samples(6, 512, 1024, 1, tok)
+    sizes = [len(tok.encode_dialog(s["messages"], add_generation_prompt=False)) for s in a]
+    assert all(480 <= n <= 1024 for n in sizes), sizes
+    passkey, facts = a[0]["messages"], a[1]["messages"]
+    assert passkey[0]["content"].startswith(eval_long.INTRO) and passkey[0]["content"].endswith(eval_long.QUESTION)
+    key = passkey[1]["content"].removeprefix("The pass key is ").rstrip(".")
+    assert f"The pass key is {key}. Remember it." in passkey[0]["content"]
+    assert eval_long.FILLER.split(".")[0] not in passkey[0]["content"]  # not the eval's haystack
+    answers = [m["content"] for m in facts if m["role"] == "assistant"]
+    assert len(answers) >= 3 and all(ans.rstrip(".") in facts[0]["content"] for ans in answers)  # every fact there

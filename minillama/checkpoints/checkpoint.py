@@ -13,12 +13,12 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..args import ModelArgs, to_hf_config, with_rope
+from ..args import ModelArgs, from_meta_params, to_hf_config, with_rope
 from ..dtypes import dtype_name, parse_dtype
 from ..files import atomic_dir, check_dir_writable, write_json
 from ..model import Transformer
 from .hf_format import hf_key_files, hf_plan, hf_weight_files, is_hf_dir, read_hf_args, write_hf_weights
-from .meta_format import is_meta_dir, meta_plan, meta_weight_files, read_meta_args, write_meta_weights
+from .meta_format import is_meta_dir, meta_params, meta_plan, meta_weight_files, read_meta_args, write_meta_weights
 from .shards import Entry, TensorFiles, check_plan
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -201,7 +201,12 @@ def save_meta(model: Transformer, path: Union[str, Path], n_shards: int = 1, tok
     """Write params.json + consolidated.NN.pth split into n_shards (Meta layout), or Mistral's consolidated.safetensors
     for Mistral/Mixtral models when n_shards is 1."""
     state = _plain_state(model, "save_meta")
+    log = log or (lambda s: None)
+    kept = from_meta_params(meta_params(model.args)).max_seq_len
+    if kept != model.args.max_seq_len:  # Meta's params.json has no context field; Meta's own code takes it as a flag
+        log(f"note: params.json cannot record the context of {model.args.max_seq_len} tokens (reading it back gives "
+            f"{kept}); load it with max_seq_len={model.args.max_seq_len} / --max_seq_len")
     with atomic_dir(path, overwrite) as tmp:
-        write_meta_weights(state, model.args, tmp, n_shards, log=log or (lambda s: None))
+        write_meta_weights(state, model.args, tmp, n_shards, log=log)
         copy_tokenizer_files(tokenizer_src, tmp)
     return Path(path).resolve()
