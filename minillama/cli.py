@@ -121,8 +121,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--max_seq_len", type=positive_int, default=None,
                    help="the context to run at, a cap on prompt + answer tokens (default: the model's context). "
-                        "Above the checkpoint's context it extends the model's (recorded as its max_seq_len); "
-                        "with dynamic NTK scaling the trained context stays and generation runs past it")
+                        "Above the checkpoint's context it extends the model's; with dynamic NTK scaling the "
+                        "trained context stays (the base of the scaling) and generation runs past it")
     add_rope_args(p)
 
 
