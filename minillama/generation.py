@@ -180,9 +180,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampl
     """New tokens for each prompt (token-id lists of any lengths), each row cut before its first stop token.
 
     sampling: temperature / top-p / top-k / repetition penalty (default greedy). max_seq_len caps prompt + new
-    tokens (default: the model's context); prompts that do not fit raise unless truncate_left. process_group: the
-    tensor-parallel group, whose rank 0 broadcasts each sampled token. check_every: steps between the host syncs
-    that end the loop once every row stopped.
+    tokens (default: the model's context; with dynamic NTK scaling it may exceed it, as in HF); prompts that do not
+    fit raise unless truncate_left. process_group: the tensor-parallel group, whose rank 0 broadcasts each sampled
+    token. check_every: steps between the host syncs that end the loop once every row stopped.
     """
     params = sampling or SamplingParams()
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
