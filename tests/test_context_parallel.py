@@ -52,8 +52,8 @@ def common(setup, *extra):
 
 
 def test_packed_full_finetune_cp2_with_checkpointing_and_resume_equals_one_process(setup):
-    d = setup[0]
-    args = common(setup, "--pack", "--lora_rank", "0")
+    d, data, _ = setup
+    args = common(setup, "--pack", "--lora_rank", "0", "--eval_data", str(data))
     run_sft(args + ["--out", str(d / "one")], nproc=1)
     cp = args + ["--out", str(d / "cp"), "--context_parallel", "2", "--activation_checkpointing"]
     run_sft(cp + ["--stop_at_step", "2"], nproc=2)
@@ -62,6 +62,8 @@ def test_packed_full_finetune_cp2_with_checkpointing_and_resume_equals_one_proce
     ref, got = records(d / "one"), records(d / "cp")
     assert ref[-1]["loss"] < ref[0]["loss"]
     assert_same_run(ref, got)
+    evals = [[r["eval_loss"] for r in metrics(d / out) if "eval_loss" in r] for out in ("one", "cp")]
+    assert len(evals[0]) == 1 and evals[0][0] == pytest.approx(evals[1][0], rel=1e-5)  # the eval loss too
 
 
 def test_padded_lora_with_trainable_embed_norm_cp2_equals_one_process_and_halves_activations(setup):
