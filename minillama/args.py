@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from .files import read_json
+from .rope import check_rope_scaling
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -72,6 +74,47 @@ class ModelArgs:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; valid names: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def with_rope(args: ModelArgs, rope_theta: Optional[float] = None, rope_scaling: Optional[dict] = None,
+              max_seq_len: Optional[int] = None, source: str = "rope_scaling") -> ModelArgs:
+    """args with RoPE overrides, as the same values written into config.json would give; None keeps the checkpoint's.
+
+    rope_scaling {"rope_type": "default"} removes a scaling. yarn/llama3 without original_max_position_embeddings
+    take the checkpoint's context as the original one; without max_seq_len, a linear/yarn/llama3 scaling extends the
+    context to factor x the original (dynamic NTK keeps it: its trained context is the base of its formula).
+    """
+    theta, scaling, context = args.rope_theta, args.rope_scaling, args.max_seq_len
+    if rope_scaling is not None:
+        s = check_rope_scaling(rope_scaling, source)
+        inner_theta = s.pop("rope_theta", None)  # transformers >= 5 keeps theta inside rope_parameters
+        if inner_theta is not None:
+            if rope_theta is not None and float(inner_theta) != float(rope_theta):
+                raise ValueError(f"{source}: rope_theta {inner_theta} disagrees with rope_theta {rope_theta}")
+            rope_theta = inner_theta
+        if s["rope_type"] == "default":
+            scaling = None
+        else:
+            if s["rope_type"] in ("yarn", "llama3"):
+                s.setdefault("original_max_position_embeddings", args.max_seq_len)
+            scaling = s
+            if max_seq_len is None and s["rope_type"] != "dynamic":
+                context = int(s["factor"] * s.get("original_max_position_embeddings", args.max_seq_len))
+    if rope_theta is not None:
+        if not rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {rope_theta}")
+        theta = float(rope_theta)
+    if max_seq_len is not None:
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        context = int(max_seq_len)
+    return dataclasses.replace(args, rope_theta=theta, rope_scaling=scaling, max_seq_len=context)
+
+
+def rope_settings(args: ModelArgs) -> dict:
+    """The RoPE a model runs with, as with_rope's keyword arguments (what an adapter records of its base)."""
+    scaling = dict(args.rope_scaling) if args.rope_scaling else {"rope_type": "default"}
+    return {"rope_theta": args.rope_theta, "rope_scaling": scaling, "max_seq_len": args.max_seq_len}
 
 
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

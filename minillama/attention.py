@@ -1,5 +1,8 @@
 """Attention kernels and masks: SDPA by default, flash-attn's varlen kernel for packed rows when installed on a GPU.
 
+A packed row never gets a (T, T) mask: on a GPU in half precision the varlen kernel skips what crosses documents;
+elsewhere (CPU, float32) each document is its own causal SDPA call, and a sliding window over long documents goes
+through blocked_attention. Either way the memory beyond q/k/v is O(T), however long the row.
 Shape letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim.
 """
 
@@ -8,10 +11,12 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+from .blocked_attention import KeyPlan, blocked_attention, plan_keys
 
 try:  # optional: pip install minillama[flash]
     from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore
@@ -64,9 +69,12 @@ class AttnMask:
     """What a forward's attention may see; built once per forward and shared by all layers."""
 
     causal_only: bool = True  # plain causal over the row: use the kernels' is_causal fast path
-    mask: Optional[torch.Tensor] = None  # (B, 1, T, S) bool, True = may attend
+    mask: Optional[torch.Tensor] = None  # (B, 1, T, S) bool, True = may attend: cached forwards (T new of S slots)
     cu_seqlens: Optional[torch.Tensor] = None  # packed rows as varlen: (n_docs + 1,) int32 offsets into B*T
     max_seqlen: int = 0
+    docs: Optional[list] = None  # packed rows elsewhere: (row, start, end) of every document, host ints
+    plan: Optional[KeyPlan] = None  # a sliding window over documents longer than it: blocked attention
+    kernel: Optional[Callable] = None  # the caller's own attention (q, k, v) -> out, e.g. context parallelism's
 
 
 def doc_positions(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -88,18 +96,43 @@ def doc_cu_seqlens(doc_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
 
 
+def doc_spans(doc_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every document: contiguous runs of equal doc_ids. (B, T) -> host list (one sync)."""
+    B, T = doc_ids.shape
+    cu = doc_cu_seqlens(doc_ids).tolist()
+    return [(s // T, s % T, s % T + (e - s)) for s, e in zip(cu[:-1], cu[1:])]
+
+
+def window_plan(doc_ids: torch.Tensor, docs: list, window: int) -> KeyPlan:
+    """Blocked attention's plan for causal attention inside documents, seeing at most `window` positions back."""
+    T = doc_ids.shape[1]
+    first = list(range(T))  # the earliest key any row's query i may see: min over rows of its document's start
+    for _, s, e in docs:
+        for i in range(s, e):
+            first[i] = min(first[i], s)
+    first = [max(f, i - window + 1) for i, f in enumerate(first)]  # non-decreasing, as plan_keys needs
+    return plan_keys(list(range(T)), list(range(T)), first, doc_ids.device, doc_ids, doc_ids, window)
+
+
 def packed_mask(doc_ids: torch.Tensor, sliding_window: Optional[int] = None, half_precision: bool = False) -> AttnMask:
     """Causal attention within each document of a packed row. doc_ids (B, T)."""
     if half_precision and sliding_window is None and has_varlen_kernel(doc_ids.device):
         # documents are contiguous runs: a varlen kernel skips the masked blocks instead of building a T x T mask
         cu_seqlens = doc_cu_seqlens(doc_ids)
         return AttnMask(causal_only=False, cu_seqlens=cu_seqlens, max_seqlen=int(torch.diff(cu_seqlens).max()))
-    B, T = doc_ids.shape
-    q = torch.arange(T, device=doc_ids.device)
-    allowed = (q[None, :] <= q[:, None])[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
-    if sliding_window is not None:
-        allowed &= (q[:, None] - q[None, :] < sliding_window)[None]
-    return AttnMask(causal_only=False, mask=allowed[:, None])
+    docs = doc_spans(doc_ids)
+    if sliding_window is not None and max(e - s for _, s, e in docs) > sliding_window:
+        return AttnMask(causal_only=False, plan=window_plan(doc_ids, docs, sliding_window))
+    return AttnMask(causal_only=False, docs=docs)
+
+
+def doc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: list) -> torch.Tensor:
+    """Causal SDPA inside each document, one call per document. q/k/v (B, H, T, D) -> (B, H, T, D)."""
+    rows: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
+    for b, s, e in docs:
+        rows[b].append(F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                                      is_causal=e - s > 1))
+    return torch.cat([torch.cat(parts, dim=2) for parts in rows])
 
 
 @dataclass
@@ -158,6 +191,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMask) ->
     B, H, T, D = q.shape
     K = k.shape[1]
     n_rep = H // K
+    if attn.kernel is not None:
+        return attn.kernel(q, k, v)
+    if attn.plan is not None:
+        return blocked_attention(q, k, v, attn.plan)
     if attn.cu_seqlens is not None:
         flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], D)  # (B*T, heads, D)
         out = varlen_causal(flat(q), flat(k), flat(v), attn.cu_seqlens, attn.max_seqlen)
@@ -177,4 +214,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMask) ->
     if n_rep > 1:  # a mask with many queries (padded prefill): the kernels that take masks need equal head counts
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(n_rep, dim=1)
+    if attn.docs is not None:
+        return doc_attention(q, k, v, attn.docs)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask)

@@ -12,6 +12,7 @@ spelling (--max-new-tokens = --max_new_tokens).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -21,6 +22,8 @@ from typing import Callable, Optional
 
 from .chat_format import FORMATS
 from .dtypes import DTYPE_NAMES
+from .files import read_json
+from .rope import check_rope_scaling, runs_past_context
 from .sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,10 +123,44 @@ fraction = _checked("fraction", float, lambda v: 0 <= v <= 1, "in [0, 1]")
 unit_fraction = _checked("unit_fraction", float, lambda v: 0 <= v < 1, "in [0, 1)")  # dropout
 
 
+def rope_scaling_arg(text: str) -> dict:
+    """--rope_scaling: a JSON object, or the path of a JSON file holding one; its keys are checked here.
+
+    'null' or {"rope_type": "default"} removes the checkpoint's scaling."""
+    stripped = text.strip()
+    if stripped.startswith("{") or stripped == "null":
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    elif Path(text).is_file():
+        try:
+            value = read_json(Path(text), "--rope_scaling")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    else:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a JSON object nor an existing JSON file")
+    try:
+        return check_rope_scaling(value, "--rope_scaling")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--rope_scaling: ")) from None
+
+
+def add_rope_args(p: argparse.ArgumentParser) -> None:
+    """--rope_theta and --rope_scaling: the same RoPE overrides for every tool that loads a model."""
+    p.add_argument("--rope_theta", type=positive_float, default=None,
+                   help="RoPE base override, e.g. 1e6 to stretch Llama 3's 500000 (none: the checkpoint's)")
+    p.add_argument("--rope_scaling", type=rope_scaling_arg, default=None,
+                   help='RoPE scaling override as JSON or a JSON file, e.g. \'{"rope_type": "yarn", "factor": 4.0, '
+                        '"original_max_position_embeddings": 8192}\' (linear, dynamic, yarn, llama3; null removes '
+                        "one). Without --max_seq_len a linear/yarn/llama3 scaling extends the context to factor x "
+                        "the original")
+
+
 # ---- flags ----
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Which checkpoint, adapter, dtype, device and CPU threads."""
+    """Which checkpoint, adapter, dtype, device and CPU threads; the context and RoPE to run it with."""
     p.add_argument("--ckpt", "--model", dest="ckpt", default=None,
                    help="checkpoint dir (HF or Meta/Mistral layout); default: "
                         f"{DEFAULT_CKPT.relative_to(REPO) if IN_CHECKOUT else DEFAULT_CKPT}/ (made by "
@@ -142,17 +179,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for the model (default: $OMP_NUM_THREADS if set, else the idle cores, at most "
                         f"{MAX_AUTO_THREADS}: decoding is memory-bound, and threads that must wait for a busy core "
                         "slow every step down)")
+    p.add_argument("--max_seq_len", type=positive_int, default=None,
+                   help="the context to run at, a cap on prompt + answer tokens (default: generation_config.json's "
+                        "max_length, else the model's context). Above the checkpoint's context it extends the "
+                        "model's; with dynamic NTK scaling the trained context stays (the base of the scaling) and "
+                        "generation runs past it")
+    add_rope_args(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.6, top_p: float = 0.9,
                       max_new_tokens: Optional[int] = 256) -> None:
-    """--max_seq_len, --max_new_tokens and the sampling knobs (HF order: penalty, temperature, top-k, top-p).
+    """--max_new_tokens and the sampling knobs (HF order: penalty, temperature, top-k, top-p).
 
     The values given here are the fallbacks; parse_args replaces them with the checkpoint's generation_config.json.
     """
-    p.add_argument("--max_seq_len", type=positive_int, default=None,
-                   help="cap on prompt + answer tokens (default: generation_config.json's max_length, else the "
-                        "model's context)")
     p.add_argument("--max_new_tokens", "--max_gen_len", type=positive_int, default=max_new_tokens,
                    help="most tokens to generate per answer (--max_gen_len: Meta's name)")
     p.add_argument("--temperature", type=nonnegative_float, default=temperature, help="0 = greedy")
@@ -266,9 +306,9 @@ def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def context_limit(args: argparse.Namespace, model) -> int:
-    """--max_seq_len checked against the model's context (default: all of it)."""
+    """--max_seq_len checked against the model's context (default: all of it; dynamic NTK may go past it)."""
     limit = args.max_seq_len or model.args.max_seq_len
-    if limit > model.args.max_seq_len:
+    if limit > model.args.max_seq_len and not runs_past_context(model.args.rope_scaling):
         raise ValueError(f"--max_seq_len {limit} exceeds the model's context of {model.args.max_seq_len} tokens")
     if args.max_new_tokens is not None and args.max_new_tokens >= limit:
         raise ValueError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {limit}")
@@ -282,7 +322,8 @@ def load_from_args(args: argparse.Namespace, log=None, merge_adapter: bool = Tru
     set_threads(args)
     return load_for_inference(ckpt, tokenizer=tokenizer, adapter=args.adapter, quantize=args.quantize,
                               dtype=args.dtype, device=args.device, chat_format=args.chat_format, log=log,
-                              merge_adapter=merge_adapter)
+                              merge_adapter=merge_adapter, rope_theta=args.rope_theta,
+                              rope_scaling=args.rope_scaling, max_seq_len=args.max_seq_len)
 
 
 # ---- running a script ----

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .attention import CacheStep
 from .engine import Engine, Request
+from .rope import runs_past_context
 from .sampling import SamplingParams, next_token, seen_mask
 
 __all__ = ["generate", "generate_stream", "generate_continuous", "decode_step", "stop_reason", "SamplingParams"]
@@ -65,7 +66,7 @@ def _check_prompts(model, prompts, max_new_tokens: int, max_seq_len: Optional[in
     limit = model.args.max_seq_len if max_seq_len is None else max_seq_len
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"max_seq_len must be an int >= 1 (or None: the model's context), got {max_seq_len!r}")
-    if limit > model.args.max_seq_len:
+    if limit > model.args.max_seq_len and not runs_past_context(model.args.rope_scaling):  # dynamic NTK may, as in HF
         raise ValueError(f"max_seq_len {limit} exceeds the model's context of {model.args.max_seq_len} tokens")
     if max_new_tokens >= limit:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in a context of {limit} tokens")
@@ -189,9 +190,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampl
     """New tokens for each prompt (token-id lists of any lengths), each row cut before its first stop token.
 
     sampling: temperature / top-p / top-k / repetition penalty (default greedy). max_seq_len caps prompt + new
-    tokens (default: the model's context); prompts that do not fit raise unless truncate_left. process_group: the
-    tensor-parallel group, whose rank 0 broadcasts each sampled token. check_every: steps between the host syncs
-    that end the loop once every row stopped.
+    tokens (default: the model's context; with dynamic NTK scaling it may exceed it, as in HF); prompts that do not
+    fit raise unless truncate_left. process_group: the tensor-parallel group, whose rank 0 broadcasts each sampled
+    token. check_every: steps between the host syncs that end the loop once every row stopped.
     """
     params = sampling or SamplingParams()
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:

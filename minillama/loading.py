@@ -18,9 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .args import rope_settings, with_rope
 from .distributed import DistInfo, init_distributed
 from .dtypes import parse_dtype
 from .files import read_json
+from .rope import runs_past_context
 
 # Hugging Face's GenerationConfig defaults for what a generation_config.json leaves out
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
@@ -50,6 +52,36 @@ def _apply_adapter(model: nn.Module, path, must_merge: bool, merge: bool, log) -
         if must_merge:
             raise ValueError(f"adapter {path}: tensor parallel needs the adapter merged, but: {e}") from None
         log(f"[adapter kept unmerged: {e}]")
+
+
+def rope_overrides(adapter, rope_theta=None, rope_scaling=None, log=None) -> dict:
+    """load_model's RoPE keywords: the adapter's recorded base RoPE (if any), explicit values winning."""
+    from .adapter import read_base_rope
+    log = log or (lambda msg: None)
+    rope = read_base_rope(adapter) if adapter else {}
+    explicit = {k: v for k, v in (("rope_theta", rope_theta), ("rope_scaling", rope_scaling)) if v is not None}
+    for key, value in explicit.items():
+        if key in rope and rope[key] != value:
+            log(f"[--{key} {value} replaces the adapter's {rope[key]}]")
+    if "rope_scaling" in explicit:
+        rope.pop("max_seq_len", None)  # a new scaling derives its own context (args.with_rope)
+    return {**rope, **explicit}
+
+
+def extend_context(model: nn.Module, max_seq_len: Optional[int], log=None) -> None:
+    """Raise the model's context to max_seq_len (never lower it: that is only a cap on the caller's side).
+
+    Dynamic NTK keeps its trained context, the base of its formula, and runs past it anyway. A yarn scaling that
+    takes its original context from max_seq_len gets the old value written in, so its frequencies stay the same."""
+    args = model.args
+    if not max_seq_len or max_seq_len <= args.max_seq_len or runs_past_context(args.rope_scaling):
+        return
+    scaling = None  # keep the checkpoint's
+    if args.rope_scaling and args.rope_scaling["rope_type"] == "yarn":
+        scaling = {"original_max_position_embeddings": args.max_seq_len, **args.rope_scaling}
+    model.args = with_rope(args, rope_scaling=scaling, max_seq_len=max_seq_len)
+    model.reset_rope()
+    (log or (lambda msg: None))(f"[context extended from {args.max_seq_len} to {max_seq_len} tokens]")
 
 
 @dataclass
@@ -107,11 +139,15 @@ class Loaded:
 
 def load_for_inference(ckpt: Union[str, Path], tokenizer: Union[str, Path, None] = None, adapter=None,
                        quantize: Optional[str] = None, dtype=None, device: Optional[str] = None,
-                       chat_format: Optional[str] = None, log=None, merge_adapter: bool = True) -> Loaded:
+                       chat_format: Optional[str] = None, log=None, merge_adapter: bool = True,
+                       rope_theta: Optional[float] = None, rope_scaling: Optional[dict] = None,
+                       max_seq_len: Optional[int] = None) -> Loaded:
     """Join torchrun (if any), load tokenizer + model (+ adapter), split it over the processes; eval mode.
 
     dtype None: bfloat16 on CUDA, float32 elsewhere. device None: CUDA when available. merge_adapter False keeps
     the adapter beside the base weights (one process only), so set_lora_enabled can switch it off again.
+    rope_theta / rope_scaling override the checkpoint's (and the adapter's recorded base RoPE); max_seq_len: see
+    extend_context.
     """
     from .checkpoints import load_model
     from .tokenizer import load_tokenizer
@@ -127,7 +163,11 @@ def load_for_inference(ckpt: Union[str, Path], tokenizer: Union[str, Path, None]
     tok = load_tokenizer(tokenizer or ckpt, chat_format=chat_format)
     # the checkpoint's own end-of-answer ids (e.g. Llama 3.1's [128001, 128008, 128009]) stop generation too
     tok.stop_ids = sorted(set(tok.stop_ids) | set(generation_defaults(ckpt).eos_ids))
-    model = load_model(ckpt, device="cpu" if tp else info.device, dtype=dtype, quantize=quantize)
+    rope = rope_overrides(adapter, rope_theta, rope_scaling, log)
+    model = load_model(ckpt, device="cpu" if tp else info.device, dtype=dtype, quantize=quantize, **rope)
+    extend_context(model, max_seq_len, log)
+    if rope:
+        log(f"[RoPE: {rope_settings(model.args)}]")
     if adapter:
         _apply_adapter(model, adapter, must_merge=tp, merge=merge_adapter, log=log)
     group = None

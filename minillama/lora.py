@@ -350,3 +350,34 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
                 _unmerge_exact(getattr(m, w).data[e], m.delta(w, e), fix)
         m.merged, m._fix = False, None
     return model
+
+
+# ---- whole modules trained beside LoRA (saved as PEFT modules_to_save) ----
+TRAINABLE_MODULES = ("embed", "norm", "head")
+
+
+def set_trainable(model: nn.Module, kinds: Iterable[str]) -> list[str]:
+    """Unfreeze whole modules on top of LoRA: "embed" the token embedding (and a head tied to it), "norm" every
+    RMSNorm, "head" the output layer. LongLoRA found embeddings and norms must learn to extend the context.
+    Returns the unfrozen parameter names."""
+    kinds = set(kinds)
+    unknown = sorted(kinds - set(TRAINABLE_MODULES))
+    if unknown:
+        raise ValueError(f"set_trainable: unknown kinds {unknown}; valid: {', '.join(TRAINABLE_MODULES)}")
+    if "head" in kinds and getattr(model.args, "tie_embeddings", False) and "embed" not in kinds:
+        raise ValueError("set_trainable: this model ties its output head to the embedding; train 'embed' (both)")
+    names = []
+    for name, p in model.named_parameters():
+        module = name.rpartition(".")[0]
+        if (("embed" in kinds and module == "tok_embeddings") or ("head" in kinds and module == "output")
+                or ("norm" in kinds and module.rpartition(".")[2].endswith("norm"))):
+            if not p.is_floating_point():
+                raise ValueError(f"set_trainable: {name} is quantized ({p.dtype}) and cannot be trained")
+            p.requires_grad_(True)
+            names.append(name)
+    found = {"embed": any(n.startswith("tok_embeddings.") for n in names),
+             "head": any(n.startswith("output.") for n in names), "norm": any("norm." in n for n in names)}
+    missing = sorted(k for k in kinds if not found[k])
+    if missing:
+        raise ValueError(f"set_trainable: no float parameters for {missing} (an NF4 output head cannot be trained)")
+    return names

@@ -169,15 +169,21 @@ class Transformer(nn.Module):
         return positions, AttnMask(causal_only=True)
 
     def forward(self, tokens: torch.Tensor, start_pos: Optional[int | CacheStep] = None,
-                doc_ids: Optional[torch.Tensor] = None, return_hidden: bool = False) -> torch.Tensor:
+                doc_ids: Optional[torch.Tensor] = None, return_hidden: bool = False,
+                positions: Optional[torch.Tensor] = None, attn: Optional[AttnMask] = None) -> torch.Tensor:
         """tokens (B, T) -> float32 logits (B, T, V), or the final-normed hidden states (B, T, D) if return_hidden.
 
         start_pos: read and write the KV cache from this slot on (Meta's int), or a CacheStep for left-padded rows,
         fixed-shape (compiled) decoding and per-row cache slots (see attention.CacheStep). doc_ids (B, T): packed
-        documents; attention stays inside a document and positions restart at 0.
+        documents; attention stays inside a document and positions restart at 0. positions (B, T) with attn: the
+        caller's own positions and attention for tokens that are pieces of longer rows (context parallelism in
+        training/context_parallel.py supplies both); they replace what doc_ids would give.
         """
         step = CacheStep(start_pos) if isinstance(start_pos, (int, torch.Tensor)) else start_pos
-        positions, attn = self._positions_and_mask(tokens, step, doc_ids)
+        if (positions is None) != (attn is None) or (attn is not None and step is not None):
+            raise ValueError("forward: give positions and attn together, and not with start_pos")
+        if attn is None:
+            positions, attn = self._positions_and_mask(tokens, step, doc_ids)
         inv_freq, attention_factor = self.inv_freq, self.rope_attention_factor
         if self.args.rope_scaling and self.args.rope_scaling["rope_type"] == "dynamic":
             seq_len = int(positions.max()) + 1  # dynamic NTK depends on the longest position seen in this forward

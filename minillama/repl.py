@@ -1,13 +1,14 @@
 """The chat REPL's terminal: line editing and history (readline), multi-line input, commands, and a Ctrl-C that
 stops the answer in progress instead of the chat, under plain python and under torchrun alike.
 
-Ctrl-C under torchrun: torchrun starts each worker in its own session, so the terminal's SIGINT goes to torchrun's
-agent, which forwards it and SIGKILLs the worker ~30 s later, whatever the worker does. So when rank 0 reads a
-terminal under torchrun, it takes the terminal's interrupt key away (termios VINTR; readline turns ISIG back on at
-each prompt, so ISIG alone would not do) and reads Ctrl-C as the byte 0x03: between decode steps while answering,
-and through a readline binding at the prompt. Under plain python a SIGINT
-handler sets a flag that the decode loop checks between steps. Either way the cache is never left half-written:
-an answer stops between steps. A second Ctrl-C (at the prompt, or twice while answering) quits without a traceback.
+Ctrl-C is read as a key, not a signal. Under torchrun each worker runs in its own session, so the terminal's SIGINT
+goes to torchrun's agent, which forwards it and SIGKILLs the worker ~30 s later, whatever the worker does; and
+under plain python a SIGINT that lands while readline waits is sometimes not seen until the next key (measured:
+about one Ctrl-C in two at the prompt after an interrupted answer). So when rank 0 reads a terminal it takes the
+terminal's interrupt key away (termios VINTR; readline turns ISIG back on at each prompt, so ISIG alone would not
+do) and reads Ctrl-C as the byte 0x03: between decode steps while answering, and through a readline binding at the
+prompt. The cache is never left half-written: an answer stops between steps. A second Ctrl-C (at the prompt, or
+twice while answering) quits without a traceback. Without a terminal (a pipe), SIGINT stops an answer the same way.
 """
 
 from __future__ import annotations
@@ -34,17 +35,13 @@ input: a line ending in \\ goes on on the next line; {BLOCK} alone on a line sta
 of several lines arrives whole). Ctrl-C while the model answers stops the answer."""
 
 
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-
-
 class Terminal:
     """Rank 0's input side of the chat; other ranks never touch the terminal."""
 
     def __init__(self, is_rank0: bool):
         self.rank0 = is_rank0
         self.tty = is_rank0 and sys.stdin.isatty()
-        self.keys = self.tty and under_torchrun()  # Ctrl-C read as a key, not a signal (see above)
+        self.keys = self.tty  # Ctrl-C read as a key, not a signal (see above)
         self.fd = sys.stdin.fileno() if self.tty else None
         self.flag = False
         self._saved = None

@@ -17,6 +17,77 @@ def base_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
+# rope_type -> (required keys, optional keys) besides rope_type, as transformers validates rope_parameters
+SCALING_KEYS = {
+    "linear": ({"factor"}, set()),
+    "dynamic": ({"factor"}, set()),
+    "yarn": ({"factor"}, {"original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+                          "mscale_all_dim", "truncate"}),
+    "llama3": ({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}, set()),
+}
+
+
+def check_rope_scaling(scaling, source: str = "rope_scaling") -> dict:
+    """A user's scaling dict checked key by key -> a normalized copy ({"rope_type": "default"} means none).
+
+    Stricter than transformers (which warns): an unknown key is an error, since a typo would silently change nothing.
+    A "rope_theta" key (transformers >= 5 keeps theta inside rope_parameters) is passed through for the caller.
+    """
+    if scaling is None:
+        return {"rope_type": "default"}
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{source}: expected a JSON object like {{\"rope_type\": \"yarn\", \"factor\": 4.0}}, "
+                         f"got {type(scaling).__name__}")
+    s = dict(scaling)
+    if "type" in s:  # transformers' old spelling
+        s.setdefault("rope_type", s.pop("type"))
+    kind = s.get("rope_type")
+    if kind == "default":
+        extra = sorted(set(s) - {"rope_type", "rope_theta"})
+        if extra:
+            raise ValueError(f"{source}: rope_type 'default' takes no other keys, got {extra}")
+        return s
+    if kind not in SCALING_KEYS:
+        raise ValueError(f"{source}: rope_type {kind!r} is not one of default, {', '.join(SCALING_KEYS)}")
+    required, optional = SCALING_KEYS[kind]
+    missing = sorted(required - set(s))
+    if missing:
+        raise ValueError(f"{source}: rope_type {kind!r} needs keys {missing}")
+    unknown = sorted(set(s) - required - optional - {"rope_type", "rope_theta"})
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown} for rope_type {kind!r}; valid: "
+                         f"{sorted(required | optional)}")
+
+    def number(key: str, ok, rule: str):
+        v = s.get(key)
+        if v is None and key not in required:
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            raise ValueError(f"{source}: {key} must be {rule}, got {v!r}")
+
+    number("factor", lambda v: v >= 1, "a number >= 1")
+    number("rope_theta", lambda v: v > 0, "a number > 0")
+    number("attention_factor", lambda v: v > 0, "a number > 0")
+    for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        number(key, lambda v: True, "a number")
+    orig = s.get("original_max_position_embeddings")
+    if orig is not None and (isinstance(orig, bool) or not isinstance(orig, int) or orig < 1):
+        raise ValueError(f"{source}: original_max_position_embeddings must be an integer >= 1, got {orig!r}")
+    if kind == "llama3" and s["high_freq_factor"] <= s["low_freq_factor"]:
+        raise ValueError(f"{source}: high_freq_factor {s['high_freq_factor']} must exceed low_freq_factor "
+                         f"{s['low_freq_factor']}")
+    if kind == "yarn" and (s.get("beta_fast") or 32) <= (s.get("beta_slow") or 1):
+        raise ValueError(f"{source}: beta_fast must exceed beta_slow (defaults 32 and 1)")
+    if "truncate" in s and not isinstance(s["truncate"], bool):
+        raise ValueError(f"{source}: truncate must be true or false, got {s['truncate']!r}")
+    return s
+
+
+def runs_past_context(scaling: Optional[dict]) -> bool:
+    """Dynamic NTK rescales to whatever length a forward sees, so it may run past the trained context (as in HF)."""
+    return bool(scaling) and scaling.get("rope_type") == "dynamic"
+
+
 def scaled_inv_freq(head_dim: int, theta: float, scaling: Optional[dict], max_seq_len: int,
                     seq_len: Optional[int] = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies after context-extension scaling, and the cos/sin multiplier (YaRN's attention factor).

@@ -4,6 +4,8 @@
     torchrun --nproc_per_node 8 train/sft.py --model llama3-8b-dir --data chat.jsonl --pack --seq_len 8192
     torchrun --nproc_per_node 2 train/sft.py --lora_rank 0 --lr 2e-5  # full fine-tuning
     python train/sft.py --config run.toml --max_steps 10              # flags override the file's keys
+    torchrun --nproc_per_node 8 train/sft.py --pack --seq_len 65536 --context_parallel 4 --rope_theta 4e6 \
+        --max_seq_len 65536 --trainable embed norm               # long rows: each split over 4 processes
     torchrun ... train/sft.py --out OUT --resume                      # continue from OUT/latest with the run's
                                                                   # saved flags (OUT/config.json; new ones win;
                                                                   # any number of processes)
@@ -28,6 +30,10 @@ forward for full fine-tuning, 2x for LoRA, causal attention per document) / time
 shown on GPUs with a known bf16 peak. SIGTERM: the step in flight finishes, a checkpoint is written, exit 0 (under
 torchrun the agent waits ~30 s before SIGKILL). A non-finite loss or gradient norm stops before the optimizer step,
 keeping the last checkpoint.
+Long context: --rope_theta / --rope_scaling / --max_seq_len change the model's RoPE and context (recorded in the
+exported model or beside the adapter); --context_parallel C splits every row over C processes (world = data x C
+processes; minillama/training/context_parallel.py); --trainable embed norm trains embeddings and norms beside LoRA
+(LongLoRA). The first step prints the activation memory per process (what autograd saves for backward).
 """
 
 from __future__ import annotations
@@ -50,8 +56,10 @@ from minillama.distributed import cleanup, init_distributed  # noqa: E402
 from minillama.files import atomic_write  # noqa: E402
 from minillama.training import config  # noqa: E402
 from minillama.training.build import build_model, load_data  # noqa: E402
+from minillama.training.context_parallel import check_supported, context_group  # noqa: E402
 from minillama.training.fsdp import ensure_process_group  # noqa: E402
-from minillama.training.loop import BatchSplit, Schedule, StepLog, TrainState, evaluate, train_step  # noqa: E402
+from minillama.training.loop import (BatchSplit, Feed, Schedule, StepLog, TrainState, evaluate,  # noqa: E402
+                                     train_step)
 from minillama.training.metrics import MetricsWriter, ProgressBar, default_peak_tflops, read_metrics  # noqa: E402
 from minillama.training.optim import lr_at  # noqa: E402
 from minillama.training.plot import write_loss_png  # noqa: E402
@@ -101,7 +109,7 @@ class Run:
     trainable: list
     samples: list
     eval_samples: object
-    pad_id: int
+    feed: Feed  # device, padding, this rank's share of the rows (and its context-parallel shard)
     split: BatchSplit
     schedule: Schedule
     total_steps: int
@@ -114,13 +122,18 @@ class Run:
 def train(args) -> int:
     """The recipe: data, model, optional resume, the step loop, final checkpoint + export. Returns the exit code."""
     run = start_run(args)
+    first_step = run.state.step + 1  # its activation memory is measured and printed
     while run.state.step < run.total_steps:
         batch = run.schedule.next_batch(run.state)
         lr = lr_at(run.state.step + 1, args.lr, args.warmup_steps, run.total_steps, args.min_lr_ratio)
-        result = train_step(run.root, run.optimizer, run.trainable, run.samples, batch, run.split, run.info.rank,
-                            run.info.device, lr, run.pad_id, args.pack, args.grad_clip, run.aux_coef, Stop.requested)
+        first = run.state.step + 1 == first_step
+        result = train_step(run.root, run.optimizer, run.trainable, run.samples, batch, run.split, run.feed, lr,
+                            args.pack, args.grad_clip, run.aux_coef, Stop.requested, measure=first)
         if not result.finite:
             return stop_on_nonfinite(run, result)
+        if first:
+            run.log.message(f"activation memory (saved for backward, first micro-batch): "
+                            f"{result.activation_mb:.1f} MiB per process (largest)")
         run.state.advance(result.tokens)
         run.log.step(run.state.step, run.state.epoch, result)
         maybe_eval(run)
@@ -149,15 +162,22 @@ def start_run(args) -> Run:
         msg.message(f"--resume: no checkpoint in {out} yet; starting a fresh run")
 
     tok, samples, eval_samples = load_data(args, msg)
-    split = BatchSplit.make(args.batch_size, info.world_size, args.micro_batch_size)
+    cp = context_group(args.context_parallel)
+    dp_size = info.world_size // args.context_parallel
+    split = BatchSplit.make(args.batch_size, dp_size, args.micro_batch_size)
     schedule = Schedule([len(s.ids) for s in samples], args.batch_size, args.seq_len, args.pack, args.seed)
     total_steps = schedule.total_steps(args.max_steps, args.epochs)
     msg.message(f"batches: {len(schedule.plan(0))} per epoch of {args.batch_size} rows "
-                f"({'packed' if args.pack else 'padded'}, {info.world_size} processes x {split.accumulation} "
-                f"micro-steps of {split.micro_batch_size} rows); non-pad fraction "
+                f"({'packed' if args.pack else 'padded'}, {dp_size} data-parallel x {split.accumulation} "
+                f"micro-steps of {split.micro_batch_size} rows"
+                f"{f', each row split over {args.context_parallel} processes' if cp else ''}); non-pad fraction "
                 f"{schedule.nonpad_fraction(split.micro_batch_size):.1%}; {total_steps} steps")
 
-    model, root, optimizer = build_model(args, info, compute_dtype, msg)
+    lengths = [len(s.ids) for s in samples]
+    longest = min(args.seq_len, sum(lengths)) if args.pack else max(lengths)
+    model, root, optimizer = build_model(args, info, compute_dtype, msg, longest)
+    if cp is not None:
+        check_supported(args, model.args)
 
     state = TrainState()
     if resume_from is not None:
@@ -181,14 +201,14 @@ def start_run(args) -> Run:
                   model.args, info.device, info.world_size, lora,
                   args.peak_tflops or default_peak_tflops(info.device), moe=bool(model.args.n_experts))
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    feed = Feed(info.device, pad_id, info.rank // args.context_parallel, cp, model.args.sliding_window)
     return Run(args, info, out, lora, model, root, optimizer, [p for p in root.parameters() if p.requires_grad],
-               samples, eval_samples, pad_id, split, schedule, total_steps, state, log,
+               samples, eval_samples, feed, split, schedule, total_steps, state, log,
                args.router_aux_loss_coef if model.args.n_experts else 0.0, last_saved=resume_from)
 
 
 def run_eval(run: Run) -> float:
-    return evaluate(run.root, run.eval_samples, run.split, run.args.seq_len, run.args.pack, run.info.rank,
-                    run.info.device, run.pad_id)
+    return evaluate(run.root, run.eval_samples, run.split, run.args.seq_len, run.args.pack, run.feed)
 
 
 def maybe_eval(run: Run) -> None:

@@ -14,13 +14,13 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..args import ModelArgs, to_hf_config
+from ..args import ModelArgs, from_meta_params, to_hf_config, with_rope
 from ..dtypes import dtype_name, parse_dtype
 from ..files import atomic_dir, check_dir_writable, write_json
 from ..model import Transformer
 from .hf_format import hf_key_files, hf_plan, hf_weight_files, is_hf_dir, read_hf_args, write_hf_weights
-from .meta_format import (check_meta_split, is_meta_dir, meta_plan, meta_weight_files, read_meta_args,
-                          write_meta_weights)
+from .meta_format import (check_meta_split, is_meta_dir, meta_params, meta_plan, meta_weight_files,
+                          read_meta_args, write_meta_weights)
 from .shards import Entry, TensorFiles, check_plan
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -55,10 +55,13 @@ def read_model_args(path: Union[str, Path]) -> ModelArgs:
 
 
 def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch.dtype, str]] = torch.float32,
-               quantize: Optional[str] = None, max_seq_len: Optional[int] = None) -> Transformer:
+               quantize: Optional[str] = None, max_seq_len: Optional[int] = None, rope_theta: Optional[float] = None,
+               rope_scaling: Optional[dict] = None) -> Transformer:
     """Build the model a checkpoint describes and load its weights; eval mode. dtype=None keeps the checkpoint's.
 
-    max_seq_len overrides the trained context length (params.json does not record it; dynamic/yarn RoPE use it).
+    rope_theta / rope_scaling / max_seq_len override the checkpoint's RoPE base, scaling and context, exactly as the
+    same values in its config.json would (args.with_rope; rope_scaling {"rope_type": "default"} removes a scaling).
+    params.json does not record the context; dynamic NTK and yarn read it.
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
@@ -81,8 +84,7 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
                          f"broken save? (a model with tied weights says tie_word_embeddings: true)")
     if head:  # read the file's head; it is dropped below only if it equals the embedding
         args.tie_embeddings = False
-    if max_seq_len is not None:
-        args.max_seq_len = max_seq_len
+    args = with_rope(args, rope_theta, rope_scaling, max_seq_len)
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(args)
@@ -229,7 +231,12 @@ def save_meta(model: Transformer, path: Union[str, Path], n_shards: int = 1, tok
     for Mistral/Mixtral models when n_shards is 1."""
     state = _plain_state(model, "save_meta")
     check_meta_split(model.args, n_shards)
+    log = log or (lambda s: None)
+    kept = from_meta_params(meta_params(model.args)).max_seq_len
+    if kept != model.args.max_seq_len:  # Meta's params.json has no context field; Meta's own code takes it as a flag
+        log(f"note: params.json cannot record the context of {model.args.max_seq_len} tokens (reading it back gives "
+            f"{kept}); load it with max_seq_len={model.args.max_seq_len} / --max_seq_len")
     with atomic_dir(path, overwrite) as tmp:
-        write_meta_weights(state, model.args, tmp, n_shards, log=log or (lambda s: None))
+        write_meta_weights(state, model.args, tmp, n_shards, log=log)
         copy_tokenizer_files(tokenizer_src, tmp)
     return Path(path).resolve()

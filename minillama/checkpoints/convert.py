@@ -1,6 +1,7 @@
 """Convert a checkpoint between the Meta/Mistral consolidated and Hugging Face formats.
 
     python -m minillama.convert SRC DST [--to hf|meta] [--dtype bfloat16] [--shards N] [--max_shard_size 5GB]
+    python -m minillama.convert llama3-8b/ llama3-8b-16k/ --rope_theta 1e6 --max_seq_len 16384   # record a RoPE change
 
 The direction comes from SRC (Meta -> HF, HF -> Meta) unless --to (or its alias --format, merge's name) says. Tensors keep their dtype unless --dtype is
 given; the checkpoint is memory-mapped and written shard by shard, never held twice. Tokenizer files are copied.
@@ -13,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import ArgumentParser, positive_int, run
+from ..cli import ArgumentParser, add_rope_args, positive_int, run
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..files import check_dir_writable
 from .checkpoint import TOKENIZER_FILES, detect_format, load_model, read_model_args, save_hf, save_meta
@@ -32,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Meta target: model-parallel shards to split into (default 1)")
     p.add_argument("--max_shard_size", default="5GB", help="HF target: largest safetensors file")
     p.add_argument("--max_seq_len", type=positive_int, help="context length to record (params.json does not hold it)")
+    add_rope_args(p)  # --rope_theta, --rope_scaling: written into the output's config.json / params.json
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p.parse_args(argv)
 
@@ -49,7 +51,8 @@ def main(argv=None) -> Path:
     parse_size(a.max_shard_size)
     t0 = time.time()
     print(f"reading {src_fmt} checkpoint {src_dir}", flush=True)
-    model = load_model(src_dir, dtype=parse_dtype(a.dtype), max_seq_len=a.max_seq_len)
+    model = load_model(src_dir, dtype=parse_dtype(a.dtype), max_seq_len=a.max_seq_len, rope_theta=a.rope_theta,
+                       rope_scaling=a.rope_scaling)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"loaded {model.args.family} model, {n_params / 1e6:.1f}M parameters, "
           f"{model.tok_embeddings.weight.dtype} ({time.time() - t0:.1f}s)", flush=True)

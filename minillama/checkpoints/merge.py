@@ -2,6 +2,9 @@
 
 The base is loaded in its own dtype on CPU; each targeted weight is merged on its own in float32 and rounded once,
 W <- (W.float() + sum_i scaling_i * B_i @ A_i).to(W.dtype), so at most one weight (one expert) is ever in float32.
+Whole modules an adapter trained (PEFT modules_to_save, e.g. embeddings and norms) replace the base's. The RoPE the
+adapters were trained with (their base_rope.json) is applied to the base and recorded in the merged config, unless
+--rope_theta / --rope_scaling / --max_seq_len say otherwise.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from ..adapter import read_adapter
+from ..adapter import read_adapter, read_base_rope, read_modules_to_save
 from ..args import ModelArgs
-from ..cli import ArgumentParser
+from ..cli import ArgumentParser, add_rope_args, positive_int
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..files import check_dir_writable
 
@@ -51,9 +54,11 @@ def check_fits(factors: dict, args: ModelArgs, source) -> None:
                              f"base weight is {want}: adapter for another model?")
 
 
-def read_adapters(adapter_dirs: Iterable[str], args: ModelArgs, log: Callable[[str], None] = print) -> dict:
-    """{(module path, expert weight or None): [(A, B, scaling) per adapter]}, each checked against args."""
+def read_adapters(adapter_dirs: Iterable[str], args: ModelArgs, log: Callable[[str], None] = print) -> tuple[dict, dict]:
+    """({(module path, expert weight or None): [(A, B, scaling) per adapter]}, {parameter: (adapter, tensor)} of
+    whole trained modules (modules_to_save)), each checked against args."""
     per_weight: dict = {}
+    whole: dict = {}  # whole trained modules: {parameter name: (adapter, tensor)}
     for d in adapter_dirs:
         if not Path(d).is_dir():
             raise FileNotFoundError(f"--adapter {d}: no such directory")
@@ -63,16 +68,20 @@ def read_adapters(adapter_dirs: Iterable[str], args: ModelArgs, log: Callable[[s
             f"{len(factors)} weights")
         for key, f in factors.items():
             per_weight.setdefault(key, []).append(f)
-    return per_weight
+        for name, tensor in read_modules_to_save(d, cfg, args).items():
+            if name in whole:
+                raise ValueError(f"merge: adapters {whole[name][0]} and {d} both replace {name} (modules_to_save)")
+            whole[name] = (d, tensor)
+    return per_weight, whole
 
 
 @torch.no_grad()
 def merge_adapters_(model: torch.nn.Module, adapter_dirs: Iterable[str],
-                    log: Callable[[str], None] = print, per_weight: Optional[dict] = None) -> torch.nn.Module:
+                    log: Callable[[str], None] = print, read: Optional[tuple] = None) -> torch.nn.Module:
     """Fold PEFT adapters (applied in sum, as PEFT's multi-adapter merge does) into the base weights in place.
-    per_weight: what read_adapters already read (then adapter_dirs are not read again)."""
-    if per_weight is None:
-        per_weight = read_adapters(adapter_dirs, model.args, log)
+    read: what read_adapters already returned (then adapter_dirs are not read again)."""
+    per_weight, whole = read if read is not None else read_adapters(adapter_dirs, model.args, log)
+    _replace_modules(model, whole, log)
     emb = getattr(model, "tok_embeddings", None)
     t0, last_layer = time.time(), None
     for i, ((path, w), parts) in enumerate(per_weight.items()):
@@ -99,6 +108,34 @@ def merge_adapters_(model: torch.nn.Module, adapter_dirs: Iterable[str],
     return model
 
 
+@torch.no_grad()
+def _replace_modules(model: torch.nn.Module, whole: dict, log) -> None:
+    """Copy the adapters' whole trained modules ({name: (adapter, tensor)}, modules_to_save) over the base's."""
+    params = dict(model.named_parameters())
+    for name, (adapter, t) in whole.items():
+        p = params.get(name)
+        if p is None or tuple(p.shape) != tuple(t.shape):
+            raise ValueError(f"merge: adapter {adapter} holds {name} {tuple(t.shape)}, which does not fit the base "
+                             f"({tuple(p.shape) if p is not None else 'no such weight'})")
+        p.copy_(t.to(p.dtype))
+    if whole:
+        log(f"replaced {len(whole)} whole weights (modules_to_save): {', '.join(sorted(whole)[:4])}"
+            f"{' ...' if len(whole) > 4 else ''}")
+
+
+def adapters_rope(adapter_dirs: list[str], log) -> dict:
+    """The base RoPE the adapters were trained with (load_model keywords); adapters that disagree are an error."""
+    found = {d: read_base_rope(d) for d in adapter_dirs}
+    found = {d: r for d, r in found.items() if r}
+    if len({str(sorted(r.items())) for r in found.values()}) > 1:
+        raise ValueError("merge: the adapters were trained with different RoPE settings: "
+                         + "; ".join(f"{d}: {r}" for d, r in found.items()))
+    rope = next(iter(found.values()), {})
+    if rope:
+        log(f"RoPE the adapters were trained with: {rope}")
+    return dict(rope)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m minillama.merge", description=__doc__.splitlines()[0])
     p.add_argument("--base", "--ckpt", "--model", dest="base", required=True,
@@ -109,6 +146,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output format (--to: convert's name)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="dtype to merge and save in (default: the base checkpoint's own)")
+    p.add_argument("--max_seq_len", type=positive_int, default=None,
+                   help="context to record (default: the adapters' recorded one, else the base's)")
+    add_rope_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p.parse_args(argv)
 
@@ -119,13 +159,18 @@ def main(argv=None):
 
     # everything that needs no base weights first: the output dir, the base's config, the adapters against it
     check_dir_writable(args.out, args.overwrite, "--out")
-    per_weight = read_adapters(args.adapter, read_model_args(args.base), log=lambda s: print(s, flush=True))
+    read = read_adapters(args.adapter, read_model_args(args.base), log=lambda s: print(s, flush=True))
     t0 = time.time()
     print(f"loading base {args.base} ...", flush=True)
-    model = load_model(args.base, device="cpu", dtype=parse_dtype(args.dtype))
+    rope = adapters_rope(args.adapter, lambda s: print(s, flush=True))
+    if args.rope_scaling is not None:
+        rope.pop("max_seq_len", None)  # a new scaling derives its own context
+    rope.update({k: v for k, v in (("rope_theta", args.rope_theta), ("rope_scaling", args.rope_scaling),
+                                   ("max_seq_len", args.max_seq_len)) if v is not None})
+    model = load_model(args.base, device="cpu", dtype=parse_dtype(args.dtype), **rope)
     dtype = next(model.parameters()).dtype
     print(f"  {model.args.family}, {model.args.n_layers} layers, {dtype} ({time.time() - t0:.1f}s)", flush=True)
-    merge_adapters_(model, args.adapter, log=lambda s: print(s, flush=True), per_weight=per_weight)
+    merge_adapters_(model, args.adapter, log=lambda s: print(s, flush=True), read=read)
     print(f"saving {args.format} checkpoint to {args.out} ...", flush=True)
     if args.format == "hf":
         save_hf(model, args.out, tokenizer_src=args.base, overwrite=args.overwrite)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from ..args import rope_settings
 from ..checkpoints import load_model
-from ..lora import apply_lora
+from ..lora import apply_lora, set_trainable
 from ..tokenizer import load_tokenizer
 from .data import check_data_file, load_jsonl, report_bad_lines
 from .fsdp import apply_fsdp, checkpoint_blocks
@@ -55,17 +56,35 @@ def load_device(args, info) -> torch.device:
     return info.device
 
 
-def build_model(args, info, compute_dtype, log):
+def report_rope(args, model_args, longest: int, log) -> None:
+    """The RoPE the run trains with, and a warning when rows are longer than the model's context."""
+    if args.rope_theta is not None or args.rope_scaling is not None or args.max_seq_len is not None:
+        log.message(f"RoPE: {rope_settings(model_args)}")
+    scaling = model_args.rope_scaling
+    if longest > model_args.max_seq_len and not (scaling and scaling["rope_type"] == "dynamic"):
+        log.message(f"warning: rows of up to {longest} tokens are longer than the model's context of "
+                    f"{model_args.max_seq_len}; pass --max_seq_len (and a --rope_theta / --rope_scaling that reaches "
+                    "it) to record the longer context")
+
+
+def build_model(args, info, compute_dtype, log, longest: int = 0):
     """Load the checkpoint, add LoRA (or unfreeze everything), wrap with the loss, shard with FSDP2, make AdamW.
 
+    longest: the longest row the run will train on (for the context warning).
     Returns (model, root, optimizer): root is the FSDP-sharded CausalLMLoss around model."""
     lora = args.lora_rank > 0
     torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
     # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32
     load_dtype = compute_dtype if lora else torch.float32
-    model = load_model(args.ckpt, device=load_device(args, info), dtype=load_dtype, quantize=args.quantize)
+    model = load_model(args.ckpt, device=load_device(args, info), dtype=load_dtype, quantize=args.quantize,
+                       max_seq_len=args.max_seq_len, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling)
+    report_rope(args, model.args, longest, log)
     if lora:
         apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets)
+        if args.trainable:
+            whole = set_trainable(model, args.trainable)
+            for p in (p for n, p in model.named_parameters() if n in whole):
+                p.data = p.data.float()  # trained whole modules get float32 master weights, like the adapters
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -78,6 +97,7 @@ def build_model(args, info, compute_dtype, log):
                cpu_offload=args.cpu_offload, device=info.device)
     optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas)
     what = f"LoRA r={args.lora_rank} on {' '.join(args.lora_targets)}" if lora else "full"
+    what += f" + whole {' '.join(args.trainable)}" if args.trainable else ""
     log.message(f"model: {args.ckpt} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
                 f"{' NF4 base' if args.quantize else ''}: {n_trainable / 1e6:.2f}M trainable; "
                 f"{str(compute_dtype).removeprefix('torch.')} compute on {info.device}")

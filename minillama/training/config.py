@@ -8,10 +8,12 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import (DEFAULT_CKPT, ArgumentParser, dehyphenate, fraction, nonnegative_float, nonnegative_int,
-                   positive_float, positive_int, recipe_file, unit_fraction)
+from ..cli import (DEFAULT_CKPT, ArgumentParser, add_rope_args, dehyphenate, fraction, nonnegative_float,
+                   nonnegative_int, positive_float, positive_int, recipe_file, unit_fraction)
 from ..dtypes import DTYPE_NAMES
 from ..files import read_json
+from ..lora import TRAINABLE_MODULES
+from ..rope import check_rope_scaling
 
 # flags a resumed run re-derives instead of taking them from OUT/config.json
 NOT_RESUMED = {"help", "config", "resume", "overwrite", "out", "micro_batch_size", "stop_at_step"}
@@ -54,6 +56,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--pack", action="store_true", help="pack whole samples into rows of --seq_len (with doc_ids)")
     p.add_argument("--drop_long", action="store_true", help="drop samples longer than --seq_len instead of cutting")
     p.add_argument("--loss_chunk", type=positive_int, default=1024, help="positions per chunk of the output projection")
+    # context
+    p.add_argument("--max_seq_len", type=positive_int, default=None,
+                   help="the model's context to record (default: the checkpoint's, or what --rope_scaling derives)")
+    add_rope_args(p)
     # what is trained
     p.add_argument("--lora_rank", type=nonnegative_int, default=16, help="0 = full fine-tuning")
     p.add_argument("--lora_alpha", type=positive_float, default=32.0, help="LoRA scaling is alpha / rank")
@@ -61,6 +67,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--lora_targets", nargs="+", default=["all-linear"],
                    help="PEFT names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head experts "
                         "router, or all-linear")
+    p.add_argument("--trainable", nargs="+", choices=TRAINABLE_MODULES, default=[],
+                   help="whole modules trained beside LoRA (LongLoRA: embed norm), saved as PEFT modules_to_save")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="QLoRA: NF4 base weights (needs --lora_rank)")
     p.add_argument("--router_aux_loss_coef", type=nonnegative_float, default=0.02,
                    help="Mixtral load-balancing loss weight")
@@ -69,6 +77,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="compute dtype (default bfloat16 on cuda, float32 on cpu); master weights stay float32")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--context_parallel", type=positive_int, default=1,
+                   help="split every row's sequence over this many processes (all-gathered K/V, load-balanced "
+                        "chunks); the processes are then context x data parallel")
     p.add_argument("--cpu_offload", action="store_true", help="FSDP2 CPUOffloadPolicy: params/grads/optimizer on CPU")
     p.add_argument("--peak_tflops", type=positive_float, default=None, help="for MFU (default: the device's bf16 peak)")
     p.add_argument("--seed", type=int, default=0, help="data order, LoRA init and dropout")
@@ -146,6 +157,13 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
         args.lr = 1e-3 if args.lora_rank > 0 else 2e-5
     if args.quantize and args.lora_rank <= 0:
         parser.error("--quantize nf4 trains LoRA adapters on a frozen NF4 base: give --lora_rank > 0")
+    if args.trainable and args.lora_rank <= 0:
+        parser.error("--trainable adds whole modules to LoRA training; full fine-tuning (--lora_rank 0) trains all")
+    if args.rope_scaling is not None:  # a config file's or a resumed run's value skipped the argparse type
+        try:
+            args.rope_scaling = check_rope_scaling(args.rope_scaling, "--rope_scaling")
+        except ValueError as e:
+            parser.error(str(e))
     return args
 
 
@@ -165,7 +183,7 @@ def recheck_values(parser: argparse.ArgumentParser, args: argparse.Namespace, so
             if isinstance(v, bool) and action.type is not bool:
                 parser.error(f"argument {action.option_strings[0]}: {v!r} from {source} is not a number")
             try:
-                action.type(str(v))
+                action.type(json.dumps(v) if isinstance(v, dict) else str(v))  # a JSON flag's value is a dict here
             except (argparse.ArgumentTypeError, ValueError) as e:
                 parser.error(f"argument {action.option_strings[0]}: {e}" + (f" (from {source})" if source else ""))
 

@@ -15,10 +15,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .context_parallel import ContextGroup, shard_batch
 from .data import Sample
-from .metrics import MetricsWriter, ProgressBar, peak_memory_gb
+from .metrics import MetricsWriter, ProgressBar, SavedActivations, peak_memory_gb
 from .optim import set_lr
-from .packing import collate, padded_tokens, plan_epoch
+from .packing import MicroBatch, collate, padded_tokens, plan_epoch
 from .perf import train_flops
 
 
@@ -105,6 +106,35 @@ class Schedule:
 
 
 @dataclass
+class Feed:
+    """How micro-batches reach the model: this rank's rows on its device, or (context parallel) its shard of them."""
+
+    device: torch.device
+    pad_id: int
+    dp_rank: int = 0  # which share of each global batch's rows this rank takes
+    cp: Optional[ContextGroup] = None
+    window: Optional[int] = None  # the model's sliding window, which context-parallel shards apply themselves
+
+    def inputs(self, mb: MicroBatch) -> dict:
+        """CausalLMLoss keyword arguments."""
+        if self.cp is not None:
+            return shard_batch(mb, self.cp, self.pad_id, self.device, self.window)
+        doc_ids = mb.doc_ids.to(self.device) if mb.doc_ids is not None else None
+        return dict(tokens=mb.tokens.to(self.device), targets=mb.targets.to(self.device), doc_ids=doc_ids,
+                    real=mb.real.to(self.device))
+
+    @property
+    def copies(self) -> int:
+        """How many ranks see each row (the context group size)."""
+        return self.cp.size if self.cp is not None else 1
+
+    @property
+    def counts_rows(self) -> bool:
+        """Whether this rank reports row statistics (tokens, padding): one rank per context group does."""
+        return self.cp is None or self.cp.rank == 0
+
+
+@dataclass
 class StepResult:
     """One optimizer step, summed over all ranks."""
 
@@ -117,43 +147,55 @@ class StepResult:
     aux_loss: float  # router load-balancing loss, averaged over micro-batches
     stop_requested: bool  # some rank got SIGTERM
     seconds: float
+    activation_mb: Optional[float] = None  # saved-for-backward bytes of the first micro-batch, largest rank (measured)
 
     @property
     def finite(self) -> bool:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
-def _forward_backward(root, samples: list[Sample], rows, split: BatchSplit, pad_id: int, pack: bool, device,
-                      global_count: float, aux_coef: float) -> list:
+def _forward_backward(root, samples: list[Sample], rows, split: BatchSplit, feed: Feed, pack: bool,
+                      global_count: float, aux_coef: float, measure: bool = False) -> list:
     """Forward + backward over this rank's micro-batches. Returns this rank's [sum of token losses, sum of aux
-    losses, real tokens, padded tokens, sum of squared document lengths]."""
-    totals = [0.0, 0.0, 0, 0, 0]
+    losses, real tokens, padded tokens, sum of squared document lengths, activation bytes of the first micro-batch
+    (when measure)]."""
+    totals = [0.0, 0.0, 0, 0, 0, 0]
     aux_scale = 1.0 / (split.accumulation * split.world_size)
     micro = split.micro_batch_size
     for m in range(0, len(rows), micro):
-        mb = collate(samples, rows[m:m + micro], pad_id, pack)
-        doc_ids = mb.doc_ids.to(device) if mb.doc_ids is not None else None
-        ce_sum, aux = root(mb.tokens.to(device), mb.targets.to(device), doc_ids, mb.real.to(device))
+        mb = collate(samples, rows[m:m + micro], feed.pad_id, pack)
+        saved = SavedActivations(enabled=measure and m == 0)
+        with saved:
+            ce_sum, aux = root(**feed.inputs(mb))
         loss = ce_sum / global_count + aux_coef * aux * aux_scale
         loss.backward()
         totals[0] += ce_sum.item()
         totals[1] += aux.item()
-        totals[2] += mb.n_real
-        totals[3] += mb.tokens.numel()
-        totals[4] += sum(n * n for n in mb.doc_lengths)
+        if feed.counts_rows:
+            totals[2] += mb.n_real
+            totals[3] += mb.tokens.numel()
+            totals[4] += sum(n * n for n in mb.doc_lengths)
+        totals[5] = max(totals[5], saved.bytes)
     return totals
 
 
-def train_step(root, optimizer, trainable: list, samples: list[Sample], batch: list, split: BatchSplit,
-               rank: int, device, lr: float, pad_id: int, pack: bool, grad_clip: float, aux_coef: float,
-               stop_requested: bool) -> StepResult:
-    """Forward/backward over the global batch, clip, and (if loss and gradient norm are finite) one optimizer step."""
+def train_step(root, optimizer, trainable: list, samples: list[Sample], batch: list, split: BatchSplit, feed: Feed,
+               lr: float, pack: bool, grad_clip: float, aux_coef: float, stop_requested: bool,
+               measure: bool = False) -> StepResult:
+    """Forward/backward over the global batch, clip, and (if loss and gradient norm are finite) one optimizer step.
+
+    measure: also report the activation memory (bytes autograd saves) of the first micro-batch, largest rank."""
     t0 = time.perf_counter()
-    rows = split.rank_rows(batch, rank)
+    device = feed.device
+    rows = split.rank_rows(batch, feed.dp_rank)
     count = torch.tensor([sum(samples[i].n_targets() for r in rows for i in r)], dtype=torch.float64, device=device)
     dist.all_reduce(count)  # the loss is a mean over the global batch's learned tokens: count them first
+    count /= feed.copies  # every rank of a context group counted the same rows
     set_lr(optimizer, lr)
-    totals = _forward_backward(root, samples, rows, split, pad_id, pack, device, count.clamp(min=1).item(), aux_coef)
+    totals = _forward_backward(root, samples, rows, split, feed, pack, count.clamp(min=1).item(), aux_coef, measure)
+    activation = torch.tensor([float(totals.pop())], device=device)
+    if measure:
+        dist.all_reduce(activation, op=dist.ReduceOp.MAX)
     # [loss sum, aux sum, real tokens, padded tokens, sum of doc_len^2, stop requested] over all ranks
     sums = torch.tensor(totals + [float(stop_requested)], dtype=torch.float64, device=device)
     dist.all_reduce(sums)
@@ -161,7 +203,8 @@ def train_step(root, optimizer, trainable: list, samples: list[Sample], batch: l
     grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
     loss = sums[0].item() / max(count.item(), 1)
     result = StepResult(loss, grad_norm, lr, int(sums[2].item()), int(sums[3].item()), sums[4].item(),
-                        sums[1].item() / (split.accumulation * split.world_size), sums[5].item() > 0, 0.0)
+                        sums[1].item() / (split.accumulation * split.world_size * feed.copies), sums[5].item() > 0,
+                        0.0, activation.item() / 2**20 if measure else None)
     if result.finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -172,20 +215,18 @@ def train_step(root, optimizer, trainable: list, samples: list[Sample], batch: l
 
 
 @torch.no_grad()
-def evaluate(root, samples: list[Sample], split: BatchSplit, seq_len: int, pack: bool, rank: int, device,
-             pad_id: int) -> float:
+def evaluate(root, samples: list[Sample], split: BatchSplit, seq_len: int, pack: bool, feed: Feed) -> float:
     """Mean token loss over the whole eval set (every rank takes its share of each batch)."""
     root.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(2, dtype=torch.float64, device=feed.device)
     micro = split.micro_batch_size
     for batch in plan_epoch([len(s.ids) for s in samples], split.batch_size, seq_len, pack, 0, 0):
-        rows = split.rank_rows(batch, rank)
+        rows = split.rank_rows(batch, feed.dp_rank)
         for m in range(0, len(rows), micro):
-            mb = collate(samples, rows[m:m + micro], pad_id, pack)
-            doc_ids = mb.doc_ids.to(device) if mb.doc_ids is not None else None
-            ce_sum, _ = root(mb.tokens.to(device), mb.targets.to(device), doc_ids, mb.real.to(device))
+            inputs = feed.inputs(collate(samples, rows[m:m + micro], feed.pad_id, pack))
+            ce_sum, _ = root(**inputs)
             total[0] += ce_sum.double()
-            total[1] += int((mb.targets != -100).sum())
+            total[1] += int((inputs["targets"] != -100).sum())  # this rank's own targets (a shard's, under CP)
     dist.all_reduce(total)
     root.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -206,6 +247,8 @@ class StepLog:
                   "time_s": r.seconds, "peak_mem_gb": peak_memory_gb(self.device)}
         if self.moe:
             record["aux_loss"] = r.aux_loss
+        if r.activation_mb is not None:
+            record["activation_mb"] = r.activation_mb
         if self.peak:
             flops = train_flops(self.model_args, r.tokens, r.doc_len_sq / max(r.tokens, 1), lora=self.lora)
             record["mfu"] = flops / r.seconds / (self.peak * 1e12 * self.world_size)

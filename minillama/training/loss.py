@@ -60,9 +60,11 @@ class CausalLMLoss(nn.Module):
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
-                real: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of token losses, router load-balancing loss or 0). tokens/targets/doc_ids/real (B, L)."""
-        hidden = self.model(tokens, doc_ids=doc_ids, return_hidden=True)  # (B, L, D)
+                real: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
+                attn=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, router load-balancing loss or 0). tokens/targets/doc_ids/real (B, L); positions and
+        attn: a context-parallel shard's own (see Transformer.forward)."""
+        hidden = self.model(tokens, doc_ids=doc_ids, return_hidden=True, positions=positions, attn=attn)  # (B, L, D)
         ce_sum = chunked_cross_entropy(hidden, self.model.output, targets, self.chunk_size)
         aux = ce_sum.new_zeros(())
         if self.moe_layers:

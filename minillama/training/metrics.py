@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 from ..files import atomic_write
 
@@ -34,6 +35,35 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class SavedActivations:
+    """Bytes autograd keeps for backward while active: a forward's activation memory, measured, not estimated.
+
+    Parameters (full or gathered by FSDP) are not activations and are left out; tensors sharing storage count once."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.storages = enabled, {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t) if enabled else None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        if self._hooks is not None:
+            self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._hooks is not None:
+            self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
 
 
 def _fmt_time(seconds: float) -> str:

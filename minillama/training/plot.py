@@ -1,4 +1,5 @@
-"""A loss-curve PNG with numpy + zlib only (no matplotlib): axes, tick labels in a 3x5 pixel font, two series."""
+"""PNG charts with numpy + zlib only (no matplotlib), text in a 3x5 pixel font: a line chart of up to two series
+(the loss curve; perplexity vs context length) and a heatmap (passkey retrieval by length and depth)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from ..files import atomic_write
 
-# 3x5 glyphs, rows top to bottom, '1' = ink; only the characters the plot writes
+# 3x5 glyphs, rows top to bottom, '1' = ink; digits, lowercase letters (text is lowercased) and some punctuation
 FONT = {
     "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
     "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001010010010",
@@ -21,6 +22,12 @@ FONT = {
     "a": "000011101101011", "e": "000111111100011", "i": "010000010010010", "l": "110010010010111",
     "n": "000110101101101", "o": "000111101101111", "p": "000111101111100", "r": "000111100100100",
     "s": "000011110001110", "t": "010111010010011", "v": "000101101101010",
+    "b": "100100111101111", "c": "000111100100111", "d": "001001111101111", "f": "011010111010010",
+    "g": "111100101101111", "h": "100100111101101", "j": "001000001101111", "k": "100101110101101",
+    "m": "000101111101101", "q": "000111101111001", "u": "000101101101111", "w": "000101101111111",
+    "x": "000101010101101", "y": "101101010010010", "z": "000111001010111",
+    "/": "001001010100100", "%": "101001010100101", "(": "010100100100010", ")": "010001001001010",
+    ",": "000000000010100", "=": "000111000111000", "_": "000000000000111",
 }
 BLUE, ORANGE, BLACK, GREY = (31, 119, 180), (255, 127, 14), (0, 0, 0), (225, 225, 225)
 
@@ -94,8 +101,13 @@ def _label(v: float) -> str:
 
 
 def loss_curve_png(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequence[float] = (),
-                   eval_losses: Sequence[float] = (), width: int = 800, height: int = 480) -> np.ndarray:
-    """Render train loss (blue line) and eval loss (orange dots+line) against step. -> (H, W, 3) uint8"""
+                   eval_losses: Sequence[float] = (), width: int = 800, height: int = 480, x_label: str = "step",
+                   y_label: str = "loss", names: tuple[str, str] = ("train loss", "eval loss"),
+                   dots: bool = False) -> np.ndarray:
+    """Render train loss (blue line) and eval loss (orange dots+line) against step. -> (H, W, 3) uint8
+
+    Any other pair of series too: x_label, y_label (the axes) and the legend names say what they are; dots marks
+    the first series' points too."""
     img = np.full((height, width, 3), 255, np.uint8)
     left, right, top, bottom = 90, 20, 40, 50
     pw, ph = width - left - right, height - top - bottom
@@ -129,9 +141,9 @@ def loss_curve_png(steps: Sequence[float], losses: Sequence[float], eval_steps: 
         draw_text(img, x - text_width(s) // 2, top + ph + 9, s)
     img[top:top + ph + 1, left] = BLACK  # axes
     img[top + ph, left:left + pw + 1] = BLACK
-    draw_text(img, left + pw // 2 - text_width("step") // 2, height - 18, "step")  # axis labels
-    draw_text_up(img, 12, top + ph // 2 - text_width("loss") // 2, "loss")
-    legend = [("train loss", BLUE, False)] + ([("eval loss", ORANGE, True)] if eval_losses else [])
+    draw_text(img, left + pw // 2 - text_width(x_label) // 2, height - 18, x_label)  # axis labels
+    draw_text_up(img, 12, top + ph // 2 - text_width(y_label) // 2, y_label)
+    legend = [(names[0], BLUE, dots)] + ([(names[1], ORANGE, True)] if eval_losses else [])
     x = left + 10
     for name, color, dot in legend:  # a line swatch per series, as it is drawn
         draw_line(img, x, 17, x + 24, 17, color)
@@ -147,7 +159,7 @@ def loss_curve_png(steps: Sequence[float], losses: Sequence[float], eval_steps: 
         for x, y in pts if (dots or len(pts) == 1) else []:
             draw_line(img, x, y, x, y, color, width=6)
 
-    series(steps, losses, BLUE, dots=False)
+    series(steps, losses, BLUE, dots=dots)
     series(eval_steps, eval_losses, ORANGE, dots=True)
     return img
 
@@ -158,6 +170,51 @@ def write_loss_png(path, records: list[dict]) -> Path:
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and "step" in r]
     img = loss_curve_png([s for s, _ in train], [v for _, v in train], [s for s, _ in evals], [v for _, v in evals])
     return atomic_write(path, png_bytes(img))
+
+
+def _cell_color(value: float) -> tuple[int, int, int]:
+    """0 red -> 0.5 yellow -> 1 green (the familiar needle-in-a-haystack scale); NaN grey."""
+    if not math.isfinite(value):
+        return GREY
+    red, yellow, green = np.array((215, 48, 39)), np.array((254, 224, 139)), np.array((26, 152, 80))
+    v = min(max(value, 0.0), 1.0)
+    c = red + (yellow - red) * (v / 0.5) if v <= 0.5 else yellow + (green - yellow) * ((v - 0.5) / 0.5)
+    return tuple(int(round(x)) for x in c)
+
+
+def heatmap_png(values: np.ndarray, x_ticks: Sequence[str], y_ticks: Sequence[str], x_label: str, y_label: str,
+                title: str, cell_text: Optional[Sequence[Sequence[str]]] = None, legend: str = "found",
+                cell: int = 64) -> np.ndarray:
+    """values (rows = y, columns = x) in [0, 1] as coloured cells (red 0, green 1) with tick labels, axis labels,
+    a title, optional text in each cell and a colour legend. -> (H, W, 3) uint8"""
+    n_y, n_x = values.shape
+    left = 40 + max(text_width(t) for t in y_ticks)
+    top, bottom, legend_w = 50, 60, 110
+    width = max(left + n_x * cell + legend_w, left + text_width(title, 3) + 20)
+    height = top + n_y * cell + bottom
+    img = np.full((height, width, 3), 255, np.uint8)
+    for r in range(n_y):
+        for c in range(n_x):
+            y0, x0 = top + r * cell, left + c * cell
+            img[y0 + 1:y0 + cell - 1, x0 + 1:x0 + cell - 1] = _cell_color(float(values[r, c]))
+            if cell_text is not None:
+                t = cell_text[r][c]
+                draw_text(img, x0 + (cell - text_width(t)) // 2, y0 + cell // 2 - 5, t)
+    for c, t in enumerate(x_ticks):
+        draw_text(img, left + c * cell + (cell - text_width(t)) // 2, top + n_y * cell + 8, t)
+    for r, t in enumerate(y_ticks):
+        draw_text(img, left - 8 - text_width(t), top + r * cell + cell // 2 - 5, t)
+    draw_text(img, left + (n_x * cell - text_width(x_label)) // 2, height - 24, x_label)
+    for i, ch in enumerate(y_label):  # the y label, one character per line down the left edge
+        draw_text(img, 8, top + i * 13, ch)
+    draw_text(img, left, 14, title, scale=3)
+    bar_x, bar_h = left + n_x * cell + 30, n_y * cell  # the colour legend: 100% at the top, 0% at the bottom
+    for i in range(bar_h):
+        img[top + i, bar_x:bar_x + 20] = _cell_color(1 - i / max(bar_h - 1, 1))
+    draw_text(img, bar_x + 26, top, "100%")
+    draw_text(img, bar_x + 26, top + bar_h - 10, "0%")
+    draw_text(img, bar_x, top + bar_h + 8, legend)
+    return img
 
 
 def read_png_size(path) -> Optional[tuple[int, int]]:

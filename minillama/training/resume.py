@@ -26,7 +26,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 
 from ..files import atomic_write, file_digest, read_json, replace_dir, write_json
-from ..lora import lora_modules
 from .sharded import INDEX, load_sharded, read_index, save_sharded
 
 LATEST = "latest"
@@ -99,16 +98,20 @@ def _options(lora: bool) -> StateDictOptions:
 
 
 def save_lora_adapter(model: nn.Module, out_dir: Path, base: Optional[str], rank0: bool) -> None:
-    """Gather every LoRA factor (a collective: all ranks call this) and write a PEFT adapter on rank 0."""
+    """Gather every LoRA factor and whole trained module (a collective: all ranks call this) and write a PEFT
+    adapter on rank 0."""
     from ..adapter import save_adapter
 
-    swapped = []
-    for _, m in lora_modules(model):
-        for name, p in list(m.named_parameters(recurse=False)):
-            if name.startswith("lora_"):
-                full = p.full_tensor() if isinstance(p, DTensor) else p
-                swapped.append((m, name, p))
-                m._parameters[name] = full.detach()  # plain tensors while save_adapter reads them
+    swapped, full = [], {}
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is None or not (name.startswith("lora_") or p.requires_grad):
+                continue
+            if id(p) not in full:  # a tied weight is gathered once and stays one tensor
+                t = p.full_tensor() if isinstance(p, DTensor) else p
+                full[id(p)] = nn.Parameter(t.detach(), requires_grad=p.requires_grad)
+            swapped.append((m, name, p))
+            m._parameters[name] = full[id(p)]  # plain tensors while save_adapter reads them
     try:
         if rank0:
             save_adapter(model, out_dir, base_model_name_or_path=base)
