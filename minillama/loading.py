@@ -34,12 +34,21 @@ def unwrap_merged_lora(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, attr, lin)
 
 
-def _apply_adapter(model: nn.Module, path, must_merge: bool, log) -> None:
+def _apply_adapters(model: nn.Module, adapters: dict, must_merge: bool, log) -> None:
+    """One adapter is merged in (decoding then costs no more than the base model); several stay side by side,
+    the first in use (lora.set_adapter / set_row_adapters choose)."""
     from .adapter import load_adapter
     from .lora import merge_lora
-    load_adapter(model, path)
+    if len(adapters) > 1 and must_merge:
+        raise ValueError(f"{len(adapters)} adapters ({', '.join(adapters)}): tensor parallel needs one adapter, merged "
+                         "into the weights; run a single process to serve several")
+    for name, path in adapters.items():
+        load_adapter(model, path, name=name)
+    if len(adapters) > 1:
+        log(f"[adapters {', '.join(adapters)} loaded side by side]")
+        return
     try:
-        merge_lora(model)  # folded in: decoding then costs no more than the base model
+        merge_lora(model)
     except ValueError as e:
         if must_merge:
             raise ValueError(f"adapter {path}: tensor parallel needs the adapter merged, but: {e}") from None
@@ -57,9 +66,10 @@ class Loaded:
 def load_for_inference(ckpt: Union[str, Path], tokenizer: Union[str, Path, None] = None, adapter=None,
                        quantize: Optional[str] = None, dtype=None, device: Optional[str] = None,
                        chat_format: Optional[str] = None, log=None) -> Loaded:
-    """Join torchrun (if any), load tokenizer + model (+ adapter), split it over the processes; eval mode.
+    """Join torchrun (if any), load tokenizer + model (+ adapters), split it over the processes; eval mode.
 
-    dtype None: bfloat16 on CUDA, float32 elsewhere. device None: CUDA when available.
+    adapter: a PEFT adapter dir, or {name: dir} for several. dtype None: bfloat16 on CUDA, float32 elsewhere.
+    device None: CUDA when available.
     """
     from .checkpoints import load_model
     from .tokenizer import load_tokenizer
@@ -75,7 +85,7 @@ def load_for_inference(ckpt: Union[str, Path], tokenizer: Union[str, Path, None]
     tok = load_tokenizer(tokenizer or ckpt, chat_format=chat_format)
     model = load_model(ckpt, device="cpu" if tp else info.device, dtype=dtype, quantize=quantize)
     if adapter:
-        _apply_adapter(model, adapter, must_merge=tp, log=log)
+        _apply_adapters(model, adapter if isinstance(adapter, dict) else {"default": adapter}, must_merge=tp, log=log)
     group = None
     if tp:
         from .tensor_parallel import apply_tensor_parallel, tp_mesh
