@@ -59,7 +59,7 @@ class LoRALinear(AdapterSlots):
         self.register_parameter("lora_magnitude", None)
         self._init_slots()
         if use_dora:  # m = ||W + scaling B A|| with B = 0: the rows' norms of W, so g = 1 exactly
-            self.lora_magnitude = nn.Parameter(self.dora_norm(0).to(lora_dtype))
+            self.lora_magnitude = nn.Parameter(self._row_norms(self).to(lora_dtype))
 
     def _device(self):
         return self.lora_a.device
@@ -100,12 +100,14 @@ class LoRALinear(AdapterSlots):
 
     @torch.no_grad()
     def dora_norm(self, slot: int) -> torch.Tensor:
-        """||W + scaling B A|| of each output row for slot's factors, in float32, detached. (out,)"""
+        """||W + scaling B A|| of each output row for slot's factors, in float32, detached. (out,)
+
+        Recomputed on every call, as PEFT does by default (under FSDP the gathered factors are new each forward);
+        per-row serving caches it with the stacked factors, and merging folds it into the weight."""
         o = self.owner(slot)
-        if o.lora_magnitude is None and slot != 0:
-            raise ValueError(f"slot {slot} is not a DoRA adapter")
-        base = self.weight.packed if isinstance(self.weight, NF4Weight) else self.weight
-        return self._cached(("norm", slot), (base, o.lora_a, o.lora_b, o.scaling), lambda: self._row_norms(o))
+        if o.lora_magnitude is None:
+            raise ValueError(f"slot {slot} ({self.adapter_names[slot]}) is not a DoRA adapter")
+        return self._row_norms(o)
 
     def _row_norms(self, o) -> torch.Tensor:
         w = self.weight.dequantize(dtype=torch.float32) if isinstance(self.weight, NF4Weight) else self.weight
@@ -136,7 +138,9 @@ class LoRALinear(AdapterSlots):
     @torch.no_grad()
     def _row_stack(self):
         owners = [self.owner(i) for i in range(len(self.adapter_names))]
-        deps = tuple(t for o in owners for t in (o.lora_a, o.lora_b, o.lora_magnitude, o.scaling) if t is not None)
+        base = self.weight.packed if isinstance(self.weight, NF4Weight) else self.weight
+        deps = (base,) + tuple(t for o in owners for t in (o.lora_a, o.lora_b, o.lora_magnitude, o.scaling)
+                               if t is not None)
 
         def make():
             S, r = len(owners), max(o.rank for o in owners)

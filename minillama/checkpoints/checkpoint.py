@@ -7,6 +7,7 @@ read memory-mapped, converted straight to the target dtype on the target device 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,11 +20,11 @@ from ..files import atomic_dir, check_dir_writable, write_json
 from ..model import Transformer
 from .hf_format import hf_key_files, hf_plan, hf_weight_files, is_hf_dir, read_hf_args, write_hf_weights
 from .meta_format import is_meta_dir, meta_plan, meta_weight_files, read_meta_args, write_meta_weights
-from .shards import Entry, TensorFiles, check_plan
+from .shards import Entry, TensorFiles, check_plan, read_entry
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
-__all__ = ["load_model", "save_hf", "save_meta", "detect_format", "TOKENIZER_FILES"]
+__all__ = ["load_model", "plan_checkpoint", "save_hf", "save_meta", "detect_format", "TOKENIZER_FILES"]
 
 
 def detect_format(path: Union[str, Path]) -> tuple[str, Path]:
@@ -43,15 +44,20 @@ def detect_format(path: Union[str, Path]) -> tuple[str, Path]:
                      "(Hugging Face) or params.json + consolidated.*.pth / consolidated.safetensors (Meta, Mistral)")
 
 
-def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch.dtype, str]] = torch.float32,
-               quantize: Optional[str] = None, max_seq_len: Optional[int] = None) -> Transformer:
-    """Build the model a checkpoint describes and load its weights; eval mode. dtype=None keeps the checkpoint's.
+@dataclass
+class CheckpointPlan:
+    """What a checkpoint holds, before any weight is read: its config and, per model tensor, where it lies."""
 
-    max_seq_len overrides the trained context length (params.json does not record it; dynamic/yarn RoPE use it).
-    """
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
-    dtype = parse_dtype(dtype, "load_model: dtype")
+    dir: Path
+    args: ModelArgs
+    files: TensorFiles  # opened lazily; safetensors memory-mapped
+    entries: list[Entry]  # checked: every model tensor covered once, shapes as the config says
+    shapes: dict[str, tuple]  # model state-dict key -> shape
+
+
+def plan_checkpoint(path: Union[str, Path]) -> CheckpointPlan:
+    """Read a checkpoint's config and tensor headers (HF or Meta/Mistral layout) and plan the loading; no weights
+    are read. load_model runs this plan; tools that walk a checkpoint tensor by tensor use it directly."""
     fmt, d = detect_format(path)
     files = TensorFiles()
     if fmt == "hf":
@@ -65,12 +71,8 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
         args = read_meta_args(d, files, weight_files)
         if not any("output.weight" in files.keys(f) for f in weight_files):
             args.tie_embeddings = True
-    if max_seq_len is not None:
-        args.max_seq_len = max_seq_len
-    device = torch.device(device)
     with torch.device("meta"):
-        model = Transformer(args)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
     if args.tie_embeddings:
         shapes.pop("output.weight")
     source = str(d)
@@ -79,7 +81,26 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
     else:
         entries = meta_plan(files, weight_files, model_parallel, args, shapes, source)
     check_plan(files, entries, shapes, source)
-    _load_entries(model, files, entries, shapes, device, dtype, quantize)
+    return CheckpointPlan(d, args, files, entries, shapes)
+
+
+def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch.dtype, str]] = torch.float32,
+               quantize: Optional[str] = None, max_seq_len: Optional[int] = None) -> Transformer:
+    """Build the model a checkpoint describes and load its weights; eval mode. dtype=None keeps the checkpoint's.
+
+    max_seq_len overrides the trained context length (params.json does not record it; dynamic/yarn RoPE use it).
+    """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
+    dtype = parse_dtype(dtype, "load_model: dtype")
+    plan = plan_checkpoint(path)
+    args = plan.args
+    if max_seq_len is not None:
+        args.max_seq_len = max_seq_len
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    _load_entries(model, plan.files, plan.entries, plan.shapes, device, dtype, quantize)
     model.reset_rope(device)
     model.tie_weights()
     return model.eval()
@@ -100,10 +121,7 @@ def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], sh
         if last_file is not None and e.sources[0].file != last_file and len(e.sources) == 1:
             files.close(last_file)  # drop the mapping of a finished HF shard
         last_file = e.sources[0].file
-        pieces = [files.get(s.file, s.key) for s in e.sources]
-        t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=e.cat_dim)  # checkpoint dtype
-        if e.transform is not None:  # before the cast: a slice of a stacked tensor then converts only itself
-            t = e.transform(t)
+        t = read_entry(files, e)  # checkpoint dtype
         t = t.to(device=device, dtype=dtype or t.dtype)
         if e.slot is None:
             _assign(model, e.target, t.contiguous(), quantized)

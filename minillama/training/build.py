@@ -61,7 +61,8 @@ def build_model(args, info, compute_dtype, log):
     load_dtype = compute_dtype if lora else torch.float32
     model = load_model(args.model, device=load_device(args, info), dtype=load_dtype, quantize=args.quantize)
     if lora:
-        apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets)
+        apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets,
+                   use_dora=args.use_dora)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -72,8 +73,9 @@ def build_model(args, info, compute_dtype, log):
     root = CausalLMLoss(model, args.loss_chunk).train()
     apply_fsdp(root, param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
                cpu_offload=args.cpu_offload, device=info.device)
-    optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas)
-    what = f"LoRA r={args.lora_rank} on {' '.join(args.lora_targets)}" if lora else "full"
+    optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas, lora_plus_ratio=args.lora_plus_ratio)
+    what = (f"{'DoRA' if args.use_dora else 'LoRA'} r={args.lora_rank} on {' '.join(args.lora_targets)}"
+            f"{f', LoRA+ B lr x{args.lora_plus_ratio:g}' if args.lora_plus_ratio else ''}" if lora else "full")
     log.message(f"model: {args.model} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
                 f"{' NF4 base' if args.quantize else ''}: {n_trainable / 1e6:.2f}M trainable; "
                 f"{str(compute_dtype).removeprefix('torch.')} compute on {info.device}")

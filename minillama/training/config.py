@@ -47,6 +47,12 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--lora_targets", nargs="+", default=["all-linear"],
                    help="PEFT names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head experts "
                         "router, or all-linear")
+    p.add_argument("--use_dora", action="store_true",
+                   help="DoRA (weight-decomposed LoRA, PEFT's use_dora): adds a trainable magnitude per output row; "
+                        "not for Mixtral experts (target attention/router)")
+    p.add_argument("--lora_plus_ratio", type=float, default=0.0,
+                   help="LoRA+: the B factors learn at this times --lr (LoRA+ paper: 16; LLaMA-Factory's "
+                        "loraplus_lr_ratio); 0 = off")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="QLoRA: NF4 base weights (needs --lora_rank)")
     p.add_argument("--router_aux_loss_coef", type=float, default=0.02, help="Mixtral load-balancing loss weight")
     # systems
@@ -120,6 +126,10 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
         args.lr = 1e-3 if args.lora_rank > 0 else 2e-5
     if args.quantize and args.lora_rank <= 0:
         parser.error("--quantize nf4 trains LoRA adapters on a frozen NF4 base: give --lora_rank > 0")
+    if (args.use_dora or args.lora_plus_ratio) and args.lora_rank <= 0:
+        parser.error("--use_dora / --lora_plus_ratio shape a LoRA adapter: give --lora_rank > 0")
+    if args.lora_plus_ratio < 0:
+        parser.error(f"--lora_plus_ratio {args.lora_plus_ratio} must be >= 0 (0 = off)")
     return args
 
 
