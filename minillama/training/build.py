@@ -51,10 +51,11 @@ def load_device(args, info) -> torch.device:
     return info.device
 
 
-def build_model(args, info, compute_dtype, log):
+def build_model(args, info, compute_dtype, log, wrap=CausalLMLoss):
     """Load the checkpoint, add LoRA (or unfreeze everything), wrap with the loss, shard with FSDP2, make AdamW.
 
-    Returns (model, root, optimizer): root is the FSDP-sharded CausalLMLoss around model."""
+    Returns (model, root, optimizer): root is the FSDP-sharded wrap(model, loss_chunk) (CausalLMLoss for SFT,
+    loss.SequenceLogprobs for preference tuning)."""
     lora = args.lora_rank > 0
     torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
     # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32
@@ -70,7 +71,7 @@ def build_model(args, info, compute_dtype, log):
     n_total = param_counts(model.args)["total"]  # counted from the shapes: NF4 weights are buffers
     if args.activation_checkpointing:
         checkpoint_blocks(model)
-    root = CausalLMLoss(model, args.loss_chunk).train()
+    root = wrap(model, args.loss_chunk).train()
     apply_fsdp(root, param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
                cpu_offload=args.cpu_offload, device=info.device)
     optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas, lora_plus_ratio=args.lora_plus_ratio)

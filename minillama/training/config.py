@@ -99,9 +99,13 @@ def read_config_file(path: str) -> dict:
     raise ValueError(f"--config {file}: expected a .toml, .json, .yaml or .yml file")
 
 
-def parse_args(argv=None, description: str = "") -> argparse.Namespace:
-    """The resolved flags: defaults < OUT/config.json (with --resume) < --config file < the command line."""
+def parse_args(argv=None, description: str = "", extend=None, default_lr=(1e-3, 2e-5)) -> argparse.Namespace:
+    """The resolved flags: defaults < OUT/config.json (with --resume) < --config file < the command line.
+
+    extend(parser) adds a recipe's own flags (train/dpo.py); default_lr: --lr for (LoRA, full) when not given."""
     parser = build_parser(description)
+    if extend is not None:
+        extend(parser)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     pre.add_argument("--out", default=parser.get_default("out"))
@@ -123,7 +127,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     if args.lr is None:
-        args.lr = 1e-3 if args.lora_rank > 0 else 2e-5
+        args.lr = default_lr[0] if args.lora_rank > 0 else default_lr[1]
     if args.quantize and args.lora_rank <= 0:
         parser.error("--quantize nf4 trains LoRA adapters on a frozen NF4 base: give --lora_rank > 0")
     if (args.use_dora or args.lora_plus_ratio) and args.lora_rank <= 0:
