@@ -16,8 +16,8 @@ no second copy of the model) or, for full fine-tuning, the starting model's log-
 kept in OUT/reference_logps.json (so --resume still has them). ORPO: the SFT loss on the chosen answers minus
 --orpo_lambda x mean log sigmoid(log odds ratio), no reference. Each step logs loss, rewards/chosen,
 rewards/rejected, rewards/margins, rewards/accuracies, logps/* (and ORPO's nll_loss, log_odds_*) to metrics.jsonl;
---eval_data gets the same metrics at step 0, every --eval_every steps and at the end ("logps/accuracies": the
-fraction of pairs whose chosen answer has the higher log-prob). Outputs as train/sft.py: config.json,
+--eval_data gets the same metrics at step 0, every --eval_every steps and at the end ("pref_accuracy": the
+fraction of pairs whose chosen answer has the higher mean token log-prob). Outputs as train/sft.py: config.json,
 metrics.jsonl, loss.png, step_N/, latest, final/ (a PEFT adapter, or an HF model for full fine-tuning).
 """
 
@@ -65,12 +65,12 @@ def add_preference_args(p) -> None:
                    help="DPO: assumed fraction of flipped labels (conservative DPO), in [0, 0.5)")
     g.add_argument("--orpo_lambda", type=float, default=0.1, help="ORPO: weight of the odds-ratio term")
     p.set_defaults(data=str(REPO / "train" / "data" / "preferences.jsonl"),
-                   eval_data=str(REPO / "train" / "data" / "preferences_eval.jsonl"), out="out/dpo", epochs=2,
+                   eval_data=str(REPO / "train" / "data" / "preferences_eval.jsonl"), out="out/dpo", epochs=1,
                    batch_size=8, seq_len=1024, warmup_steps=2, weight_decay=0.0)
 
 
 def parse_args(argv=None):
-    args = config.parse_args(argv, description=__doc__, extend=add_preference_args, default_lr=(1e-4, 5e-7))
+    args = config.parse_args(argv, description=__doc__, extend=add_preference_args, default_lr=(2e-4, 5e-7))
     if not 0.0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label_smoothing {args.label_smoothing} must be in [0, 0.5)")
     if args.loss == "orpo" and args.label_smoothing:

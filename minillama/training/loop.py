@@ -226,7 +226,7 @@ class StepLog:
         """An eval record; `extra` metrics are written with an eval_ prefix and shown after the loss."""
         extra = extra or {}
         self.metrics.write({"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in extra.items()}})
-        shown = "".join(f", {k} {v:.4f}" for k, v in extra.items() if k in ("rewards/accuracies", "logps/accuracies"))
+        shown = "".join(f", {k} {v:.4f}" for k, v in extra.items() if k in ("rewards/accuracies", "pref_accuracy"))
         self.bar.message(f"eval loss {loss:.4f}{shown}" if final else f"step {step}: eval loss {loss:.4f}{shown}")
 
     def message(self, text: str) -> None:

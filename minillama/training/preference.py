@@ -5,7 +5,8 @@ DPO (Rafailov et al. 2023), sigmoid loss with label smoothing eps (conservative 
 its "sigmoid" today when eps = 0): with log pi(y) the sum of the answer's token log-probs,
     delta = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)),  loss = -(1 - eps) log sig(beta delta) - eps log sig(-beta delta)
 rewards/chosen = beta (log pi(c) - log ref(c)), rewards/rejected likewise, margins = their difference, accuracies =
-the fraction with chosen > rejected. The reference: with LoRA the same model with its adapters switched off
+the fraction with chosen > rejected; pref_accuracy = the fraction of pairs whose chosen answer has the higher
+mean token log-prob (meaningful before the first step too, unlike the rewards, which start at 0). The reference: with LoRA the same model with its adapters switched off
 (no second copy); with full fine-tuning, log-probs computed once before the first step (reference_logps).
 ORPO (Hong et al. 2024), reference-free, as TRL's ORPOTrainer: with lc, lr the per-token mean log-probs,
     log_odds = (lc - lr) - (log(1 - e^lc) - log(1 - e^lr)),  loss = NLL(chosen) - lambda * mean log sig(log_odds)
@@ -33,7 +34,7 @@ from .preference_data import Pair, collate_pairs
 
 # metric sums per step, in this order: summed over micro-batches and ranks, then divided by the pair count
 SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
-        "logps/accuracies", "nll", "log_odds_ratio", "log_odds_chosen")
+        "pref_accuracy", "nll", "log_odds_ratio", "log_odds_chosen")
 
 
 @dataclass
@@ -90,8 +91,9 @@ def _pair_terms(cfg: PrefConfig, sums, n_tok, ref, global_pairs: float, global_c
         objective = nll / global_chosen_tokens - terms.sum() / global_pairs
         losses = -terms  # the per-pair part; the NLL is reported on its own
         extra = (nll.detach(), (terms / cfg.orpo_lambda).detach().sum(), log_odds.sum())
+    mean_c, mean_r = pc.detach() / n_tok[0::2].clamp(min=1), pr.detach() / n_tok[1::2].clamp(min=1)
     metrics = [losses.detach().sum(), cr.sum(), rr.sum(), (cr > rr).float().sum(), pc.detach().sum(),
-               pr.detach().sum(), (pc > pr).float().sum(), *extra]
+               pr.detach().sum(), (mean_c > mean_r).float().sum(), *extra]
     return objective, metrics
 
 
@@ -162,7 +164,7 @@ def summarize(sums: torch.Tensor, n_pairs: float, n_chosen_tokens: float, cfg: P
     mean = {k: float(v) / max(n_pairs, 1) for k, v in zip(SUMS, sums)}
     out = {"loss": mean["loss"]}
     for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
-              "logps/accuracies"):
+              "pref_accuracy"):
         out[k] = mean[k]
     out["rewards/margins"] = mean["rewards/chosen"] - mean["rewards/rejected"]
     if cfg.loss == "orpo":
