@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ..checkpoints import load_model
 from ..lora import apply_lora
@@ -14,6 +16,7 @@ from .data import load_jsonl, report_bad_lines
 from .fsdp import apply_fsdp, checkpoint_blocks
 from .loss import CausalLMLoss
 from .optim import build_optimizer
+from ..quant import NF4Weight
 from .perf import param_counts
 
 
@@ -42,13 +45,38 @@ def load_device(args, info) -> torch.device:
     On GPU the full model goes to CPU memory first: fully_shard then moves one block at a time to the GPU and keeps
     only this rank's shard there, so no rank ever holds the whole model in GPU memory. The cost: while loading, each
     rank holds a CPU copy of the whole model in the load dtype (8 ranks x 16 GB for Llama 3 8B in bf16).
-    QLoRA quantizes on the GPU as tensors arrive (CPU quantization of a 47B model is slow): every rank keeps the
-    whole NF4 base on its GPU (~0.5 bytes/weight, replicated: FSDP shards parameters, not the 4-bit buffers, and
-    CPU offload moves only parameters); the full-precision layer weights pass through one at a time.
+    QLoRA quantizes on the GPU as tensors arrive (CPU quantization of a 47B model is slow): while loading, every
+    rank holds the whole NF4 base on its GPU (~0.52 bytes/weight, ~24 GB for Mixtral 8x7B) with the full-precision
+    layer weights passing through one at a time; fully_shard then keeps 1/N of it per rank (the NF4 arrays are
+    frozen parameters) and frees the rest.
     """
     if info.device.type == "cuda" and not args.quantize:
         return torch.device("cpu")
     return info.device
+
+
+def nf4_bytes(model) -> tuple[int, int]:
+    """(bytes of the NF4 base this rank holds, bytes of the whole NF4 base): FSDP2 shards its flat parameters."""
+    local = total = 0
+    for m in model.modules():
+        if isinstance(m, NF4Weight):
+            for p in m.parameters():
+                total += p.numel() * p.element_size()
+                shard = p.to_local() if isinstance(p, DTensor) else p
+                local += shard.numel() * shard.element_size()
+    return local, total
+
+
+def nf4_memory_line(model, info) -> str:
+    """What each rank holds of the NF4 base (a collective: every rank calls it)."""
+    local, total = nf4_bytes(model)
+    per_rank = torch.zeros(info.world_size, dtype=torch.float64, device=info.device)
+    per_rank[info.rank] = local
+    dist.all_reduce(per_rank)
+    shares = [int(b) for b in per_rank.tolist()]
+    return (f"NF4 base: {total / 2**30:.3f} GiB in all, per rank {', '.join(f'{b / 2**30:.3f}' for b in shares)} "
+            f"GiB (bytes: {total} in all, per rank {' '.join(map(str, shares))}; FSDP shards it over "
+            f"{info.world_size} processes)")
 
 
 def build_model(args, info, compute_dtype, log, wrap=CausalLMLoss):
@@ -75,6 +103,8 @@ def build_model(args, info, compute_dtype, log, wrap=CausalLMLoss):
     apply_fsdp(root, param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
                cpu_offload=args.cpu_offload, device=info.device)
     optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas, lora_plus_ratio=args.lora_plus_ratio)
+    if args.quantize:
+        log.message(nf4_memory_line(model, info))
     what = (f"{'DoRA' if args.use_dora else 'LoRA'} r={args.lora_rank} on {' '.join(args.lora_targets)}"
             f"{f', LoRA+ B lr x{args.lora_plus_ratio:g}' if args.lora_plus_ratio else ''}" if lora else "full")
     log.message(f"model: {args.model} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
