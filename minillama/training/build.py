@@ -79,15 +79,24 @@ def nf4_memory_line(model, info) -> str:
             f"{info.world_size} processes)")
 
 
+def bytes_per_param(master_bf16: bool) -> str:
+    """The optimizer-side memory of one trained parameter (sharded by FSDP: divide by the process count)."""
+    if master_bf16:
+        return "8 bytes per trained parameter (bf16 weight 2 + gradient 2 + AdamW m 2 + v 2)"
+    return "16 bytes per trained parameter (fp32 master weight 4 + gradient 4 + AdamW m 4 + v 4)"
+
+
 def build_model(args, info, compute_dtype, log, wrap=CausalLMLoss):
     """Load the checkpoint, add LoRA (or unfreeze everything), wrap with the loss, shard with FSDP2, make AdamW.
 
     Returns (model, root, optimizer): root is the FSDP-sharded wrap(model, loss_chunk) (CausalLMLoss for SFT,
     loss.SequenceLogprobs for preference tuning)."""
     lora = args.lora_rank > 0
+    master_bf16 = getattr(args, "master_dtype", "float32") == "bfloat16"
     torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
-    # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32
-    load_dtype = compute_dtype if lora else torch.float32
+    # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32;
+    # full fine-tuning keeps float32 master weights unless --master_dtype bfloat16
+    load_dtype = compute_dtype if lora or master_bf16 else torch.float32
     model = load_model(args.model, device=load_device(args, info), dtype=load_dtype, quantize=args.quantize)
     if lora:
         apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets,
@@ -100,14 +109,16 @@ def build_model(args, info, compute_dtype, log, wrap=CausalLMLoss):
     if args.activation_checkpointing:
         checkpoint_blocks(model)
     root = wrap(model, args.loss_chunk).train()
-    apply_fsdp(root, param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
-               cpu_offload=args.cpu_offload, device=info.device)
-    optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas, lora_plus_ratio=args.lora_plus_ratio)
+    mixed = compute_dtype != torch.float32 and not master_bf16  # bf16 master weights already are the compute dtype
+    apply_fsdp(root, param_dtype=compute_dtype if mixed else None, cpu_offload=args.cpu_offload, device=info.device,
+               reduce_dtype=torch.float32 if master_bf16 else None)
+    optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas, lora_plus_ratio=args.lora_plus_ratio,
+                                master_dtype=torch.bfloat16 if master_bf16 else torch.float32)
     if args.quantize:
         log.message(nf4_memory_line(model, info))
     what = (f"{'DoRA' if args.use_dora else 'LoRA'} r={args.lora_rank} on {' '.join(args.lora_targets)}"
             f"{f', LoRA+ B lr x{args.lora_plus_ratio:g}' if args.lora_plus_ratio else ''}" if lora else "full")
     log.message(f"model: {args.model} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
                 f"{' NF4 base' if args.quantize else ''}: {n_trainable / 1e6:.2f}M trainable; "
-                f"{str(compute_dtype).removeprefix('torch.')} compute on {info.device}")
+                f"{str(compute_dtype).removeprefix('torch.')} compute on {info.device}; {bytes_per_param(master_bf16)}")
     return model, root, optimizer
