@@ -91,6 +91,15 @@ def _quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return q.view(absmax.shape[0], -1), scale, mean
 
 
+def nf4_nbytes(shape: tuple) -> int:
+    """Bytes NF4Weight stores for a weight of `shape` (*lead, out, in): codes, int8 scales, their float32 scales
+    and mean (~0.516 bytes per weight)."""
+    mats = math.prod(shape[:-2])
+    nb = math.ceil(shape[-2] * shape[-1] / BLOCK)
+    ng = math.ceil(nb / SCALE_GROUP)
+    return mats * (nb * BLOCK // 2 + ng * SCALE_GROUP + 4 * ng + 4)
+
+
 def _frozen_param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.contiguous().view(-1), requires_grad=False)
 
