@@ -110,3 +110,17 @@ def test_dora_on_mixtral_experts_is_refused_clearly():
         apply_lora(tiny_model(**MOE), rank=4, alpha=8, targets="all-linear", use_dora=True)
     model = apply_lora(tiny_model(**MOE), rank=4, alpha=8, targets=("q_proj", "v_proj", "router"), use_dora=True)
     assert model.layers[0].feed_forward.gate.lora_magnitude is not None  # the router takes DoRA
+
+
+def test_merge_tool_folds_a_dora_adapter_into_the_checkpoint_weights(tmp_path):
+    """python -m minillama.merge's merge_adapters_: W <- g (W + s B A) gives the unmerged adapter's logits."""
+    from minillama.merge import merge_adapters_
+    model = apply_lora(tiny_model(), rank=4, alpha=8, targets=("q_proj", "k_proj", "down_proj"), use_dora=True)
+    randomize_dora(model, std=0.05)
+    save_adapter(model, tmp_path / "dora")
+    x = tokens()
+    with torch.no_grad():
+        want = model(x)
+        merged = merge_adapters_(tiny_model(), [tmp_path / "dora"], log=lambda s: None)
+        torch.testing.assert_close(merged(x), want, atol=1e-4, rtol=1e-4)
+        assert (want - tiny_model()(x)).abs().max() > 1e-2

@@ -61,13 +61,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro_batch_size", type=int, default=0, help="rows per forward per rank; 0 = the largest that fits")
     p.add_argument("--lora_rank", type=int, default=16, help="0 = full fine-tuning")
     p.add_argument("--lora_targets", nargs="+", default=["all-linear"], help="as train/sft.py's")
-    p.add_argument("--use_dora", action="store_true")
-    p.add_argument("--quantize", choices=["nf4"], default=None)
-    p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--use_dora", action="store_true", help="DoRA: a magnitude vector per adapted linear")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="QLoRA: an NF4 base (needs --lora_rank)")
+    p.add_argument("--activation_checkpointing", action="store_true", help="keep each block's input only")
     p.add_argument("--cpu_offload", action="store_true", help="FSDP2 CPU offload: shards and AdamW on the host")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16", help="compute dtype")
-    p.add_argument("--master_dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--loss_chunk", type=positive_int, default=1024)
+    p.add_argument("--master_dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="full fine-tuning: fp32 master weights and moments, or all bf16")
+    p.add_argument("--loss_chunk", type=positive_int, default=1024, help="positions per chunk of the output layer")
     return p.parse_args(argv)
 
 
@@ -369,22 +370,19 @@ def main(argv=None) -> int:
     s = setup_from(a)
     model = meta_model(s)
     budget = int((a.gpu_memory - a.reserve) * GIB)
-    if a.micro_batch_size > 0:
-        p = plan(s, a.micro_batch_size, model)
-        best = a.micro_batch_size if p.peak <= budget else 0
-        if best == 0:
-            best, _ = largest_micro_batch(s, budget, model)
-            verdict = describe(s, p, budget, a.gpu_memory, 0).rsplit("\n", 1)[0]
-            tail = (f"verdict: does not fit at micro-batch {a.micro_batch_size}; "
-                    + (f"the largest that fits is {best}" if best else "not even 1 row fits"))
-            print(f"{verdict}\n{tail}")
-            return 0
-    else:
-        best, p = largest_micro_batch(s, budget, model)
     what = (f"{'QLoRA' if s.quantize else 'DoRA' if s.use_dora else 'LoRA'} r={s.lora_rank}" if s.lora
             else f"full fine-tuning, {'bf16' if s.master_bf16 else 'fp32'} master weights")
     print(f"{a.model}: {s.args.n_layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params; "
           f"{what}; {str(s.compute).removeprefix('torch.')} compute; FSDP over {s.gpus} GPU(s)")
+    best, p = largest_micro_batch(s, budget, model)
+    if a.micro_batch_size > 0:  # the plan at the asked size, with the verdict for it
+        p = plan(s, a.micro_batch_size, model)
+        if p.peak > budget:
+            table = describe(s, p, budget, a.gpu_memory, 0).rsplit("\n", 1)[0]
+            print(f"{table}\nverdict: does not fit at micro-batch {a.micro_batch_size}; "
+                  + (f"the largest micro-batch that fits is {best}" if best else "not even 1 row fits"
+                     + ("" if s.checkpointing else "; try --activation_checkpointing")))
+            return 0
     print(describe(s, p, budget, a.gpu_memory, best))
     return 0
 
