@@ -23,6 +23,7 @@ metrics.jsonl, loss.png, step_N/, latest, final/ (a PEFT adapter, or an HF model
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
         Stop.requested = False
         if dist.is_initialized():
+            gc.collect()  # free the FSDP modules (reference cycles) while their process group still exists
             dist.destroy_process_group()
 
 
