@@ -6,6 +6,8 @@
 Input lines: "a prompt string", {"prompt": str}, {"messages": [{"role", "content"}, ...]} or xtuner-style
 {"conversation": [{"system": ..., "input": ..., "output": ...}, ...]} (the last turn's output is what we write).
 Strings and "prompt" are raw text completion unless --chat wraps them as one user turn. An "id" field is copied.
+With several --adapter NAME=DIR, a line's "adapter" field picks one by name (null: the base model), as does an
+OpenAI-style "model" field that names a loaded adapter; lines without either use the first --adapter.
 Output: one line per non-blank input line, {"index", "id"?, "output", "prompt_tokens", "output_tokens", "stop_reason"},
 written (and fsync'ed) as each prompt finishes, then sorted into input order when the run completes.
 Continuous batching: --batch_size prompts are in flight; when one answer ends, its row takes the next prompt at
@@ -24,6 +26,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
@@ -33,6 +36,7 @@ from minillama.distributed import cleanup  # noqa: E402
 from minillama.files import atomic_write, require_file  # noqa: E402
 from minillama.generation import generate_continuous  # noqa: E402
 from minillama.loading import broadcast_object  # noqa: E402
+from minillama.lora import adapter_names, lora_modules, set_adapter  # noqa: E402
 from minillama.tokenizer import decode_cut  # noqa: E402
 
 
@@ -105,6 +109,21 @@ def encode_record(record: dict, tok, chat: bool) -> list[int]:
         return tok.encode_dialog(messages)
     except (KeyError, TypeError) as e:
         raise ValueError(f"bad messages: {e!r}") from None
+
+
+def pick_adapter(record: dict, names: list[str], merged: bool) -> Optional[str]:
+    """The adapter a parsed line asks for ("adapter", or a "model" naming a loaded adapter), else the first loaded."""
+    default = names[0] if names else None
+    if "adapter" not in record:
+        return record["model"] if record.get("model") in names else default
+    want = record["adapter"]
+    if want is not None and want not in names:
+        loaded = f"loaded: {', '.join(names)}" if names else "no --adapter was given"
+        raise ValueError(f'"adapter" {want!r} is not a loaded adapter ({loaded})')
+    if want != default and merged:
+        raise ValueError(f'"adapter" {want!r}: the only --adapter is merged into the model; give each adapter as '
+                         "--adapter NAME=DIR (two or more are kept side by side)")
+    return want
 
 
 def scan_output(path: str) -> tuple[set[int], list[str], list[str]]:
@@ -199,8 +218,9 @@ class Progress:
             print(file=self.file, flush=True)
 
 
-def plan_work(args, tok, limit: int) -> tuple[list[tuple[int, list[int], object]], list[dict]]:
-    """(work items (index, ids, id) not yet answered in the output, error records for bad lines)."""
+def plan_work(args, tok, limit: int, adapters: tuple[list[str], bool] = ([], False)
+              ) -> tuple[list[tuple[int, list[int], object, Optional[str]]], list[dict]]:
+    """(work items (index, ids, id, adapter) not yet in the output, error records for malformed lines)."""
     done = done_indices(args.output)
     work, errors = [], []
     with open(args.input, "rb") as f:
@@ -212,6 +232,7 @@ def plan_work(args, tok, limit: int) -> tuple[list[tuple[int, list[int], object]
                 record = parse_line(raw)
                 rec_id = record.get("id")
                 ids = encode_record(record, tok, args.chat)
+                adapter = pick_adapter(record, *adapters)
                 if len(ids) + args.max_new_tokens > limit and not args.truncate_left:
                     raise ValueError(f"prompt has {len(ids)} tokens; with --max_new_tokens {args.max_new_tokens} "
                                      f"it exceeds --max_seq_len {limit} (use --truncate_left to keep its end)")
@@ -220,8 +241,23 @@ def plan_work(args, tok, limit: int) -> tuple[list[tuple[int, list[int], object]
                 errors.append({"index": index, **({"id": rec_id} if rec_id is not None else {}), "line": index + 1,
                                "error": str(e)})
                 continue
-            work.append((index, ids, rec_id))
+            work.append((index, ids, rec_id, adapter))
     return work, errors
+
+
+def run_groups(loaded, work: list, args, merged: bool):
+    """generate_continuous over the work, one adapter at a time; yields (work index, new tokens, stop reason)."""
+    for name in dict.fromkeys(item[3] for item in work):  # adapters in order of first use
+        group = [k for k, item in enumerate(work) if item[3] == name]
+        if adapter_names(loaded.model) and not merged:
+            set_adapter(loaded.model, name)
+        # every rank runs the same schedule: tensor parallel broadcasts rank 0's tokens, so rows finish in lockstep
+        finished = generate_continuous(loaded.model, [work[k][1] for k in group], args.max_new_tokens,
+                                       args.batch_size, sampling_params(args), stop_ids=loaded.tok.stop_ids,
+                                       truncate_left=args.truncate_left, process_group=loaded.tp_group,
+                                       **generation_options(args))
+        for j, new, reason in finished:
+            yield group[j], new, reason
 
 
 def main(argv=None):
@@ -236,7 +272,9 @@ def main(argv=None):
     loaded = load_from_args(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     tok, info = loaded.tok, loaded.dist
     limit = context_limit(args, loaded.model)
-    plan = plan_work(args, tok, limit) if info.is_rank0 else None
+    names = adapter_names(loaded.model)
+    merged = any(m.merged for _, m in lora_modules(loaded.model))
+    plan = plan_work(args, tok, limit, (names, merged)) if info.is_rank0 else None
     work, errors = broadcast_object(plan, info)  # rank 0 reads the files; every rank runs the same batches
     if info.is_rank0 and os.path.dirname(args.output):
         os.makedirs(os.path.dirname(args.output), exist_ok=True)
@@ -245,14 +283,10 @@ def main(argv=None):
     for rec in errors if info.is_rank0 else ():
         append_line(out, rec)
         progress.update(1, 0)
-    # every rank runs the same schedule: tensor parallel broadcasts rank 0's tokens, so rows finish in lockstep
-    finished = generate_continuous(loaded.model, [ids for _, ids, _ in work], args.max_new_tokens, args.batch_size,
-                                   sampling_params(args), stop_ids=tok.stop_ids, truncate_left=args.truncate_left,
-                                   process_group=loaded.tp_group, **generation_options(args)) if work else ()
-    for k, new, reason in finished:
+    for k, new, reason in run_groups(loaded, work, args, merged):
         if not info.is_rank0:
             continue
-        index, ids, rec_id = work[k]
+        index, ids, rec_id, _ = work[k]
         text = decode_cut(tok, new) if reason == "length" else tok.decode(new)  # no half character at a cut
         rec = {"index": index, **({"id": rec_id} if rec_id is not None else {}), "output": text,
                "prompt_tokens": min(len(ids), limit - args.max_new_tokens), "output_tokens": len(new),

@@ -95,8 +95,8 @@ def get_args(argv=None) -> argparse.Namespace:
 
 # ---- the run's files ----
 def run_config(args) -> dict:
-    cfg = {k: getattr(args, k) for k in SAME_RUN}
-    return {**cfg, **{k: str(v) for k, v in cfg.items() if isinstance(v, Path)}}
+    """The settings a rerun must share, as eval_config.json holds them (paths as strings, --adapter pairs as lists)."""
+    return json.loads(json.dumps({k: getattr(args, k) for k in SAME_RUN}, default=str))
 
 
 def prepare_out(args, rank0: bool) -> tuple[Path, Path]:
@@ -305,7 +305,7 @@ def report(args, records: Path, png: Path) -> None:
     sort_output(str(records))
     rows = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines()]
     title = args.title or f"{args.task}: {Path(args.ckpt or 'smollm2-135m-instruct').name}" \
-                          f"{' + ' + Path(args.adapter).name if args.adapter else ''}"
+                          f"{''.join(' + ' + Path(d).name for _, d in args.adapter or ())}"
     lengths = [str(n) for n in args.lengths]
     if args.task == "passkey":
         acc, text = passkey_table(args, rows)

@@ -37,8 +37,9 @@ def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
     add_model_args(p)
     add_sampling_args(p, temperature=0.6, top_p=0.9, max_new_tokens=None)
-    set_help(p, "adapter", "LoRA adapter dir (PEFT layout), served beside the base model as NAME (NAME=DIR; "
-                           "default NAME: the dir's name)")
+    set_help(p, "adapter", "LoRA/DoRA adapter dir (PEFT layout), served beside the base model as NAME (NAME=DIR; "
+                           "default NAME: the dir's name); repeat for several: one batch mixes them (single process; "
+                           "tensor parallel serves one adapter, merged)")
     set_help(p, "max_seq_len", "prompt + answer tokens per request, the KV cache's length (default: "
                                f"generation_config.json's max_length, else min(the model's context, "
                                f"{DEFAULT_MAX_SEQ_LEN}))")
@@ -53,25 +54,23 @@ def get_args(argv=None):
     return parse_args(p, argv)
 
 
-def adapter_arg(args) -> str | None:
-    """Split --adapter NAME=DIR (or DIR) into args.adapter = DIR and the returned name."""
-    if not args.adapter:
-        return None
-    name, eq, path = args.adapter.partition("=")
-    if not eq:
-        name, path = Path(args.adapter.rstrip("/")).name, args.adapter
-    args.adapter = path
-    return name
+def name_adapters(args) -> list[str]:
+    """The served names of --adapter: NAME=DIR keeps NAME, a bare DIR is served as the dir's name."""
+    named = [(Path(path.rstrip("/")).name if name == "default" else name, path)
+             for name, path in args.adapter or ()]
+    names = [name for name, _ in named]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--adapter: two adapters would be served as {twice[0]!r}; name them as NAME=DIR")
+    args.adapter = named or None
+    return names
 
 
-def row_adapter_switch(adapter: str | None):
-    """The engine's per-row adapter hook. One adapter kept unmerged: a batch runs it or the base model
-    (mix_adapters=False keeps each batch on one of the two); several named adapters per batch come with lora.py's
-    set_row_adapters(model, names)."""
-    if adapter is None:
-        return None
-    from minillama.lora import set_lora_enabled
-    return lambda model, names: set_lora_enabled(model, any(n is not None for n in names))
+def row_adapter_switch(model, names: list) -> None:
+    """The engine's per-row hook: each row of the next forward runs its request's adapter (None: the base model);
+    one batch mixes them (lora.set_row_adapters gathers each row's factors inside every layer)."""
+    from minillama.lora import set_row_adapters
+    set_row_adapters(model, names)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -96,25 +95,28 @@ def main(argv=None):
         raise ValueError(f"the server needs FastAPI and uvicorn ({e}); install them: pip install -e '.[serve]'")
     from minillama.serve.protocol import Served
     from minillama.serve.worker import BatchLoop, follow
-    adapter = adapter_arg(args)
+    adapters = name_adapters(args)
     ckpt, _ = resolve_checkpoint(args)
+    if (args.model_name or ckpt.name) in adapters:
+        raise ValueError(f"--adapter: {args.model_name or ckpt.name!r} is the base model's name; name the adapter "
+                         "NAME=DIR or give --model_name")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     sock = listen(args.host, args.port) if int(os.environ.get("RANK", "0")) == 0 else None
     loaded = load_from_args(args, log=log, merge_adapter=False)  # unmerged: the base model stays servable
     info, tok, model = loaded.dist, loaded.tok, loaded.model
     args.max_seq_len = args.max_seq_len or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     limit = context_limit(args, model)
-    merged = adapter is not None and info.world_size > 1  # tensor parallel serves the adapter merged in
+    merged = bool(adapters) and info.world_size > 1  # tensor parallel serves its one adapter merged in
     engine = Engine(model, args.max_batch_size, cache_len_for(limit, args.compile), seed=args.seed,
                     compile=args.compile, process_group=loaded.tp_group, pad_id=tok.pad_id or 0,
-                    fixed_batch=args.compile, reuse_prefix=True, mix_adapters=False,
-                    row_adapters=None if merged else row_adapter_switch(adapter))
+                    fixed_batch=args.compile, reuse_prefix=True,
+                    row_adapters=row_adapter_switch if adapters and not merged else None)
     if not info.is_rank0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 says when serving ends
         follow(engine, info)
         cleanup()
         return
-    served = Served(tok, args.model_name or ckpt.name, [adapter] if adapter else [], not merged, limit,
+    served = Served(tok, args.model_name or ckpt.name, adapters, not merged, limit,
                     sampling_params(args), args.max_new_tokens)
     loop = BatchLoop(engine, info).start()
     host, port = sock.getsockname()[:2]

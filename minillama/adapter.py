@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +25,11 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-import warnings
-
 from .args import ModelArgs, rope_settings, with_rope
-from .checkpoints.hf_keys import META_TARGET_TO_HF, hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
+from .checkpoints.hf_keys import hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
 from .checkpoints.shards import first_line
 from .files import atomic_dir, read_json, write_json
-from .lora import LoRAExperts, LoRALinear, apply_lora, lora_modules, lora_scaling
+from .lora import LoRAExperts, LoRALinear, adapter_names, lora_modules, lora_scaling, wrap_module
 from .rope import check_rope_scaling
 
 CONFIG_NAME = "adapter_config.json"
@@ -58,51 +57,76 @@ def _pattern_value(patterns: dict, name: str, default):
 
 # ---- save ----
 @dataclass
-class _PeftModule:
-    """One PEFT LoRA module as written: its HF path, factors in HF row order, rank and scaling."""
+class PeftModule:
+    """One PEFT LoRA module as written: its HF path, factors in HF row order, rank, scaling, DoRA magnitude."""
 
     hf: str
     a: torch.Tensor  # (r, in)
     b: torch.Tensor  # (out, r)
     rank: int
     scaling: float
+    magnitude: Optional[torch.Tensor] = None  # (out,), HF row order
 
 
-def _peft_modules(model: torch.nn.Module) -> list[_PeftModule]:
-    """Every LoRA module of the model in PEFT's layout: q/k lora_B rows in HF order, experts one module each."""
+def peft_module(path: str, a: torch.Tensor, b: torch.Tensor, rank: int, scaling: float, args: ModelArgs,
+                magnitude: Optional[torch.Tensor] = None) -> PeftModule:
+    """Our linear module `path` with factors in our (Meta) row order -> its PEFT module (q/k rows to HF order)."""
+    hf = meta_module_to_hf(path)
+    if hf is None:
+        raise ValueError(f"save_adapter: LoRA module {path} has no Hugging Face name")
+    heads = _qk_heads(path, args)
+    if heads is not None:
+        b = permute_to_hf(b, heads, args.head_dim)
+        magnitude = None if magnitude is None else permute_to_hf(magnitude, heads, args.head_dim)
+    return PeftModule(hf, a, b, rank, scaling, magnitude)
+
+
+def expert_modules(layer: int, w: str, a: torch.Tensor, b: torch.Tensor, rank: int, scaling: float) -> list:
+    """Stacked expert factors A (E, r, in), B (E, out, r) -> the hub layout's per-expert PEFT modules."""
+    return [PeftModule(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}", a[e], b[e], rank, scaling)
+            for e in range(a.shape[0])]
+
+
+def _the_adapter(model: torch.nn.Module, name: Optional[str]) -> str:
+    names = adapter_names(model)
+    if name is None:
+        if len(names) > 1:
+            raise ValueError(f"save_adapter: the model holds adapters {', '.join(names)}; say which (name=...)")
+        return names[0]
+    if name not in names:
+        raise ValueError(f"save_adapter: no adapter named {name!r}; loaded: {', '.join(names)}")
+    return name
+
+
+def _peft_modules(model: torch.nn.Module, name: str) -> list[PeftModule]:
+    """Every module of adapter `name` in PEFT's layout: q/k lora_B rows in HF order, experts one module each."""
     args: ModelArgs = model.args
     out = []
     for path, m in lora_modules(model):
-        if isinstance(m, LoRALinear):
-            hf = meta_module_to_hf(path)
-            if hf is None:
-                raise ValueError(f"save_adapter: LoRA module {path} has no Hugging Face name")
-            b = m.lora_b.detach()
-            heads = _qk_heads(path, args)
-            if heads is not None:
-                b = permute_to_hf(b, heads, args.head_dim)
-            out.append(_PeftModule(hf, m.lora_a.detach(), b, m.rank, m.scaling))
+        slot = m.slot_of(name)
+        if slot is None:
             continue
-        layer = _LAYER.match(path).group(1)
-        for w in m.targets:
-            a, b = getattr(m, f"lora_{w}_a").detach(), getattr(m, f"lora_{w}_b").detach()
-            out += [_PeftModule(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}", a[e], b[e], m.rank[w],
-                                m.scaling[w]) for e in range(a.shape[0])]
+        o = m.owner(slot)
+        if isinstance(m, LoRALinear):
+            mag = None if o.lora_magnitude is None else o.lora_magnitude.detach()
+            out.append(peft_module(path, o.lora_a.detach(), o.lora_b.detach(), o.rank, o.scaling, args, mag))
+            continue
+        layer = int(_LAYER.match(path).group(1))
+        for w in o.targets:
+            out += expert_modules(layer, w, getattr(o, f"lora_{w}_a").detach(), getattr(o, f"lora_{w}_b").detach(),
+                                  o.rank[w], o.scaling[w])
     return out
 
 
-def _peft_config(model: torch.nn.Module, modules: list[_PeftModule], base: Optional[str]) -> dict:
+def peft_config(modules: list[PeftModule], base: Optional[str], use_rslora: bool = False,
+                dropout: float = 0.0) -> dict:
     """adapter_config.json: the most common rank/alpha as r/lora_alpha, the others as PEFT rank/alpha patterns."""
-    mods = [m for _, m in lora_modules(model)]
-    rslora = {m.use_rslora for m in mods}
-    if len(rslora) != 1:
-        raise ValueError("save_adapter: some LoRA layers use rsLoRA and some do not; PEFT has one use_rslora flag")
-    use_rslora = rslora.pop()
-    dropout = max(m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0 for m in mods)
-
     def alpha_of(rank, scaling):  # rounded: alpha / r * r can come back as 16.000000000000004
         return round(scaling * (rank ** 0.5 if use_rslora else rank), 9)
 
+    dora = {m.magnitude is not None for m in modules}
+    if len(dora) != 1:
+        raise ValueError("save_adapter: some layers are DoRA and some are not; PEFT has one use_dora flag")
     r = Counter((m.rank, round(m.scaling, 12)) for m in modules).most_common(1)[0][0][0]
     r_scaling = next(m.scaling for m in modules if m.rank == r)
     lora_alpha = alpha_of(r, r_scaling)
@@ -118,29 +142,48 @@ def _peft_config(model: torch.nn.Module, modules: list[_PeftModule], base: Optio
         "target_modules": sorted({m.hf.rpartition(".")[2] for m in modules}),
         "use_rslora": use_rslora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_dora": False, "lora_bias": False,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_dora": dora.pop(), "lora_bias": False,
         "target_parameters": None, "revision": None,
     }
 
 
-def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike,
-                 base_model_name_or_path: Optional[str] = None, overwrite: bool = True) -> Path:
-    """Write the model's LoRA factors as a PEFT adapter dir, atomically; an existing adapter dir is replaced whole
-    (overwrite=False refuses a non-empty dir instead, as save_hf does by default)."""
-    if not lora_modules(model):
-        raise ValueError("save_adapter: the model has no LoRA layers; call apply_lora or load_adapter first")
-    modules = _peft_modules(model)
-    config = _peft_config(model, modules, base_model_name_or_path)
-    tensors = {}
+def write_adapter(out_dir: str | os.PathLike, modules: list[PeftModule], config: dict, overwrite: bool = True,
+                  extra_files: Optional[dict] = None, extra_tensors: Optional[dict] = None) -> Path:
+    """adapter_model.safetensors (+ extra tensors, e.g. modules_to_save) + adapter_config.json (+ extra JSON
+    files) into out_dir, atomically."""
+    tensors = dict(extra_tensors or {})
     for m in modules:
         tensors[f"{PREFIX}{m.hf}.lora_A.weight"] = m.a.cpu().contiguous()
         tensors[f"{PREFIX}{m.hf}.lora_B.weight"] = m.b.cpu().contiguous()
-    _add_modules_to_save(model, config, tensors)
+        if m.magnitude is not None:
+            tensors[f"{PREFIX}{m.hf}.lora_magnitude_vector"] = m.magnitude.cpu().contiguous()
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         write_json(tmp / CONFIG_NAME, config)
-        write_json(tmp / BASE_ROPE_NAME, rope_settings(model.args))
+        for file_name, value in (extra_files or {}).items():
+            write_json(tmp / file_name, value)
     return Path(out_dir)
+
+
+def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: Optional[str] = None,
+                 overwrite: bool = True, name: Optional[str] = None) -> Path:
+    """Write one of the model's adapters (`name`; default: the only one) as a PEFT adapter dir, atomically; an
+    existing adapter dir is replaced whole (overwrite=False refuses a non-empty dir instead, as save_hf does)."""
+    if not lora_modules(model):
+        raise ValueError("save_adapter: the model has no LoRA layers; call apply_lora or load_adapter first")
+    name = _the_adapter(model, name)
+    modules = _peft_modules(model, name)
+    owners = [m.owner(m.slot_of(name)) for _, m in lora_modules(model) if m.slot_of(name) is not None]
+    rslora = {o.use_rslora for o in owners}
+    if len(rslora) != 1:
+        raise ValueError("save_adapter: some LoRA layers use rsLoRA and some do not; PEFT has one use_rslora flag")
+    mods = [m for _, m in lora_modules(model) if m.slot_of(name) == 0]
+    dropout = max((m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0 for m in mods), default=0.0)
+    config = peft_config(modules, base_model_name_or_path, rslora.pop(), dropout)
+    whole: dict = {}
+    _add_modules_to_save(model, config, whole)
+    return write_adapter(out_dir, modules, config, overwrite, extra_files={BASE_ROPE_NAME: rope_settings(model.args)},
+                         extra_tensors=whole)
 
 
 # ---- read / load ----
@@ -152,7 +195,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     cfg = read_json(cfg_file)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
-    for key, ok in (("fan_in_fan_out", False), ("use_dora", False), ("bias", "none"), ("lora_bias", False)):
+    for key, ok in (("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False)):
         if cfg.get(key, ok) != ok:
             raise ValueError(f"{cfg_file}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
@@ -167,8 +210,9 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
-def _read_pairs(path: Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
-    """(weights file, {HF module path: {"A": lora_A, "B": lora_B}}) from adapter_model.safetensors (or .bin)."""
+def _read_pairs(path: Path, use_dora: bool) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
+    """(weights file, {HF module path: {"A": lora_A, "B": lora_B, "M": DoRA magnitude}}) from
+    adapter_model.safetensors (or .bin)."""
     wfile = path / WEIGHTS_NAME
     if wfile.is_file():
         try:
@@ -188,17 +232,22 @@ def _read_pairs(path: Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
         raise FileNotFoundError(f"{path / WEIGHTS_NAME} not found (nor adapter_model.bin)")
     pairs: dict[str, dict] = defaultdict(dict)
     for key, t in state.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(?:lora_([AB])(?:\.default)?\.weight"
+                         r"|(lora_magnitude_vector)(?:\.default)?(?:\.weight)?)", key)
         if m is None and _SAVED_MODULE.fullmatch(key):
             continue  # a whole module (modules_to_save): read_modules_to_save checks it
         if m is None:
-            raise ValueError(f"{wfile}: unsupported key {key!r} (expected base_model.model.<module>.lora_A/B.weight)")
+            raise ValueError(f"{wfile}: unsupported key {key!r} (expected base_model.model.<module>.lora_A/B.weight "
+                             "or .lora_magnitude_vector)")
         if not t.is_floating_point():
             raise ValueError(f"{wfile}: {key} is {t.dtype}; LoRA factors must be floating point")
-        pairs[m.group(1)][m.group(2)] = t
+        pairs[m.group(1)][m.group(2) or "M"] = t
     for hf, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
+        if not {"A", "B"} <= set(ab):
             raise ValueError(f"{wfile}: module {hf} has lora_{'A' if 'A' in ab else 'B'} but not its partner")
+        if ("M" in ab) != use_dora:
+            raise ValueError(f"{wfile}: module {hf} {'has' if 'M' in ab else 'lacks'} a lora_magnitude_vector but "
+                             f"{CONFIG_NAME} says use_dora={use_dora}")
     return wfile, pairs
 
 
@@ -213,15 +262,15 @@ def _fused_expert_factors(hf: str, a, b, layer: str, args: ModelArgs, scaling_fo
     target = f"layers.{layer}.feed_forward.experts"
     if b.shape[0] == 2 * Fd and a.shape[1] == D:  # gate_up_proj: gate rows first, then up
         s = scaling_for(hf.replace(".base_layer", "") + ".gate_up_proj", rank)
-        return {(target, "w1"): (a3, b3[:, :Fd], s), (target, "w3"): (a3.clone(), b3[:, Fd:], s)}
+        return {(target, "w1"): (a3, b3[:, :Fd], s, None), (target, "w3"): (a3.clone(), b3[:, Fd:], s, None)}
     if b.shape[0] == D and a.shape[1] == Fd:
-        return {(target, "w2"): (a3, b3, scaling_for(hf.replace(".base_layer", "") + ".down_proj", rank))}
+        return {(target, "w2"): (a3, b3, scaling_for(hf.replace(".base_layer", "") + ".down_proj", rank), None)}
     raise ValueError(f"{wfile}: {hf} factors A {tuple(a.shape)} / B {tuple(b.shape)} fit neither "
                      f"gate_up_proj ({E}x(2*{Fd}), {D}) nor down_proj ({E}x{D}, {Fd}) of this model")
 
 
-def _linear_factors(hf: str, a, b, args: ModelArgs, scaling: float, wfile) -> dict:
-    """One HF linear module's factors under our module path, q/k lora_B rows permuted to Meta order."""
+def _linear_factors(hf: str, a, b, magnitude, args: ModelArgs, scaling: float, wfile) -> dict:
+    """One HF linear module's factors under our module path, q/k lora_B rows (and magnitude) in Meta order."""
     ours = hf_module_to_meta(hf)
     if ours is None:
         raise ValueError(f"{wfile}: module {hf} is not a module of a Llama/Mistral/Mixtral model")
@@ -231,7 +280,9 @@ def _linear_factors(hf: str, a, b, args: ModelArgs, scaling: float, wfile) -> di
             raise ValueError(f"{wfile}: {hf}.lora_B has {b.shape[0]} rows; this model's {ours} has "
                              f"{heads * args.head_dim} ({heads} heads x {args.head_dim}): another model size?")
         b = permute_to_meta(b, heads, args.head_dim)
-    return {(ours, None): (a, b, scaling)}
+        if magnitude is not None:
+            magnitude = permute_to_meta(magnitude, heads, args.head_dim)
+    return {(ours, None): (a, b, scaling, magnitude)}
 
 
 def _stack_experts(per_expert: dict[int, tuple], layer: int, w: str, n: int, wfile) -> tuple:
@@ -244,17 +295,17 @@ def _stack_experts(per_expert: dict[int, tuple], layer: int, w: str, n: int, wfi
         raise ValueError(f"{wfile}: layer {layer} {w}: experts with different LoRA scalings are not supported")
     a = torch.stack([per_expert[e][0] for e in range(n)])
     b = torch.stack([per_expert[e][1] for e in range(n)])
-    return a, b, scalings.pop()
+    return a, b, scalings.pop(), None
 
 
 def read_adapter(path: str | os.PathLike, args: ModelArgs) -> tuple[dict, dict]:
-    """A PEFT adapter dir -> (config, {(our module path, expert weight or None): (A, B, scaling)}) in our layout.
-
-    A/B are (r, in)/(out, r) for linears and (E, r, in)/(E, out, r) for experts, q/k rows in Meta order.
+    """A PEFT adapter dir -> (config, {(our module path, expert weight or None): (A, B, scaling, magnitude)}) in our
+    layout. A/B are (r, in)/(out, r) for linears and (E, r, in)/(E, out, r) for experts, q/k rows in Meta order;
+    magnitude is DoRA's (out,) vector or None.
     """
     path = Path(path)
     cfg = read_adapter_config(path)
-    wfile, pairs = _read_pairs(path)
+    wfile, pairs = _read_pairs(path, bool(cfg.get("use_dora", False)))
     use_rslora = bool(cfg.get("use_rslora", False))
 
     def scaling_for(name: str, rank: int) -> float:
@@ -264,46 +315,61 @@ def read_adapter(path: str | os.PathLike, args: ModelArgs) -> tuple[dict, dict]:
     experts: dict = defaultdict(dict)  # (layer, w) -> {e: (A, B, scaling)}
     for hf, ab in sorted(pairs.items()):
         a, b = ab["A"].float(), ab["B"].float()
+        if "M" in ab and (_V4_EXPERT.fullmatch(hf) or _V5_EXPERTS.fullmatch(hf)):
+            raise ValueError(f"{wfile}: {hf} is a DoRA adapter on Mixtral experts, which is not supported")
         if m := _V4_EXPERT.fullmatch(hf):
             experts[(int(m.group(1)), m.group(3))][int(m.group(2))] = (a, b, scaling_for(hf, a.shape[0]))
         elif m := _V5_EXPERTS.fullmatch(hf):
             factors.update(_fused_expert_factors(hf, a, b, m.group(1), args, scaling_for, wfile))
         else:
-            factors.update(_linear_factors(hf, a, b, args, scaling_for(hf, a.shape[0]), wfile))
+            mag = ab["M"].float() if "M" in ab else None
+            factors.update(_linear_factors(hf, a, b, mag, args, scaling_for(hf, a.shape[0]), wfile))
     for (layer, w), per_expert in experts.items():
         factors[(f"layers.{layer}.feed_forward.experts", w)] = _stack_experts(per_expert, layer, w, args.n_experts,
                                                                             wfile)
     return cfg, factors
 
 
-def _targets_of(factors: dict) -> list[str]:
-    """The apply_lora target names that cover the adapter's modules."""
-    targets = set()
-    for path, w in factors:
-        leaf = path.rpartition(".")[2]
-        targets.add(w if w is not None else "router" if path.endswith("feed_forward.gate") else META_TARGET_TO_HF[leaf])
-    return sorted(targets)
-
-
-def load_adapter(model: torch.nn.Module, path: str | os.PathLike) -> dict:
-    """Load a PEFT LoRA adapter (applying LoRA with the file's r/alpha/targets if absent); returns its config."""
+def load_adapter(model: torch.nn.Module, path: str | os.PathLike, name: str = "default") -> dict:
+    """Load a PEFT LoRA/DoRA adapter under `name`; returns its config. Modules it touches that have no LoRA yet get
+    it (with the file's r/alpha); other names already loaded stay side by side (choose with lora.set_adapter /
+    set_row_adapters; the first adapter loaded is the one in use). Loading over an existing name replaces it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"load_adapter: the adapter name must be a non-empty string, got {name!r}")
     cfg, factors = read_adapter(path, model.args)
-    if not lora_modules(model):
-        apply_lora(model, rank=cfg["r"], alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout") or 0.0),
-                   targets=_targets_of(factors), use_rslora=bool(cfg.get("use_rslora", False)))
-    for (mod_path, w), (a, b, scaling) in factors.items():
+    loaded = adapter_names(model)
+    selection = lora_modules(model)[0][1].selection if loaded else {name: 1.0}
+    hp = dict(rank=cfg["r"], alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout") or 0.0),
+              use_rslora=bool(cfg.get("use_rslora", False)))
+    if not loaded:
+        for p in model.parameters():  # as apply_lora does: only adapters train
+            p.requires_grad_(False)
+    per_module: dict = defaultdict(dict)
+    for (mod_path, w), f in factors.items():
+        per_module[mod_path][w] = f
+    for mod_path, parts in per_module.items():
         try:
             m = model.get_submodule(mod_path)
         except AttributeError:
             raise ValueError(f"{path}: adapter module {mod_path} does not exist in this model "
                              f"({model.args.n_layers} layers): adapter for another model?") from None
-        if isinstance(m, LoRALinear) and w is None:
-            m.set_factors(a, b, scaling, name=mod_path)
-        elif isinstance(m, LoRAExperts) and w is not None:
-            m.set_factors(a, b, scaling, name=mod_path, w=w)
-        else:
-            raise ValueError(f"{path}: the adapter has factors for {mod_path}{'.' + w if w else ''} but the model's "
-                             f"module there has no LoRA ({type(m).__name__}); apply_lora with that target first")
+        if not isinstance(m, (LoRALinear, LoRAExperts)):
+            m = wrap_module(model, mod_path, expert_weights=tuple(w for w in parts if w), **hp)
+            m.adapter_names[0] = name
+        for w, (a, b, scaling, magnitude) in parts.items():
+            if isinstance(m, LoRALinear) and w is None:
+                m.set_factors(a, b, scaling, name=mod_path, magnitude=magnitude, adapter=name,
+                              use_rslora=hp["use_rslora"])
+            elif isinstance(m, LoRAExperts) and w is not None:
+                m.set_factors(a, b, scaling, name=mod_path, w=w, adapter=name, use_rslora=hp["use_rslora"])
+            else:
+                raise ValueError(f"{path}: the adapter has factors for {mod_path}{'.' + w if w else ''} but the "
+                                 f"model's module there is {type(m).__name__}")
+    for mod_path, m in lora_modules(model):
+        if mod_path not in per_module:
+            m.clear_slot(name)  # a replaced adapter that touched this module does not any more
+        m.selection = selection
+        m._reselect()
     load_modules_to_save(model, path, cfg)
     _warn_other_rope(model, path)
     return cfg

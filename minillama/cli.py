@@ -157,6 +157,16 @@ def add_rope_args(p: argparse.ArgumentParser) -> None:
                         "the original")
 
 
+def adapter_spec(text: str) -> tuple[str, str]:
+    """--adapter value: DIR (the adapter named "default") or NAME=DIR. -> (name, dir)"""
+    name, sep, path = text.partition("=")
+    if not sep or Path(text).is_dir():  # a dir whose name holds "=" is still a dir
+        return "default", text
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected DIR or NAME=DIR")
+    return name, path
+
+
 # ---- flags ----
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -167,7 +177,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         f"`{PREPARE_COMMAND}`)")
     p.add_argument("--ckpt_dir", default=None, help="Meta-style alias of --ckpt")
     p.add_argument("--tokenizer_path", default=None, help="tokenizer file or dir (default: the checkpoint dir)")
-    p.add_argument("--adapter", default=None, help="LoRA adapter dir (PEFT layout) to apply on top")
+    p.add_argument("--adapter", action="append", type=adapter_spec, default=None,
+                   help="LoRA/DoRA adapter dir (PEFT layout) to apply on top (one adapter is merged in); repeat "
+                        "as NAME=DIR to load several side by side (generate/batch.py picks one per line)")
     p.add_argument("--quantize", default=None, choices=["nf4"], help="load the weights in NF4 (single process)")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
@@ -300,8 +312,12 @@ def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
     tokenizer = Path(args.tokenizer_path) if args.tokenizer_path else ckpt
     if not tokenizer.exists():
         raise FileNotFoundError(f"--tokenizer_path {tokenizer} does not exist")
-    if args.adapter and not Path(args.adapter).is_dir():
-        raise FileNotFoundError(f"--adapter {args.adapter} is not a directory")
+    names = [name for name, _ in args.adapter or ()]
+    for name, path in args.adapter or ():
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--adapter {path} is not a directory")
+        if names.count(name) > 1:
+            raise ValueError(f"--adapter: the name {name!r} is given twice (name several adapters as NAME=DIR)")
     return ckpt, tokenizer
 
 
@@ -320,7 +336,7 @@ def load_from_args(args: argparse.Namespace, log=None, merge_adapter: bool = Tru
     from .loading import load_for_inference
     ckpt, tokenizer = resolve_checkpoint(args)
     set_threads(args)
-    return load_for_inference(ckpt, tokenizer=tokenizer, adapter=args.adapter, quantize=args.quantize,
+    return load_for_inference(ckpt, tokenizer=tokenizer, adapter=dict(args.adapter or {}), quantize=args.quantize,
                               dtype=args.dtype, device=args.device, chat_format=args.chat_format, log=log,
                               merge_adapter=merge_adapter, rope_theta=args.rope_theta,
                               rope_scaling=args.rope_scaling, max_seq_len=args.max_seq_len)

@@ -10,6 +10,7 @@ then moves its shard to its device. Bad input raises ValueError / FileNotFoundEr
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -40,25 +41,42 @@ def unwrap_merged_lora(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, attr, lin)
 
 
-def _apply_adapter(model: nn.Module, path, must_merge: bool, merge: bool, log) -> None:
+def _apply_adapters(model: nn.Module, adapters: dict, must_merge: bool, merge: bool, log) -> None:
+    """One adapter is merged in (decoding then costs no more than the base model) unless merge is False; several
+    stay side by side, the first in use (lora.set_adapter / set_row_adapters choose)."""
     from .adapter import load_adapter
     from .lora import merge_lora
-    load_adapter(model, path)
+    if len(adapters) > 1 and must_merge:
+        raise ValueError(f"{len(adapters)} adapters ({', '.join(adapters)}): tensor parallel needs one adapter, merged "
+                         "into the weights; run a single process to serve several")
+    for name, path in adapters.items():
+        load_adapter(model, path, name=name)
+    if len(adapters) > 1:
+        log(f"[adapters {', '.join(adapters)} loaded side by side]")
+        return
     if not (merge or must_merge):
         return
     try:
-        merge_lora(model)  # folded in: decoding then costs no more than the base model
+        merge_lora(model)
     except ValueError as e:
         if must_merge:
-            raise ValueError(f"adapter {path}: tensor parallel needs the adapter merged, but: {e}") from None
+            raise ValueError(f"adapter {next(iter(adapters.values()))}: tensor parallel needs the adapter merged, "
+                             f"but: {e}") from None
         log(f"[adapter kept unmerged: {e}]")
 
 
-def rope_overrides(adapter, rope_theta=None, rope_scaling=None, log=None) -> dict:
-    """load_model's RoPE keywords: the adapter's recorded base RoPE (if any), explicit values winning."""
+def rope_overrides(adapters, rope_theta=None, rope_scaling=None, log=None) -> dict:
+    """load_model's RoPE keywords: the adapters' recorded base RoPE (if any; several must agree), explicit values
+    winning. adapters: a dir, {name: dir}, or None."""
     from .adapter import read_base_rope
     log = log or (lambda msg: None)
-    rope = read_base_rope(adapter) if adapter else {}
+    dirs = list(adapters.values()) if isinstance(adapters, dict) else [adapters] if adapters else []
+    found = {d: read_base_rope(d) for d in dirs}
+    found = {d: r for d, r in found.items() if r}
+    if len({json.dumps(r, sort_keys=True) for r in found.values()}) > 1:
+        raise ValueError("the adapters were trained on bases with different RoPE settings: "
+                         + "; ".join(f"{d}: {r}" for d, r in found.items()))
+    rope = dict(next(iter(found.values()), {}))
     explicit = {k: v for k, v in (("rope_theta", rope_theta), ("rope_scaling", rope_scaling)) if v is not None}
     for key, value in explicit.items():
         if key in rope and rope[key] != value:
@@ -142,12 +160,12 @@ def load_for_inference(ckpt: Union[str, Path], tokenizer: Union[str, Path, None]
                        chat_format: Optional[str] = None, log=None, merge_adapter: bool = True,
                        rope_theta: Optional[float] = None, rope_scaling: Optional[dict] = None,
                        max_seq_len: Optional[int] = None) -> Loaded:
-    """Join torchrun (if any), load tokenizer + model (+ adapter), split it over the processes; eval mode.
+    """Join torchrun (if any), load tokenizer + model (+ adapters), split it over the processes; eval mode.
 
-    dtype None: bfloat16 on CUDA, float32 elsewhere. device None: CUDA when available. merge_adapter False keeps
-    the adapter beside the base weights (one process only), so set_lora_enabled can switch it off again.
-    rope_theta / rope_scaling override the checkpoint's (and the adapter's recorded base RoPE); max_seq_len: see
-    extend_context.
+    adapter: a PEFT adapter dir, or {name: dir} for several. dtype None: bfloat16 on CUDA, float32 elsewhere.
+    device None: CUDA when available. merge_adapter False keeps a single adapter beside the base weights (one
+    process only), so set_lora_enabled can switch it off again. rope_theta / rope_scaling override the checkpoint's
+    (and the adapters' recorded base RoPE); max_seq_len: see extend_context.
     """
     from .checkpoints import load_model
     from .tokenizer import load_tokenizer
@@ -163,13 +181,14 @@ def load_for_inference(ckpt: Union[str, Path], tokenizer: Union[str, Path, None]
     tok = load_tokenizer(tokenizer or ckpt, chat_format=chat_format)
     # the checkpoint's own end-of-answer ids (e.g. Llama 3.1's [128001, 128008, 128009]) stop generation too
     tok.stop_ids = sorted(set(tok.stop_ids) | set(generation_defaults(ckpt).eos_ids))
-    rope = rope_overrides(adapter, rope_theta, rope_scaling, log)
+    adapters = adapter if isinstance(adapter, dict) else {"default": adapter} if adapter else {}
+    rope = rope_overrides(adapters, rope_theta, rope_scaling, log)
     model = load_model(ckpt, device="cpu" if tp else info.device, dtype=dtype, quantize=quantize, **rope)
     extend_context(model, max_seq_len, log)
     if rope:
         log(f"[RoPE: {rope_settings(model.args)}]")
-    if adapter:
-        _apply_adapter(model, adapter, must_merge=tp, merge=merge_adapter, log=log)
+    if adapters:
+        _apply_adapters(model, adapters, must_merge=tp, merge=merge_adapter, log=log)
     group = None
     if tp:
         from .tensor_parallel import apply_tensor_parallel, tp_mesh

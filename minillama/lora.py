@@ -1,96 +1,50 @@
-"""LoRA: a trainable low-rank update B @ A on frozen base weights (float or NF4), swapped in after the model is built.
+"""LoRA and DoRA: trainable low-rank updates on frozen base weights (float or NF4), swapped in after the model is
+built. The layers for linears live here; Mixtral's expert stacks in lora_experts.py; several named adapters per
+module and choosing between them in lora_slots.py; merging in lora_merge.py (all importable from here).
 
-y = W x + scaling * B A dropout(x), scaling = alpha / r (or alpha / sqrt(r) with rsLoRA). B starts at zero, so a
-fresh adapter changes nothing. The base keeps its `weight` key (torchtune habit): base state_dict keys are unchanged.
-LoRA factors are plain nn.Parameters (float32 by default, like PEFT's autocast_adapter_dtype), so FSDP2's
+LoRA: y = W x + scaling * B A dropout(x), scaling = alpha / r (or alpha / sqrt(r) with rsLoRA). B starts at zero,
+so a fresh adapter changes nothing. The base keeps its `weight` key (torchtune habit): base state_dict keys are
+unchanged. LoRA factors are plain nn.Parameters (float32 by default, like PEFT's autocast_adapter_dtype), so FSDP2's
 fully_shard shards them like any other parameter.
 
-Mixtral experts get per-expert stacked factors on w1/w2/w3 (A (E, r, in), B (E, out, r)); in PEFT files they are the
-hub's per-expert modules `block_sparse_moe.experts.E.w1` (see minillama/adapter.py).
+DoRA (weight-decomposed LoRA, PEFT's use_dora): the adapted weight g * (W + scaling B A) with g = m / ||W + scaling
+B A|| per output row; the magnitude m (out,) is a trainable parameter (lora_magnitude, PEFT's
+lora_magnitude_vector) starting at the rows' norms of W, so a fresh adapter again changes nothing, and the norm is
+detached from the gradient (DoRA paper 4.3, as PEFT does). PEFT's forward, which we follow term for term:
+y = W x + (g - 1) W dropout(x) + g scaling B A dropout(x). DoRA is not offered for Mixtral's experts: PEFT 0.21
+cannot put DoRA on transformers 5's fused expert parameters, so such an adapter could not be used anywhere else.
 """
-
 from __future__ import annotations
 
-import math
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints.hf_keys import HF_TARGET_TO_META as LINEAR_TARGETS  # PEFT names -> our linear leaf names
-from .moe import Experts, dispatch, grouped_linear, grouped_mm_ok
-from .quant import NF4Experts, NF4Linear, NF4Weight, nf4_grouped_linear, nf4_linear
+from .lora_experts import LoRAExperts
+from .lora_merge import merge_lora, unmerge_lora  # noqa: F401  (part of this module's API)
+from .lora_slots import (AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, adapter_names,  # noqa: F401
+                         combine_adapters, dora_adapters, lora_modules, lora_scaling, set_adapter, set_row_adapters)
+from .moe import Experts
+from .quant import NF4Experts, NF4Linear, NF4Weight, nf4_linear
 
 EXPERT_TARGETS = {"experts": ("w1", "w2", "w3"), "w1": ("w1",), "w2": ("w2",), "w3": ("w3",)}
 ROUTER_TARGETS = ("router", "gate")
 VALID_TARGETS = tuple(LINEAR_TARGETS) + tuple(EXPERT_TARGETS) + ROUTER_TARGETS + ("all-linear",)
+NORM_ROWS = 1024  # rows of W + scaling B A formed at a time for DoRA's norm (bounds the float32 temporary)
+DORA_ON_EXPERTS = ("DoRA on Mixtral experts is not supported (PEFT 0.21 has no DoRA for transformers 5's fused "
+                   "experts, so the adapter could not be loaded there); give DoRA targets without experts/all-linear, "
+                   "e.g. q_proj k_proj v_proj o_proj router")
 
 
-def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-def _check_hparams(rank: int, alpha: float, dropout: float, where: str):
-    if not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"{where}: LoRA rank must be a positive integer, got {rank!r}")
-    if not alpha > 0:
-        raise ValueError(f"{where}: LoRA alpha must be > 0, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{where}: LoRA dropout must be in [0, 1), got {dropout!r}")
-
-
-def _new_factors(n: tuple, rank: int, in_f: int, out_f: int, device, dtype) -> tuple[nn.Parameter, nn.Parameter]:
-    """A (*n, r, in) kaiming-uniform like PEFT / nn.Linear's default, B (*n, out, r) zero."""
-    a = torch.empty(*n, rank, in_f, device=device, dtype=dtype)
-    for m in a.view(-1, rank, in_f):
-        nn.init.kaiming_uniform_(m, a=math.sqrt(5))
-    return nn.Parameter(a), nn.Parameter(torch.zeros(*n, out_f, rank, device=device, dtype=dtype))
-
-
-def _copy(t: torch.Tensor, device, dtype) -> torch.Tensor:
-    return t.detach().to(device=device, dtype=dtype, copy=True).contiguous()
-
-
-def _frozen(w):
-    if isinstance(w, nn.Parameter):
-        w.requires_grad_(False)
-    return w
-
-
-def _merge_exact(w: torch.Tensor, delta: torch.Tensor):
-    """w <- round(w + delta) in place (float32 math); returns what unmerge needs to restore w bit-for-bit.
-
-    Unmerging subtracts delta again and fixes the entries where rounding lost information, so the model keeps
-    no second copy of its weights, only those entries' positions and original values (measured: 0.6-1.4% of
-    entries for deltas ~5% of |w|; never more bytes than a copy, which is kept instead when it would be smaller).
-    """
-    merged = (w.float() + delta).to(w.dtype)
-    back = (merged.float() - delta).to(w.dtype)
-    wrong = (back != w).view(-1).nonzero().squeeze(1)
-    idx_bytes = 4 if w.numel() < 2**31 else 8
-    if wrong.numel() * (idx_bytes + w.element_size()) >= w.numel() * w.element_size():
-        fix = (None, w.clone())  # delta large next to w (rare for LoRA): a plain copy is smaller
-    else:  # typical LoRA deltas: ~1% of entries
-        fix = (wrong.to(torch.int32) if idx_bytes == 4 else wrong, w.reshape(-1)[wrong].clone())
-    w.copy_(merged)
-    return fix
-
-
-def _unmerge_exact(w: torch.Tensor, delta: torch.Tensor, fix):
-    idx, vals = fix
-    if idx is None:
-        w.copy_(vals)
-        return
-    w.copy_((w.float() - delta).to(w.dtype))
-    w.view(-1)[idx.long()] = vals
-
-
-class LoRALinear(nn.Module):
-    """A bias-free linear with a frozen base `weight` (Parameter or NF4Weight) plus lora_a (r, in), lora_b (out, r)."""
+class LoRALinear(AdapterSlots):
+    """A bias-free linear with a frozen base `weight` (Parameter or NF4Weight) plus lora_a (r, in), lora_b (out, r)
+    and, for DoRA, lora_magnitude (out,); further named adapters in `extra`."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 lora_dtype: torch.dtype = torch.float32, name: str = "LoRALinear"):
+                 lora_dtype: torch.dtype = torch.float32, name: str = "LoRALinear", use_dora: bool = False):
         super().__init__()
         _check_hparams(rank, alpha, dropout, name)
         if getattr(base, "bias", None) is not None:
@@ -102,7 +56,13 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = self.weight.device
         self.lora_a, self.lora_b = _new_factors((), rank, self.in_features, self.out_features, device, lora_dtype)
-        self.enabled, self.merged, self._fix = True, False, None
+        self.register_parameter("lora_magnitude", None)
+        self._init_slots()
+        if use_dora:  # m = ||W + scaling B A|| with B = 0: the rows' norms of W, so g = 1 exactly
+            self.lora_magnitude = nn.Parameter(self._row_norms(self).to(lora_dtype))
+
+    def _device(self):
+        return self.lora_a.device
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.weight, NF4Weight):
@@ -113,117 +73,161 @@ class LoRALinear(nn.Module):
         out = self.base_forward(x)
         if self.merged or not self.enabled:
             return out
-        h = F.linear(self.dropout(x).to(self.lora_a.dtype), self.lora_a)  # (..., r)
-        return out + (F.linear(h, self.lora_b) * self.scaling).to(out.dtype)
+        if self._rows is not None:
+            return self._per_row(x, out)
+        for slot, weight in self._active:
+            out = out + self._slot_term(slot, x, out, weight).to(out.dtype)
+        return out
+
+    def _slot_term(self, slot: int, x: torch.Tensor, base_out: torch.Tensor, weight: float) -> torch.Tensor:
+        """What one adapter adds to the base output: weight * scaling * B A x, or DoRA's two terms. float32"""
+        o = self.owner(slot)
+        xd = self.dropout(x)
+        h = F.linear(xd.to(o.lora_a.dtype), o.lora_a)  # (..., r)
+        y = F.linear(h, o.lora_b) * (o.scaling * weight)  # (..., out)
+        if o.lora_magnitude is None:
+            return y
+        g = o.lora_magnitude / self.dora_norm(slot)  # (out,); the norm carries no gradient
+        # PEFT: the base term is W x when dropout is off (eval, or p = 0), W dropout(x) when it is on
+        base_d = base_out if xd is x or not self.training else self.base_forward(xd)
+        return (g - 1) * base_d.float() + g * y
 
     @torch.no_grad()
-    def delta(self) -> torch.Tensor:
-        """scaling * B @ A in float32. (out, in)"""
-        return (self.lora_b.float() @ self.lora_a.float()) * self.scaling
+    def delta(self, slot: int = 0) -> torch.Tensor:
+        """scaling * B @ A of a slot in float32. (out, in)"""
+        o = self.owner(slot)
+        return (o.lora_b.float() @ o.lora_a.float()) * o.scaling
 
-    def set_factors(self, a: torch.Tensor, b: torch.Tensor, scaling: float, name: str):
-        """Load A (r, in), B (out, r) (rank may differ from the current one); shapes are checked against the base."""
+    @torch.no_grad()
+    def dora_norm(self, slot: int) -> torch.Tensor:
+        """||W + scaling B A|| of each output row for slot's factors, in float32, detached. (out,)
+
+        Recomputed on every call, as PEFT does by default (under FSDP the gathered factors are new each forward);
+        per-row serving caches it with the stacked factors, and merging folds it into the weight."""
+        o = self.owner(slot)
+        if o.lora_magnitude is None:
+            raise ValueError(f"slot {slot} ({self.adapter_names[slot]}) is not a DoRA adapter")
+        return self._row_norms(o)
+
+    def _row_norms(self, o) -> torch.Tensor:
+        w = self.weight.dequantize(dtype=torch.float32) if isinstance(self.weight, NF4Weight) else self.weight
+        a = o.lora_a.detach().float()
+        norms = torch.empty(self.out_features, dtype=torch.float32, device=a.device)
+        for r in range(0, self.out_features, NORM_ROWS):  # never the whole float32 W + scaling B A at once
+            rows = w[r:r + NORM_ROWS].detach().float() + o.scaling * (o.lora_b[r:r + NORM_ROWS].detach().float() @ a)
+            norms[r:r + NORM_ROWS] = torch.linalg.norm(rows, dim=1)
+        return norms
+
+    def _per_row(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each batch row through its own slot: the slots' factors stacked, zero-padded to the largest rank, and
+        gathered per row (a padded rank adds exact zeros; the extra last slot is all zero: the base model)."""
+        rows = self._rows
+        B = rows.shape[0]
+        if (x.dim() == 3 and x.shape[0] != B) or x.numel() % (B * self.in_features):
+            raise ValueError(f"set_row_adapters named {B} rows but this forward has input {tuple(x.shape)}")
+        a, b, scale, g = self._row_stack()  # (S+1, r, in), (S+1, out, r), (S+1,), (S+1, out) or None
+        idx = torch.where(rows < 0, a.shape[0] - 1, rows)  # (B,)
+        xr = self.dropout(x).reshape(B, -1, self.in_features).to(a.dtype)  # (B, T, in)
+        h = torch.bmm(xr, a[idx].transpose(1, 2))  # (B, T, r)
+        y = torch.bmm(h, b[idx].transpose(1, 2)) * scale[idx, None, None]  # (B, T, out)
+        if g is not None:  # DoRA slots: (g - 1) W x + g y; plain LoRA slots and the base row have g = 1
+            gr = g[idx][:, None, :]  # (B, 1, out)
+            y = (gr - 1) * out.reshape(B, -1, self.out_features).float() + gr * y
+        return out + y.reshape(out.shape).to(out.dtype)
+
+    @torch.no_grad()
+    def _row_stack(self):
+        owners = [self.owner(i) for i in range(len(self.adapter_names))]
+        base = self.weight.packed if isinstance(self.weight, NF4Weight) else self.weight
+        deps = (base,) + tuple(t for o in owners for t in (o.lora_a, o.lora_b, o.lora_magnitude, o.scaling)
+                               if t is not None)
+
+        def make():
+            S, r = len(owners), max(o.rank for o in owners)
+            dev, dt = self.lora_a.device, self.lora_a.dtype
+            a = torch.zeros(S + 1, r, self.in_features, device=dev, dtype=dt)
+            b = torch.zeros(S + 1, self.out_features, r, device=dev, dtype=dt)
+            scale = torch.zeros(S + 1, device=dev, dtype=torch.float32)
+            dora = any(o.lora_magnitude is not None for o in owners)
+            g = torch.ones(S + 1, self.out_features, device=dev) if dora else None
+            for i, o in enumerate(owners):
+                a[i, :o.rank], b[i, :, :o.rank], scale[i] = o.lora_a, o.lora_b, o.scaling
+                if o.lora_magnitude is not None:
+                    g[i] = o.lora_magnitude.float() / self.dora_norm(i)
+            return a, b, scale, g
+
+        return self._cached(("rows",), deps, make)
+
+    @torch.no_grad()
+    def merge_target(self, g: Optional[torch.Tensor] = None) -> tuple[Callable, Callable, Optional[torch.Tensor]]:
+        """(merged weight from the float32 base, base from the float32 merged weight, DoRA's g (out, 1) or None) for
+        the current selection. g must be the one of the merge when unmerging (the norm is of the unmerged W)."""
+        terms = [(s, self.owner(s), w) for s, w in self._active]
+        if any(o.lora_magnitude is not None for _, o, _ in terms):  # set_adapter allows DoRA only alone, weight 1
+            (slot, o, _), = terms
+            if g is None:
+                g = (o.lora_magnitude.float() / self.dora_norm(slot))[:, None]  # (out, 1)
+            delta = (o.lora_b.float() @ o.lora_a.float()) * o.scaling
+            return (lambda w: g * (w + delta)), (lambda m: m / g - delta), g
+        delta = sum(((o.lora_b.float() @ o.lora_a.float()) * (o.scaling * w) for _, o, w in terms),
+                    torch.zeros(self.weight.shape, device=self.lora_a.device))
+        return (lambda w: w + delta), (lambda m: m - delta), None
+
+    def set_factors(self, a: torch.Tensor, b: torch.Tensor, scaling: float, name: str,
+                    magnitude: Optional[torch.Tensor] = None, adapter: Optional[str] = None,
+                    use_rslora: Optional[bool] = None):
+        """Load A (r, in), B (out, r) and optionally DoRA's magnitude (out,) into slot `adapter` (default: slot 0; a
+        new name adds a slot). The rank may differ from the current one; shapes are checked against the base.
+        use_rslora only records how the file spelled its scaling (for saving it again)."""
         r = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != self.in_features or b.shape != (self.out_features, r):
             raise ValueError(f"{name}: adapter lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
                              f"weight (out={self.out_features}, in={self.in_features}): expected lora_A (r, "
                              f"{self.in_features}) and lora_B ({self.out_features}, r); adapter for another model?")
+        if magnitude is not None and tuple(magnitude.shape) != (self.out_features,):
+            raise ValueError(f"{name}: adapter lora_magnitude_vector {tuple(magnitude.shape)} does not fit the base "
+                             f"weight's {self.out_features} rows")
+        self._check_unmerged(name)
         dtype, device = self.lora_a.dtype, self.lora_a.device
-        self.lora_a = nn.Parameter(_copy(a, device, dtype), requires_grad=self.lora_a.requires_grad)
-        self.lora_b = nn.Parameter(_copy(b, device, dtype), requires_grad=self.lora_b.requires_grad)
-        self.rank, self.scaling = r, scaling
+        slot = 0 if adapter is None else self.slot_of(adapter)
+        tensors = {"lora_a": _copy(a, device, dtype), "lora_b": _copy(b, device, dtype),
+                   "lora_magnitude": None if magnitude is None else _copy(magnitude, device, dtype)}
+        rslora = self.use_rslora if use_rslora is None else use_rslora
+        if slot is None:
+            self._new_slot(adapter, tensors, r, scaling, rslora)
+            return
+        o = self.owner(slot)
+        for key, t in tensors.items():
+            if slot == 0:
+                grad = self.lora_a.requires_grad
+                setattr(self, key, None if t is None else nn.Parameter(t, requires_grad=grad))
+            else:
+                setattr(o, key, t)
+        o.rank, o.scaling, o.use_rslora = r, scaling, rslora
+        self._cache.clear()
+
+    def combine(self, weights: dict[str, float], adapter: str, path: str):
+        """Slot `adapter` = the concatenation of the weighted slots (lora_slots.combine_adapters)."""
+        parts = [(self.owner(s), w) for n, w in weights.items() if (s := self.slot_of(n)) is not None]
+        if parts:
+            a = torch.cat([o.lora_a.detach() * (w * o.scaling) for o, w in parts])  # (sum r, in)
+            b = torch.cat([o.lora_b.detach() for o, _ in parts], dim=1)  # (out, sum r)
+            self.set_factors(a, b, 1.0, name=path, adapter=adapter, use_rslora=False)
+
+    def clear_slot(self, adapter: str):
+        """Make `adapter` add nothing here (an adapter replaced by one that does not touch this module)."""
+        slot = self.slot_of(adapter)
+        if slot is not None:
+            o = self.owner(slot)
+            with torch.no_grad():
+                o.lora_b.zero_()
+            o.lora_magnitude = None
+            self._cache.clear()
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
-
-
-class LoRAExperts(nn.Module):
-    """moe.Experts with frozen w1/w2/w3 and per-expert LoRA factors lora_{w}_a (E, r, in), lora_{w}_b (E, out, r).
-
-    Meets moe.ExpertStack: the per-expert loop, or grouped GEMMs for the base stack and for each factor (A then B)."""
-
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 weights: Iterable[str] = ("w1", "w2", "w3"), lora_dtype: torch.dtype = torch.float32,
-                 name: str = "LoRAExperts"):
-        super().__init__()
-        _check_hparams(rank, alpha, dropout, name)
-        self.w1, self.w2, self.w3 = _frozen(base.w1), _frozen(base.w2), _frozen(base.w3)
-        self.n_experts = self.w1.shape[0]
-        self.targets = tuple(w for w in ("w1", "w2", "w3") if w in tuple(weights))
-        self.alpha, self.use_rslora = alpha, use_rslora
-        self.rank, self.scaling = {}, {}  # per target weight: the v5 PEFT layout can give w1/w3 another rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        for w in self.targets:
-            E, out_f, in_f = getattr(self, w).shape
-            a, b = _new_factors((E,), rank, in_f, out_f, getattr(self, w).device, lora_dtype)
-            setattr(self, f"lora_{w}_a", a)
-            setattr(self, f"lora_{w}_b", b)
-            self.rank[w], self.scaling[w] = rank, lora_scaling(rank, alpha, use_rslora)
-        self.enabled, self.merged, self._fix = True, False, None
-
-    def _adapted(self, w: str) -> bool:
-        return w in self.targets and not self.merged and self.enabled
-
-    def _linear(self, w: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        weight = getattr(self, w)
-        out = nf4_linear(x, weight, e) if isinstance(weight, NF4Weight) else F.linear(x, weight[e])
-        if not self._adapted(w):
-            return out
-        a, b = getattr(self, f"lora_{w}_a")[e], getattr(self, f"lora_{w}_b")[e]
-        h = F.linear(self.dropout(x).to(a.dtype), a)  # (n, r)
-        return out + (F.linear(h, b) * self.scaling[w]).to(out.dtype)
-
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its routed tokens. (n, D) -> (n, D)"""
-        return self._linear("w2", e, F.silu(self._linear("w1", e, x)) * self._linear("w3", e, x))
-
-    def _grouped(self, w: str, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        weight = getattr(self, w)
-        out = (nf4_grouped_linear(xs, weight, offsets) if isinstance(weight, NF4Weight)
-               else grouped_linear(xs, weight, offsets))  # (M, out)
-        if not self._adapted(w):
-            return out
-        a, b = getattr(self, f"lora_{w}_a"), getattr(self, f"lora_{w}_b")
-        h = grouped_linear(self.dropout(xs).to(a.dtype), a, offsets)  # (M, r)
-        return out + (grouped_linear(h, b, offsets) * self.scaling[w]).to(out.dtype)
-
-    def grouped_ok(self, x: torch.Tensor) -> bool:
-        factors = [getattr(self, f"lora_{w}_{ab}") for w in self.targets for ab in "ab"]
-        return (grouped_mm_ok(x.device, x.dtype, self.w1, self.w2, self.w3)
-                and (not factors or grouped_mm_ok(x.device, factors[0].dtype, *factors)))
-
-    def grouped_forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Every expert on its slots at once. xs (M, D) sorted by expert -> (M, D)"""
-        h = F.silu(self._grouped("w1", xs, offsets)) * self._grouped("w3", xs, offsets)  # (M, F)
-        return self._grouped("w2", h, offsets)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
-        return dispatch(self, x, weights, expert_idx)
-
-    @torch.no_grad()
-    def delta(self, w: str, e: int) -> torch.Tensor:
-        """scaling * B[e] @ A[e] in float32 for target weight w. (out, in)"""
-        a, b = getattr(self, f"lora_{w}_a")[e], getattr(self, f"lora_{w}_b")[e]
-        return (b.float() @ a.float()) * self.scaling[w]
-
-    def set_factors(self, a: torch.Tensor, b: torch.Tensor, scaling: float, name: str, w: str):
-        """Load A (E, r, in), B (E, out, r) for target weight w; shapes are checked against the base stack."""
-        if w not in self.targets:
-            raise ValueError(f"{name}.{w}: the adapter has factors for {w} but LoRA targets only {self.targets}")
-        E, out_f, in_f = getattr(self, w).shape
-        r = a.shape[1] if a.dim() == 3 else -1
-        if a.dim() != 3 or a.shape[0] != E or a.shape[2] != in_f or b.shape != (E, out_f, r):
-            raise ValueError(f"{name}.{w}: adapter factors A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the "
-                             f"base experts ({E}, {out_f}, {in_f}): expected A ({E}, r, {in_f}), B ({E}, {out_f}, r); "
-                             "adapter for another model?")
-        old = getattr(self, f"lora_{w}_a")
-        setattr(self, f"lora_{w}_a", nn.Parameter(_copy(a, old.device, old.dtype), requires_grad=old.requires_grad))
-        setattr(self, f"lora_{w}_b", nn.Parameter(_copy(b, old.device, old.dtype), requires_grad=old.requires_grad))
-        self.rank[w], self.scaling[w] = r, scaling
-
-    def extra_repr(self) -> str:
-        return f"experts={self.w1.shape[0]}, targets={self.targets}, rank={self.rank}"
-
+        dora = ", dora" if self.lora_magnitude is not None else ""
+        more = f", adapters={self.adapter_names}" if len(self.adapter_names) > 1 else ""
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}{dora}{more}"
 
 def _resolve_targets(targets: tuple, is_moe: bool) -> tuple[set, set, bool]:
     """Target names -> (linear leaf names, expert weight names, router?)."""
@@ -246,38 +250,55 @@ def _resolve_targets(targets: tuple, is_moe: bool) -> tuple[set, set, bool]:
     return linears, experts, router
 
 
+def wrap_module(model: nn.Module, path: str, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                lora_dtype: torch.dtype = torch.float32, use_dora: bool = False,
+                expert_weights: Iterable[str] = ("w1", "w2", "w3")) -> nn.Module:
+    """Swap the linear (or expert stack) at `path` for its LoRA twin and return it."""
+    parent_path, _, leaf = path.rpartition(".")
+    module = model.get_submodule(path)
+    kw = dict(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_dtype=lora_dtype, name=path)
+    if isinstance(module, (nn.Linear, NF4Linear)):
+        new = LoRALinear(module, use_dora=use_dora, **kw)
+    elif isinstance(module, (Experts, NF4Experts)):
+        if use_dora:
+            raise ValueError(f"{path}: {DORA_ON_EXPERTS}")
+        new = LoRAExperts(module, weights=expert_weights, **kw)
+    else:
+        raise ValueError(f"{path}: {type(module).__name__} cannot take a LoRA adapter")
+    setattr(model.get_submodule(parent_path) if parent_path else model, leaf, new)
+    return new
+
+
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                targets: Iterable[str] | str = ("q_proj", "v_proj"), use_rslora: bool = False,
-               lora_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Swap the targeted linears (and Mixtral experts/router) for LoRA modules; freeze every other parameter."""
+               lora_dtype: torch.dtype = torch.float32, use_dora: bool = False) -> nn.Module:
+    """Swap the targeted linears (and Mixtral experts/router) for LoRA (or DoRA) modules; freeze every other
+    parameter. Modules already adapted are left as they are."""
     _check_hparams(rank, alpha, dropout, "apply_lora")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     is_moe = any(isinstance(m, (Experts, NF4Experts, LoRAExperts)) for m in model.modules())
     linears, expert_ws, router = _resolve_targets(targets, is_moe)
+    if use_dora and expert_ws:
+        raise ValueError(f"apply_lora: {DORA_ON_EXPERTS}")
     for p in model.parameters():
         p.requires_grad_(False)
     found = set()
+    kw = dict(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_dtype=lora_dtype)
     for path, module in list(model.named_modules()):
-        parent_path, _, leaf = path.rpartition(".")
-        kw = dict(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_dtype=lora_dtype, name=path)
+        leaf = path.rpartition(".")[2]
         in_ffn_or_attn = ".attention." in f".{path}" or ".feed_forward." in f".{path}"
         if isinstance(module, LoRALinear):  # already adapted (apply_lora twice): counts as found, left as is
             found.add("router" if leaf == "gate" else leaf)
-            continue
-        if isinstance(module, LoRAExperts):
+        elif isinstance(module, LoRAExperts):
             found |= {f"experts.{w}" for w in module.targets}
-            continue
-        if isinstance(module, (nn.Linear, NF4Linear)) and (
+        elif isinstance(module, (nn.Linear, NF4Linear)) and (
                 (leaf in linears and (in_ffn_or_attn or path == "output"))
                 or (router and leaf == "gate" and path.endswith("feed_forward.gate"))):
-            new = LoRALinear(module, **kw)
+            wrap_module(model, path, use_dora=use_dora, **kw)
             found.add("router" if leaf == "gate" else leaf)
         elif isinstance(module, (Experts, NF4Experts)) and expert_ws:
-            new = LoRAExperts(module, weights=expert_ws, **kw)
+            wrap_module(model, path, expert_weights=expert_ws, **kw)
             found |= {f"experts.{w}" for w in expert_ws}
-        else:
-            continue
-        setattr(model.get_submodule(parent_path) if parent_path else model, leaf, new)
     missing = [w for w in sorted(linears) if w not in found] + [f"experts.{w}" for w in sorted(expert_ws)
                                                                  if f"experts.{w}" not in found]
     missing += ["router"] if router and "router" not in found else []
@@ -287,12 +308,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     return model
 
 
-def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))]
-
-
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable LoRA factors, for the optimizer."""
+    """The trainable LoRA factors (and DoRA magnitudes), for the optimizer."""
     return [p for n, p in model.named_parameters() if n.rpartition(".")[2].startswith("lora_")]
 
 
@@ -302,54 +319,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def set_lora_enabled(model: nn.Module, enabled: bool):
-    """Switch the LoRA path off (base-model outputs) or back on, without touching weights."""
+    """Switch the LoRA path off (base-model outputs) or back on, without touching weights or the selection."""
     for name, m in lora_modules(model):
         if m.merged and not enabled:
             raise ValueError(f"set_lora_enabled: {name} is merged into its base weight; call unmerge_lora first")
         m.enabled = enabled
-
-
-def _check_mergeable(model: nn.Module, name: str, weight):
-    if isinstance(weight, NF4Weight):
-        raise ValueError(f"merge_lora: {name} has an NF4 base; merging would re-quantize it. Merge into the float "
-                         "checkpoint instead: python -m minillama.merge --base ... --adapter ...")
-    emb = getattr(model, "tok_embeddings", None)
-    if emb is not None and weight is emb.weight:
-        raise ValueError(f"merge_lora: {name} shares its weight with tok_embeddings (tied); merging would change "
-                         "the embeddings too")
-
-
-@torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight in the base dtype (float32 math, rounded once); exact to undo."""
-    for name, m in lora_modules(model):
-        if m.merged:
-            continue
-        if isinstance(m, LoRALinear):
-            _check_mergeable(model, name, m.weight)
-            m._fix = _merge_exact(m.weight.data, m.delta())
-        else:
-            for w in m.targets:
-                _check_mergeable(model, f"{name}.{w}", getattr(m, w))
-            m._fix = {(w, e): _merge_exact(getattr(m, w).data[e], m.delta(w, e))
-                      for w in m.targets for e in range(m.w1.shape[0])}
-        m.merged = True
-    return model
-
-
-@torch.no_grad()
-def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo merge_lora: base weights come back bit-for-bit (the LoRA factors must not have changed in between)."""
-    for name, m in lora_modules(model):
-        if not m.merged:
-            continue
-        if isinstance(m, LoRALinear):
-            _unmerge_exact(m.weight.data, m.delta(), m._fix)
-        else:
-            for (w, e), fix in m._fix.items():
-                _unmerge_exact(getattr(m, w).data[e], m.delta(w, e), fix)
-        m.merged, m._fix = False, None
-    return model
 
 
 # ---- whole modules trained beside LoRA (saved as PEFT modules_to_save) ----

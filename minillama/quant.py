@@ -6,8 +6,11 @@ Layout of a quantized weight (*lead, out, in), each matrix (each expert of a sta
 - each block's absmax, double-quantized as in the QLoRA paper: minus the matrix's mean absmax, then linear int8
   (symmetric, round to nearest) in groups of 256 blocks with one float32 scale per group. bitsandbytes uses its
   dynamic 8-bit float code instead of linear int8; the cost is the same (1 byte per 64 weights + 4 bytes per 16384).
-Everything is a plain buffer (uint8 / int8 / int32 bits of float32), so FSDP2's fully_shard and model.to(dtype)
-leave it alone (replicated per rank, not sharded: 4-bit layers are small).
+Each of the four arrays is a frozen, flat (1-D) nn.Parameter of an integer dtype (uint8 codes, int8 scales, int32
+bits of the float32 second-level scales and mean): model.to(bfloat16) leaves integers alone, and FSDP2's
+fully_shard shards them along dim 0 like any frozen parameter and all-gathers them per block for its forward and
+backward (mixed dtypes go through one uint8 buffer), so under FSDP each rank holds ~1/N of the NF4 base, as
+FSDP-QLoRA does (measured in tests/test_qlora_fsdp.py). Flat, because a (1, n) matrix would shard as one row.
 
 Measured (tests/test_quant.py): Gaussian weights round-trip with relative RMS error 0.092 (the same as
 bitsandbytes' NF4); on the tiny random test model (2 layers, dim 64, weights N(0, 0.05)) logits move by ~0.09
@@ -88,8 +91,24 @@ def _quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return q.view(absmax.shape[0], -1), scale, mean
 
 
+def nf4_nbytes(shape: tuple) -> int:
+    """Bytes NF4Weight stores for a weight of `shape` (*lead, out, in): codes, int8 scales, their float32 scales
+    and mean (~0.516 bytes per weight)."""
+    mats = math.prod(shape[:-2])
+    nb = math.ceil(shape[-2] * shape[-1] / BLOCK)
+    ng = math.ceil(nb / SCALE_GROUP)
+    return mats * (nb * BLOCK // 2 + ng * SCALE_GROUP + 4 * ng + 4)
+
+
+def _frozen_param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.contiguous().view(-1), requires_grad=False)
+
+
 class NF4Weight(nn.Module):
-    """A frozen weight (*lead, out, in) stored in NF4; `dequantize(index)` gives it (or lead slice `index`) back."""
+    """A frozen weight (*lead, out, in) stored in NF4; `dequantize(index)` gives it (or lead slice `index`) back.
+
+    Storage (S = the matrices of the stack, nb = 64-weight blocks per matrix, ng = groups of 256 blocks), each flat:
+    packed (S*nb*32,) uint8, absmax_q (S*ng*256,) int8, absmax_scale (S*ng,) and absmax_mean (S,) float32 bits."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -99,25 +118,34 @@ class NF4Weight(nn.Module):
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype  # dequantized (compute) dtype
         mats = weight.detach().reshape(-1, self.shape[-2] * self.shape[-1])  # (S, n)
+        self.n_mats = mats.shape[0]
         parts = [_quantize_matrix(m) for m in mats]
         absmax = torch.stack([a for _, a in parts])  # (S, nb)
-        self.register_buffer("packed", torch.stack([p for p, _ in parts]))  # (S, nb*32) uint8
+        self.packed = _frozen_param(torch.stack([p for p, _ in parts]))
         q, scale, mean = _quantize_scales(absmax)
-        self.register_buffer("absmax_q", q)  # (S, ng*256) int8
+        self.absmax_q = _frozen_param(q)
         # float32 scales kept as their int32 bit pattern, so model.to(bfloat16) cannot round them
-        self.register_buffer("absmax_scale", scale.contiguous().view(torch.int32))  # (S, ng) float32 bits
-        self.register_buffer("absmax_mean", mean.contiguous().view(torch.int32))  # (S, 1) float32 bits
+        self.absmax_scale = _frozen_param(scale.contiguous().view(torch.int32))
+        self.absmax_mean = _frozen_param(mean.contiguous().view(torch.int32))
 
     @property
     def device(self) -> torch.device:
         return self.packed.device
 
+    def nbytes(self) -> int:
+        """Bytes of the whole quantized weight (the four arrays, unsharded)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def _codes(self) -> torch.Tensor:
+        return self.packed.view(self.n_mats, -1)  # (S, nb*32)
+
     def absmax(self) -> torch.Tensor:
         """The dequantized per-block absmax (S, nb)."""
-        nb = self.packed.shape[-1] * 2 // BLOCK
-        scale, mean = self.absmax_scale.view(torch.float32), self.absmax_mean.view(torch.float32)
-        groups = self.absmax_q.view(self.absmax_q.shape[0], -1, SCALE_GROUP).float() * scale[..., None]
-        return groups.view(self.absmax_q.shape[0], -1)[:, :nb] + mean
+        S = self.n_mats
+        nb = self.packed.numel() // S * 2 // BLOCK
+        scale, mean = self.absmax_scale.view(torch.float32).view(S, -1), self.absmax_mean.view(torch.float32)
+        groups = self.absmax_q.view(S, -1, SCALE_GROUP).float() * scale[..., None]
+        return groups.view(S, -1)[:, :nb] + mean[:, None]
 
     def dequantize(self, index: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The whole weight (*lead, out, in), or matrix `index` of a stack (out, in), in `dtype` (default: original).
@@ -125,7 +153,8 @@ class NF4Weight(nn.Module):
         Decoded CHUNK weights at a time into the output, so the float32 temporaries stay small (this runs in every
         forward and backward of a QLoRA layer; a 70B down_proj has 235M weights).
         """
-        packed = self.packed if index is None else self.packed[index:index + 1]  # (S, nb*32)
+        codes = self._codes()
+        packed = codes if index is None else codes[index:index + 1]  # (S, nb*32)
         absmax = self.absmax() if index is None else self._absmax_row(index)  # (S, nb)
         S, n = packed.shape[0], self.shape[-2] * self.shape[-1]
         pair = _byte_pairs(packed.device)
@@ -139,10 +168,12 @@ class NF4Weight(nn.Module):
         return out.reshape(self.shape) if index is None else out.view(self.shape[-2:])
 
     def _absmax_row(self, index: int) -> torch.Tensor:
-        nb = self.packed.shape[-1] * 2 // BLOCK
-        q, scale = self.absmax_q[index:index + 1], self.absmax_scale[index:index + 1].view(torch.float32)
+        S = self.n_mats
+        nb = self.packed.numel() // S * 2 // BLOCK
+        q = self.absmax_q.view(S, -1)[index:index + 1]
+        scale = self.absmax_scale.view(torch.float32).view(S, -1)[index:index + 1]
         return ((q.view(1, -1, SCALE_GROUP).float() * scale[..., None]).view(1, -1)[:, :nb]
-                + self.absmax_mean[index:index + 1].view(torch.float32))
+                + self.absmax_mean.view(torch.float32)[index:index + 1, None])
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, dtype={self.dtype}, nf4"

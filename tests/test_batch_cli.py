@@ -144,3 +144,43 @@ def test_complete_cli_with_adapter_equals_in_process_generation(tiny_dir, tmp_pa
     assert proc.returncode == 0, proc.stderr
     for p, new in zip(prompts, with_adapter):
         assert f"{p}\n> {answer_text(tok, new)}\n" in proc.stdout
+
+
+def test_batch_lines_pick_named_adapters_and_equal_each_adapter_alone(tiny_dir, tmp_path):
+    """--adapter a=DIR --adapter b=DIR: each line's "adapter" (or an adapter-naming "model") picks one; null is the
+    base model; every output equals generating with that adapter alone."""
+    from minillama.adapter import load_adapter, save_adapter
+    from minillama.lora import apply_lora
+    tok = load_tokenizer(tiny_dir)
+    dirs = {}
+    for seed, name in enumerate(("a", "b")):
+        model = apply_lora(load_model(tiny_dir), rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+        torch.manual_seed(seed + 1)
+        for pname, p in model.named_parameters():
+            if "lora_b" in pname:
+                torch.nn.init.normal_(p, std=0.5)
+        dirs[name] = save_adapter(model, tmp_path / name)
+    prompts = ["The capital of France is", "One, two", "Once upon a time"]
+    lines = [{"prompt": prompts[0], "adapter": "b"}, {"prompt": prompts[1]}, {"prompt": prompts[2], "adapter": None},
+             {"prompt": prompts[0], "model": "a"}, {"prompt": prompts[1], "adapter": "b"},
+             {"prompt": prompts[2], "adapter": "zz"}]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    def alone(adapter_dir, text):
+        model = load_model(tiny_dir)
+        if adapter_dir is not None:
+            load_adapter(model, adapter_dir)
+        return answer_text(tok, generate(model, [tok.encode(text, bos=True)], MAX_NEW, stop_ids=tok.stop_ids)[0])
+
+    want = [alone(dirs["b"], prompts[0]), alone(dirs["a"], prompts[1]), alone(None, prompts[2]),
+            alone(dirs["a"], prompts[0]), alone(dirs["b"], prompts[1])]
+    assert len(set(want[:2] + [alone(None, prompts[0])])) == 3  # the adapters really differ
+    cmd = [sys.executable, BATCH, "--ckpt", tiny_dir, "--input", inp, "--output", tmp_path / "out.jsonl",
+           "--max_new_tokens", str(MAX_NEW), "--batch_size", "2", "--adapter", f"a={dirs['a']}",
+           "--adapter", f"b={dirs['b']}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr
+    records = read_jsonl(tmp_path / "out.jsonl")
+    assert [r.get("output") for r in records[:5]] == want
+    assert "not a loaded adapter (loaded: a, b)" in records[5]["error"]

@@ -117,7 +117,7 @@ def test_tensor_parallel_with_adapter_and_rope_override_equals_one_process(tiny,
     one, tp = read(tmp_path / "one" / "passkey.jsonl"), read(tmp_path / "tp" / "passkey.jsonl")
     assert [r["answer"] for r in one] == [r["answer"] for r in tp] and len(one) == 4
     cfg = json.loads((tmp_path / "tp" / "eval_config.json").read_text())["passkey"]
-    assert cfg["rope_theta"] == 20000.0 and cfg["adapter"] == str(adapter)
+    assert cfg["rope_theta"] == 20000.0 and cfg["adapter"] == [["default", str(adapter)]]
 
 
 def test_passkey_training_set_is_deterministic_sized_and_worded_like_the_eval(smol_dir, tmp_path):

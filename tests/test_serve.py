@@ -1,4 +1,4 @@
-"""generate/serve.py with the official openai client as the client, on SmolLM2 plus a random LoRA adapter:
+"""generate/serve.py with the official openai client as the client, on SmolLM2 plus two random LoRA adapters:
 answers equal chat.py / solo greedy decoding, streaming, concurrency, stop strings, seeds, disconnects, bad requests,
 and the chat page driven in headless Chromium."""
 
@@ -22,14 +22,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from minillama import load_model  # noqa: E402
-from minillama.adapter import save_adapter  # noqa: E402
+from minillama.adapter import load_adapter, save_adapter  # noqa: E402
 from minillama.generation import generate  # noqa: E402
-from minillama.lora import apply_lora, set_lora_enabled  # noqa: E402
+from minillama.lora import apply_lora, set_adapter  # noqa: E402
 from minillama.tokenizer import decode_cut, load_tokenizer  # noqa: E402
 from sft_helpers import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BASE, ADAPTER = "smol", "noisy"
+BASE, ADAPTER, ADAPTER2 = "smol", "noisy", "calm"
 MAX_SEQ_LEN = 384
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Spanish.",
              "What is the largest planet?", "Who wrote Hamlet?", "What do bees make?", "Give me a word for happy."]
@@ -57,22 +57,29 @@ def start_server(args, env=None, timeout=180):
 
 @pytest.fixture(scope="module")
 def smol(smollm2_dir, tmp_path_factory):
-    """SmolLM2 with a random LoRA adapter saved to disk; in-process model (adapter switchable) and tokenizer."""
+    """SmolLM2 with two random LoRA adapters saved to disk (different targets and ranks); the in-process model holds
+    both side by side (solo() picks one) and the tokenizer."""
     model, tok = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
-    apply_lora(model, rank=4, alpha=8, targets=("v_proj", "down_proj"))
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if "lora_b" in name:
-            torch.nn.init.normal_(p, std=0.5)
-    adapter = save_adapter(model, tmp_path_factory.mktemp("adapter") / "noisy")
-    return model, tok, adapter
+    dirs = {}
+    for seed, (name, rank, targets) in enumerate([(ADAPTER, 4, ("v_proj", "down_proj")),
+                                                   (ADAPTER2, 8, ("q_proj", "o_proj", "up_proj"))]):
+        noisy = apply_lora(load_model(smollm2_dir), rank=rank, alpha=2 * rank, targets=targets)
+        torch.manual_seed(seed)
+        for pname, p in noisy.named_parameters():
+            if "lora_b" in pname:
+                torch.nn.init.normal_(p, std=0.5)
+        dirs[name] = save_adapter(noisy, tmp_path_factory.mktemp("adapter") / name)
+        del noisy
+        load_adapter(model, dirs[name], name=name)
+    return model, tok, dirs
 
 
 @pytest.fixture(scope="module")
 def server(smol, smollm2_dir):
-    _, _, adapter = smol
-    proc, url, log = start_server(["--ckpt", smollm2_dir, "--adapter", f"{ADAPTER}={adapter}", "--model_name", BASE,
-                                   "--max_seq_len", MAX_SEQ_LEN, "--max_batch_size", 8, "--temperature", 0])
+    _, _, dirs = smol
+    proc, url, log = start_server(["--ckpt", smollm2_dir, "--adapter", f"{ADAPTER}={dirs[ADAPTER]}", "--adapter",
+                                   f"{ADAPTER2}={dirs[ADAPTER2]}", "--model_name", BASE, "--max_seq_len", MAX_SEQ_LEN,
+                                   "--max_batch_size", 8, "--temperature", 0])
     yield url, log
     proc.terminate()
     proc.wait(30)
@@ -87,10 +94,10 @@ def chat_ids(tok, question):
     return tok.encode_dialog([{"role": "user", "content": question}])
 
 
-def solo(smol, ids, n, adapter=False):
-    """Greedy answer of the prompt alone, in-process, with or without the adapter."""
+def solo(smol, ids, n, adapter=None):
+    """Greedy answer of the prompt alone, in-process, with the named adapter (None: the base model)."""
     model, tok, _ = smol
-    set_lora_enabled(model, adapter)
+    set_adapter(model, adapter)
     out = generate(model, [ids], n, stop_ids=tok.stop_ids)[0]
     return out, decode_cut(tok, out) if len(out) == n else tok.decode(out)  # a cut answer: no partial character
 
@@ -113,9 +120,9 @@ def post_raw(url, path, data: bytes):
         return e.code, json.loads(e.read())
 
 
-def test_models_lists_the_base_and_the_adapter(client):
+def test_models_lists_the_base_and_the_adapters(client):
     models = client.models.list().data
-    assert [(m.id, getattr(m, "parent", None)) for m in models] == [(BASE, None), (ADAPTER, BASE)]
+    assert [(m.id, getattr(m, "parent", None)) for m in models] == [(BASE, None), (ADAPTER, BASE), (ADAPTER2, BASE)]
 
 
 def test_greedy_chat_completion_equals_chat_cli(client, smol, smollm2_dir):
@@ -155,13 +162,18 @@ def test_eight_concurrent_requests_each_equal_their_solo_greedy_output(client, s
     assert health(server[0]) == {"status": "ok", "running": 0, "waiting": 0}
 
 
-def test_adapter_requests_run_the_adapter_and_base_requests_the_base_model(client, smol):
+def test_each_request_runs_its_adapter_in_one_mixed_batch(client, smol, server):
+    """Base and two adapters interleaved: one batch mixes them (set_row_adapters), and each answer equals that
+    model's greedy answer alone."""
     n, q = 10, QUESTIONS[0]
-    with ThreadPoolExecutor(4) as pool:  # interleaved: the server keeps each batch on one of the two
-        rs = list(pool.map(lambda m: ask(client, q, model=m, temperature=0, max_tokens=n), [BASE, ADAPTER] * 2))
-    base, adapted = solo(smol, chat_ids(smol[1], q), n)[1], solo(smol, chat_ids(smol[1], q), n, adapter=True)[1]
-    assert base != adapted
-    assert [r.choices[0].message.content for r in rs] == [base, adapted] * 2
+    models = [BASE, ADAPTER, ADAPTER2] * 2
+    with ThreadPoolExecutor(6) as pool:
+        rs = list(pool.map(lambda m: ask(client, q, model=m, temperature=0, max_tokens=n), models))
+    ids = chat_ids(smol[1], q)
+    want = {m: solo(smol, ids, n, None if m == BASE else m)[1] for m in (BASE, ADAPTER, ADAPTER2)}
+    assert len(set(want.values())) == 3  # the adapters really differ from the base and from each other
+    assert [r.choices[0].message.content for r in rs] == [want[m] for m in models]
+    assert all(r.model == m for r, m in zip(rs, models))
 
 
 def test_completions_endpoint_and_stop_strings(client, smol):
@@ -281,9 +293,9 @@ def test_chat_page_streams_an_answer_in_a_real_browser(browser, server, smol):
     from selenium.webdriver.common.by import By
     url = server[0]
     browser.get(url + "/")
-    assert wait_for(browser, "return document.querySelectorAll('#model option').length === 2")
+    assert wait_for(browser, "return document.querySelectorAll('#model option').length === 3")
     options = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#model option")]
-    assert options == [BASE, ADAPTER]
+    assert options == [BASE, ADAPTER, ADAPTER2]
     browser.find_element(By.ID, "temperature").send_keys("0")
     browser.find_element(By.ID, "max_tokens").send_keys("24")
     question = "What is the capital of France?"

@@ -175,7 +175,7 @@ def start_run(args) -> Run:
 
     lengths = [len(s.ids) for s in samples]
     longest = min(args.seq_len, sum(lengths)) if args.pack else max(lengths)
-    model, root, optimizer = build_model(args, info, compute_dtype, msg, longest)
+    model, root, optimizer = build_model(args, info, compute_dtype, msg, longest=longest)
     if cp is not None:
         check_supported(args, model.args)
 

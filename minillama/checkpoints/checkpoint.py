@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -21,11 +22,11 @@ from ..model import Transformer
 from .hf_format import hf_key_files, hf_plan, hf_weight_files, is_hf_dir, read_hf_args, write_hf_weights
 from .meta_format import (check_meta_split, is_meta_dir, meta_params, meta_plan, meta_weight_files,
                           read_meta_args, write_meta_weights)
-from .shards import Entry, TensorFiles, check_plan
+from .shards import Entry, TensorFiles, check_plan, read_entry
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
-__all__ = ["load_model", "read_model_args", "save_hf", "save_meta", "detect_format", "TOKENIZER_FILES"]
+__all__ = ["load_model", "plan_checkpoint", "read_model_args", "save_hf", "save_meta", "detect_format", "TOKENIZER_FILES"]
 
 
 def detect_format(path: Union[str, Path]) -> tuple[str, Path]:
@@ -54,18 +55,22 @@ def read_model_args(path: Union[str, Path]) -> ModelArgs:
     return read_meta_args(d, files, meta_weight_files(d)[0])  # reads at most a header
 
 
-def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch.dtype, str]] = torch.float32,
-               quantize: Optional[str] = None, max_seq_len: Optional[int] = None, rope_theta: Optional[float] = None,
-               rope_scaling: Optional[dict] = None) -> Transformer:
-    """Build the model a checkpoint describes and load its weights; eval mode. dtype=None keeps the checkpoint's.
+@dataclass
+class CheckpointPlan:
+    """What a checkpoint holds, before any weight is read: its config and, per model tensor, where it lies."""
 
-    rope_theta / rope_scaling / max_seq_len override the checkpoint's RoPE base, scaling and context, exactly as the
-    same values in its config.json would (args.with_rope; rope_scaling {"rope_type": "default"} removes a scaling).
-    params.json does not record the context; dynamic NTK and yarn read it.
-    """
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
-    dtype = parse_dtype(dtype, "load_model: dtype")
+    dir: Path
+    args: ModelArgs  # with the RoPE overrides applied
+    files: TensorFiles  # opened lazily; safetensors memory-mapped
+    entries: list[Entry]  # checked: every model tensor covered once, shapes as the config says
+    shapes: dict[str, tuple]  # model state-dict key -> shape
+    head_against_tie: bool = False  # the config ties the head but the file has its own: load_model decides
+
+
+def plan_checkpoint(path: Union[str, Path], rope_theta: Optional[float] = None, rope_scaling: Optional[dict] = None,
+                    max_seq_len: Optional[int] = None) -> CheckpointPlan:
+    """Read a checkpoint's config and tensor headers (HF or Meta/Mistral layout) and plan the loading; no weights
+    are read. load_model runs this plan; tools that walk a checkpoint tensor by tensor use it directly."""
     fmt, d = detect_format(path)
     files = TensorFiles()
     if fmt == "hf":
@@ -82,13 +87,11 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
         raise ValueError(f"{d}: the checkpoint has no {'lm_head' if fmt == 'hf' else 'output'}.weight and its "
                          f"config does not tie it to the embeddings: a weight file left out of the index, or a "
                          f"broken save? (a model with tied weights says tie_word_embeddings: true)")
-    if head:  # read the file's head; it is dropped below only if it equals the embedding
+    if head:  # read the file's head; it is dropped in load_model only if it equals the embedding
         args.tie_embeddings = False
     args = with_rope(args, rope_theta, rope_scaling, max_seq_len)
-    device = torch.device(device)
     with torch.device("meta"):
-        model = Transformer(args)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
     if args.tie_embeddings:
         shapes.pop("output.weight")
     source = str(d)
@@ -97,9 +100,28 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
     else:
         entries = meta_plan(files, weight_files, model_parallel, args, shapes, source)
     check_plan(files, entries, shapes, source)
-    _load_entries(model, files, entries, shapes, device, dtype, quantize)
-    if head and tied_in_config:
-        _tie_or_keep_head(model, d)
+    return CheckpointPlan(d, args, files, entries, shapes, head_against_tie=head and tied_in_config)
+
+
+def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch.dtype, str]] = torch.float32,
+               quantize: Optional[str] = None, max_seq_len: Optional[int] = None, rope_theta: Optional[float] = None,
+               rope_scaling: Optional[dict] = None) -> Transformer:
+    """Build the model a checkpoint describes and load its weights; eval mode. dtype=None keeps the checkpoint's.
+
+    rope_theta / rope_scaling / max_seq_len override the checkpoint's RoPE base, scaling and context, exactly as the
+    same values in its config.json would (args.with_rope; rope_scaling {"rope_type": "default"} removes a scaling).
+    params.json does not record the context; dynamic NTK and yarn read it.
+    """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
+    dtype = parse_dtype(dtype, "load_model: dtype")
+    plan = plan_checkpoint(path, rope_theta, rope_scaling, max_seq_len)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(plan.args)
+    _load_entries(model, plan.files, plan.entries, plan.shapes, device, dtype, quantize)
+    if plan.head_against_tie:
+        _tie_or_keep_head(model, plan.dir)
     model.reset_rope(device)
     model.tie_weights()
     return model.eval()
@@ -131,10 +153,7 @@ def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], sh
         if last_file is not None and e.sources[0].file != last_file and len(e.sources) == 1:
             files.close(last_file)  # drop the mapping of a finished HF shard
         last_file = e.sources[0].file
-        pieces = [files.get(s.file, s.key) for s in e.sources]
-        t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=e.cat_dim)  # checkpoint dtype
-        if e.transform is not None:  # before the cast: a slice of a stacked tensor then converts only itself
-            t = e.transform(t)
+        t = read_entry(files, e)  # checkpoint dtype (a transform runs before the cast: a slice converts only itself)
         t = t.to(device=device, dtype=dtype or t.dtype)
         if e.slot is None:
             _assign(model, e.target, t.contiguous(), quantized)

@@ -1,7 +1,8 @@
 """Merge LoRA adapters into a base checkpoint: `python -m minillama.merge --base B --adapter A1 [--adapter A2] --out D`.
 
 The base is loaded in its own dtype on CPU; each targeted weight is merged on its own in float32 and rounded once,
-W <- (W.float() + sum_i scaling_i * B_i @ A_i).to(W.dtype), so at most one weight (one expert) is ever in float32.
+W <- (W.float() + sum_i scaling_i * B_i @ A_i).to(W.dtype) (a DoRA adapter also rescales each row by m / ||row||),
+so at most one weight (one expert) is ever in float32.
 Whole modules an adapter trained (PEFT modules_to_save, e.g. embeddings and norms) replace the base's. The RoPE the
 adapters were trained with (their base_rope.json) is applied to the base and recorded in the merged config, unless
 --rope_theta / --rope_scaling / --max_seq_len say otherwise.
@@ -23,17 +24,20 @@ from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..files import check_dir_writable
 
 
-def _delta(parts: list, shape: tuple, name: str, expert: Optional[int] = None) -> torch.Tensor:
-    """Sum of scaling * B @ A over the adapters touching one weight, float32. (out, in)"""
-    delta = torch.zeros(shape, dtype=torch.float32)
-    for a, b, s in parts:
+def _merged(weight: torch.Tensor, parts: list, name: str, expert: Optional[int] = None) -> torch.Tensor:
+    """The weight with every adapter touching it applied in order, in float32: W + scaling * B @ A for LoRA,
+    g * (W + scaling * B @ A) with g = m / ||W + scaling * B @ A|| per row for DoRA (as PEFT merges). (out, in)"""
+    w = weight.float()
+    for a, b, s, magnitude in parts:
         if expert is not None:
             a, b = a[expert], b[expert]
-        if (b.shape[0], a.shape[-1]) != tuple(shape):
+        if (b.shape[0], a.shape[-1]) != tuple(w.shape):
             raise ValueError(f"merge: adapter delta for {name} is ({b.shape[0]}, {a.shape[-1]}) but the base weight is "
-                             f"{tuple(shape)}: adapter for another model?")
-        delta += (b.float() @ a.float()) * s
-    return delta
+                             f"{tuple(w.shape)}: adapter for another model?")
+        w = w + (b.float() @ a.float()) * s
+        if magnitude is not None:
+            w = w * (magnitude.float() / torch.linalg.norm(w, dim=1))[:, None]
+    return w
 
 
 def check_fits(factors: dict, args: ModelArgs, source) -> None:
@@ -42,7 +46,7 @@ def check_fits(factors: dict, args: ModelArgs, source) -> None:
 
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
-    for (path, w), (a, b, _) in factors.items():
+    for (path, w), (a, b, *_) in factors.items():
         key = f"{path}.{w}" if w is not None else f"{path}.weight"
         if key not in shapes:
             raise ValueError(f"{source}: adapter module {path} does not exist in the base model ({args.n_layers} "
@@ -64,7 +68,8 @@ def read_adapters(adapter_dirs: Iterable[str], args: ModelArgs, log: Callable[[s
             raise FileNotFoundError(f"--adapter {d}: no such directory")
         cfg, factors = read_adapter(d, args)
         check_fits(factors, args, d)
-        log(f"adapter {d}: r={cfg['r']} alpha={cfg['lora_alpha']} rslora={bool(cfg.get('use_rslora'))}, "
+        log(f"adapter {d}: r={cfg['r']} alpha={cfg['lora_alpha']} rslora={bool(cfg.get('use_rslora'))}"
+            f"{' dora' if cfg.get('use_dora') else ''}, "
             f"{len(factors)} weights")
         for key, f in factors.items():
             per_weight.setdefault(key, []).append(f)
@@ -78,7 +83,8 @@ def read_adapters(adapter_dirs: Iterable[str], args: ModelArgs, log: Callable[[s
 @torch.no_grad()
 def merge_adapters_(model: torch.nn.Module, adapter_dirs: Iterable[str],
                     log: Callable[[str], None] = print, read: Optional[tuple] = None) -> torch.nn.Module:
-    """Fold PEFT adapters (applied in sum, as PEFT's multi-adapter merge does) into the base weights in place.
+    """Fold PEFT adapters (applied in order, as PEFT's multi-adapter merge does; LoRA updates add up, a DoRA adapter
+    rescales what it is applied to) into the base weights in place.
     read: what read_adapters already returned (then adapter_dirs are not read again)."""
     per_weight, whole = read if read is not None else read_adapters(adapter_dirs, model.args, log)
     _replace_modules(model, whole, log)
@@ -96,11 +102,10 @@ def merge_adapters_(model: torch.nn.Module, adapter_dirs: Iterable[str],
         if emb is not None and weight is emb.weight:
             raise ValueError(f"merge: {path} is tied to tok_embeddings; merging would change the embeddings too")
         if w is None:
-            weight.copy_((weight.float() + _delta(parts, weight.shape, path)).to(weight.dtype))
+            weight.copy_(_merged(weight, parts, path).to(weight.dtype))
         else:
             for e in range(weight.shape[0]):  # one expert at a time keeps the float32 temporaries small
-                delta = _delta(parts, weight.shape[1:], f"{path}.{w}[{e}]", e)
-                weight[e] = (weight[e].float() + delta).to(weight.dtype)
+                weight[e] = _merged(weight[e], parts, f"{path}.{w}[{e}]", e).to(weight.dtype)
         layer = path.split(".")[1] if path.startswith("layers.") else path
         if layer != last_layer:
             log(f"  merged {path}{'.' + w if w else ''} ({i + 1}/{len(per_weight)} weights, {time.time() - t0:.1f}s)")

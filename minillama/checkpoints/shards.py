@@ -120,6 +120,14 @@ def disk_shape(files: TensorFiles, entry: Entry) -> tuple:
     return tuple(sum(s[d] for s in shapes) if i == d else n for i, n in enumerate(first))
 
 
+def read_entry(files: TensorFiles, entry: Entry) -> torch.Tensor:
+    """One entry's tensor in the checkpoint's dtype: its pieces read (memory-mapped), concatenated, transformed
+    (before any cast, so a slice of a stacked tensor converts only itself)."""
+    pieces = [files.get(s.file, s.key) for s in entry.sources]
+    t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=entry.cat_dim)
+    return entry.transform(t) if entry.transform is not None else t
+
+
 def check_plan(files: TensorFiles, entries: list[Entry], shapes: dict[str, tuple], source: str):
     """Every model tensor (and every expert slot) covered exactly once, and every shape as the config says."""
     covered: dict[str, set] = {}

@@ -6,10 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ..args import rope_settings
 from ..checkpoints import load_model
 from ..lora import apply_lora, set_trainable
+from ..quant import NF4Weight
 from ..tokenizer import load_tokenizer
 from .data import check_data_file, load_jsonl, report_bad_lines
 from .fsdp import apply_fsdp, checkpoint_blocks
@@ -47,9 +50,10 @@ def load_device(args, info) -> torch.device:
     On GPU the full model goes to CPU memory first: fully_shard then moves one block at a time to the GPU and keeps
     only this rank's shard there, so no rank ever holds the whole model in GPU memory. The cost: while loading, each
     rank holds a CPU copy of the whole model in the load dtype (8 ranks x 16 GB for Llama 3 8B in bf16).
-    QLoRA quantizes on the GPU as tensors arrive (CPU quantization of a 47B model is slow): every rank keeps the
-    whole NF4 base on its GPU (~0.5 bytes/weight, replicated: FSDP shards parameters, not the 4-bit buffers, and
-    CPU offload moves only parameters); the full-precision layer weights pass through one at a time.
+    QLoRA quantizes on the GPU as tensors arrive (CPU quantization of a 47B model is slow): while loading, every
+    rank holds the whole NF4 base on its GPU (~0.52 bytes/weight, ~24 GB for Mixtral 8x7B) with the full-precision
+    layer weights passing through one at a time; fully_shard then keeps 1/N of it per rank (the NF4 arrays are
+    frozen parameters) and frees the rest.
     """
     if info.device.type == "cuda" and not args.quantize:
         return torch.device("cpu")
@@ -67,20 +71,55 @@ def report_rope(args, model_args, longest: int, log) -> None:
                     "it) to record the longer context")
 
 
-def build_model(args, info, compute_dtype, log, longest: int = 0):
+def nf4_bytes(model) -> tuple[int, int]:
+    """(bytes of the NF4 base this rank holds, bytes of the whole NF4 base): FSDP2 shards its flat parameters."""
+    local = total = 0
+    for m in model.modules():
+        if isinstance(m, NF4Weight):
+            for p in m.parameters():
+                total += p.numel() * p.element_size()
+                shard = p.to_local() if isinstance(p, DTensor) else p
+                local += shard.numel() * shard.element_size()
+    return local, total
+
+
+def nf4_memory_line(model, info) -> str:
+    """What each rank holds of the NF4 base (a collective: every rank calls it)."""
+    local, total = nf4_bytes(model)
+    per_rank = torch.zeros(info.world_size, dtype=torch.float64, device=info.device)
+    per_rank[info.rank] = local
+    dist.all_reduce(per_rank)
+    shares = [int(b) for b in per_rank.tolist()]
+    return (f"NF4 base: {total / 2**30:.3f} GiB in all, per rank {', '.join(f'{b / 2**30:.3f}' for b in shares)} "
+            f"GiB (bytes: {total} in all, per rank {' '.join(map(str, shares))}; FSDP shards it over "
+            f"{info.world_size} processes)")
+
+
+def bytes_per_param(master_bf16: bool) -> str:
+    """The optimizer-side memory of one trained parameter (sharded by FSDP: divide by the process count)."""
+    if master_bf16:
+        return "8 bytes per trained parameter (bf16 weight 2 + gradient 2 + AdamW m 2 + v 2)"
+    return "16 bytes per trained parameter (fp32 master weight 4 + gradient 4 + AdamW m 4 + v 4)"
+
+
+def build_model(args, info, compute_dtype, log, wrap=CausalLMLoss, longest: int = 0):
     """Load the checkpoint, add LoRA (or unfreeze everything), wrap with the loss, shard with FSDP2, make AdamW.
 
     longest: the longest row the run will train on (for the context warning).
-    Returns (model, root, optimizer): root is the FSDP-sharded CausalLMLoss around model."""
+    Returns (model, root, optimizer): root is the FSDP-sharded wrap(model, loss_chunk) (CausalLMLoss for SFT,
+    loss.SequenceLogprobs for preference tuning)."""
     lora = args.lora_rank > 0
+    master_bf16 = getattr(args, "master_dtype", "float32") == "bfloat16"
     torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
-    # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32
-    load_dtype = compute_dtype if lora else torch.float32
+    # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32;
+    # full fine-tuning keeps float32 master weights unless --master_dtype bfloat16
+    load_dtype = compute_dtype if lora or master_bf16 else torch.float32
     model = load_model(args.ckpt, device=load_device(args, info), dtype=load_dtype, quantize=args.quantize,
                        max_seq_len=args.max_seq_len, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling)
     report_rope(args, model.args, longest, log)
     if lora:
-        apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets)
+        apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets,
+                   use_dora=args.use_dora)
         if args.trainable:
             whole = set_trainable(model, args.trainable)
             for p in (p for n, p in model.named_parameters() if n in whole):
@@ -92,13 +131,18 @@ def build_model(args, info, compute_dtype, log, longest: int = 0):
     n_total = param_counts(model.args)["total"]  # counted from the shapes: NF4 weights are buffers
     if args.activation_checkpointing:
         checkpoint_blocks(model)
-    root = CausalLMLoss(model, args.loss_chunk).train()
-    apply_fsdp(root, param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
-               cpu_offload=args.cpu_offload, device=info.device)
-    optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas)
-    what = f"LoRA r={args.lora_rank} on {' '.join(args.lora_targets)}" if lora else "full"
+    root = wrap(model, args.loss_chunk).train()
+    mixed = compute_dtype != torch.float32 and not master_bf16  # bf16 master weights already are the compute dtype
+    apply_fsdp(root, param_dtype=compute_dtype if mixed else None, cpu_offload=args.cpu_offload, device=info.device,
+               reduce_dtype=torch.float32 if master_bf16 else None)
+    optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas, lora_plus_ratio=args.lora_plus_ratio,
+                                master_dtype=torch.bfloat16 if master_bf16 else torch.float32)
+    if args.quantize:
+        log.message(nf4_memory_line(model, info))
+    what = (f"{'DoRA' if args.use_dora else 'LoRA'} r={args.lora_rank} on {' '.join(args.lora_targets)}"
+            f"{f', LoRA+ B lr x{args.lora_plus_ratio:g}' if args.lora_plus_ratio else ''}" if lora else "full")
     what += f" + whole {' '.join(args.trainable)}" if args.trainable else ""
     log.message(f"model: {args.ckpt} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
                 f"{' NF4 base' if args.quantize else ''}: {n_trainable / 1e6:.2f}M trainable; "
-                f"{str(compute_dtype).removeprefix('torch.')} compute on {info.device}")
+                f"{str(compute_dtype).removeprefix('torch.')} compute on {info.device}; {bytes_per_param(master_bf16)}")
     return model, root, optimizer

@@ -48,18 +48,21 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
 
 def apply_fsdp(root: nn.Module, param_dtype: Optional[torch.dtype] = None, cpu_offload: bool = False,
-               reshard_after_forward: bool = True, device: Optional[torch.device] = None) -> nn.Module:
+               reshard_after_forward: bool = True, device: Optional[torch.device] = None,
+               reduce_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """fully_shard every TransformerBlock, then the root, over all processes on `device`'s type (default: where the
     parameters are). param_dtype: compute dtype (e.g. bf16) with fp32 grad reduction; None computes in the
     parameters' own dtype. Gradients are summed across ranks, not averaged: the trainer already divides by the
-    global token count.
+    global token count. reduce_dtype: the gradients' reduce-scatter dtype (default float32 with param_dtype, else
+    the parameters' own; pure bf16 training passes float32).
 
     Parameters may arrive on CPU: fully_shard moves each unit's parameters to the device as it shards them, so only
     one unsharded block is ever on the GPU (with cpu_offload the shards then go back to CPU)."""
     # an explicit mesh: fully_shard's default picks CUDA whenever it exists, even for a --device cpu run
     device = torch.device(device) if device is not None else next(root.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype,
+                              reduce_dtype=reduce_dtype or (torch.float32 if param_dtype else None))
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for block in root.modules():
         if isinstance(block, TransformerBlock):

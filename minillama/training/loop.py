@@ -148,6 +148,7 @@ class StepResult:
     stop_requested: bool  # some rank got SIGTERM
     seconds: float
     activation_mb: Optional[float] = None  # saved-for-backward bytes of the first micro-batch, largest rank (measured)
+    extra: dict = field(default_factory=dict)  # a recipe's own metrics (preference tuning: rewards, accuracies)
 
     @property
     def finite(self) -> bool:
@@ -245,6 +246,7 @@ class StepLog:
         record = {"step": step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens,
                   "tokens_per_s": r.tokens / r.seconds, "nonpad_frac": r.tokens / max(r.padded, 1), "epoch": epoch,
                   "time_s": r.seconds, "peak_mem_gb": peak_memory_gb(self.device)}
+        record.update(r.extra)
         if self.moe:
             record["aux_loss"] = r.aux_loss
         if r.activation_mb is not None:
@@ -254,15 +256,21 @@ class StepLog:
             record["mfu"] = flops / r.seconds / (self.peak * 1e12 * self.world_size)
         self.metrics.write(record)
         fields = {"loss": f"{r.loss:.4f}", "lr": f"{r.lr:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+        if "rewards/accuracies" in r.extra:
+            fields["acc"] = f"{r.extra['rewards/accuracies']:.2f}"
+            fields["margin"] = f"{r.extra['rewards/margins']:.3f}"
         if "mfu" in record:
             fields["mfu"] = f"{record['mfu']:.1%}"
         fields["mem"] = f"{record['peak_mem_gb']:.1f}G"
         self.bar.update(step, fields)
         return record
 
-    def eval(self, step: int, loss: float, final: bool = False) -> None:
-        self.metrics.write({"step": step, "eval_loss": loss})
-        self.bar.message(f"eval loss {loss:.4f}" if final else f"step {step}: eval loss {loss:.4f}")
+    def eval(self, step: int, loss: float, final: bool = False, extra: Optional[dict] = None) -> None:
+        """An eval record; `extra` metrics are written with an eval_ prefix and shown after the loss."""
+        extra = extra or {}
+        self.metrics.write({"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in extra.items()}})
+        shown = "".join(f", {k} {v:.4f}" for k, v in extra.items() if k in ("rewards/accuracies", "pref_accuracy"))
+        self.bar.message(f"eval loss {loss:.4f}{shown}" if final else f"step {step}: eval loss {loss:.4f}{shown}")
 
     def message(self, text: str) -> None:
         self.bar.message(text)

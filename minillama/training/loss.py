@@ -1,4 +1,5 @@
-"""Training losses: chunked cross-entropy (never the full (N, V) logits) and the MoE router loss, in one module.
+"""Training losses: chunked cross-entropy and per-token log-probs (never the full (N, V) logits) and the MoE router
+loss; CausalLMLoss (SFT) and SequenceLogprobs (preference tuning) are the modules FSDP shards as its root.
 
 Shape letters: B rows, L row length, N learned positions, D model dim, V vocabulary.
 """
@@ -46,6 +47,43 @@ def chunked_cross_entropy(hidden: torch.Tensor, project: Callable, targets: torc
     return total
 
 
+def _chunk_logps(project: Callable, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(project(h).float(), targets, reduction="none")  # (n,) log p(target)
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, project: Callable, targets: torch.Tensor,
+                           chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) of every learned position, float32 -> (logps (N,), flat positions into hidden's rows (N,)).
+
+    Projected chunk_size positions at a time and checkpointed, as chunked_cross_entropy. With nothing to learn,
+    one position is projected and its log-prob times 0 returned at position -1 (every FSDP rank must run the same
+    backward)."""
+    h = hidden.reshape(-1, hidden.shape[-1])  # (B*L, D)
+    t = targets.reshape(-1)
+    keep = torch.nonzero(t != IGNORE).flatten()  # (N,)
+    empty = len(keep) == 0
+    if empty:
+        keep = torch.zeros(1, dtype=torch.long, device=h.device)
+    h, t = h[keep], t[keep].clamp(min=0)
+    parts = [checkpoint(_chunk_logps, project, h[i:i + chunk_size], t[i:i + chunk_size], use_reentrant=False)
+             for i in range(0, len(keep), chunk_size)]
+    logps = torch.cat(parts)
+    return (logps * 0.0, keep - 1) if empty else (logps, keep)
+
+
+def router_aux_loss(moe_layers: list, args, real: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The Mixtral load-balancing loss of the last forward (0 for a dense model), padding excluded."""
+    if not moe_layers:
+        return like.new_zeros(())
+    logits = [m.router_logits for m in moe_layers]
+    mask = None if real is None else real.reshape(-1)
+    if mask is not None and not mask.any():
+        # only filler rows (an epoch's topped-up last batch): no token to balance; the masked mean would be
+        # 0/0 = NaN. A zero that still depends on the router keeps backward the same on every rank.
+        return sum(r.sum() for r in logits).float() * 0.0
+    return load_balancing_loss(logits, args.n_experts, args.n_experts_per_tok, token_mask=mask)
+
+
 class CausalLMLoss(nn.Module):
     """The trained unit: model forward + chunked loss in one forward, so FSDP's root owns the output layer.
 
@@ -66,15 +104,27 @@ class CausalLMLoss(nn.Module):
         attn: a context-parallel shard's own (see Transformer.forward)."""
         hidden = self.model(tokens, doc_ids=doc_ids, return_hidden=True, positions=positions, attn=attn)  # (B, L, D)
         ce_sum = chunked_cross_entropy(hidden, self.model.output, targets, self.chunk_size)
-        aux = ce_sum.new_zeros(())
-        if self.moe_layers:
-            args = self.model.args
-            logits = [m.router_logits for m in self.moe_layers]
-            mask = None if real is None else real.reshape(-1)
-            if mask is not None and not mask.any():
-                # only filler rows (an epoch's topped-up last batch): no token to balance; the masked mean would
-                # be 0/0 = NaN. A zero that still depends on the router keeps backward the same on every rank.
-                aux = sum(r.sum() for r in logits).float() * 0.0
-            else:
-                aux = load_balancing_loss(logits, args.n_experts, args.n_experts_per_tok, token_mask=mask)
-        return ce_sum, aux
+        return ce_sum, router_aux_loss(self.moe_layers, self.model.args, real, ce_sum)
+
+
+class SequenceLogprobs(nn.Module):
+    """The trained unit for preference tuning: model forward over doc-masked rows, then the sum of learned-token
+    log-probs per document (chunked like the SFT loss), so FSDP's root again owns the output layer."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.moe_layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor, doc_index: torch.Tensor,
+                n_docs: int, real: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-prob sum per document (n_docs,), router loss or 0, a zero that depends on the whole graph).
+
+        tokens/targets/doc_ids/real (B, L); doc_index (B, L): the document of each learned target, -1 elsewhere."""
+        hidden = self.model(tokens, doc_ids=doc_ids, return_hidden=True)  # (B, L, D)
+        logps, pos = chunked_token_logprobs(hidden, self.model.output, targets, self.chunk_size)
+        sums = logps.new_zeros(n_docs)
+        valid = pos >= 0
+        sums = sums.index_add(0, doc_index.reshape(-1)[pos[valid]], logps[valid])
+        return sums, router_aux_loss(self.moe_layers, self.model.args, real, logps), logps.sum() * 0.0

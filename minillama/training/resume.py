@@ -34,7 +34,7 @@ TRAIN_STATE = "train_state.json"
 FORMAT = "minillama-train-checkpoint/1"
 STEP_DIR = re.compile(r"step_(\d+)")
 # what a run writes into --out; --overwrite removes exactly these (never other files of the directory)
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "loss.png", LATEST, "final")
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "loss.png", LATEST, "final", "reference_logps.json")  # (DPO)
 
 
 def _b64(t: torch.Tensor) -> str:

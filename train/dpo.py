@@ -1,0 +1,291 @@
+"""Preference tuning with FSDP2: DPO against a frozen reference, or reference-free ORPO; LoRA, QLoRA or full.
+
+    torchrun --nproc_per_node 1 train/dpo.py                        # the demo: LoRA DPO on SmolLM2, see README
+    torchrun --nproc_per_node 8 train/dpo.py --ckpt Llama-3.1-8B-Instruct/ --data pairs.jsonl --pack --seq_len 4096
+    torchrun --nproc_per_node 2 train/dpo.py --loss orpo --orpo_lambda 0.1 --lora_rank 0 --lr 5e-6   # full ORPO
+    torchrun ... train/dpo.py --out OUT --resume                    # continue exactly (flags from OUT/config.json)
+
+Data: JSONL pairs {"prompt" | "messages", "chosen", "rejected"} or {"chosen": [messages], "rejected": [messages]}
+(minillama/training/preference_data.py). Each pair's chosen and rejected answers sit side by side in one row as two
+documents (doc_ids keep attention inside each); --pack puts several whole pairs in a row of --seq_len.
+--batch_size counts rows (pairs, unless packed) over all processes and micro-steps.
+
+Losses (minillama/training/preference.py, TRL's formulas): DPO's sigmoid loss with --beta and optional
+--label_smoothing (conservative DPO); the reference is the base model with the adapters switched off (LoRA, QLoRA:
+no second copy of the model) or, for full fine-tuning, the starting model's log-probs computed in a first pass and
+kept in OUT/reference_logps.json (so --resume still has them). ORPO: the SFT loss on the chosen answers minus
+--orpo_lambda x mean log sigmoid(log odds ratio), no reference. Each step logs loss, rewards/chosen,
+rewards/rejected, rewards/margins, rewards/accuracies, logps/* (and ORPO's nll_loss, log_odds_*) to metrics.jsonl;
+--eval_data gets the same metrics at step 0, every --eval_every steps and at the end ("pref_accuracy": the
+fraction of pairs whose chosen answer has the higher mean token log-prob). Outputs as train/sft.py: config.json,
+metrics.jsonl, loss.png, step_N/, latest, final/ (a PEFT adapter, or an HF model for full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from minillama.cli import REPO  # noqa: E402
+from minillama.distributed import init_distributed  # noqa: E402
+from minillama.dtypes import dtype_name, parse_dtype  # noqa: E402
+from minillama.files import atomic_write, read_json, write_json  # noqa: E402
+from minillama.tokenizer import load_tokenizer  # noqa: E402
+from minillama.training import config  # noqa: E402
+from minillama.training.build import build_model  # noqa: E402
+from minillama.training.data import report_bad_lines  # noqa: E402
+from minillama.training.fsdp import ensure_process_group  # noqa: E402
+from minillama.training.loop import BatchSplit, Schedule, StepLog, TrainState  # noqa: E402
+from minillama.training.loss import SequenceLogprobs  # noqa: E402
+from minillama.training.metrics import MetricsWriter, ProgressBar, default_peak_tflops, read_metrics  # noqa: E402
+from minillama.training.optim import lr_at  # noqa: E402
+from minillama.training.plot import write_loss_png  # noqa: E402
+from minillama.training.preference import PrefConfig, preference_eval, preference_step, reference_logps  # noqa: E402
+from minillama.training.preference_data import load_pairs, pair_fingerprint  # noqa: E402
+from minillama.training.resume import (check_out_dir, export_final, load_checkpoint, load_rng_state,  # noqa: E402
+                                       remove_run_outputs, resolve_resume, save_checkpoint)
+
+REFERENCE_FILE = "reference_logps.json"
+
+
+def add_preference_args(p) -> None:
+    """train/dpo.py's own flags and defaults on top of train/sft.py's."""
+    g = p.add_argument_group("preference tuning")
+    g.add_argument("--loss", choices=["dpo", "orpo"], default="dpo", help="DPO (with a reference) or ORPO")
+    g.add_argument("--beta", type=float, default=0.1, help="DPO: the KL strength beta of the sigmoid loss")
+    g.add_argument("--label_smoothing", type=float, default=0.0,
+                   help="DPO: assumed fraction of flipped labels (conservative DPO), in [0, 0.5)")
+    g.add_argument("--orpo_lambda", type=float, default=0.1, help="ORPO: weight of the odds-ratio term")
+    p.set_defaults(data=str(REPO / "train" / "data" / "preferences.jsonl"),
+                   eval_data=str(REPO / "train" / "data" / "preferences_eval.jsonl"), out="out/dpo", epochs=1,
+                   batch_size=8, seq_len=1024, warmup_steps=2, weight_decay=0.0)
+
+
+def parse_args(argv=None):
+    args = config.parse_args(argv, description=__doc__, extend=add_preference_args, default_lr=(2e-4, 5e-7))
+    if not 0.0 <= args.label_smoothing < 0.5:
+        raise ValueError(f"--label_smoothing {args.label_smoothing} must be in [0, 0.5)")
+    if args.loss == "orpo" and args.label_smoothing:
+        raise ValueError("--label_smoothing is DPO's; ORPO has no reference labels to smooth")
+    if args.beta <= 0 or args.orpo_lambda < 0:
+        raise ValueError(f"--beta {args.beta} must be > 0 and --orpo_lambda {args.orpo_lambda} >= 0")
+    return args
+
+
+class Stop:
+    """Set by SIGTERM (or --stop_at_step); the loop saves a checkpoint at the end of the step and exits."""
+
+    requested = False
+
+    @classmethod
+    def handler(cls, signum, frame):
+        cls.requested = True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, Stop.handler)
+    try:
+        code = train(args)
+        if dist.is_initialized():
+            dist.barrier()
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        Stop.requested = False
+        if dist.is_initialized():
+            gc.collect()  # free the FSDP modules (reference cycles) while their process group still exists
+            dist.destroy_process_group()
+
+
+@dataclass
+class Run:
+    """Everything the loop touches; built once by start_run."""
+
+    args: object
+    info: object
+    out: Path
+    lora: bool
+    cfg: PrefConfig
+    model: object
+    root: object  # FSDP-sharded SequenceLogprobs(model)
+    optimizer: object
+    trainable: list
+    pairs: list
+    eval_pairs: object
+    ref: dict  # "train"/"eval" -> (n, 2) reference log-probs (full fine-tuning DPO), else empty
+    pad_id: int
+    split: BatchSplit
+    schedule: Schedule
+    total_steps: int
+    state: TrainState
+    log: StepLog
+    aux_coef: float
+    last_saved: object = None
+
+
+def train(args) -> int:
+    """The recipe: data, model, reference, optional resume, the step loop, final checkpoint + export."""
+    run = start_run(args)
+    if run.eval_pairs and run.state.step == 0:
+        run_eval(run, 0)  # where the held-out preference accuracy starts
+    while run.state.step < run.total_steps:
+        batch = run.schedule.next_batch(run.state)
+        lr = lr_at(run.state.step + 1, args.lr, args.warmup_steps, run.total_steps, args.min_lr_ratio)
+        result = preference_step(run.root, run.model, run.optimizer, run.trainable, run.pairs, batch, run.split,
+                                 run.info.rank, run.info.device, lr, run.pad_id, args.grad_clip, run.aux_coef,
+                                 run.cfg, run.ref.get("train"), Stop.requested)
+        if not result.finite:
+            run.log.message(f"step {run.state.step + 1}: loss {result.loss}, gradient norm {result.grad_norm}; "
+                            f"stopping without an optimizer step (last checkpoint: {run.last_saved or 'none'})")
+            run.log.close()
+            return 1
+        run.state.advance(result.tokens)
+        run.log.step(run.state.step, run.state.epoch, result)
+        step = run.state.step
+        if run.eval_pairs and args.eval_every and step % args.eval_every == 0 and step < run.total_steps:
+            run_eval(run, step)
+        stop = result.stop_requested or step == args.stop_at_step
+        if stop or (args.save_every and step % args.save_every == 0 and step < run.total_steps):
+            save(run)
+        if stop:
+            run.log.message(f"stopped at step {step}; checkpoint {run.last_saved}; continue with --resume")
+            run.log.close()
+            return 0
+    finish(run)
+    return 0
+
+
+def load_preference_data(args, log):
+    if not Path(args.ckpt).exists():
+        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.ckpt else ""
+        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist{hint}")
+    tok = load_tokenizer(args.ckpt)
+    out = []
+    for name, path in (("pairs", args.data), ("eval pairs", args.eval_data)):
+        if not path:
+            out.append(None)
+            continue
+        pairs, stats = load_pairs(path, tok, args.seq_len, args.drop_long)
+        if log.enabled:
+            report_bad_lines(stats)
+        log.message(f"{name}: {stats.summary()}")
+        out.append(pairs)
+    return tok, out[0], out[1]
+
+
+def start_run(args) -> Run:
+    """Process group, pairs, model + optimizer, the reference, and the state: fresh or restored from --resume."""
+    out, lora = Path(args.out), args.lora_rank > 0
+    check_out_dir(out, args.resume, args.overwrite)  # before any work: never a previous run lost by accident
+    if args.cpu_offload and not ((args.device or "cuda").startswith("cuda") and torch.cuda.is_available()):
+        raise ValueError("--cpu_offload moves GPU parameters to CPU memory; it needs --device cuda")
+    info = init_distributed(args.device)
+    ensure_process_group(info.device)
+    cfg = PrefConfig(args.loss, args.beta, args.label_smoothing, args.orpo_lambda)
+    compute_dtype = parse_dtype(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    msg = ProgressBar(0, enabled=info.is_rank0)
+    resume_from = resolve_resume(args.resume, out, msg.message) if args.resume else None  # checked before loading
+    if args.resume and resume_from is None:
+        msg.message(f"--resume: no checkpoint in {out} yet; starting a fresh run")
+    if args.overwrite:  # before the reference pass, which would otherwise reuse the old run's log-probs
+        gone = remove_run_outputs(out) if info.is_rank0 else []
+        if gone:
+            msg.message(f"--overwrite: removed the previous run's {', '.join(gone)} from {out}")
+        dist.barrier()
+    tok, pairs, eval_pairs = load_preference_data(args, msg)
+    split = BatchSplit.make(args.batch_size, info.world_size, args.micro_batch_size)
+    schedule = Schedule([len(p) for p in pairs], args.batch_size, args.seq_len, args.pack, args.seed)
+    total_steps = schedule.total_steps(args.max_steps, args.epochs)
+    msg.message(f"batches: {len(schedule.plan(0))} per epoch of {args.batch_size} rows "
+                f"({'packed pairs' if args.pack else 'one pair per row'}, {info.world_size} processes x "
+                f"{split.accumulation} micro-steps of {split.micro_batch_size} rows); {total_steps} steps; "
+                f"{args.loss.upper()}")
+    model, root, optimizer = build_model(args, info, compute_dtype, msg, wrap=SequenceLogprobs)
+    pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    ref = {}
+    if cfg.loss == "dpo" and not lora:  # before any step (and before a checkpoint is loaded): the starting model
+        ref = reference_tables(args, root, pairs, eval_pairs, split, info, pad_id, out, resume_from is not None, msg)
+    state = TrainState()
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, root, optimizer, lora)
+        state = TrainState.from_json(saved)
+        msg.message(f"resumed from {resume_from} at step {state.step}")
+    torch.manual_seed(args.seed * 1000 + info.rank + 1)
+    if resume_from is not None and saved.get("world_size") == info.world_size:
+        load_rng_state(resume_from, info.rank)
+    if info.is_rank0:
+        atomic_write(out / "config.json", config.saved_flags(
+            args, world_size=info.world_size, accumulation_steps=split.accumulation,
+            micro_batch_size=split.micro_batch_size, total_steps=total_steps, compute_dtype=dtype_name(compute_dtype)))
+    log = StepLog(MetricsWriter(out / "metrics.jsonl", resume_step=state.step if resume_from else 0,
+                                enabled=info.is_rank0),
+                  ProgressBar(total_steps, start=state.step, every=args.log_every, enabled=info.is_rank0),
+                  model.args, info.device, info.world_size, lora,
+                  args.peak_tflops or default_peak_tflops(info.device), moe=bool(model.args.n_experts))
+    return Run(args, info, out, lora, cfg, model, root, optimizer, [p for p in root.parameters() if p.requires_grad],
+               pairs, eval_pairs, ref, pad_id, split, schedule, total_steps, state, log,
+               args.router_aux_loss_coef if model.args.n_experts else 0.0)
+
+
+def reference_tables(args, root, pairs, eval_pairs, split, info, pad_id, out: Path, resuming: bool, log) -> dict:
+    """Full fine-tuning DPO: the starting model's log-probs of every pair, computed once and kept in OUT."""
+    file = out / REFERENCE_FILE
+    sets = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
+    if file.is_file():
+        saved = read_json(file, "the run's reference log-probs")
+        if all(saved.get(f"{k}_lengths") == pair_fingerprint(v) for k, v in sets.items()):
+            log.message(f"reference log-probs from {file}")
+            return {k: torch.tensor(saved[k], dtype=torch.float64) for k in sets}
+        if resuming:
+            raise ValueError(f"{file} was computed for other data than --data/--eval_data now give; resume with the "
+                             "run's own data")
+    elif resuming:
+        raise FileNotFoundError(f"{file} is missing: the reference of a full fine-tuning DPO run is the starting "
+                                "model, which a resumed run no longer has")
+    log.message(f"reference log-probs: one pass over {sum(len(v) for v in sets.values())} pairs")
+    tables = {k: reference_logps(root, v, split, args.seq_len, info.rank, info.device, pad_id) for k, v in sets.items()}
+    if info.is_rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(file, {**{k: t.tolist() for k, t in tables.items()},
+                          **{f"{k}_lengths": pair_fingerprint(v) for k, v in sets.items()}})
+    return tables
+
+
+def run_eval(run: Run, step: int, final: bool = False) -> None:
+    m = preference_eval(run.root, run.model, run.eval_pairs, run.split, run.args.seq_len, run.args.pack,
+                        run.info.rank, run.info.device, run.pad_id, run.cfg, run.ref.get("eval"))
+    run.log.eval(step, m.pop("loss"), final=final, extra=m)
+
+
+def save(run: Run) -> None:
+    run.last_saved = save_checkpoint(run.out, run.state.step, run.root, run.optimizer,
+                                     run.state.to_json(run.info.world_size), run.lora, run.info.rank, run.args.ckpt,
+                                     run.args.keep)
+
+
+def finish(run: Run) -> None:
+    """Final eval, checkpoint, export (PEFT adapter or HF model) and the loss curve."""
+    if run.eval_pairs:
+        run_eval(run, run.state.step, final=True)
+    save(run)
+    final = export_final(run.root, run.model, run.out, run.args.ckpt, run.info.is_rank0, run.lora)
+    run.log.close()
+    if run.info.is_rank0:
+        png = write_loss_png(run.out / "loss.png", read_metrics(run.out / "metrics.jsonl"))
+        run.log.message(f"done: {run.state.step} steps; {final} ({'PEFT adapter' if run.lora else 'HF model'}), "
+                        f"{run.last_saved}, {png}")
+
+
+if __name__ == "__main__":
+    from minillama.cli import run as run_cli
+    sys.exit(run_cli(main))
