@@ -136,8 +136,9 @@ class MoEFeedForward(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         router_logits = self.gate(x)  # (N, E)
-        if torch._C._current_graph_task_id() == -1:
-            # not inside backward: a checkpointed block recomputed there would otherwise replace the forward's
+        if not torch.is_grad_enabled() or torch._C._current_graph_task_id() == -1:
+            # not inside backward (checked only with grad on: inference, compiled decoding too, never recomputes):
+            # a checkpointed block recomputed there would otherwise replace the forward's
             # logits (which the loss already used) by the recomputation's, whose graph keeps that block's saved
             # tensors alive until the next step: every MoE block's attention activations, piling up in backward
             self.router_logits = router_logits

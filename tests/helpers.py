@@ -205,3 +205,30 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+@torch.no_grad()
+def randomize_adapter(model, seed: int = 1, std: float = 0.2, magnitude: float = 0.0, whole: float = 0.0):
+    """Random adapter weights in our model or a PEFT one: LoRA factors from N(0, std), DoRA magnitudes scaled by
+    1 + magnitude * N(0, 1) (so g != 1 shows), PEFT modules_to_save copies nudged by whole * N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "magnitude" in name:
+            if magnitude:
+                p.mul_(1 + magnitude * torch.randn(p.shape, generator=g))
+        elif "lora_" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        elif "modules_to_save" in name and whole:
+            p.add_(torch.randn(p.shape, generator=g) * whole)
+
+
+class CountingForward:
+    """Wraps model.forward to record (rows, tokens) of every call: T > 1 is a prefill, T == 1 a decode step."""
+
+    def __init__(self, model):
+        self.calls, self.forward = [], model.forward
+        model.forward = self
+
+    def __call__(self, tokens, *args, **kwargs):
+        self.calls.append(tuple(tokens.shape))
+        return self.forward(tokens, *args, **kwargs)

@@ -8,21 +8,16 @@ from minillama.adapter import load_adapter, read_adapter, save_adapter
 from minillama.checkpoints import save_hf
 from minillama.lora import LoRALinear, apply_lora, lora_parameters, merge_lora, unmerge_lora
 from minillama.quant import quantize_model_nf4
+from helpers import randomize_adapter
 from test_lora import MOE, _train, tiny_model, tokens
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-@torch.no_grad()
 def randomize_dora(model, seed=1, std=0.2):
     """Random A and B, and magnitudes 20% off the norms they start at (so g != 1 shows)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "magnitude" in name:
-            p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
-        elif "lora_" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+    randomize_adapter(model, seed, std, magnitude=0.2)
 
 
 def hf_twin(model, path):

@@ -6,7 +6,7 @@ import torch
 from minillama.engine import Engine, Request
 from minillama.generation import generate
 from minillama.sampling import SamplingParams
-from helpers import tiny_model
+from helpers import CountingForward, tiny_model
 
 
 def prompts(lengths, seed=1):
@@ -83,18 +83,6 @@ def test_cancel_frees_the_row_for_the_next_request():
     done = run_all(engine)
     assert done[1][0] == generate(model, [ps[1]], 20)[0] and done[2][0] == generate(model, [ps[2]], 20)[0]
     assert engine.cancel(99) is None
-
-
-class CountingForward:
-    """Records the token count of every model call."""
-
-    def __init__(self, model):
-        self.calls, self.forward = [], model.forward
-        model.forward = self
-
-    def __call__(self, tokens, *args, **kwargs):
-        self.calls.append(tuple(tokens.shape))
-        return self.forward(tokens, *args, **kwargs)
 
 
 def test_prefix_reuse_prefills_only_the_new_turn_and_equals_prefilling_it_all():

@@ -5,7 +5,7 @@ import torch
 
 from minillama.generation import generate, generate_continuous, generate_stream, stop_reason
 from minillama.sampling import SamplingParams, apply_repetition_penalty, seen_mask
-from helpers import tiny_model
+from helpers import CountingForward, tiny_model
 
 MOE = {"n_experts": 4, "n_experts_per_tok": 2}
 
@@ -133,18 +133,6 @@ def test_compiled_decode_equals_eager():
     ps = prompts + [[4, 4], [9, 8, 7, 6, 5, 4]]  # continuous batching: per-row slots, rows refilled
     assert (sorted(generate_continuous(model, ps, 8, batch_size=2, compile=True))
             == sorted(generate_continuous(model, ps, 8, batch_size=2)))
-
-
-class CountingForward:
-    """Wraps model.forward to record (rows, tokens) of every call: T > 1 is a prefill, T == 1 a decode step."""
-
-    def __init__(self, model):
-        self.calls, self.forward = [], model.forward
-        model.forward = self
-
-    def __call__(self, tokens, *args, **kwargs):
-        self.calls.append(tuple(tokens.shape))
-        return self.forward(tokens, *args, **kwargs)
 
 
 @pytest.mark.parametrize("overrides", [{}, MOE])

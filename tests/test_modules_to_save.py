@@ -10,6 +10,7 @@ import torch
 from minillama.adapter import load_adapter, save_adapter
 from minillama.checkpoints import load_model, save_hf
 from minillama.lora import apply_lora, set_trainable
+from helpers import randomize_adapter
 from test_lora import randomize_lora, tiny_model, tokens
 
 transformers = pytest.importorskip("transformers")
@@ -64,13 +65,7 @@ def test_peft_adapter_with_modules_to_save_loads_here_with_equal_logits(tie, tmp
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                              modules_to_save=["embed_tokens", "norm"], ensure_weight_tying=tie)
     peft_model = peft.get_peft_model(hf, config).eval()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            elif "modules_to_save" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_adapter(peft_model, seed=5, whole=0.05)
     peft_model.save_pretrained(tmp_path / "peft_adapter")
     x = tokens()
     with torch.no_grad():

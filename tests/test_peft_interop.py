@@ -8,6 +8,7 @@ import torch
 from minillama.adapter import load_adapter, save_adapter
 from minillama.checkpoints import save_hf
 from minillama.lora import LoRAExperts, apply_lora
+from helpers import randomize_adapter
 from test_lora import MOE, randomize_lora, tiny_model, tokens
 
 transformers = pytest.importorskip("transformers")
@@ -51,11 +52,7 @@ def test_peft_adapter_loads_here_with_equal_logits(case, tmp_path):
     hf = hf_twin(model, tmp_path / "base")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     peft_model = peft.get_peft_model(hf, config).eval()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomize_adapter(peft_model, seed=5)
     peft_model.save_pretrained(tmp_path / "peft_adapter")
     x = tokens()
     with torch.no_grad():

@@ -37,9 +37,9 @@ def measured_peak(ckpt, flags) -> int:
     from minillama.training.build import build_model
     from minillama.training.data import Sample
     from minillama.training.fsdp import ensure_process_group
-    from minillama.training.loop import BatchSplit, train_step
+    from minillama.training.loop import BatchSplit, Feed, train_step
     from minillama.training.metrics import ProgressBar
-    args = config.parse_args(["--model", str(ckpt), "--device", "cpu", "--seq_len", str(T), "--loss_chunk", "256",
+    args = config.parse_args(["--ckpt", str(ckpt), "--device", "cpu", "--seq_len", str(T), "--loss_chunk", "256",
                               *flags])
     info = init_distributed("cpu")
     ensure_process_group(info.device)
@@ -51,7 +51,7 @@ def measured_peak(ckpt, flags) -> int:
         trained = [p for p in root.parameters() if p.requires_grad]
 
         def step():
-            train_step(root, opt, trained, samples, batch, split, 0, info.device, 1e-4, 0, False, 1.0, 0.0, False)
+            train_step(root, opt, trained, samples, batch, split, Feed(info.device, 0), 1e-4, False, 1.0, 0.0, False)
 
         step()
         local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
@@ -84,7 +84,8 @@ def test_planned_peak_is_within_15_percent_of_the_measured_cpu_peak(ckpt, case):
               "--quantize" in flags, "--activation_checkpointing" in flags, False, torch.float32, False, 256)
     planned = plan(s, MB).peak
     measured = measured_peak(ckpt, flags)
-    assert abs(planned - measured) <= 0.15 * measured, (planned / 2**20, measured / 2**20)  # measured: 2-11% off
+    print(f"{case}: planned {planned / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB, {planned / measured - 1:+.1%}")
+    assert abs(planned - measured) <= 0.15 * measured, (planned / 2**20, measured / 2**20)  # measured: 2-12% off
 
 
 def test_mixtral_qlora_plan_prints_each_category_and_a_verdict(capsys):

@@ -23,36 +23,28 @@ metrics.jsonl, loss.png, step_N/, latest, final/ (a PEFT adapter, or an HF model
 
 from __future__ import annotations
 
-import gc
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minillama.cli import REPO  # noqa: E402
-from minillama.distributed import init_distributed  # noqa: E402
-from minillama.dtypes import dtype_name, parse_dtype  # noqa: E402
-from minillama.files import atomic_write, read_json, write_json  # noqa: E402
+from minillama.files import read_json, write_json  # noqa: E402
 from minillama.tokenizer import load_tokenizer  # noqa: E402
 from minillama.training import config  # noqa: E402
-from minillama.training.build import build_model  # noqa: E402
+from minillama.training.build import build_model, require_ckpt  # noqa: E402
 from minillama.training.data import report_bad_lines  # noqa: E402
-from minillama.training.fsdp import ensure_process_group  # noqa: E402
 from minillama.training.loop import BatchSplit, Schedule, StepLog, TrainState  # noqa: E402
 from minillama.training.loss import SequenceLogprobs  # noqa: E402
-from minillama.training.metrics import MetricsWriter, ProgressBar, default_peak_tflops, read_metrics  # noqa: E402
 from minillama.training.optim import lr_at  # noqa: E402
-from minillama.training.plot import write_loss_png  # noqa: E402
 from minillama.training.preference import PrefConfig, preference_eval, preference_step, reference_logps  # noqa: E402
 from minillama.training.preference_data import load_pairs, pair_fingerprint  # noqa: E402
-from minillama.training.resume import (check_out_dir, export_final, load_checkpoint, load_rng_state,  # noqa: E402
-                                       remove_run_outputs, resolve_resume, save_checkpoint)
+from minillama.training.session import (Stop, export, maybe_save, open_run, restore_state, run_recipe,  # noqa: E402
+                                        start_log, stop_on_nonfinite, stopped)
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -81,30 +73,8 @@ def parse_args(argv=None):
     return args
 
 
-class Stop:
-    """Set by SIGTERM (or --stop_at_step); the loop saves a checkpoint at the end of the step and exits."""
-
-    requested = False
-
-    @classmethod
-    def handler(cls, signum, frame):
-        cls.requested = True
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, Stop.handler)
-    try:
-        code = train(args)
-        if dist.is_initialized():
-            dist.barrier()
-        return code
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        Stop.requested = False
-        if dist.is_initialized():
-            gc.collect()  # free the FSDP modules (reference cycles) while their process group still exists
-            dist.destroy_process_group()
+    return run_recipe(train, parse_args(argv))
 
 
 @dataclass
@@ -145,30 +115,22 @@ def train(args) -> int:
                                  run.info.rank, run.info.device, lr, run.pad_id, args.grad_clip, run.aux_coef,
                                  run.cfg, run.ref.get("train"), Stop.requested)
         if not result.finite:
-            run.log.message(f"step {run.state.step + 1}: loss {result.loss}, gradient norm {result.grad_norm}; "
-                            f"stopping without an optimizer step (last checkpoint: {run.last_saved or 'none'})")
-            run.log.close()
-            return 1
+            return stop_on_nonfinite(run, result)
         run.state.advance(result.tokens)
         run.log.step(run.state.step, run.state.epoch, result)
         step = run.state.step
         if run.eval_pairs and args.eval_every and step % args.eval_every == 0 and step < run.total_steps:
             run_eval(run, step)
         stop = result.stop_requested or step == args.stop_at_step
-        if stop or (args.save_every and step % args.save_every == 0 and step < run.total_steps):
-            save(run)
+        maybe_save(run, stop)
         if stop:
-            run.log.message(f"stopped at step {step}; checkpoint {run.last_saved}; continue with --resume")
-            run.log.close()
-            return 0
+            return stopped(run)
     finish(run)
     return 0
 
 
 def load_preference_data(args, log):
-    if not Path(args.ckpt).exists():
-        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.ckpt else ""
-        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist{hint}")
+    require_ckpt(args.ckpt)
     tok = load_tokenizer(args.ckpt)
     out = []
     for name, path in (("pairs", args.data), ("eval pairs", args.eval_data)):
@@ -186,22 +148,8 @@ def load_preference_data(args, log):
 def start_run(args) -> Run:
     """Process group, pairs, model + optimizer, the reference, and the state: fresh or restored from --resume."""
     out, lora = Path(args.out), args.lora_rank > 0
-    check_out_dir(out, args.resume, args.overwrite)  # before any work: never a previous run lost by accident
-    if args.cpu_offload and not ((args.device or "cuda").startswith("cuda") and torch.cuda.is_available()):
-        raise ValueError("--cpu_offload moves GPU parameters to CPU memory; it needs --device cuda")
-    info = init_distributed(args.device)
-    ensure_process_group(info.device)
+    info, compute_dtype, msg, resume_from = open_run(args)  # --out and --resume checked before any loading
     cfg = PrefConfig(args.loss, args.beta, args.label_smoothing, args.orpo_lambda)
-    compute_dtype = parse_dtype(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
-    msg = ProgressBar(0, enabled=info.is_rank0)
-    resume_from = resolve_resume(args.resume, out, msg.message) if args.resume else None  # checked before loading
-    if args.resume and resume_from is None:
-        msg.message(f"--resume: no checkpoint in {out} yet; starting a fresh run")
-    if args.overwrite:  # before the reference pass, which would otherwise reuse the old run's log-probs
-        gone = remove_run_outputs(out) if info.is_rank0 else []
-        if gone:
-            msg.message(f"--overwrite: removed the previous run's {', '.join(gone)} from {out}")
-        dist.barrier()
     tok, pairs, eval_pairs = load_preference_data(args, msg)
     split = BatchSplit.make(args.batch_size, info.world_size, args.micro_batch_size)
     schedule = Schedule([len(p) for p in pairs], args.batch_size, args.seq_len, args.pack, args.seed)
@@ -215,26 +163,11 @@ def start_run(args) -> Run:
     ref = {}
     if cfg.loss == "dpo" and not lora:  # before any step (and before a checkpoint is loaded): the starting model
         ref = reference_tables(args, root, pairs, eval_pairs, split, info, pad_id, out, resume_from is not None, msg)
-    state = TrainState()
-    if resume_from is not None:
-        saved = load_checkpoint(resume_from, root, optimizer, lora)
-        state = TrainState.from_json(saved)
-        msg.message(f"resumed from {resume_from} at step {state.step}")
-    torch.manual_seed(args.seed * 1000 + info.rank + 1)
-    if resume_from is not None and saved.get("world_size") == info.world_size:
-        load_rng_state(resume_from, info.rank)
-    if info.is_rank0:
-        atomic_write(out / "config.json", config.saved_flags(
-            args, world_size=info.world_size, accumulation_steps=split.accumulation,
-            micro_batch_size=split.micro_batch_size, total_steps=total_steps, compute_dtype=dtype_name(compute_dtype)))
-    log = StepLog(MetricsWriter(out / "metrics.jsonl", resume_step=state.step if resume_from else 0,
-                                enabled=info.is_rank0),
-                  ProgressBar(total_steps, start=state.step, every=args.log_every, enabled=info.is_rank0),
-                  model.args, info.device, info.world_size, lora,
-                  args.peak_tflops or default_peak_tflops(info.device), moe=bool(model.args.n_experts))
+    state = restore_state(args, resume_from, root, optimizer, lora, info, msg)
+    log = start_log(args, info, split, total_steps, compute_dtype, model, lora, state, resume_from is not None)
     return Run(args, info, out, lora, cfg, model, root, optimizer, [p for p in root.parameters() if p.requires_grad],
                pairs, eval_pairs, ref, pad_id, split, schedule, total_steps, state, log,
-               args.router_aux_loss_coef if model.args.n_experts else 0.0)
+               args.router_aux_loss_coef if model.args.n_experts else 0.0, last_saved=resume_from)
 
 
 def reference_tables(args, root, pairs, eval_pairs, split, info, pad_id, out: Path, resuming: bool, log) -> dict:
@@ -267,23 +200,11 @@ def run_eval(run: Run, step: int, final: bool = False) -> None:
     run.log.eval(step, m.pop("loss"), final=final, extra=m)
 
 
-def save(run: Run) -> None:
-    run.last_saved = save_checkpoint(run.out, run.state.step, run.root, run.optimizer,
-                                     run.state.to_json(run.info.world_size), run.lora, run.info.rank, run.args.ckpt,
-                                     run.args.keep)
-
-
 def finish(run: Run) -> None:
-    """Final eval, checkpoint, export (PEFT adapter or HF model) and the loss curve."""
+    """Final eval, then the last checkpoint, final/ (PEFT adapter or HF model) and the loss curve."""
     if run.eval_pairs:
         run_eval(run, run.state.step, final=True)
-    save(run)
-    final = export_final(run.root, run.model, run.out, run.args.ckpt, run.info.is_rank0, run.lora)
-    run.log.close()
-    if run.info.is_rank0:
-        png = write_loss_png(run.out / "loss.png", read_metrics(run.out / "metrics.jsonl"))
-        run.log.message(f"done: {run.state.step} steps; {final} ({'PEFT adapter' if run.lora else 'HF model'}), "
-                        f"{run.last_saved}, {png}")
+    export(run)
 
 
 if __name__ == "__main__":

@@ -38,61 +38,30 @@ processes; minillama/training/context_parallel.py); --trainable embed norm train
 
 from __future__ import annotations
 
-import math
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minillama.cli import run as run_cli  # noqa: E402
-from minillama.dtypes import dtype_name, parse_dtype  # noqa: E402
-from minillama.distributed import cleanup, init_distributed  # noqa: E402
-from minillama.files import atomic_write  # noqa: E402
 from minillama.training import config  # noqa: E402
 from minillama.training.build import build_model, load_data  # noqa: E402
 from minillama.training.context_parallel import check_supported, context_group  # noqa: E402
-from minillama.training.fsdp import ensure_process_group  # noqa: E402
 from minillama.training.loop import (BatchSplit, Feed, Schedule, StepLog, TrainState, evaluate,  # noqa: E402
                                      train_step)
-from minillama.training.metrics import MetricsWriter, ProgressBar, default_peak_tflops, read_metrics  # noqa: E402
 from minillama.training.optim import lr_at  # noqa: E402
-from minillama.training.plot import write_loss_png  # noqa: E402
-from minillama.training.resume import (check_out_dir, export_final, load_checkpoint, load_rng_state,  # noqa: E402
-                                       remove_run_outputs, resolve_resume, save_checkpoint)
+from minillama.training.session import (Stop, export, maybe_save, open_run, restore_state, run_recipe,  # noqa: E402
+                                        start_log, stop_on_nonfinite, stopped)
 
 
 def parse_args(argv=None):
     return config.parse_args(argv, description=__doc__)
 
 
-class Stop:
-    """Set by SIGTERM (or --stop_at_step); the loop saves a checkpoint at the end of the step and exits."""
-
-    requested = False
-
-    @classmethod
-    def handler(cls, signum, frame):
-        cls.requested = True
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, Stop.handler)  # finish the step, save, exit 0
-    try:
-        code = train(args)
-        if dist.is_initialized():
-            dist.barrier()  # no rank tears the group down while another is still inside a collective
-        return code
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        Stop.requested = False
-        cleanup()
+    return run_recipe(train, parse_args(argv))
 
 
 @dataclass
@@ -140,9 +109,7 @@ def train(args) -> int:
         stop = result.stop_requested or run.state.step == args.stop_at_step
         maybe_save(run, stop)
         if stop:
-            run.log.message(f"stopped at step {run.state.step}; checkpoint {run.last_saved}; continue with --resume")
-            run.log.close()
-            return 0
+            return stopped(run)
     finish(run)
     return 0
 
@@ -150,16 +117,7 @@ def train(args) -> int:
 def start_run(args) -> Run:
     """Process group, data, model + optimizer, and the state: fresh, or restored from --resume."""
     out, lora = Path(args.out), args.lora_rank > 0
-    check_out_dir(out, args.resume, args.overwrite)  # before any work: never a previous run lost by accident
-    if args.cpu_offload and not ((args.device or "cuda").startswith("cuda") and torch.cuda.is_available()):
-        raise ValueError("--cpu_offload moves GPU parameters to CPU memory; it needs --device cuda")
-    info = init_distributed(args.device)
-    ensure_process_group(info.device)
-    compute_dtype = parse_dtype(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
-    msg = ProgressBar(0, enabled=info.is_rank0)
-    resume_from = resolve_resume(args.resume, out, msg.message) if args.resume else None  # checked before loading
-    if args.resume and resume_from is None:
-        msg.message(f"--resume: no checkpoint in {out} yet; starting a fresh run")
+    info, compute_dtype, msg, resume_from = open_run(args)  # --out and --resume checked before any loading
 
     tok, samples, eval_samples = load_data(args, msg)
     cp = context_group(args.context_parallel)
@@ -178,28 +136,8 @@ def start_run(args) -> Run:
     model, root, optimizer = build_model(args, info, compute_dtype, msg, longest=longest)
     if cp is not None:
         check_supported(args, model.args)
-
-    state = TrainState()
-    if resume_from is not None:
-        saved = load_checkpoint(resume_from, root, optimizer, lora)
-        state = TrainState.from_json(saved)
-        msg.message(f"resumed from {resume_from} at step {state.step}")
-    torch.manual_seed(args.seed * 1000 + info.rank + 1)  # LoRA dropout streams differ per rank
-    if resume_from is not None and saved.get("world_size") == info.world_size:
-        load_rng_state(resume_from, info.rank)  # exact continuation of each rank's dropout stream
-    if info.is_rank0 and args.overwrite:
-        gone = remove_run_outputs(out)
-        if gone:
-            msg.message(f"--overwrite: removed the previous run's {', '.join(gone)} from {out}")
-    if info.is_rank0:
-        atomic_write(out / "config.json", config.saved_flags(
-            args, world_size=info.world_size, accumulation_steps=split.accumulation,
-            micro_batch_size=split.micro_batch_size, total_steps=total_steps, compute_dtype=dtype_name(compute_dtype)))
-    log = StepLog(MetricsWriter(out / "metrics.jsonl", resume_step=state.step if resume_from else 0,
-                                enabled=info.is_rank0),
-                  ProgressBar(total_steps, start=state.step, every=args.log_every, enabled=info.is_rank0),
-                  model.args, info.device, info.world_size, lora,
-                  args.peak_tflops or default_peak_tflops(info.device), moe=bool(model.args.n_experts))
+    state = restore_state(args, resume_from, root, optimizer, lora, info, msg)
+    log = start_log(args, info, split, total_steps, compute_dtype, model, lora, state, resume_from is not None)
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     feed = Feed(info.device, pad_id, info.rank // args.context_parallel, cp, model.args.sliding_window)
     return Run(args, info, out, lora, model, root, optimizer, [p for p in root.parameters() if p.requires_grad],
@@ -217,37 +155,11 @@ def maybe_eval(run: Run) -> None:
         run.log.eval(step, run_eval(run))
 
 
-def save(run: Run) -> None:
-    run.last_saved = save_checkpoint(run.out, run.state.step, run.root, run.optimizer,
-                                     run.state.to_json(run.info.world_size), run.lora, run.info.rank, run.args.ckpt,
-                                     run.args.keep)
-
-
-def maybe_save(run: Run, stop: bool) -> None:
-    a, step = run.args, run.state.step
-    if stop or (a.save_every and step % a.save_every == 0 and step < run.total_steps):
-        save(run)
-
-
-def stop_on_nonfinite(run: Run, result) -> int:
-    what = f"loss is {result.loss}" if not math.isfinite(result.loss) else f"gradient norm is {result.grad_norm}"
-    run.log.message(f"step {run.state.step + 1}: {what}; stopping without an optimizer step. Last good checkpoint: "
-                    f"{run.last_saved or 'none'} (lower --lr, check the data)")
-    run.log.close()
-    return 1
-
-
 def finish(run: Run) -> None:
-    """Final eval, checkpoint, export (PEFT adapter or HF model) and the loss curve."""
+    """Final eval, then the last checkpoint, final/ (PEFT adapter or HF model) and the loss curve."""
     if run.eval_samples:
         run.log.eval(run.state.step, run_eval(run), final=True)
-    save(run)
-    final = export_final(run.root, run.model, run.out, run.args.ckpt, run.info.is_rank0, run.lora)
-    run.log.close()
-    if run.info.is_rank0:
-        png = write_loss_png(run.out / "loss.png", read_metrics(run.out / "metrics.jsonl"))
-        run.log.message(f"done: {run.state.step} steps, {run.state.tokens_seen} tokens; {final} "
-                        f"({'PEFT adapter' if run.lora else 'HF model'}), {run.last_saved}, {png}")
+    export(run)
 
 
 if __name__ == "__main__":

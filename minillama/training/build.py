@@ -21,11 +21,16 @@ from .optim import build_optimizer
 from .perf import param_counts
 
 
+def require_ckpt(path: str) -> None:
+    """--ckpt must exist (checked before the tokenizer is read); the embedded default says how to make it."""
+    if not Path(path).exists():
+        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in path else ""
+        raise FileNotFoundError(f"--ckpt {path} does not exist{hint}")
+
+
 def load_data(args, log):
     """The tokenizer and the tokenized train (and eval) samples; per-file stats and bad lines go to rank 0's log."""
-    if not Path(args.ckpt).exists():
-        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.ckpt else ""
-        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist{hint}")
+    require_ckpt(args.ckpt)
     flags = (("data", "--data", args.data), ("eval data", "--eval_data", args.eval_data))
     for _, flag, path in flags:  # a bad path fails before the tokenizer is read
         if path:

@@ -200,12 +200,23 @@ def train_step(root, optimizer, trainable: list, samples: list[Sample], batch: l
     # [loss sum, aux sum, real tokens, padded tokens, sum of doc_len^2, stop requested] over all ranks
     sums = torch.tensor(totals + [float(stop_requested)], dtype=torch.float64, device=device)
     dist.all_reduce(sums)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
-    grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+    grad_norm = clip_gradients(trainable, grad_clip)
     loss = sums[0].item() / max(count.item(), 1)
     result = StepResult(loss, grad_norm, lr, int(sums[2].item()), int(sums[3].item()), sums[4].item(),
                         sums[1].item() / (split.accumulation * split.world_size * feed.copies), sums[5].item() > 0,
                         0.0, activation.item() / 2**20 if measure else None)
+    return finish_step(result, optimizer, device, t0)
+
+
+def clip_gradients(trainable: list, grad_clip: float) -> float:
+    """Clip the global gradient norm to grad_clip (<= 0: no clipping); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    return norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+
+
+def finish_step(result: StepResult, optimizer, device, t0: float) -> StepResult:
+    """The optimizer step, only when loss and gradient norm are finite (a bad step leaves the weights as they
+    were); the gradients freed; the step's time."""
     if result.finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -187,9 +187,7 @@ class _FlashSaves(torch.autograd.Function):
 
 
 def _attend_as_flash(q, k, v, attn):
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:  # attention.attend repeats k/v for torch's SDPA kernels (flash-attn's own kernel would not)
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    # GQA: the flash kernels read the grouped k/v as they are (attention.attend makes no repeated copies)
     return _FlashSaves.apply(q, k, v)
 
 

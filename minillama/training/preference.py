@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..lora import set_lora_enabled
-from .loop import BatchSplit, StepResult
+from .loop import BatchSplit, StepResult, clip_gradients, finish_step
 from .optim import set_lr
 from .packing import plan_epoch
 from .preference_data import Pair, collate_pairs
@@ -143,20 +143,13 @@ def preference_step(root, model, optimizer, trainable: list, pairs: list[Pair], 
     totals = totals.to(device)
     dist.all_reduce(totals)
     totals = totals.cpu()
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
-    grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+    grad_norm = clip_gradients(trainable, grad_clip)
     extra = summarize(totals[:len(SUMS)], counts[0].item(), counts[1].item(), cfg)
     n = len(SUMS)
     result = StepResult(extra.pop("loss"), grad_norm, lr, int(totals[n + 1]), int(totals[n + 2]),
                         float(totals[n + 3]), float(totals[n]) / (split.accumulation * split.world_size),
                         bool(totals[n + 4] > 0), 0.0, extra=extra)
-    if result.finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    result.seconds = time.perf_counter() - t0
-    return result
+    return finish_step(result, optimizer, device, t0)
 
 
 def summarize(sums: torch.Tensor, n_pairs: float, n_chosen_tokens: float, cfg: PrefConfig) -> dict:
