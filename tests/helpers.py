@@ -232,3 +232,15 @@ class CountingForward:
     def __call__(self, tokens, *args, **kwargs):
         self.calls.append(tuple(tokens.shape))
         return self.forward(tokens, *args, **kwargs)
+
+
+def tiny_smol_vocab_checkpoint(smollm2_dir: Path, path: Path, seed: int = 0):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer, saved as an HF dir. Large weights keep logits
+    far from ties, so batching or another process layout cannot flip an argmax. -> (model, checkpoint dir)"""
+    from minillama import ModelArgs, Transformer, save_hf
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=96,
+                                  max_seq_len=256)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
+    return model, save_hf(model, path, tokenizer_src=smollm2_dir)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillama import ModelArgs, Transformer, load_model, save_hf
+from minillama import load_model
 from minillama.generation import generate, stop_reason
 from minillama.tokenizer import decode_cut, load_tokenizer
+from helpers import tiny_smol_vocab_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = REPO / "generate" / "batch.py"
@@ -40,12 +41,7 @@ def answer_text(tok, new):
 @pytest.fixture(scope="module")
 def tiny_dir(smollm2_dir, tmp_path_factory):
     """A tiny random Llama with SmolLM2's vocabulary and tokenizer, saved as an HF dir."""
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=96,
-                                  max_seq_len=256)).eval()
-    for p in model.parameters():  # large weights: logits far from ties, so batching cannot flip an argmax
-        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
-    return save_hf(model, tmp_path_factory.mktemp("tiny") / "tiny", tokenizer_src=smollm2_dir)
+    return tiny_smol_vocab_checkpoint(smollm2_dir, tmp_path_factory.mktemp("tiny") / "tiny")[1]
 
 
 @pytest.fixture(scope="module")

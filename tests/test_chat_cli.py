@@ -15,6 +15,7 @@ import torch
 from minillama import load_model
 from minillama.generation import generate
 from minillama.tokenizer import decode_cut, load_tokenizer
+from helpers import tiny_smol_vocab_checkpoint
 from sft_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,13 +200,7 @@ def test_repl_commands_multiline_input_and_ctrl_d(smollm2_dir, tmp_path):
 
 def tiny_chat_model(smollm2_dir, path):
     """A tiny random Llama with SmolLM2's tokenizer and well-separated logits, saved as a checkpoint dir."""
-    from minillama import ModelArgs, Transformer, save_hf
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=96,
-                                  max_seq_len=256)).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
-    ckpt = save_hf(model, path, tokenizer_src=smollm2_dir)
+    model, ckpt = tiny_smol_vocab_checkpoint(smollm2_dir, path)
     return model, ckpt, load_tokenizer(ckpt)
 
 

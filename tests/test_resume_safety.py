@@ -32,14 +32,6 @@ def setup(tmp_path_factory):
     return d, write_jsonl(d / "train.jsonl", qa_samples(16)), tiny_checkpoint(d / "dense")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def common(setup, *extra):
     _, data, dense = setup
     return ["--model", str(dense), "--data", str(data), "--device", "cpu", "--batch_size", "4", "--max_steps", "6",

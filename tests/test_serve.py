@@ -26,6 +26,7 @@ from minillama.adapter import load_adapter, save_adapter  # noqa: E402
 from minillama.generation import generate  # noqa: E402
 from minillama.lora import apply_lora, set_adapter  # noqa: E402
 from minillama.tokenizer import decode_cut, load_tokenizer  # noqa: E402
+from helpers import tiny_smol_vocab_checkpoint  # noqa: E402
 from sft_helpers import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,13 +333,8 @@ def test_chat_page_streams_an_answer_in_a_real_browser(browser, server, smol):
 @pytest.fixture(scope="module")
 def tiny_ckpt(smollm2_dir, tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer (well-separated logits: no argmax ties between layouts)."""
-    from minillama import ModelArgs, Transformer, save_hf
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=96,
-                                  max_seq_len=256)).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.normal_(p, 1.0, 0.1)
-    return save_hf(model, tmp_path_factory.mktemp("tiny") / "tiny", tokenizer_src=smollm2_dir), model
+    model, ckpt = tiny_smol_vocab_checkpoint(smollm2_dir, tmp_path_factory.mktemp("tiny") / "tiny")
+    return ckpt, model
 
 
 def test_tensor_parallel_server_answers_concurrent_requests_like_one_process(tiny_ckpt, tmp_path):

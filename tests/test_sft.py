@@ -33,15 +33,6 @@ def setup(tmp_path_factory):
     return d, data, tiny_checkpoint(d / "dense"), tiny_checkpoint(d / "moe", moe=True)
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs of tiny models: one intra-op thread (several only spin-wait on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def losses(out):
     return [r["loss"] for r in metrics(out) if "loss" in r]
 
