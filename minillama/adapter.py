@@ -7,35 +7,29 @@ Mixtral experts are written in the hub layout, one module per expert (block_spar
 block_sparse_moe.gate), which PEFT + transformers >= 5 fuse on load into mlp.experts.gate_up_proj/down_proj.
 We also read the fused layout PEFT writes for transformers 5 (mlp.experts.base_layer = gate_up_proj,
 mlp.experts = down_proj), splitting gate_up's shared-A factor into w1/w3.
-Whole modules trained beside LoRA (lora.set_trainable: embeddings, norms, head) are PEFT modules_to_save, written
-as PEFT writes them (base_model.model.model.embed_tokens.weight). base_rope.json, which PEFT never reads, records
-the RoPE (theta, scaling, context) of the base the adapter was trained on; read_base_rope gives it back.
+What the dir holds besides the factors (whole modules_to_save, base_rope.json) is in adapter_extras.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .args import ModelArgs, rope_settings, with_rope
+from .adapter_extras import (BASE_ROPE_NAME, CONFIG_NAME, PREFIX, SAVED_MODULE, WEIGHTS_NAME,  # noqa: F401
+                             add_modules_to_save, load_modules_to_save, read_adapter_tensors, read_base_rope,
+                             read_modules_to_save, warn_other_rope)
+from .args import ModelArgs, rope_settings
 from .checkpoints.hf_keys import hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
-from .checkpoints.shards import first_line
 from .files import atomic_dir, read_json, write_json
 from .lora import LoRAExperts, LoRALinear, adapter_names, lora_modules, lora_scaling, wrap_module
-from .rope import check_rope_scaling
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-BASE_ROPE_NAME = "base_rope.json"
-PREFIX = "base_model.model."
 _V4_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])")
 _V5_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts(\.base_layer)?")
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -181,7 +175,7 @@ def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike, base_model_
     dropout = max((m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0 for m in mods), default=0.0)
     config = peft_config(modules, base_model_name_or_path, rslora.pop(), dropout)
     whole: dict = {}
-    _add_modules_to_save(model, config, whole)
+    add_modules_to_save(model, config, whole)
     return write_adapter(out_dir, modules, config, overwrite, extra_files={BASE_ROPE_NAME: rope_settings(model.args)},
                          extra_tensors=whole)
 
@@ -213,28 +207,12 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
 def _read_pairs(path: Path, use_dora: bool) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
     """(weights file, {HF module path: {"A": lora_A, "B": lora_B, "M": DoRA magnitude}}) from
     adapter_model.safetensors (or .bin)."""
-    wfile = path / WEIGHTS_NAME
-    if wfile.is_file():
-        try:
-            state = load_file(str(wfile))
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise ValueError(f"{wfile}: not a readable safetensors file ({type(e).__name__}: {first_line(e)})") \
-                from None
-    elif (path / "adapter_model.bin").is_file():
-        wfile = path / "adapter_model.bin"
-        try:
-            state = torch.load(wfile, map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses anything but tensors; a damaged file raises many types
-            raise ValueError(f"{wfile}: not a readable tensor file ({type(e).__name__}: {first_line(e)})") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"{wfile}: expected a dict of tensors, found {type(state).__name__}")
-    else:
-        raise FileNotFoundError(f"{path / WEIGHTS_NAME} not found (nor adapter_model.bin)")
+    wfile, state = read_adapter_tensors(path)
     pairs: dict[str, dict] = defaultdict(dict)
     for key, t in state.items():
         m = re.fullmatch(r"base_model\.model\.(.+)\.(?:lora_([AB])(?:\.default)?\.weight"
                          r"|(lora_magnitude_vector)(?:\.default)?(?:\.weight)?)", key)
-        if m is None and _SAVED_MODULE.fullmatch(key):
+        if m is None and SAVED_MODULE.fullmatch(key):
             continue  # a whole module (modules_to_save): read_modules_to_save checks it
         if m is None:
             raise ValueError(f"{wfile}: unsupported key {key!r} (expected base_model.model.<module>.lora_A/B.weight "
@@ -371,118 +349,5 @@ def load_adapter(model: torch.nn.Module, path: str | os.PathLike, name: str = "d
         m.selection = selection
         m._reselect()
     load_modules_to_save(model, path, cfg)
-    _warn_other_rope(model, path)
+    warn_other_rope(model, path)
     return cfg
-
-
-# ---- modules_to_save: whole modules trained beside LoRA (lora.set_trainable, LongLoRA's embeddings and norms) ----
-_SAVED_MODULE = re.compile(r"base_model\.model\.(.+?)(?:\.modules_to_save\.default)?\.weight")
-
-
-def _trained_modules(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """{HF module path: weight} of every trainable parameter that is not a LoRA factor; a tied head is the embedding."""
-    out = {}
-    for name, p in model.named_parameters():  # named_parameters lists a tied weight once, as tok_embeddings
-        if not p.requires_grad or name.rpartition(".")[2].startswith("lora_"):
-            continue
-        module, _, leaf = name.rpartition(".")
-        hf = meta_module_to_hf(module)
-        if hf is None or leaf != "weight":
-            raise ValueError(f"save_adapter: trainable parameter {name} has no PEFT modules_to_save name")
-        out[hf] = p.detach()
-    return out
-
-
-def _add_modules_to_save(model: torch.nn.Module, config: dict, tensors: dict) -> None:
-    """Put the model's whole trained modules into a PEFT adapter's config and tensors, as PEFT saves them."""
-    trained = _trained_modules(model)
-    if not trained:
-        return
-    for hf, w in trained.items():
-        tensors[f"{PREFIX}{hf}.weight"] = w.cpu().contiguous()
-    config["modules_to_save"] = sorted({hf.rpartition(".")[2] for hf in trained})
-    if model.args.tie_embeddings and "model.embed_tokens" in trained:
-        # PEFT then re-ties lm_head to the trained embedding copy; its loader wants the head's key too (a copy:
-        # safetensors refuses shared storage), which is what PEFT itself writes
-        config["ensure_weight_tying"] = True
-        tensors[f"{PREFIX}lm_head.weight"] = tensors[f"{PREFIX}model.embed_tokens.weight"].clone()
-
-
-def read_modules_to_save(path: str | os.PathLike, cfg: dict, args: ModelArgs) -> dict[str, torch.Tensor]:
-    """An adapter's whole-module tensors -> {our parameter name: tensor}; a tied head folds into the embedding."""
-    path = Path(path)
-    names = cfg.get("modules_to_save") or []
-    wfile = path / WEIGHTS_NAME
-    state = load_file(str(wfile)) if wfile.is_file() else {}
-    if not state and (path / "adapter_model.bin").is_file():
-        wfile = path / "adapter_model.bin"
-        state = torch.load(wfile, map_location="cpu", weights_only=True)
-    out: dict[str, torch.Tensor] = {}
-    for key, t in state.items():
-        m = _SAVED_MODULE.fullmatch(key)
-        if m is None or ".lora_" in key:
-            continue
-        hf = m.group(1)
-        tied_head = hf == "lm_head" and cfg.get("ensure_weight_tying")  # PEFT writes the re-tied head too
-        if not (any(hf.endswith(n) for n in names) or tied_head):  # PEFT matches module names by suffix
-            raise ValueError(f"{wfile}: {key} is not a LoRA factor nor a module listed in modules_to_save {names}")
-        ours = hf_module_to_meta(hf)
-        if ours is None:
-            raise ValueError(f"{wfile}: modules_to_save module {hf} is not a module of a Llama/Mistral/Mixtral model")
-        name = f"{ours}.weight"
-        if name == "output.weight" and args.tie_embeddings:
-            name = "tok_embeddings.weight"
-        if name in out and not torch.equal(out[name], t):
-            raise ValueError(f"{wfile}: the model ties lm_head to embed_tokens but the adapter holds different "
-                             "tensors for them")
-        out[name] = t
-    return out
-
-
-@torch.no_grad()
-def load_modules_to_save(model: torch.nn.Module, path: str | os.PathLike, cfg: dict) -> list[str]:
-    """Copy an adapter's whole trained modules into the model (in place: a tied head follows); returns their names.
-
-    They become trainable like the LoRA factors, so saving the model again writes them again."""
-    params = dict(model.named_parameters())
-    loaded = []
-    for name, t in read_modules_to_save(path, cfg, model.args).items():
-        p = params.get(name)
-        if p is None:
-            raise ValueError(f"{path}: modules_to_save tensor for {name}, which this model does not have")
-        if tuple(p.shape) != tuple(t.shape):
-            raise ValueError(f"{path}: modules_to_save {name} is {tuple(t.shape)}, the model's {tuple(p.shape)}: "
-                             "adapter for another model?")
-        p.copy_(t.to(p.dtype))
-        p.requires_grad_(True)
-        loaded.append(name)
-    return loaded
-
-
-# ---- the base model's RoPE the adapter was trained with ----
-def read_base_rope(path: str | os.PathLike) -> dict:
-    """with_rope / load_model keyword arguments recorded beside an adapter; {} when there are none (e.g. PEFT's)."""
-    file = Path(path) / BASE_ROPE_NAME
-    if not file.is_file():
-        return {}
-    rope = read_json(file, "the adapter's base RoPE")
-    unknown = sorted(set(rope) - {"rope_theta", "rope_scaling", "max_seq_len"})
-    if unknown:
-        raise ValueError(f"{file}: unknown keys {unknown} (expected rope_theta, rope_scaling, max_seq_len)")
-    theta, context = rope.get("rope_theta"), rope.get("max_seq_len")
-    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0):
-        raise ValueError(f"{file}: rope_theta must be a number > 0, got {theta!r}")
-    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
-        raise ValueError(f"{file}: max_seq_len must be an integer >= 1, got {context!r}")
-    if "rope_scaling" in rope:
-        rope["rope_scaling"] = check_rope_scaling(rope["rope_scaling"], str(file))
-    return rope
-
-
-def _warn_other_rope(model: torch.nn.Module, path) -> None:
-    """An adapter applied to a base with other RoPE settings than it was trained with means another function."""
-    rope = read_base_rope(path)
-    if rope and rope_settings(with_rope(model.args, **rope)) != rope_settings(model.args):
-        warnings.warn(f"adapter {path} was trained on a base with RoPE {rope}, this model has "
-                      f"{rope_settings(model.args)}: load the base with load_model(..., **read_base_rope(adapter))",
-                      stacklevel=3)

@@ -68,7 +68,7 @@ def _apply_adapters(model: nn.Module, adapters: dict, must_merge: bool, merge: b
 def rope_overrides(adapters, rope_theta=None, rope_scaling=None, log=None) -> dict:
     """load_model's RoPE keywords: the adapters' recorded base RoPE (if any; several must agree), explicit values
     winning. adapters: a dir, {name: dir}, or None."""
-    from .adapter import read_base_rope
+    from .adapter_extras import read_base_rope
     log = log or (lambda msg: None)
     dirs = list(adapters.values()) if isinstance(adapters, dict) else [adapters] if adapters else []
     found = {d: read_base_rope(d) for d in dirs}

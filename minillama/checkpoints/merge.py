@@ -17,7 +17,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from ..adapter import read_adapter, read_base_rope, read_modules_to_save
+from ..adapter import read_adapter
+from ..adapter_extras import read_base_rope, read_modules_to_save
 from ..args import ModelArgs
 from ..cli import ArgumentParser, add_rope_args, positive_int
 from ..dtypes import DTYPE_NAMES, parse_dtype
