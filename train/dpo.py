@@ -38,13 +38,13 @@ from minillama.tokenizer import load_tokenizer  # noqa: E402
 from minillama.training import config  # noqa: E402
 from minillama.training.build import build_model, require_ckpt  # noqa: E402
 from minillama.training.data import report_bad_lines  # noqa: E402
-from minillama.training.loop import BatchSplit, Schedule, StepLog, TrainState  # noqa: E402
+from minillama.training.loop import BatchSplit, Schedule  # noqa: E402
 from minillama.training.loss import SequenceLogprobs  # noqa: E402
 from minillama.training.optim import lr_at  # noqa: E402
 from minillama.training.preference import PrefConfig, preference_eval, preference_step, reference_logps  # noqa: E402
 from minillama.training.preference_data import load_pairs, pair_fingerprint  # noqa: E402
-from minillama.training.session import (Stop, export, maybe_save, open_run, restore_state, run_recipe,  # noqa: E402
-                                        start_log, stop_on_nonfinite, stopped)
+from minillama.training.session import (RunCore, Stop, core_fields, export, maybe_save, open_run,  # noqa: E402
+                                        restore_state, run_recipe, start_log, stop_on_nonfinite, stopped)
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -77,30 +77,15 @@ def main(argv=None) -> int:
     return run_recipe(train, parse_args(argv))
 
 
-@dataclass
-class Run:
+@dataclass(kw_only=True)
+class Run(RunCore):
     """Everything the loop touches; built once by start_run."""
 
-    args: object
-    info: object
-    out: Path
-    lora: bool
     cfg: PrefConfig
-    model: object
-    root: object  # FSDP-sharded SequenceLogprobs(model)
-    optimizer: object
-    trainable: list
     pairs: list
     eval_pairs: object
     ref: dict  # "train"/"eval" -> (n, 2) reference log-probs (full fine-tuning DPO), else empty
     pad_id: int
-    split: BatchSplit
-    schedule: Schedule
-    total_steps: int
-    state: TrainState
-    log: StepLog
-    aux_coef: float
-    last_saved: object = None
 
 
 def train(args) -> int:
@@ -165,9 +150,8 @@ def start_run(args) -> Run:
         ref = reference_tables(args, root, pairs, eval_pairs, split, info, pad_id, out, resume_from is not None, msg)
     state = restore_state(args, resume_from, root, optimizer, lora, info, msg)
     log = start_log(args, info, split, total_steps, compute_dtype, model, lora, state, resume_from is not None)
-    return Run(args, info, out, lora, cfg, model, root, optimizer, [p for p in root.parameters() if p.requires_grad],
-               pairs, eval_pairs, ref, pad_id, split, schedule, total_steps, state, log,
-               args.router_aux_loss_coef if model.args.n_experts else 0.0, last_saved=resume_from)
+    return Run(**core_fields(args, info, model, root, optimizer, split, schedule, total_steps, state, log, resume_from),
+               cfg=cfg, pairs=pairs, eval_pairs=eval_pairs, ref=ref, pad_id=pad_id)
 
 
 def reference_tables(args, root, pairs, eval_pairs, split, info, pad_id, out: Path, resuming: bool, log) -> dict:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -49,11 +48,10 @@ from minillama.cli import run as run_cli  # noqa: E402
 from minillama.training import config  # noqa: E402
 from minillama.training.build import build_model, load_data  # noqa: E402
 from minillama.training.context_parallel import check_supported, context_group  # noqa: E402
-from minillama.training.loop import (BatchSplit, Feed, Schedule, StepLog, TrainState, evaluate,  # noqa: E402
-                                     train_step)
+from minillama.training.loop import BatchSplit, Feed, Schedule, evaluate, train_step  # noqa: E402
 from minillama.training.optim import lr_at  # noqa: E402
-from minillama.training.session import (Stop, export, maybe_save, open_run, restore_state, run_recipe,  # noqa: E402
-                                        start_log, stop_on_nonfinite, stopped)
+from minillama.training.session import (RunCore, Stop, core_fields, export, maybe_save, open_run,  # noqa: E402
+                                        restore_state, run_recipe, start_log, stop_on_nonfinite, stopped)
 
 
 def parse_args(argv=None):
@@ -64,28 +62,13 @@ def main(argv=None) -> int:
     return run_recipe(train, parse_args(argv))
 
 
-@dataclass
-class Run:
+@dataclass(kw_only=True)
+class Run(RunCore):
     """Everything the loop touches; built once by start_run."""
 
-    args: object
-    info: object  # DistInfo
-    out: Path
-    lora: bool
-    model: object  # the Transformer (LoRA applied)
-    root: object  # FSDP-sharded CausalLMLoss(model)
-    optimizer: object
-    trainable: list
     samples: list
     eval_samples: object
     feed: Feed  # device, padding, this rank's share of the rows (and its context-parallel shard)
-    split: BatchSplit
-    schedule: Schedule
-    total_steps: int
-    state: TrainState
-    log: StepLog
-    aux_coef: float
-    last_saved: object = None
 
 
 def train(args) -> int:
@@ -116,7 +99,7 @@ def train(args) -> int:
 
 def start_run(args) -> Run:
     """Process group, data, model + optimizer, and the state: fresh, or restored from --resume."""
-    out, lora = Path(args.out), args.lora_rank > 0
+    lora = args.lora_rank > 0
     info, compute_dtype, msg, resume_from = open_run(args)  # --out and --resume checked before any loading
 
     tok, samples, eval_samples = load_data(args, msg)
@@ -140,9 +123,8 @@ def start_run(args) -> Run:
     log = start_log(args, info, split, total_steps, compute_dtype, model, lora, state, resume_from is not None)
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     feed = Feed(info.device, pad_id, info.rank // args.context_parallel, cp, model.args.sliding_window)
-    return Run(args, info, out, lora, model, root, optimizer, [p for p in root.parameters() if p.requires_grad],
-               samples, eval_samples, feed, split, schedule, total_steps, state, log,
-               args.router_aux_loss_coef if model.args.n_experts else 0.0, last_saved=resume_from)
+    return Run(**core_fields(args, info, model, root, optimizer, split, schedule, total_steps, state, log, resume_from),
+               samples=samples, eval_samples=eval_samples, feed=feed)
 
 
 def run_eval(run: Run) -> float:

@@ -2,14 +2,14 @@
 (--out checks, process group, --resume resolution, --overwrite), restoring a checkpoint, the run's config.json and
 step log, saving, stopping on a non-finite step, and the final export.
 
-The helpers that take `run` read these fields of a recipe's Run dataclass: args, info, out, lora, model, root,
-optimizer, state, log, total_steps, last_saved.
+The helpers that take `run` read a RunCore: a recipe's Run dataclass extends it with its own data.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,11 +21,41 @@ from ..dtypes import dtype_name, parse_dtype
 from ..files import atomic_write
 from . import config
 from .fsdp import ensure_process_group
-from .loop import StepLog, TrainState
+from .loop import BatchSplit, Schedule, StepLog, TrainState
 from .metrics import MetricsWriter, ProgressBar, default_peak_tflops, read_metrics
 from .plot import write_loss_png
 from .resume import (check_out_dir, export_final, load_checkpoint, load_rng_state, remove_run_outputs,
                      resolve_resume, save_checkpoint)
+
+
+@dataclass(kw_only=True)
+class RunCore:
+    """What every recipe's loop touches (built once by its start_run; core_fields fills it)."""
+
+    args: object
+    info: object  # DistInfo
+    out: Path
+    lora: bool
+    model: object  # the Transformer (LoRA applied)
+    root: object  # the FSDP-sharded loss wrapper around model
+    optimizer: object
+    trainable: list  # the parameters the optimizer updates (gradient clipping)
+    split: BatchSplit
+    schedule: Schedule
+    total_steps: int
+    state: TrainState
+    log: StepLog
+    aux_coef: float  # Mixtral's router load-balancing loss weight; 0 for dense models
+    last_saved: object = None  # the newest checkpoint dir
+
+
+def core_fields(args, info, model, root, optimizer, split, schedule, total_steps: int, state: TrainState,
+                log: StepLog, resume_from: Optional[Path]) -> dict:
+    """RunCore's fields as keywords, for Run(**core_fields(...), <the recipe's own fields>)."""
+    return dict(args=args, info=info, out=Path(args.out), lora=args.lora_rank > 0, model=model, root=root,
+                optimizer=optimizer, trainable=[p for p in root.parameters() if p.requires_grad], split=split,
+                schedule=schedule, total_steps=total_steps, state=state, log=log,
+                aux_coef=args.router_aux_loss_coef if model.args.n_experts else 0.0, last_saved=resume_from)
 
 
 class Stop:
@@ -104,20 +134,20 @@ def start_log(args, info, split, total_steps: int, compute_dtype, model, lora: b
                    args.peak_tflops or default_peak_tflops(info.device), moe=bool(model.args.n_experts))
 
 
-def save(run) -> None:
+def save(run: RunCore) -> None:
     run.last_saved = save_checkpoint(run.out, run.state.step, run.root, run.optimizer,
                                      run.state.to_json(run.info.world_size), run.lora, run.info.rank, run.args.ckpt,
                                      run.args.keep)
 
 
-def maybe_save(run, stop: bool) -> None:
+def maybe_save(run: RunCore, stop: bool) -> None:
     """A checkpoint when stopping, and every --save_every steps (the last step saves in finish)."""
     a, step = run.args, run.state.step
     if stop or (a.save_every and step % a.save_every == 0 and step < run.total_steps):
         save(run)
 
 
-def stop_on_nonfinite(run, result) -> int:
+def stop_on_nonfinite(run: RunCore, result) -> int:
     what = f"loss is {result.loss}" if not math.isfinite(result.loss) else f"gradient norm is {result.grad_norm}"
     run.log.message(f"step {run.state.step + 1}: {what}; stopping without an optimizer step. Last good checkpoint: "
                     f"{run.last_saved or 'none'} (lower --lr, check the data)")
@@ -125,13 +155,13 @@ def stop_on_nonfinite(run, result) -> int:
     return 1
 
 
-def stopped(run) -> int:
+def stopped(run: RunCore) -> int:
     run.log.message(f"stopped at step {run.state.step}; checkpoint {run.last_saved}; continue with --resume")
     run.log.close()
     return 0
 
 
-def export(run) -> None:
+def export(run: RunCore) -> None:
     """The last checkpoint, final/ (PEFT adapter or HF model) and loss.png."""
     save(run)
     final = export_final(run.root, run.model, run.out, run.args.ckpt, run.info.is_rank0, run.lora)
