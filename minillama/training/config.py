@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..cli import (DEFAULT_CKPT, ArgumentParser, add_rope_args, dehyphenate, fraction, nonnegative_float,
-                   nonnegative_int, positive_float, positive_int, recipe_file, unit_fraction)
+                   nonnegative_int, positive_float, positive_int, recipe_file, set_help, unit_fraction)
 from ..dtypes import DTYPE_NAMES
 from ..files import read_json
 from ..lora import TRAINABLE_MODULES
@@ -142,6 +142,8 @@ def parse_args(argv=None, description: str = "", extend=None, default_lr=(1e-3, 
 
     extend(parser) adds a recipe's own flags (train/dpo.py); default_lr: --lr for (LoRA, full) when not given."""
     parser = build_parser(description)
+    lora_lr, full_lr = (f"{x:.0e}".replace("e-0", "e-") for x in default_lr)  # 1e-3
+    set_help(parser, "lr", f"peak learning rate (default: {lora_lr} LoRA, {full_lr} full)")
     if extend is not None:
         extend(parser)
     pre = ArgumentParser(add_help=False, prog=parser.prog)
