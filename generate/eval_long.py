@@ -1,6 +1,6 @@
 """Long-context evaluation: passkey retrieval (a needle in a haystack) and perplexity against context length.
 
-    python generate/eval_long.py --task passkey --lengths 1024,2048,4096 --depths 0,0.25,0.5,0.75,1 --trials 3 \\
+    python generate/eval_long.py --task passkey --lengths 1024,2048,4096 --depths 0,0.25,0.5,0.75,1 --trials 3 \\\
         --out eval/before                                                     # the embedded SmolLM2
     python generate/eval_long.py --ckpt DIR --adapter out/final --task passkey --lengths 2048,4096 --out eval/after
     python generate/eval_long.py --ckpt DIR --task perplexity --data book.txt --lengths 512,1024,2048,4096 --out eval/

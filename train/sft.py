@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 train/sft.py --model llama3-8b-dir --data chat.jsonl --pack --seq_len 8192
     torchrun --nproc_per_node 2 train/sft.py --lora_rank 0 --lr 2e-5  # full fine-tuning
     python train/sft.py --config run.toml --max_steps 10              # flags override the file's keys
-    torchrun --nproc_per_node 8 train/sft.py --pack --seq_len 65536 --context_parallel 4 --rope_theta 4e6 \
+    torchrun --nproc_per_node 8 train/sft.py --pack --seq_len 65536 --context_parallel 4 --rope_theta 4e6 \\
         --max_seq_len 65536 --trainable embed norm               # long rows: each split over 4 processes
     torchrun ... train/sft.py --out OUT --resume                      # continue from OUT/latest with the run's
                                                                   # saved flags (OUT/config.json; new ones win;

@@ -1,6 +1,6 @@
 """Plan a fine-tuning run's memory per GPU before starting it (train/sft.py's and train/dpo.py's layout and flags):
 
-    python -m minillama.plan_memory --model mixtral-8x7b --gpus 4 --gpu_memory 48 --seq_len 12288 \
+    python -m minillama.plan_memory --model mixtral-8x7b --gpus 4 --gpu_memory 48 --seq_len 12288 \\
         --lora_rank 64 --quantize nf4 --activation_checkpointing
 
 Per rank, for FSDP2 over --gpus processes (one unit per block, the root holds embedding, norm and output):
@@ -51,7 +51,8 @@ _QUANTIZED = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "f
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minillama.plan_memory", description=__doc__,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, help=f"a preset ({', '.join(sorted(PRESETS))}) or a checkpoint dir")
+    p.add_argument("--model", "--ckpt", dest="model", required=True,
+                   help=f"a preset ({', '.join(sorted(PRESETS))}) or a checkpoint dir")
     p.add_argument("--gpus", type=positive_int, default=1, help="FSDP processes (GPUs) the run shards over")
     p.add_argument("--gpu_memory", type=float, default=80.0, help="GiB of memory per GPU")
     p.add_argument("--reserve", type=float, default=2.0,
