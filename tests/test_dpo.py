@@ -118,6 +118,20 @@ def test_pair_shapes_give_the_same_samples_and_learn_only_the_answer(tiny):
         to_pair({"prompt": "a", "chosen": "b"})
 
 
+def test_bad_pair_lines_are_skipped_with_their_line_and_reason(tiny):
+    """Not UTF-8, not JSON, not a pair: each is reported as (line, reason) and the good pairs load."""
+    d, ckpt = tiny
+    tok = load_tokenizer(ckpt)
+    good = json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}).encode()
+    (d / "bad.jsonl").write_bytes(b"\n".join([good, b"\xff\xfe", b"{not json", b'{"prompt": "a"}', b"", good]) + b"\n")
+    pairs, stats = load_pairs(d / "bad.jsonl", tok, 512)
+    assert len(pairs) == 2 and [n for n, _ in stats.bad] == [2, 3, 4]
+    assert stats.bad[0][1] == "not valid UTF-8" and stats.bad[1][1].startswith("not valid JSON")
+    with pytest.raises(ValueError, match=r"--eval_data .*no usable preference pairs"):
+        (d / "none.jsonl").write_bytes(b"\xff\n")
+        load_pairs(d / "none.jsonl", tok, 512, flag="--eval_data")
+
+
 def test_packed_pair_rows_give_each_answers_logprob_as_if_alone(tiny):
     d, ckpt = tiny
     from minillama import load_model

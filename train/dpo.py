@@ -34,10 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minillama.cli import REPO  # noqa: E402
 from minillama.files import read_json, write_json  # noqa: E402
-from minillama.tokenizer import load_tokenizer  # noqa: E402
 from minillama.training import config  # noqa: E402
-from minillama.training.build import build_model, require_ckpt  # noqa: E402
-from minillama.training.data import report_bad_lines  # noqa: E402
+from minillama.training.build import build_model, load_data  # noqa: E402
 from minillama.training.loop import BatchSplit, Schedule  # noqa: E402
 from minillama.training.loss import SequenceLogprobs  # noqa: E402
 from minillama.training.optim import lr_at  # noqa: E402
@@ -114,28 +112,12 @@ def train(args) -> int:
     return 0
 
 
-def load_preference_data(args, log):
-    require_ckpt(args.ckpt)
-    tok = load_tokenizer(args.ckpt)
-    out = []
-    for name, path in (("pairs", args.data), ("eval pairs", args.eval_data)):
-        if not path:
-            out.append(None)
-            continue
-        pairs, stats = load_pairs(path, tok, args.seq_len, args.drop_long)
-        if log.enabled:
-            report_bad_lines(stats)
-        log.message(f"{name}: {stats.summary()}")
-        out.append(pairs)
-    return tok, out[0], out[1]
-
-
 def start_run(args) -> Run:
     """Process group, pairs, model + optimizer, the reference, and the state: fresh or restored from --resume."""
     out, lora = Path(args.out), args.lora_rank > 0
     info, compute_dtype, msg, resume_from = open_run(args)  # --out and --resume checked before any loading
     cfg = PrefConfig(args.loss, args.beta, args.label_smoothing, args.orpo_lambda)
-    tok, pairs, eval_pairs = load_preference_data(args, msg)
+    tok, pairs, eval_pairs = load_data(args, msg, load=load_pairs, what=("pairs", "eval pairs"))
     split = BatchSplit.make(args.batch_size, info.world_size, args.micro_batch_size)
     schedule = Schedule([len(p) for p in pairs], args.batch_size, args.seq_len, args.pack, args.seed)
     total_steps = schedule.total_steps(args.max_steps, args.epochs)

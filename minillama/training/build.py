@@ -28,10 +28,12 @@ def require_ckpt(path: str) -> None:
         raise FileNotFoundError(f"--ckpt {path} does not exist{hint}")
 
 
-def load_data(args, log):
-    """The tokenizer and the tokenized train (and eval) samples; per-file stats and bad lines go to rank 0's log."""
+def load_data(args, log, load=load_jsonl, what: tuple[str, str] = ("data", "eval data")):
+    """The tokenizer and the tokenized train (and eval) samples; per-file stats and bad lines go to rank 0's log.
+
+    load(path, tok, seq_len, drop_long, flag): data.load_jsonl (SFT samples) or preference_data.load_pairs."""
     require_ckpt(args.ckpt)
-    flags = (("data", "--data", args.data), ("eval data", "--eval_data", args.eval_data))
+    flags = ((what[0], "--data", args.data), (what[1], "--eval_data", args.eval_data))
     for _, flag, path in flags:  # a bad path fails before the tokenizer is read
         if path:
             check_data_file(path, flag)
@@ -41,7 +43,7 @@ def load_data(args, log):
         if not path:
             out.append(None)
             continue
-        samples, stats = load_jsonl(path, tok, args.seq_len, args.drop_long, flag)
+        samples, stats = load(path, tok, args.seq_len, args.drop_long, flag)
         if log.enabled:
             report_bad_lines(stats)
         log.message(f"{name}: {stats.summary()}")

@@ -163,13 +163,9 @@ def check_data_file(path, flag: str = "--data") -> Path:
     return require_file(path, flag, nonempty=True)
 
 
-def load_jsonl(path, tok, seq_len: int, drop_long: bool = False, flag: str = "--data") -> tuple[list[Sample],
-                                                                                                DataStats]:
-    """Read and tokenize a JSONL file; bad lines (not UTF-8, not JSON, wrong shape) are skipped and listed in the
-    stats (never trained on)."""
-    path = check_data_file(path, flag)
-    stats = DataStats(path=str(path))
-    samples: list[Sample] = []
+def jsonl_records(path: Path, stats: DataStats):
+    """(line number, parsed JSON) of each non-blank line; a line that is not UTF-8 or not JSON is counted in
+    stats.bad with its reason and skipped."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -182,29 +178,43 @@ def load_jsonl(path, tok, seq_len: int, drop_long: bool = False, flag: str = "--
                 continue
             stats.lines += 1
             try:
-                shape, content = to_messages(json.loads(line))
-                pieces = tokenize_record(tok, shape, content, seq_len)
-            except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-                stats.bad.append((lineno, str(e)))
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                stats.bad.append((lineno, f"not valid JSON ({e.msg} at column {e.colno})"))
+
+
+def load_jsonl(path, tok, seq_len: int, drop_long: bool = False, flag: str = "--data") -> tuple[list[Sample],
+                                                                                                DataStats]:
+    """Read and tokenize a JSONL file; bad lines (not UTF-8, not JSON, wrong shape) are skipped and listed in the
+    stats (never trained on)."""
+    path = check_data_file(path, flag)
+    stats = DataStats(path=str(path))
+    samples: list[Sample] = []
+    for lineno, record in jsonl_records(path, stats):
+        try:
+            shape, content = to_messages(record)
+            pieces = tokenize_record(tok, shape, content, seq_len)
+        except (ValueError, KeyError, TypeError) as e:
+            stats.bad.append((lineno, str(e)))
+            continue
+        stats.shapes[shape] = stats.shapes.get(shape, 0) + 1
+        for ids, mask, how in pieces:
+            if how != "ok" and drop_long:
+                stats.dropped_long += 1
+                break  # a long text is dropped whole, not piecewise
+            if how == "prompt_cut":
+                stats.prompt_cut += 1
+            elif how == "answer_cut":
+                stats.answer_cut += 1
+            sample = Sample(ids, mask, lineno)
+            if sample.n_targets() == 0:
+                stats.no_target += 1
                 continue
-            stats.shapes[shape] = stats.shapes.get(shape, 0) + 1
-            for ids, mask, how in pieces:
-                if how != "ok" and drop_long:
-                    stats.dropped_long += 1
-                    break  # a long text is dropped whole, not piecewise
-                if how == "prompt_cut":
-                    stats.prompt_cut += 1
-                elif how == "answer_cut":
-                    stats.answer_cut += 1
-                sample = Sample(ids, mask, lineno)
-                if sample.n_targets() == 0:
-                    stats.no_target += 1
-                    continue
-                samples.append(sample)
-                stats.tokens += len(ids)
-                stats.target_tokens += sample.n_targets()
-            if shape == "text" and len(pieces) > 1 and not drop_long:
-                stats.split += 1
+            samples.append(sample)
+            stats.tokens += len(ids)
+            stats.target_tokens += sample.n_targets()
+        if shape == "text" and len(pieces) > 1 and not drop_long:
+            stats.split += 1
     stats.samples = len(samples)
     if not samples:
         reasons = "; ".join(f"line {n}: {r}" for n, r in stats.bad[:3])

@@ -16,12 +16,10 @@ each); with packing a row holds several whole pairs, so a rank always has both h
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 import torch
 
-from .data import IGNORE, DataStats, Sample, fit_to_length
+from .data import IGNORE, DataStats, Sample, check_data_file, fit_to_length, jsonl_records
 from .packing import Row, row_length
 
 
@@ -107,40 +105,36 @@ def tokenize_pair(tok, prompt, chosen, rejected, seq_len: int) -> tuple[tuple, t
     return c2[:2], r2[:2], how
 
 
-def load_pairs(path, tok, seq_len: int, drop_long: bool = False) -> tuple[list[Pair], DataStats]:
-    """Read and tokenize a preference JSONL; bad lines are skipped and listed in the stats."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+def load_pairs(path, tok, seq_len: int, drop_long: bool = False, flag: str = "--data") -> tuple[list[Pair],
+                                                                                                 DataStats]:
+    """Read and tokenize a preference JSONL; bad lines (not UTF-8, not JSON, wrong shape) are skipped and listed in
+    the stats."""
+    path = check_data_file(path, flag)
     stats, pairs = DataStats(path=str(path)), []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            stats.lines += 1
-            try:
-                shape, prompt, chosen, rejected = to_pair(json.loads(line))
-                c, r, how = tokenize_pair(tok, prompt, chosen, rejected, seq_len)
-            except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-                stats.bad.append((lineno, str(e)))
-                continue
-            stats.shapes[shape] = stats.shapes.get(shape, 0) + 1
-            if how != "ok" and drop_long:
-                stats.dropped_long += 1
-                continue
-            stats.prompt_cut += how == "prompt_cut"
-            stats.answer_cut += how == "answer_cut"
-            pair = Pair(Sample(*c, lineno), Sample(*r, lineno), lineno)
-            if not pair.chosen.n_targets() or not pair.rejected.n_targets():
-                stats.no_target += 1
-                continue
-            pairs.append(pair)
-            stats.tokens += len(pair)
-            stats.target_tokens += pair.chosen.n_targets() + pair.rejected.n_targets()
+    for lineno, record in jsonl_records(path, stats):
+        try:
+            shape, prompt, chosen, rejected = to_pair(record)
+            c, r, how = tokenize_pair(tok, prompt, chosen, rejected, seq_len)
+        except (ValueError, KeyError, TypeError) as e:
+            stats.bad.append((lineno, str(e)))
+            continue
+        stats.shapes[shape] = stats.shapes.get(shape, 0) + 1
+        if how != "ok" and drop_long:
+            stats.dropped_long += 1
+            continue
+        stats.prompt_cut += how == "prompt_cut"
+        stats.answer_cut += how == "answer_cut"
+        pair = Pair(Sample(*c, lineno), Sample(*r, lineno), lineno)
+        if not pair.chosen.n_targets() or not pair.rejected.n_targets():
+            stats.no_target += 1
+            continue
+        pairs.append(pair)
+        stats.tokens += len(pair)
+        stats.target_tokens += pair.chosen.n_targets() + pair.rejected.n_targets()
     stats.samples = len(pairs)
     if not pairs:
         reasons = "; ".join(f"line {n}: {r}" for n, r in stats.bad[:5])
-        raise ValueError(f"{path}: no usable preference pairs in {stats.lines} lines" +
+        raise ValueError(f"{flag} {path}: no usable preference pairs in {stats.lines} lines" +
                          (f" ({reasons})" if reasons else ""))
     return pairs, stats
 
