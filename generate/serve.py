@@ -23,12 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
-from minillama.cli import (ArgumentParser, add_model_args, add_sampling_args, context_limit,  # noqa: E402
+from minillama.cli import (ArgumentParser, add_model_args, add_sampling_args, context_limit, is_rank0,  # noqa: E402
                            load_from_args, parse_args, positive_int, resolve_checkpoint, run, sampling_params,
                            set_help)
 from minillama.distributed import cleanup  # noqa: E402
 from minillama.engine import Engine  # noqa: E402
 from minillama.generation import cache_len_for  # noqa: E402
+from minillama.lora import set_row_adapters  # noqa: E402
 
 DEFAULT_MAX_SEQ_LEN = 4096  # the KV cache holds --max_batch_size x --max_seq_len tokens; a 128K context would not fit
 
@@ -66,13 +67,6 @@ def name_adapters(args) -> list[str]:
     return names
 
 
-def row_adapter_switch(model, names: list) -> None:
-    """The engine's per-row hook: each row of the next forward runs its request's adapter (None: the base model);
-    one batch mixes them (lora.set_row_adapters gathers each row's factors inside every layer)."""
-    from minillama.lora import set_row_adapters
-    set_row_adapters(model, names)
-
-
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before the model is served so a busy port is a clear error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -101,7 +95,7 @@ def main(argv=None):
         raise ValueError(f"--adapter: {args.model_name or ckpt.name!r} is the base model's name; name the adapter "
                          "NAME=DIR or give --model_name")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    sock = listen(args.host, args.port) if int(os.environ.get("RANK", "0")) == 0 else None
+    sock = listen(args.host, args.port) if is_rank0() else None
     loaded = load_from_args(args, log=log, merge_adapter=False)  # unmerged: the base model stays servable
     info, tok, model = loaded.dist, loaded.tok, loaded.model
     args.max_seq_len = args.max_seq_len or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
@@ -110,7 +104,7 @@ def main(argv=None):
     engine = Engine(model, args.max_batch_size, cache_len_for(limit, args.compile), seed=args.seed,
                     compile=args.compile, process_group=loaded.tp_group, pad_id=tok.pad_id or 0,
                     fixed_batch=args.compile, reuse_prefix=True,
-                    row_adapters=row_adapter_switch if adapters and not merged else None)
+                    row_adapters=set_row_adapters if adapters and not merged else None)  # mixed per batch
     if not info.is_rank0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 says when serving ends
         follow(engine, info)

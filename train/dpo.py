@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from minillama.cli import REPO  # noqa: E402
 from minillama.files import read_json, write_json  # noqa: E402
 from minillama.training import config  # noqa: E402
-from minillama.training.build import build_model, load_data  # noqa: E402
+from minillama.training.build import build_model, load_data, pad_id_of  # noqa: E402
 from minillama.training.loop import BatchSplit, Schedule  # noqa: E402
 from minillama.training.loss import SequenceLogprobs  # noqa: E402
 from minillama.training.optim import lr_at  # noqa: E402
@@ -114,7 +114,7 @@ def train(args) -> int:
 
 def start_run(args) -> Run:
     """Process group, pairs, model + optimizer, the reference, and the state: fresh or restored from --resume."""
-    out, lora = Path(args.out), args.lora_rank > 0
+    out = Path(args.out)
     info, compute_dtype, msg, resume_from = open_run(args)  # --out and --resume checked before any loading
     cfg = PrefConfig(args.loss, args.beta, args.label_smoothing, args.orpo_lambda)
     tok, pairs, eval_pairs = load_data(args, msg, load=load_pairs, what=("pairs", "eval pairs"))
@@ -126,12 +126,12 @@ def start_run(args) -> Run:
                 f"{split.accumulation} micro-steps of {split.micro_batch_size} rows); {total_steps} steps; "
                 f"{args.loss.upper()}")
     model, root, optimizer = build_model(args, info, compute_dtype, msg, wrap=SequenceLogprobs)
-    pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad_id = pad_id_of(tok)
     ref = {}
-    if cfg.loss == "dpo" and not lora:  # before any step (and before a checkpoint is loaded): the starting model
+    if cfg.loss == "dpo" and args.lora_rank <= 0:  # full fine-tuning: the starting model's, before any step or resume
         ref = reference_tables(args, root, pairs, eval_pairs, split, info, pad_id, out, resume_from is not None, msg)
-    state = restore_state(args, resume_from, root, optimizer, lora, info, msg)
-    log = start_log(args, info, split, total_steps, compute_dtype, model, lora, state, resume_from is not None)
+    state = restore_state(args, resume_from, root, optimizer, info, msg)
+    log = start_log(args, info, split, total_steps, compute_dtype, model, state, resume_from is not None)
     return Run(**core_fields(args, info, model, root, optimizer, split, schedule, total_steps, state, log, resume_from),
                cfg=cfg, pairs=pairs, eval_pairs=eval_pairs, ref=ref, pad_id=pad_id)
 

@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minillama.cli import run as run_cli  # noqa: E402
 from minillama.training import config  # noqa: E402
-from minillama.training.build import build_model, load_data  # noqa: E402
+from minillama.training.build import build_model, load_data, pad_id_of  # noqa: E402
 from minillama.training.context_parallel import check_supported, context_group  # noqa: E402
 from minillama.training.loop import BatchSplit, Feed, Schedule, evaluate, train_step  # noqa: E402
 from minillama.training.optim import lr_at  # noqa: E402
@@ -99,7 +99,6 @@ def train(args) -> int:
 
 def start_run(args) -> Run:
     """Process group, data, model + optimizer, and the state: fresh, or restored from --resume."""
-    lora = args.lora_rank > 0
     info, compute_dtype, msg, resume_from = open_run(args)  # --out and --resume checked before any loading
 
     tok, samples, eval_samples = load_data(args, msg)
@@ -119,9 +118,9 @@ def start_run(args) -> Run:
     model, root, optimizer = build_model(args, info, compute_dtype, msg, longest=longest)
     if cp is not None:
         check_supported(args, model.args)
-    state = restore_state(args, resume_from, root, optimizer, lora, info, msg)
-    log = start_log(args, info, split, total_steps, compute_dtype, model, lora, state, resume_from is not None)
-    pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    state = restore_state(args, resume_from, root, optimizer, info, msg)
+    log = start_log(args, info, split, total_steps, compute_dtype, model, state, resume_from is not None)
+    pad_id = pad_id_of(tok)
     feed = Feed(info.device, pad_id, info.rank // args.context_parallel, cp, model.args.sliding_window)
     return Run(**core_fields(args, info, model, root, optimizer, split, schedule, total_steps, state, log, resume_from),
                samples=samples, eval_samples=eval_samples, feed=feed)

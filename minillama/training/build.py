@@ -21,18 +21,13 @@ from .optim import build_optimizer
 from .perf import param_counts
 
 
-def require_ckpt(path: str) -> None:
-    """--ckpt must exist (checked before the tokenizer is read); the embedded default says how to make it."""
-    if not Path(path).exists():
-        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in path else ""
-        raise FileNotFoundError(f"--ckpt {path} does not exist{hint}")
-
-
 def load_data(args, log, load=load_jsonl, what: tuple[str, str] = ("data", "eval data")):
     """The tokenizer and the tokenized train (and eval) samples; per-file stats and bad lines go to rank 0's log.
 
     load(path, tok, seq_len, drop_long, flag): data.load_jsonl (SFT samples) or preference_data.load_pairs."""
-    require_ckpt(args.ckpt)
+    if not Path(args.ckpt).exists():
+        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.ckpt else ""
+        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist{hint}")
     flags = ((what[0], "--data", args.data), (what[1], "--eval_data", args.eval_data))
     for _, flag, path in flags:  # a bad path fails before the tokenizer is read
         if path:
@@ -49,6 +44,12 @@ def load_data(args, log, load=load_jsonl, what: tuple[str, str] = ("data", "eval
         log.message(f"{name}: {stats.summary()}")
         out.append(samples)
     return tok, out[0], out[1]
+
+
+def pad_id_of(tok) -> int:
+    """The id padded rows are filled with: the tokenizer's pad, else its eos, else 0 (the loss and attention mask
+    padding out whichever it is)."""
+    return tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
 
 
 def load_device(args, info) -> torch.device:
@@ -116,7 +117,7 @@ def build_model(args, info, compute_dtype, log, wrap=CausalLMLoss, longest: int 
     Returns (model, root, optimizer): root is the FSDP-sharded wrap(model, loss_chunk) (CausalLMLoss for SFT,
     loss.SequenceLogprobs for preference tuning)."""
     lora = args.lora_rank > 0
-    master_bf16 = getattr(args, "master_dtype", "float32") == "bfloat16"
+    master_bf16 = args.master_dtype == "bfloat16"
     torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
     # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32;
     # full fine-tuning keeps float32 master weights unless --master_dtype bfloat16

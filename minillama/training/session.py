@@ -105,12 +105,12 @@ def open_run(args):
     return info, compute_dtype, msg, resume_from
 
 
-def restore_state(args, resume_from: Optional[Path], root, optimizer, lora: bool, info, msg) -> TrainState:
+def restore_state(args, resume_from: Optional[Path], root, optimizer, info, msg) -> TrainState:
     """A fresh TrainState, or the checkpoint's (weights, optimizer and, on the same process count, each rank's
     RNG stream, so dropout continues exactly)."""
     state, saved = TrainState(), {}
     if resume_from is not None:
-        saved = load_checkpoint(resume_from, root, optimizer, lora)
+        saved = load_checkpoint(resume_from, root, optimizer, args.lora_rank > 0)
         state = TrainState.from_json(saved)
         msg.message(f"resumed from {resume_from} at step {state.step}")
     torch.manual_seed(args.seed * 1000 + info.rank + 1)  # LoRA dropout streams differ per rank
@@ -119,8 +119,7 @@ def restore_state(args, resume_from: Optional[Path], root, optimizer, lora: bool
     return state
 
 
-def start_log(args, info, split, total_steps: int, compute_dtype, model, lora: bool, state: TrainState,
-              resumed: bool) -> StepLog:
+def start_log(args, info, split, total_steps: int, compute_dtype, model, state: TrainState, resumed: bool) -> StepLog:
     """Write OUT/config.json (the resolved flags) and open the per-step log (metrics.jsonl + progress bar)."""
     out = Path(args.out)
     if info.is_rank0:
@@ -130,7 +129,7 @@ def start_log(args, info, split, total_steps: int, compute_dtype, model, lora: b
     return StepLog(MetricsWriter(out / "metrics.jsonl", resume_step=state.step if resumed else 0,
                                  enabled=info.is_rank0),
                    ProgressBar(total_steps, start=state.step, every=args.log_every, enabled=info.is_rank0),
-                   model.args, info.device, info.world_size, lora,
+                   model.args, info.device, info.world_size, args.lora_rank > 0,
                    args.peak_tflops or default_peak_tflops(info.device), moe=bool(model.args.n_experts))
 
 
