@@ -30,14 +30,14 @@ from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
-from minillama.cli import (ArgumentParser, add_model_args, add_sampling_args, context_limit,  # noqa: E402
-                           generation_options, load_from_args, parse_args, positive_int, run, sampling_params)
-from minillama.distributed import cleanup  # noqa: E402
-from minillama.files import atomic_write, require_file  # noqa: E402
-from minillama.generation import generate_continuous  # noqa: E402
-from minillama.loading import broadcast_object  # noqa: E402
-from minillama.lora import adapter_names, lora_modules, set_adapter  # noqa: E402
-from minillama.tokenizer import decode_cut  # noqa: E402
+from minillama.util.cli import ArgumentParser, positive_int, run
+from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, generation_options, load_from_args, parse_args, sampling_params
+from minillama.util.distributed import cleanup  # noqa: E402
+from minillama.util.files import atomic_write, require_file  # noqa: E402
+from minillama.inference.generate import generate_continuous  # noqa: E402
+from minillama.inference.loading import broadcast_object  # noqa: E402
+from minillama.lora.slots import adapter_names, lora_modules, set_adapter
+from minillama.tokenizer.tokenizer import decode_cut  # noqa: E402
 
 
 def get_args(argv=None):

@@ -11,7 +11,7 @@ through continuous batching (generate/batch.py's engine), with an extrapolation 
 Weights are random (speed does not depend on the values); HF's model has its own random weights. Decode time per
 token is (t(N new) - t(1 new)) / (N - 1), so prefill is excluded; prefill time is t(1 new). Bytes per decode step =
 every weight a step reads + the KV cache at mid-generation. --json adds every figure to a results file as soon
-as it is measured (see minillama/benchmarks.py); the targets of the performance issue are printed at the end.
+as it is measured (see minillama/tools/benchmarks.py); the targets of the performance issue are printed at the end.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minillama import ModelArgs  # noqa: E402
-from minillama import benchmarks as bm  # noqa: E402
-from minillama.cli import ArgumentParser, positive_int, run  # noqa: E402
-from minillama.dtypes import DTYPE_NAMES, parse_dtype  # noqa: E402
-from minillama.generation import cache_len_for, generate, generate_continuous  # noqa: E402
-from minillama.training.perf import decode_bytes_per_step, forward_flops, time_fn  # noqa: E402
+from minillama.tools import benchmarks as bm  # noqa: E402
+from minillama.util.cli import ArgumentParser, positive_int, run  # noqa: E402
+from minillama.util.dtypes import DTYPE_NAMES, parse_dtype  # noqa: E402
+from minillama.inference.generate import cache_len_for, generate, generate_continuous  # noqa: E402
+from minillama.perf import decode_bytes_per_step, forward_flops, time_fn  # noqa: E402
 
 TINY = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=4096, hidden_dim=512, max_seq_len=16384,
             rope_theta=500000.0, family="llama3")
@@ -217,7 +217,7 @@ def rows_that_fit(args: ModelArgs, device, seq_len: int, bytes_per: int, batch: 
     """Cache rows of seq_len slots that fit beside the weights in the device's memory (batch itself on CPU)."""
     if device.type != "cuda":
         return batch
-    from minillama.training.perf import param_counts
+    from minillama.perf import param_counts
 
     free = torch.cuda.get_device_properties(device).total_memory - param_counts(args)["total"] * bytes_per - 8 * 2**30
     per_row = 2 * args.n_layers * args.n_kv_heads * args.head_dim * seq_len * bytes_per  # k and v, every layer
@@ -227,7 +227,7 @@ def rows_that_fit(args: ModelArgs, device, seq_len: int, bytes_per: int, batch: 
 def extrapolate(args: ModelArgs, a, measured: dict, device, bytes_per: int) -> dict:
     """Estimate (not measure) the time of the --extrapolate job from this run's prefill FLOP rate and decode bytes/s.
 
-    Prefill: its FLOPs (minillama.training.perf.forward_flops, causal attention included) at the FLOP rate the
+    Prefill: its FLOPs (minillama.perf.forward_flops, causal attention included) at the FLOP rate the
     measured prefills reached. Decode: steps = prompts x new / rows (continuous batching keeps rows busy), each
     reading the weights + the rows' KV cache at mid-answer, at the bytes/s the measured decode reached. Rows: the
     measured batch, or fewer if their longer cache would not fit in this device's memory.

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
-from minillama.cli import ArgumentParser  # noqa: E402
+from minillama.util.cli import ArgumentParser, run  # noqa: E402
 
 PROMPTS = ["Tell me a story about a lighthouse keeper.", "Explain how a bicycle works.",
            "Write a letter to a friend about autumn.", "Describe a busy market in the morning.",
@@ -109,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -20,14 +20,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
-from minillama.cli import (ArgumentParser, add_model_args, add_sampling_args, context_limit,  # noqa: E402
-                           load_from_args, parse_args, run, sampling_params)
-from minillama.distributed import cleanup  # noqa: E402
-from minillama.engine import Engine, Request  # noqa: E402
-from minillama.generation import cache_len_for  # noqa: E402
-from minillama.loading import broadcast_object, rank0_print  # noqa: E402
-from minillama.repl import HELP, Terminal, dim  # noqa: E402
-from minillama.tokenizer import StreamDecoder, decode_cut  # noqa: E402
+from minillama.util.cli import ArgumentParser, run
+from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, load_from_args, parse_args, sampling_params
+from minillama.util.distributed import cleanup  # noqa: E402
+from minillama.inference.engine import Engine, Request  # noqa: E402
+from minillama.inference.generate import cache_len_for  # noqa: E402
+from minillama.inference.loading import broadcast_object, rank0_print  # noqa: E402
+from minillama.inference.repl import HELP, Terminal, dim  # noqa: E402
+from minillama.tokenizer.tokenizer import StreamDecoder, decode_cut  # noqa: E402
 
 GO, STOP, QUIT = 0, 1, 2  # what rank 0 tells every rank before each decode step
 

@@ -35,13 +35,14 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
 from generate.batch import Progress, append_line, done_indices, sort_output  # noqa: E402
-from minillama.cli import ArgumentParser, add_model_args, load_from_args, positive_int, run  # noqa: E402
-from minillama.distributed import cleanup  # noqa: E402
-from minillama.files import atomic_write, read_json, write_json  # noqa: E402
-from minillama.generation import generate_continuous  # noqa: E402
+from minillama.util.cli import ArgumentParser, positive_int, run
+from minillama.tools.flags import add_model_args, load_from_args
+from minillama.util.distributed import cleanup  # noqa: E402
+from minillama.util.files import atomic_write, read_json, write_json  # noqa: E402
+from minillama.inference.generate import generate_continuous  # noqa: E402
 from minillama.rope import runs_past_context  # noqa: E402
 from minillama.training.loss import chunked_cross_entropy  # noqa: E402
-from minillama.training.plot import heatmap_png, loss_curve_png, png_bytes  # noqa: E402
+from minillama.util.plot import heatmap_png, loss_curve_png, png_bytes  # noqa: E402
 
 INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the pass key.\n\n")
@@ -289,7 +290,7 @@ def perplexity_table(args, rows: list[dict]) -> list[float]:
 
 # ---- shared ----
 def broadcast(obj, info):
-    from minillama.loading import broadcast_object
+    from minillama.inference.loading import broadcast_object
     return broadcast_object(obj, info)
 
 

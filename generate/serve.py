@@ -23,13 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
-from minillama.cli import (ArgumentParser, add_model_args, add_sampling_args, context_limit, is_rank0,  # noqa: E402
-                           load_from_args, parse_args, positive_int, resolve_checkpoint, run, sampling_params,
-                           set_help)
-from minillama.distributed import cleanup  # noqa: E402
-from minillama.engine import Engine  # noqa: E402
-from minillama.generation import cache_len_for  # noqa: E402
-from minillama.lora import set_row_adapters  # noqa: E402
+from minillama.util.cli import ArgumentParser, is_rank0, positive_int, run
+from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, load_from_args, parse_args, resolve_checkpoint, sampling_params, set_help
+from minillama.util.distributed import cleanup  # noqa: E402
+from minillama.inference.engine import Engine  # noqa: E402
+from minillama.inference.generate import cache_len_for  # noqa: E402
+from minillama.lora.slots import set_row_adapters
 
 DEFAULT_MAX_SEQ_LEN = 4096  # the KV cache holds --max_batch_size x --max_seq_len tokens; a 128K context would not fit
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .files import read_json
+from .util.files import read_json
 from .rope import check_rope_scaling
 
 

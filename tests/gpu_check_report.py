@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minillama import benchmarks as bm  # noqa: E402
+from minillama.tools import benchmarks as bm  # noqa: E402
 
 
 def env(a):

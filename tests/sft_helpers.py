@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from minillama.bpe import bytes_to_unicode
+from minillama.tokenizer.bpe import bytes_to_unicode
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -18,15 +18,15 @@ import torch
 
 from helpers import Payload, tiny_hf, tiny_model, write_meta_dir
 from minillama import load_model, save_hf
-from minillama.adapter import save_adapter
+from minillama.lora.peft import save_adapter
 from minillama.checkpoints import save_meta
-from minillama.checkpoints import convert as convert_mod
-from minillama.cli import run as run_cli
-from minillama.lora import apply_lora
-from minillama.merge import main as merge_main
-from minillama.sampling import SamplingParams
+from minillama.tools import convert as convert_mod
+from minillama.util.cli import run as run_cli
+from minillama.lora.layers import apply_lora
+from minillama.tools.merge import main as merge_main
+from minillama.inference.sampling import SamplingParams
 from minillama.training.data import load_jsonl, report_bad_lines
-from minillama.tokenizer import load_tokenizer
+from minillama.tokenizer.tokenizer import load_tokenizer
 from sft_helpers import REPO, free_port, qa_samples, tiny_checkpoint, write_jsonl
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -105,7 +105,7 @@ def test_integer_tensors_are_refused_with_the_key_named(tmp_path, dtype, name):
 
 
 def test_pickled_payloads_in_weight_and_adapter_files_never_run(tmp_path):
-    from minillama.adapter import read_adapter
+    from minillama.lora.peft import read_adapter
     marker = tmp_path / "PWNED"
     meta = write_meta_dir(tiny_hf("llama"), tmp_path / "meta")
     torch.save({"tok_embeddings.weight": Payload(marker)}, meta / "consolidated.00.pth")
@@ -126,7 +126,7 @@ def test_convert_rejects_an_invalid_shard_count_at_parsing(value, capsys):
         convert_mod.parse_args(["src", "dst", "--shards", value])
     assert e.value.code == 2
     line = one_line(capsys.readouterr().err)
-    assert line.startswith("python -m minillama.convert: error: argument --shards:") and line.endswith("(see --help)")
+    assert line.startswith("python -m minillama.tools.convert: error: argument --shards:") and line.endswith("(see --help)")
 
 
 def test_convert_rejects_shard_counts_the_model_cannot_split_before_loading(tmp_path, monkeypatch, capsys):
@@ -155,7 +155,7 @@ def save_then_die(obj, f, *a, **k):
     save(obj, f, *a, **k)
     os.kill(os.getpid(), signal.SIGKILL)  # killed after the first shard file
 meta_format.torch.save = save_then_die
-from minillama.convert import cli
+from minillama.tools.convert import cli
 cli(sys.argv[1:])
 """
 
@@ -207,7 +207,7 @@ def test_merge_checks_adapter_and_out_before_loading_the_base(tmp_path, monkeypa
         line = one_line(capsys.readouterr().err)
         assert line.startswith("error: ") and message in line, line
     assert not out.exists()
-    proc = subprocess.run([sys.executable, "-m", "minillama.merge", "--base", str(tmp_path / "base"), "--adapter",
+    proc = subprocess.run([sys.executable, "-m", "minillama.tools.merge", "--base", str(tmp_path / "base"), "--adapter",
                            str(wider), "--out", str(out)], capture_output=True, text=True, timeout=120, env=ENV,
                           cwd=REPO)
     assert proc.returncode == 1 and "adapter for another model?" in one_line(proc.stderr)
@@ -317,7 +317,7 @@ def parsers():
     """Each user-facing script's argument parsing, as a function of argv."""
     sys.path.insert(0, str(REPO / "train"))
     import sft
-    from minillama.checkpoints import merge
+    from minillama.tools import merge
     chat = load_script(REPO / "generate" / "chat.py", "chat_script")
     complete = load_script(REPO / "generate" / "complete.py", "complete_script")
     batch = load_script(REPO / "generate" / "batch.py", "batch_script")
@@ -370,7 +370,7 @@ def test_bad_sampling_flags_are_rejected_at_parsing(script, capsys):
 
 
 def test_the_library_rejects_the_same_sampling_values():
-    from minillama.generation import generate
+    from minillama.inference.generate import generate
     for flag, value in BAD_SAMPLING:
         name = flag.removeprefix("--")
         if name in ("temperature", "top_p", "repetition_penalty", "top_k"):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from minillama import load_model
-from minillama.generation import generate, stop_reason
-from minillama.tokenizer import decode_cut, load_tokenizer
+from minillama.inference.generate import generate, stop_reason
+from minillama.tokenizer.tokenizer import decode_cut, load_tokenizer
 from helpers import tiny_smol_vocab_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,8 +118,8 @@ def test_resume_skips_finished_lines_and_redoes_a_truncated_one(tiny_dir, expect
 
 
 def test_complete_cli_with_adapter_equals_in_process_generation(tiny_dir, tmp_path):
-    from minillama.adapter import save_adapter
-    from minillama.lora import apply_lora
+    from minillama.lora.peft import save_adapter
+    from minillama.lora.layers import apply_lora
     model, tok = load_model(tiny_dir), load_tokenizer(tiny_dir)
     apply_lora(model, rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
     torch.manual_seed(1)
@@ -145,8 +145,8 @@ def test_complete_cli_with_adapter_equals_in_process_generation(tiny_dir, tmp_pa
 def test_batch_lines_pick_named_adapters_and_equal_each_adapter_alone(tiny_dir, tmp_path):
     """--adapter a=DIR --adapter b=DIR: each line's "adapter" (or an adapter-naming "model") picks one; null is the
     base model; every output equals generating with that adapter alone."""
-    from minillama.adapter import load_adapter, save_adapter
-    from minillama.lora import apply_lora
+    from minillama.lora.peft import load_adapter, save_adapter
+    from minillama.lora.layers import apply_lora
     tok = load_tokenizer(tiny_dir)
     dirs = {}
     for seed, name in enumerate(("a", "b")):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minillama import ModelArgs, Transformer
-from minillama.training.perf import decode_bytes_per_step, forward_flops, param_counts
+from minillama.perf import decode_bytes_per_step, forward_flops, param_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

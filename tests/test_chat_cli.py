@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from minillama import load_model
-from minillama.generation import generate
-from minillama.tokenizer import decode_cut, load_tokenizer
+from minillama.inference.generate import generate
+from minillama.tokenizer.tokenizer import decode_cut, load_tokenizer
 from helpers import tiny_smol_vocab_checkpoint
 from sft_helpers import free_port
 
@@ -104,7 +104,7 @@ def test_history_overflow_drops_oldest_turns_but_keeps_system(smol):
 def test_missing_default_checkpoint_names_the_fetch_command(tmp_path, monkeypatch):
     import argparse
 
-    from minillama import cli
+    from minillama.tools import flags as cli
     monkeypatch.setattr(cli, "DEFAULT_CKPT", tmp_path / "absent")
     args = argparse.Namespace(ckpt=None, ckpt_dir=None, tokenizer_path=None, adapter=None)
     with pytest.raises(FileNotFoundError, match="python weights/prepare_smollm2.py"):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from minillama.tokenizer import load_tokenizer
+from minillama.tokenizer.tokenizer import load_tokenizer
 
 SITE = Path(__import__("tiktoken").__file__).parent.parent
 LLAMA3_MODEL = SITE / "llama_models/llama3/tokenizer.model"

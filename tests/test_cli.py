@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from minillama import cli
-from minillama.dtypes import DTYPE_NAMES
+from minillama.tools import flags
+from minillama.util import cli
+from minillama.util.dtypes import DTYPE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 # script -> the function that builds and parses its flags
@@ -17,7 +18,7 @@ SCRIPTS = {"generate/chat.py": "get_args", "generate/complete.py": "get_args", "
            "generate/serve.py": "get_args", "generate/bench.py": "get_args", "train/bench.py": "get_args",
            "generate/bench_serve.py": "get_args",
            "train/plot.py": "main", "train/sft.py": "parse_args", "weights/prepare_smollm2.py": "parse_args",
-           "minillama/checkpoints/convert.py": "parse_args", "minillama/checkpoints/merge.py": "parse_args"}
+           "minillama/tools/convert.py": "parse_args", "minillama/tools/merge.py": "parse_args"}
 
 
 class Captured(Exception):
@@ -76,7 +77,7 @@ def test_hyphens_are_accepted_and_values_are_left_alone():
     sft = load_script("train/sft.py")
     args = sft.parse_args(["--lora-rank", "4", "--model", "/ckpt", "--max-steps=3"])
     assert (args.lora_rank, args.ckpt, args.max_steps) == (4, "/ckpt", 3)
-    convert, merge = load_script("minillama/checkpoints/convert.py"), load_script("minillama/checkpoints/merge.py")
+    convert, merge = load_script("minillama/tools/convert.py"), load_script("minillama/tools/merge.py")
     assert convert.parse_args(["a", "b", "--format", "meta"]).to == convert.parse_args(["a", "b", "--to", "meta"]).to
     m = merge.parse_args(["--ckpt", "b", "--adapter", "a", "--out", "o", "--to", "meta"])
     assert (m.base, m.format) == ("b", "meta")
@@ -131,7 +132,7 @@ def test_sampling_defaults_come_from_generation_config_and_flags_win(tmp_path, c
 
 
 def test_generation_config_eos_ids_stop_generation(tmp_path):
-    from minillama.loading import load_for_inference
+    from minillama.inference.loading import load_for_inference
     from sft_helpers import tiny_checkpoint
     d = tiny_checkpoint(tmp_path / "tiny")
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
@@ -158,10 +159,10 @@ def test_threads_flag_sets_torch_threads_and_omp_num_threads_is_respected(monkey
     import torch
     before = torch.get_num_threads()
     try:
-        assert cli.set_threads(argparse.Namespace(threads=1)) == 1
+        assert flags.set_threads(argparse.Namespace(threads=1)) == 1
         torch.set_num_threads(2)
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        monkeypatch.setattr(cli, "auto_threads", lambda: pytest.fail("OMP_NUM_THREADS is set: no automatic choice"))
-        assert cli.set_threads(argparse.Namespace(threads=None)) == 2
+        monkeypatch.setattr(flags, "auto_threads", lambda: pytest.fail("OMP_NUM_THREADS is set: no automatic choice"))
+        assert flags.set_threads(argparse.Namespace(threads=None)) == 2
     finally:
         torch.set_num_threads(before)

@@ -1,4 +1,4 @@
-"""`python -m minillama.convert`: HF -> Meta -> HF gives back bit-identical tensors, the Meta side matches the
+"""`python -m minillama.tools.convert`: HF -> Meta -> HF gives back bit-identical tensors, the Meta side matches the
 independent conversion, tokenizer files travel along, and dtype is kept unless asked."""
 
 import json
@@ -15,7 +15,7 @@ from safetensors.torch import load_file  # noqa: E402
 from helpers import hf_dir_to_meta_state, merge_model_parallel, read_safetensors_dir, tiny_hf  # noqa: E402
 
 from minillama import load_model  # noqa: E402
-from minillama.convert import cli, main as convert  # noqa: E402
+from minillama.tools.convert import cli, main as convert  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_hf_meta_hf_round_trip_is_bit_identical(kind, shards, dtype, tmp_path):
 
 def test_cli_dtype_and_direction_flags(tmp_path, capsys):
     tiny_hf("llama", num_key_value_heads=4).save_pretrained(tmp_path / "hf")
-    cmd = [sys.executable, "-m", "minillama.convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "hf",
+    cmd = [sys.executable, "-m", "minillama.tools.convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "hf",
            "--dtype", "bfloat16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr

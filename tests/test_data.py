@@ -8,7 +8,7 @@ import torch
 
 from minillama.training.data import IGNORE, Sample, fit_to_length, load_jsonl, to_messages
 from minillama.training.packing import collate, pack_rows, padded_tokens, plan_epoch
-from minillama.tokenizer import load_tokenizer
+from minillama.tokenizer.tokenizer import load_tokenizer
 from sft_helpers import write_byte_tokenizer, write_jsonl
 
 DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},

@@ -4,9 +4,10 @@ restores the base bit for bit; a fresh DoRA adapter changes nothing; NF4 base; M
 import pytest
 import torch
 
-from minillama.adapter import load_adapter, read_adapter, save_adapter
+from minillama.lora.peft import load_adapter, read_adapter, save_adapter
 from minillama.checkpoints import save_hf
-from minillama.lora import LoRALinear, apply_lora, lora_parameters, merge_lora, unmerge_lora
+from minillama.lora.layers import LoRALinear, apply_lora, lora_parameters
+from minillama.lora.merge import merge_lora, unmerge_lora
 from minillama.quant import quantize_model_nf4
 from helpers import randomize_adapter
 from test_lora import MOE, _train, tiny_model, tokens
@@ -108,8 +109,8 @@ def test_dora_on_mixtral_experts_is_refused_clearly():
 
 
 def test_merge_tool_folds_a_dora_adapter_into_the_checkpoint_weights(tmp_path):
-    """python -m minillama.merge's merge_adapters_: W <- g (W + s B A) gives the unmerged adapter's logits."""
-    from minillama.merge import merge_adapters_
+    """python -m minillama.tools.merge's merge_adapters_: W <- g (W + s B A) gives the unmerged adapter's logits."""
+    from minillama.tools.merge import merge_adapters_
     model = apply_lora(tiny_model(), rank=4, alpha=8, targets=("q_proj", "k_proj", "down_proj"), use_dora=True)
     randomize_dora(model, std=0.05)
     save_adapter(model, tmp_path / "dora")

@@ -13,7 +13,7 @@ import torch
 from minillama.training.loss import SequenceLogprobs
 from minillama.training.preference import PrefConfig, _pair_terms, dpo_loss, orpo_loss, summarize
 from minillama.training.preference_data import collate_pairs, load_pairs, to_pair, tokenize_pair
-from minillama.tokenizer import load_tokenizer
+from minillama.tokenizer.tokenizer import load_tokenizer
 from sft_helpers import REPO, free_port, metrics, tiny_checkpoint, write_jsonl
 
 trl = pytest.importorskip("trl")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from minillama.engine import Engine, Request
-from minillama.generation import generate
-from minillama.sampling import SamplingParams
+from minillama.inference.engine import Engine, Request
+from minillama.inference.generate import generate
+from minillama.inference.sampling import SamplingParams
 from helpers import CountingForward, tiny_model
 
 

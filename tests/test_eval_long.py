@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from minillama import load_model
-from minillama.adapter import save_adapter
-from minillama.lora import apply_lora
-from minillama.tokenizer import load_tokenizer
+from minillama.lora.peft import save_adapter
+from minillama.lora.layers import apply_lora
+from minillama.tokenizer.tokenizer import load_tokenizer
 from sft_helpers import REPO, free_port, tiny_checkpoint
 from test_lora import randomize_lora
 

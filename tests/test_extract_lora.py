@@ -1,4 +1,4 @@
-"""python -m minillama.extract_lora: an exact rank-4 delta on every linear comes back exactly at rank 4 (logits of
+"""python -m minillama.tools.extract_lora: an exact rank-4 delta on every linear comes back exactly at rank 4 (logits of
 the tuned model), rank 2 keeps less energy and is worse, PEFT loads the adapter, Mixtral experts, clear errors."""
 
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from minillama import load_model
-from minillama.adapter import load_adapter
+from minillama.lora.peft import load_adapter
 from minillama.checkpoints import save_hf
-from minillama.extract_lora import cli
+from minillama.tools.extract_lora import cli
 from test_lora import MOE, tiny_model, tokens
 
 LINEAR_LEAVES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from minillama.generation import generate, generate_continuous, generate_stream, stop_reason
-from minillama.sampling import SamplingParams, apply_repetition_penalty, seen_mask
+from minillama.inference.generate import generate, generate_continuous, generate_stream, stop_reason
+from minillama.inference.sampling import SamplingParams, apply_repetition_penalty, seen_mask
 from helpers import CountingForward, tiny_model
 
 MOE = {"n_experts": 4, "n_experts_per_tok": 2}

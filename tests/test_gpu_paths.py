@@ -18,9 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillama import ModelArgs, attention, generation
-from minillama import benchmarks as bm
-from minillama.lora import LoRAExperts
+from minillama import ModelArgs, attention
+from minillama.inference import generate as generation
+from minillama.tools import benchmarks as bm
+from minillama.lora.experts import LoRAExperts
 from minillama.moe import MoEFeedForward
 from minillama.quant import NF4Experts, NF4Weight
 from helpers import tiny_model

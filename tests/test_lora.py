@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillama.lora import (LoRAExperts, LoRALinear, apply_lora, lora_parameters, lora_state_dict, merge_lora,
-                            set_lora_enabled, unmerge_lora)
+from minillama.lora.layers import LoRALinear, apply_lora, lora_parameters, lora_state_dict, set_lora_enabled
+from minillama.lora.experts import LoRAExperts
+from minillama.lora.merge import merge_lora, unmerge_lora
 from minillama.quant import quantize_model_nf4
 from helpers import TINY_ARGS, tiny_model as _tiny_model
 

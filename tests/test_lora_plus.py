@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from minillama.lora import apply_lora, lora_parameters
+from minillama.lora.layers import apply_lora, lora_parameters
 from minillama.training.optim import build_optimizer, lr_at, set_lr
 from sft_helpers import metrics, qa_samples, run_sft, tiny_checkpoint, write_jsonl
 from test_lora import MOE, randomize_lora, tiny_model, tokens
@@ -58,7 +58,7 @@ def test_sft_dora_and_lora_plus_two_processes_equal_one(tmp_path):
     cfg = json.loads((tmp_path / "two" / "final" / "adapter_config.json").read_text())
     assert cfg["use_dora"] is True
     from minillama import load_model
-    from minillama.adapter import load_adapter
+    from minillama.lora.peft import load_adapter
     model = load_model(ckpt)
     load_adapter(model, tmp_path / "two" / "final")
     mag = model.layers[0].attention.wq.lora_magnitude

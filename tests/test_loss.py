@@ -124,7 +124,7 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
 def test_loss_png_draws_train_and_eval_curves_with_labelled_axes():
     import numpy as np
 
-    from minillama.training.plot import BLUE, ORANGE, draw_text, draw_text_up, loss_curve_png, text_width
+    from minillama.util.plot import BLUE, ORANGE, draw_text, draw_text_up, loss_curve_png, text_width
     steps = list(range(1, 25))
     img = loss_curve_png(steps, [3 - s / 12 for s in steps], [4, 8, 12], [3.1, 2.9, 2.6])
     ink = lambda color, part: int((part == np.array(color, np.uint8)).all(-1).sum())  # noqa: E731

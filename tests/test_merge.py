@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from minillama.adapter import save_adapter
+from minillama.lora.peft import save_adapter
 from minillama.checkpoints import load_model, save_hf
-from minillama.lora import apply_lora, merge_lora, unmerge_lora
-from minillama.merge import main as merge_main
-from minillama.merge import merge_adapters_
+from minillama.lora.layers import apply_lora
+from minillama.lora.merge import merge_lora, unmerge_lora
+from minillama.tools.merge import main as merge_main
+from minillama.tools.merge import merge_adapters_
 from test_lora import MOE, randomize_lora, tiny_model, tokens
 
 REPO = Path(__file__).resolve().parents[1]

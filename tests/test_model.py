@@ -187,7 +187,7 @@ def test_family_detection_is_one_rule_for_every_reader(tmp_path):
     import json
 
     from minillama.args import detect_family, from_hf_config, from_meta_params
-    from minillama.tokenizer import load_tokenizer
+    from minillama.tokenizer.tokenizer import load_tokenizer
     from helpers import train_tiny_spm
 
     llama2 = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": 32000}

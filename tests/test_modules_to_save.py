@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from minillama.adapter import load_adapter, save_adapter
+from minillama.lora.peft import load_adapter, save_adapter
 from minillama.checkpoints import load_model, save_hf
-from minillama.lora import apply_lora, set_trainable
+from minillama.lora.layers import apply_lora, set_trainable
 from helpers import randomize_adapter
 from test_lora import randomize_lora, tiny_model, tokens
 
@@ -89,7 +89,7 @@ def test_merge_folds_trained_modules_into_the_checkpoint(tmp_path):
     save_hf(base, tmp_path / "base")
     model, _ = trained_model(tie=False)
     save_adapter(model, tmp_path / "adapter")
-    from minillama.checkpoints.merge import main as merge
+    from minillama.tools.merge import main as merge
     merge(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")])
     x = tokens()
     with torch.no_grad():

@@ -4,9 +4,10 @@ equals each row alone, None is the base model, weighted combinations equal the s
 import pytest
 import torch
 
-from minillama.adapter import load_adapter, save_adapter
-from minillama.lora import (adapter_names, apply_lora, combine_adapters, merge_lora, set_adapter, set_row_adapters,
-                            unmerge_lora)
+from minillama.lora.peft import load_adapter, save_adapter
+from minillama.lora.layers import apply_lora
+from minillama.lora.slots import adapter_names, combine_adapters, set_adapter, set_row_adapters
+from minillama.lora.merge import merge_lora, unmerge_lora
 from test_dora import randomize_dora
 from test_lora import MOE, tiny_model, tokens
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from minillama import ModelArgs, Transformer, save_hf
-from minillama.generation import generate
-from minillama.tokenizer import decode_cut, load_tokenizer
+from minillama.inference.generate import generate
+from minillama.tokenizer.tokenizer import decode_cut, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["minillama-chat", "minillama-complete", "minillama-batch", "minillama-serve", "minillama-sft",

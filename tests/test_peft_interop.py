@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from minillama.adapter import load_adapter, save_adapter
+from minillama.lora.peft import load_adapter, save_adapter
 from minillama.checkpoints import save_hf
-from minillama.lora import LoRAExperts, apply_lora
+from minillama.lora.layers import apply_lora
+from minillama.lora.experts import LoRAExperts
 from helpers import randomize_adapter
 from test_lora import MOE, randomize_lora, tiny_model, tokens
 

@@ -1,4 +1,4 @@
-"""python -m minillama.plan_memory: its peak is within 15% of what a CPU training step really allocates at tiny
+"""python -m minillama.tools.plan_memory: its peak is within 15% of what a CPU training step really allocates at tiny
 shapes (full, LoRA, QLoRA, DoRA, checkpointed, Mixtral); the Mixtral QLoRA command gives a verdict; a checkpointed
 MoE block's recomputation does not replace the forward's router logits (which kept every block alive)."""
 
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from minillama import ModelArgs, Transformer, save_hf
-from minillama.plan_memory import cli
+from minillama.tools.plan_memory import cli
 from minillama.training.plan_memory import model_args, plan, Setup
 from sft_helpers import write_byte_tokenizer
 
@@ -32,7 +32,7 @@ def ckpt(request, tmp_path_factory):
 def measured_peak(ckpt, flags) -> int:
     """Bytes allocated at the peak of a training step (the second: AdamW's moments exist), on CPU, one process:
     what is alive before it (parameter shards, moments) plus the largest rise the profiler sees during it."""
-    from minillama.distributed import init_distributed
+    from minillama.util.distributed import init_distributed
     from minillama.training import config
     from minillama.training.build import build_model
     from minillama.training.data import Sample

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minillama import Transformer
-from minillama.lora import apply_lora, lora_parameters
+from minillama.lora.layers import apply_lora, lora_parameters
 from minillama.quant import (BLOCK, NF4_CODE, NF4Experts, NF4Linear, NF4Weight, load_quantized_,
                              quantize_model_nf4)
 from test_lora import MOE, randomize_lora, tiny_model, tokens

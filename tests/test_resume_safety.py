@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from helpers import Payload
-from minillama.cli import run as run_cli
-from minillama.files import file_digest
+from minillama.util.cli import run as run_cli
+from minillama.util.files import file_digest
 from minillama.training.resume import resolve_resume
 from minillama.training.sharded import fill_box
 from sft_helpers import REPO, metrics, qa_samples, read_safetensors, run_sft, tiny_checkpoint, write_jsonl

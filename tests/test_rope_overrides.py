@@ -11,11 +11,12 @@ import torch
 
 from helpers import random_tokens, tiny_hf
 from minillama import load_model, save_hf
-from minillama.adapter import read_base_rope, save_adapter
+from minillama.lora.peft import save_adapter
+from minillama.lora.peft_extras import read_base_rope
 from minillama.args import with_rope
-from minillama.generation import generate
-from minillama.lora import apply_lora
-from minillama.loading import load_for_inference
+from minillama.inference.generate import generate
+from minillama.lora.layers import apply_lora
+from minillama.inference.loading import load_for_inference
 from sft_helpers import REPO, tiny_checkpoint
 from test_lora import randomize_lora
 
@@ -95,7 +96,7 @@ def test_convert_records_the_override_in_config_json(base, tmp_path):
     d, state = base
     scaling = tmp_path / "yarn.json"
     scaling.write_text(json.dumps({"rope_type": "yarn", "factor": 3.0, "beta_fast": 16}))  # a JSON file works too
-    from minillama.checkpoints.convert import main as convert
+    from minillama.tools.convert import main as convert
     convert([str(d), str(tmp_path / "meta"), "--rope_theta", "1e6"])
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
     assert params["rope_theta"] == 1e6
@@ -168,7 +169,7 @@ def test_adapter_records_base_rope_peft_still_loads_it_and_our_load_restores_it(
     # an explicit override still wins over the record; loading onto another RoPE warns
     assert load_for_inference(smol_tiny, adapter=tmp_path / "adapter", device="cpu",
                               rope_theta=5e5).model.args.rope_theta == 5e5
-    from minillama.adapter import load_adapter
+    from minillama.lora.peft import load_adapter
     with pytest.warns(UserWarning, match="was trained on a base with RoPE"):
         load_adapter(load_model(smol_tiny), tmp_path / "adapter")
 
@@ -179,7 +180,7 @@ def test_merge_records_the_adapters_rope_in_the_merged_config(base, tmp_path):
     apply_lora(model, rank=4, alpha=8, targets=("v_proj",))
     randomize_lora(model)
     save_adapter(model, tmp_path / "adapter")
-    from minillama.checkpoints.merge import main as merge
+    from minillama.tools.merge import main as merge
     merge(["--base", str(d), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
     cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert cfg["rope_theta"] == 1e6 and cfg["max_position_embeddings"] == 48
@@ -209,7 +210,7 @@ def test_load_for_inference_max_seq_len_extends_but_never_shrinks_the_context(sm
 def test_bad_rope_flags_fail_at_parse_time_in_one_line(flags, message, capsys, tmp_path):
     sys.path.insert(0, str(REPO / "generate"))
     import chat
-    from minillama.checkpoints.convert import parse_args as convert_args
+    from minillama.tools.convert import parse_args as convert_args
     from minillama.training.config import parse_args as sft_args
     for parse in (chat.get_args, sft_args, lambda a: convert_args(["src", "dst", *a])):
         with pytest.raises(SystemExit) as e:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minillama.sampling import (SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, next_token,
+from minillama.inference.sampling import (SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, next_token,
                                 process_logits, sample_from_logits, seen_mask)
 
 lp = pytest.importorskip("transformers.generation.logits_process")

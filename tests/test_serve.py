@@ -22,10 +22,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from minillama import load_model  # noqa: E402
-from minillama.adapter import load_adapter, save_adapter  # noqa: E402
-from minillama.generation import generate  # noqa: E402
-from minillama.lora import apply_lora, set_adapter  # noqa: E402
-from minillama.tokenizer import decode_cut, load_tokenizer  # noqa: E402
+from minillama.lora.peft import load_adapter, save_adapter  # noqa: E402
+from minillama.inference.generate import generate  # noqa: E402
+from minillama.lora.layers import apply_lora
+from minillama.lora.slots import set_adapter
+from minillama.tokenizer.tokenizer import decode_cut, load_tokenizer  # noqa: E402
 from helpers import tiny_smol_vocab_checkpoint  # noqa: E402
 from sft_helpers import free_port  # noqa: E402
 

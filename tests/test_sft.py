@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from minillama import load_model
-from minillama.adapter import load_adapter
-from minillama.generation import generate
-from minillama.training.plot import BLUE, read_png_size
-from minillama.tokenizer import load_tokenizer
+from minillama.lora.peft import load_adapter
+from minillama.inference.generate import generate
+from minillama.util.plot import BLUE, read_png_size
+from minillama.tokenizer.tokenizer import load_tokenizer
 from sft_helpers import REPO, metrics, qa_samples, read_safetensors, run_sft, tiny_checkpoint, write_jsonl
 
 sys.path.insert(0, str(REPO / "train"))

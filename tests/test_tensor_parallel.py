@@ -9,11 +9,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minillama.generation import generate, generate_continuous
-from minillama.loading import unwrap_merged_lora
-from minillama.lora import apply_lora, merge_lora
-from minillama.sampling import SamplingParams
-from minillama.tensor_parallel import apply_tensor_parallel, tp_mesh
+from minillama.inference.generate import generate, generate_continuous
+from minillama.inference.loading import unwrap_merged_lora
+from minillama.lora.layers import apply_lora
+from minillama.lora.merge import merge_lora
+from minillama.inference.sampling import SamplingParams
+from minillama.inference.tensor_parallel import apply_tensor_parallel, tp_mesh
 from helpers import tiny_model
 
 CASES = {"llama": {}, "tied": {"tie_embeddings": True}, "mixtral": {"n_experts": 4, "n_experts_per_tok": 2}}

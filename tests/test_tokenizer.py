@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minillama.tokenizer import StreamDecoder, load_tokenizer
+from minillama.tokenizer.tokenizer import StreamDecoder, load_tokenizer
 
 SITE = Path(__import__("tiktoken").__file__).parent.parent
 LLAMA3_MODEL = SITE / "llama_models/llama3/tokenizer.model"
@@ -282,7 +282,7 @@ def test_malformed_json_files_are_named_not_crashes(tmp_path, smol_dir):
 
 
 def test_decode_cut_drops_a_character_cut_in_half_where_decode_gives_replacement(smol_dir):
-    from minillama.tokenizer import decode_cut
+    from minillama.tokenizer.tokenizer import decode_cut
     tok = load_tokenizer(smol_dir)
     ids = tok.encode("Hi \U0001F60A there", bos=False)
     cut = next(k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))  # inside the emoji

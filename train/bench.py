@@ -13,7 +13,7 @@ Cases (random weights; speed does not depend on the values; HF's model has its o
   moe   one Mixtral-8x7B MoE layer, forward + backward over --moe_tokens tokens, bf16, against transformers'
         MixtralSparseMoeBlock as a standalone module (its per-expert loop) and with experts_implementation=
         "grouped_mm" (what transformers 5 picks inside a loaded model), on the same weights.
-MFU = model FLOPs (minillama.training.perf.train_flops: 6N per token for full, 4N for LoRA, plus causal attention) /
+MFU = model FLOPs (minillama.perf.train_flops: 6N per token for full, 4N for LoRA, plus causal attention) /
 time / the bf16 matmul peak measured in the same run. --json adds each result to a results file as it is measured.
 """
 
@@ -28,15 +28,15 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minillama import ModelArgs  # noqa: E402
-from minillama import benchmarks as bm  # noqa: E402
+from minillama.tools import benchmarks as bm  # noqa: E402
 from minillama.attention import doc_positions  # noqa: E402
-from minillama.cli import ArgumentParser, positive_int, run  # noqa: E402
-from minillama.lora import apply_lora, lora_parameters  # noqa: E402
+from minillama.util.cli import ArgumentParser, positive_int, run  # noqa: E402
+from minillama.lora.layers import apply_lora, lora_parameters  # noqa: E402
 from minillama.moe import MoEFeedForward  # noqa: E402
 from minillama.training.fsdp import apply_fsdp, checkpoint_blocks, ensure_process_group  # noqa: E402
 from minillama.training.loss import CausalLMLoss  # noqa: E402
 from minillama.training.metrics import default_peak_tflops  # noqa: E402
-from minillama.training.perf import time_fn, train_flops  # noqa: E402
+from minillama.perf import time_fn, train_flops  # noqa: E402
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TINY = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, hidden_dim=256, max_seq_len=8192,

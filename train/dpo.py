@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minillama.cli import REPO  # noqa: E402
-from minillama.files import read_json, write_json  # noqa: E402
+from minillama.util.cli import REPO, run as run_cli  # noqa: E402
+from minillama.util.files import read_json, write_json  # noqa: E402
 from minillama.training import config  # noqa: E402
 from minillama.training.build import build_model, load_data, pad_id_of  # noqa: E402
 from minillama.training.loop import BatchSplit, Schedule  # noqa: E402
@@ -174,5 +174,4 @@ def finish(run: Run) -> None:
 
 
 if __name__ == "__main__":
-    from minillama.cli import run as run_cli
     sys.exit(run_cli(main))

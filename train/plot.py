@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minillama.cli import ArgumentParser, run  # noqa: E402
+from minillama.util.cli import ArgumentParser, run  # noqa: E402
 from minillama.training.metrics import read_metrics  # noqa: E402
-from minillama.training.plot import write_loss_png  # noqa: E402
+from minillama.util.plot import write_loss_png  # noqa: E402
 
 
 def main(argv=None) -> int:

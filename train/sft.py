@@ -25,7 +25,7 @@ not norms/biases); linear warmup then cosine decay to --min_lr_ratio (10%) of --
 Mixtral: router load-balancing loss (HF's formula, padding excluded) weighted by --router_aux_loss_coef 0.02 (the
 value in Mixtral's released config.json), computed per micro-batch and averaged. Compute in bf16 on GPU (FSDP2
 MixedPrecisionPolicy, fp32 gradient reduction) with fp32 master weights for trained parameters; a LoRA run keeps
-its frozen base in the compute dtype and its adapters in fp32. MFU = model FLOPs (minillama.training.perf: 3x
+its frozen base in the compute dtype and its adapters in fp32. MFU = model FLOPs (minillama.util.perf: 3x
 forward for full fine-tuning, 2x for LoRA, causal attention per document) / time / (--peak_tflops x processes),
 shown on GPUs with a known bf16 peak. SIGTERM: the step in flight finishes, a checkpoint is written, exit 0 (under
 torchrun the agent waits ~30 s before SIGKILL). A non-finite loss or gradient norm stops before the optimizer step,
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minillama.cli import run as run_cli  # noqa: E402
+from minillama.util.cli import run as run_cli  # noqa: E402
 from minillama.training import config  # noqa: E402
 from minillama.training.build import build_model, load_data, pad_id_of  # noqa: E402
 from minillama.training.context_parallel import check_supported, context_group  # noqa: E402

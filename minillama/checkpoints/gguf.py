@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .hf_keys import permute_to_hf
+from ..hf_names import permute_to_hf
 
 # llama.cpp tensor name -> HF LlamaForCausalLM name, inside blk.N / model.layers.N and at the top level.
 _LAYER_NAMES = {

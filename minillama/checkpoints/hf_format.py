@@ -13,9 +13,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..files import read_json, write_json
+from ..util.files import read_json, write_json
 from ..args import ModelArgs, from_hf_config
-from .hf_keys import hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
+from ..hf_names import hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
 from .shards import (Entry, Pending, Source, TensorFiles, index_weight_files, raise_unknown,
                      write_safetensors)
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..files import read_json, write_json
+from ..util.files import read_json, write_json
 from ..args import ModelArgs, ffn_hidden_dim, from_meta_params
 from .shards import (Entry, Pending, Source, TensorFiles, index_weight_files, raise_unknown,
                      write_safetensors)

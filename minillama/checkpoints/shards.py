@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..files import read_json
+from ..util.files import read_json
 
 
 def first_line(e: BaseException) -> str:

@@ -1,9 +1,10 @@
-"""Console entry points (pyproject's [project.scripts]) for the scripts in generate/, train/ and weights/.
+"""Console entry points (pyproject's [project.scripts]): one per tool, each through the one error path (cli.run).
 
 The scripts stay where a reader finds them, as the recipes they are; pyproject maps those folders into the package as
 minillama.recipes.generate / .train / .weights, so an installed minillama runs them outside a checkout:
     minillama-chat --ckpt DIR             # = python generate/chat.py --ckpt DIR
     torchrun --nproc_per_node 8 --no-python minillama-sft --ckpt DIR --data d.jsonl
+The tools without a recipe file live in minillama/tools/ (`python -m minillama.tools.convert` works too).
 """
 
 from __future__ import annotations
@@ -11,50 +12,30 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 
-
-def _script(name: str):
-    return import_module(f"{__name__}.{name}")
+from ..util.cli import run
 
 
-def _run(name: str) -> None:
-    from ..cli import run
-    sys.exit(run(_script(name).main))
+def _entry(module: str):
+    """A console script: import the tool's module, run its main() through cli.run, exit with its code."""
+    def entry():
+        sys.exit(run(import_module(module).main))
+    entry.__name__ = module.rsplit(".", 1)[-1]
+    return entry
 
 
-def chat():
-    _run("generate.chat")
-
-
-def complete():
-    _run("generate.complete")
-
-
-def batch():
-    _run("generate.batch")
-
-
-def serve():
-    _run("generate.serve")
-
-
-def sft():
-    sys.exit(_script("train.sft").main())
-
-
-def plot():
-    sys.exit(_script("train.plot").main())
-
-
-def convert():
-    from ..checkpoints import convert
-    sys.exit(convert.cli())
-
-
-def merge():
-    from ..checkpoints import merge
-    from ..cli import run
-    sys.exit(run(merge.main))
-
-
-def prepare_smollm2():
-    sys.exit(_script("weights.prepare_smollm2").main())
+chat = _entry("minillama.recipes.generate.chat")
+complete = _entry("minillama.recipes.generate.complete")
+batch = _entry("minillama.recipes.generate.batch")
+serve = _entry("minillama.recipes.generate.serve")
+eval_long = _entry("minillama.recipes.generate.eval_long")
+bench = _entry("minillama.recipes.generate.bench")
+bench_serve = _entry("minillama.recipes.generate.bench_serve")
+sft = _entry("minillama.recipes.train.sft")
+dpo = _entry("minillama.recipes.train.dpo")
+plot = _entry("minillama.recipes.train.plot")
+bench_train = _entry("minillama.recipes.train.bench")
+prepare_smollm2 = _entry("minillama.recipes.weights.prepare_smollm2")
+convert = _entry("minillama.tools.convert")
+merge = _entry("minillama.tools.merge")
+extract_lora = _entry("minillama.tools.extract_lora")
+plan_memory = _entry("minillama.tools.plan_memory")

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..engine import Event
+from ..inference.engine import Event
 from . import protocol
 from .protocol import APIError, Job
 from .text import TextStream

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..sampling import SamplingParams
+from ..inference.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
 # request fields this server does not implement, with the values that mean "off"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..tokenizer import StreamDecoder
+from ..tokenizer.tokenizer import StreamDecoder
 
 
 def _held_back(text: str, stops: list[str]) -> int:

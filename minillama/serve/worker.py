@@ -19,9 +19,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..engine import Engine, Event, Request
-from ..loading import broadcast_object
-from ..sampling import SamplingParams
+from ..inference.engine import Engine, Event, Request
+from ..inference.loading import broadcast_object
+from ..inference.sampling import SamplingParams
 
 
 @dataclass

@@ -11,14 +11,14 @@ from torch.distributed.tensor import DTensor
 
 from ..args import rope_settings
 from ..checkpoints import load_model
-from ..lora import apply_lora, set_trainable
+from ..lora.layers import apply_lora, set_trainable
 from ..quant import NF4Weight
-from ..tokenizer import load_tokenizer
+from ..tokenizer.tokenizer import load_tokenizer
 from .data import check_data_file, load_jsonl, report_bad_lines
 from .fsdp import apply_fsdp, checkpoint_blocks
 from .loss import CausalLMLoss
 from .optim import build_optimizer
-from .perf import param_counts
+from ..perf import param_counts
 
 
 def load_data(args, log, load=load_jsonl, what: tuple[str, str] = ("data", "eval data")):

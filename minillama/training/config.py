@@ -8,11 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import (DEFAULT_CKPT, ArgumentParser, add_rope_args, dehyphenate, fraction, nonnegative_float,
-                   nonnegative_int, positive_float, positive_int, recipe_file, set_help, unit_fraction)
-from ..dtypes import DTYPE_NAMES
-from ..files import read_json
-from ..lora import TRAINABLE_MODULES
+from ..util.cli import DEFAULT_CKPT, ArgumentParser, dehyphenate, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int, recipe_file, unit_fraction
+from ..tools.flags import add_rope_args, set_help
+from ..util.dtypes import DTYPE_NAMES
+from ..util.files import read_json
+from ..lora.layers import TRAINABLE_MODULES
 from ..rope import check_rope_scaling
 
 # flags a resumed run re-derives instead of taking them from OUT/config.json

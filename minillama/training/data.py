@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..files import require_file
+from ..util.files import require_file
 
 IGNORE = -100  # target value that contributes no loss
 

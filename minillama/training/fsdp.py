@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from ..distributed import CUDA_BACKEND
+from ..util.distributed import CUDA_BACKEND
 from ..model import TransformerBlock
 
 

@@ -20,7 +20,7 @@ from .data import Sample
 from .metrics import MetricsWriter, ProgressBar, SavedActivations, peak_memory_gb
 from .optim import set_lr
 from .packing import MicroBatch, collate, padded_tokens, plan_epoch
-from .perf import train_flops
+from ..perf import train_flops
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..files import atomic_write
+from ..util.files import atomic_write
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device name; MFU is against these unless --peak_tflops says otherwise
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..lora import set_lora_enabled
+from ..lora.layers import set_lora_enabled
 from .loop import BatchSplit, StepResult, clip_gradients, finish_step
 from .optim import set_lr
 from .packing import plan_epoch

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor
 
-from ..files import atomic_write, file_digest, read_json, replace_dir, write_json
+from ..util.files import atomic_write, file_digest, read_json, replace_dir, write_json
 from .sharded import INDEX, load_sharded, read_index, save_sharded
 
 LATEST = "latest"
@@ -100,7 +100,7 @@ def _options(lora: bool) -> StateDictOptions:
 def save_lora_adapter(model: nn.Module, out_dir: Path, base: Optional[str], rank0: bool) -> None:
     """Gather every LoRA factor and whole trained module (a collective: all ranks call this) and write a PEFT
     adapter on rank 0."""
-    from ..adapter import save_adapter
+    from ..lora.peft import save_adapter
 
     swapped, full = [], {}
     for m in model.modules():

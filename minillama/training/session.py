@@ -16,14 +16,14 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..distributed import cleanup, init_distributed
-from ..dtypes import dtype_name, parse_dtype
-from ..files import atomic_write
+from ..util.distributed import cleanup, init_distributed
+from ..util.dtypes import dtype_name, parse_dtype
+from ..util.files import atomic_write
 from . import config
 from .fsdp import ensure_process_group
 from .loop import BatchSplit, Schedule, StepLog, TrainState
 from .metrics import MetricsWriter, ProgressBar, default_peak_tflops, read_metrics
-from .plot import write_loss_png
+from ..util.plot import write_loss_png
 from .resume import (check_out_dir, export_final, load_checkpoint, load_rng_state, remove_run_outputs,
                      resolve_resume, save_checkpoint)
 

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..checkpoints.shards import Pending, write_safetensors
-from ..dtypes import dtype_name
-from ..files import file_digest, read_json, write_json
+from ..util.dtypes import dtype_name
+from ..util.files import file_digest, read_json, write_json
 
 FORMAT = "minillama-sharded-state/1"
 INDEX = "index.json"

@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from generate.eval_long import INTRO, QUESTION, most_that_fit  # noqa: E402  the eval's wording: same task, other haystack
-from minillama.cli import DEFAULT_CKPT, HelpFormatter, positive_int, run  # noqa: E402
-from minillama.files import atomic_write  # noqa: E402
+from minillama.util.cli import DEFAULT_CKPT, HelpFormatter, positive_int, run  # noqa: E402
+from minillama.util.files import atomic_write  # noqa: E402
 
 FACTS_INTRO = "Below is a long text. Some sentences in it give the secret numbers of people. Remember them.\n\n"
 
@@ -118,7 +118,7 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = get_args(argv)
-    from minillama.tokenizer import load_tokenizer
+    from minillama.tokenizer.tokenizer import load_tokenizer
     if not Path(args.tokenizer).exists():
         raise FileNotFoundError(f"--tokenizer {args.tokenizer} does not exist (python weights/prepare_smollm2.py)")
     tok = load_tokenizer(args.tokenizer)

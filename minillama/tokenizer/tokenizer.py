@@ -8,9 +8,9 @@ import sentencepiece
 import tiktoken
 
 from . import chat_format as cf
-from .args import read_family
+from ..args import read_family
 from .bpe import BPEVocab, is_tiktoken_file, load_hf_tokenizer_json, load_tiktoken_model
-from .files import read_json
+from ..util.files import read_json
 
 # Meta's reference splits input so tiktoken never sees huge pieces (openai/tiktoken#195); we do the same.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000

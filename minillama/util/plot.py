@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..files import atomic_write
+from .files import atomic_write
 
 # 3x5 glyphs, rows top to bottom, '1' = ink; digits, lowercase letters (text is lowercased) and some punctuation
 FONT = {

@@ -1,126 +1,27 @@
-"""The command-line side shared by every script in generate/ and train/: one flag vocabulary, argparse types that
-reject bad values before a model is loaded, the default checkpoint, and one-line errors instead of tracebacks.
+"""The flags every tool shares, one vocabulary: which checkpoint/adapter/dtype/device/threads, the context and RoPE
+overrides, the sampling knobs (defaults from the checkpoint's generation_config.json, shown in --help), and turning
+them into what the library takes.
 
     p = ArgumentParser(description=__doc__); add_model_args(p); add_sampling_args(p)
     args = parse_args(p, argv)   # sampling defaults from the checkpoint's generation_config.json, shown in --help
-    sys.exit(run(main))          # a user mistake prints "error: ..." on rank 0 and exits 1
-
-Flags are spelled with underscores (Meta's and HF's scripts do); every parser built here also takes the hyphenated
-spelling (--max-new-tokens = --max_new_tokens).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from .chat_format import FORMATS
-from .dtypes import DTYPE_NAMES
-from .files import read_json
-from .rope import check_rope_scaling, runs_past_context
-from .sampling import SamplingParams
-
-REPO = Path(__file__).resolve().parents[1]
-IN_CHECKOUT = (REPO / "pyproject.toml").is_file()  # else an installed package (site-packages)
-# the embedded default model: weights/ in a checkout; an installed package keeps it in the user's cache
-USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minillama"
-DEFAULT_CKPT = (REPO / "weights" if IN_CHECKOUT else USER_CACHE) / "smollm2-135m-instruct"
-PREPARE_COMMAND = "python weights/prepare_smollm2.py" if IN_CHECKOUT else "minillama-prepare-smollm2"
-
-
-def recipe_file(*parts: str) -> Path:
-    """A file shipped beside the scripts (e.g. train/data/reviews.jsonl): the checkout's, or the installed copy."""
-    return (REPO if IN_CHECKOUT else Path(__file__).resolve().parent / "recipes").joinpath(*parts)
-
-# what a user can get wrong: a bad flag value, path or file. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in --help (once: not when the help text already
-    says what the default is, nor for on/off switches)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
-                or action.default == [] or action.nargs == 0:
-            return text
-        return super()._get_help_string(action)
-
-
-_FLAG = re.compile(r"(--[A-Za-z0-9][A-Za-z0-9_-]*)(=|$)")
-
-
-def dehyphenate(argv: list[str]) -> list[str]:
-    """--max-new-tokens=5 -> --max_new_tokens=5: flag names only, never values or anything after a bare '--'."""
-    out, rest = [], False
-    for a in argv:
-        if a == "--":
-            rest = True
-        m = None if rest else _FLAG.match(a)
-        if m:  # a value such as "--x 1 --y 2" (spaces) is not a flag name and stays as it is
-            a = "--" + m.group(1)[2:].replace("-", "_") + a[m.end(1):]
-        out.append(a)
-    return out
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with HelpFormatter, the hyphenated spelling of every flag accepted, and one-line errors:
-    "PROG: error: MESSAGE (see --help)" on stderr (rank 0 only under torchrun), exit status 2, no usage block."""
-
-    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
-        kwargs.setdefault("epilog", "Flags also take hyphens: --max-new-tokens is --max_new_tokens.")
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
-
-    def parse_known_args(self, args=None, namespace=None):
-        return super().parse_known_args(dehyphenate(sys.argv[1:] if args is None else list(args)), namespace)
-
-    def error(self, message):
-        if is_rank0():
-            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-# ---- argparse types: the value is checked when the command line is parsed ----
-
-def _number(kind, text: str, what: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def _checked(name: str, kind, ok: Callable, rule: str) -> Callable[[str], object]:
-    """An argparse type: parse as int/float (finite), then require ok(value), else '... must be {rule}'."""
-    what = "an integer" if kind is int else "a number"
-
-    def parse(text: str):
-        value = _number(kind, text, what)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{value} must be {rule}")
-        return value
-
-    parse.__name__ = name
-    return parse
-
-
-positive_int = _checked("positive_int", int, lambda v: v >= 1, ">= 1")
-nonnegative_int = _checked("nonnegative_int", int, lambda v: v >= 0, ">= 0")
-positive_float = _checked("positive_float", float, lambda v: v > 0, "> 0")
-nonnegative_float = _checked("nonnegative_float", float, lambda v: v >= 0, ">= 0")
-probability = _checked("probability", float, lambda v: 0 < v <= 1, "in (0, 1]")  # top_p
-fraction = _checked("fraction", float, lambda v: 0 <= v <= 1, "in [0, 1]")
-unit_fraction = _checked("unit_fraction", float, lambda v: 0 <= v < 1, "in [0, 1)")  # dropout
+from ..inference.sampling import SamplingParams
+from ..rope import check_rope_scaling, runs_past_context
+from ..tokenizer.chat_format import FORMATS
+from ..util.cli import (DEFAULT_CKPT, IN_CHECKOUT, MAX_AUTO_THREADS, PREPARE_COMMAND, REPO, auto_threads, dehyphenate,
+                        nonnegative_float, nonnegative_int, positive_float, positive_int, probability)
+from ..util.dtypes import DTYPE_NAMES
+from ..util.files import read_json
 
 
 def rope_scaling_arg(text: str) -> dict:
@@ -230,7 +131,7 @@ def _short(path: Path) -> str:
 def checkpoint_defaults(p: argparse.ArgumentParser, argv) -> None:
     """Sampling flag defaults from the checkpoint's generation_config.json (flags still win), each one's
     effective value and where it came from written into its --help line."""
-    from .loading import generation_defaults
+    from ..inference.loading import generation_defaults
     ckpt = _given_checkpoint(argv)
     gen = generation_defaults(ckpt) if ckpt.is_dir() else None
     actions = {a.dest: a for a in p._actions}
@@ -272,16 +173,6 @@ def set_help(p: argparse.ArgumentParser, dest: str, text: str, default=None) -> 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
-
-
-MAX_AUTO_THREADS = 4
-
-
-def auto_threads() -> int:
-    """CPU threads for inference: the cores no other process is using (1-minute load average), 1 to 4."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(MAX_AUTO_THREADS, cores, round(cores - busy)))
 
 
 def set_threads(args: argparse.Namespace) -> int:
@@ -333,32 +224,10 @@ def context_limit(args: argparse.Namespace, model) -> int:
 
 def load_from_args(args: argparse.Namespace, log=None, merge_adapter: bool = True):
     """loading.load_for_inference with what add_model_args parsed (CPU threads set first)."""
-    from .loading import load_for_inference
+    from ..inference.loading import load_for_inference
     ckpt, tokenizer = resolve_checkpoint(args)
     set_threads(args)
     return load_for_inference(ckpt, tokenizer=tokenizer, adapter=dict(args.adapter or {}), quantize=args.quantize,
                               dtype=args.dtype, device=args.device, chat_format=args.chat_format, log=log,
                               merge_adapter=merge_adapter, rope_theta=args.rope_theta,
                               rope_scaling=args.rope_scaling, max_seq_len=args.max_seq_len)
-
-
-# ---- running a script ----
-
-def is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def run(main: Callable[[], Optional[int]]) -> int:
-    """main() with user errors as one line on stderr (rank 0 only under torchrun) and exit code 1, no traceback."""
-    try:
-        code = main()
-    except USER_ERRORS as e:
-        if is_rank0():  # one line: a message that runs on (a library's paragraph) keeps its first line
-            text = str(e).strip()
-            print(f"error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        if is_rank0():
-            print("\n[interrupted]", file=sys.stderr, flush=True)
-        return 130
-    return int(code or 0)

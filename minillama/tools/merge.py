@@ -1,4 +1,4 @@
-"""Merge LoRA adapters into a base checkpoint: `python -m minillama.merge --base B --adapter A1 [--adapter A2] --out D`.
+"""Merge LoRA adapters into a base checkpoint: `python -m minillama.tools.merge --base B --adapter A1 [--adapter A2] --out D`.
 
 The base is loaded in its own dtype on CPU; each targeted weight is merged on its own in float32 and rounded once,
 W <- (W.float() + sum_i scaling_i * B_i @ A_i).to(W.dtype) (a DoRA adapter also rescales each row by m / ||row||),
@@ -11,18 +11,20 @@ adapters were trained with (their base_rope.json) is applied to the base and rec
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 
-from ..adapter import read_adapter
-from ..adapter_extras import read_base_rope, read_modules_to_save
+from ..lora.peft import read_adapter
+from ..lora.peft_extras import read_base_rope, read_modules_to_save
 from ..args import ModelArgs
-from ..cli import ArgumentParser, add_rope_args, positive_int
-from ..dtypes import DTYPE_NAMES, parse_dtype
-from ..files import check_dir_writable
+from ..util.cli import ArgumentParser, positive_int, run
+from .flags import add_rope_args
+from ..util.dtypes import DTYPE_NAMES, parse_dtype
+from ..util.files import check_dir_writable
 
 
 def _merged(weight: torch.Tensor, parts: list, name: str, expert: Optional[int] = None) -> torch.Tensor:
@@ -143,7 +145,7 @@ def adapters_rope(adapter_dirs: list[str], log) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(prog="python -m minillama.merge", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m minillama.tools.merge", description=__doc__.splitlines()[0])
     p.add_argument("--base", "--ckpt", "--model", dest="base", required=True,
                    help="base checkpoint dir (Hugging Face or Meta format)")
     p.add_argument("--adapter", required=True, action="append", help="PEFT LoRA adapter dir (repeat to add several)")
@@ -161,7 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    from .checkpoint import load_model, read_model_args, save_hf, save_meta  # the checkpoint formats live there
+    from ..checkpoints.checkpoint import load_model, read_model_args, save_hf, save_meta  # the checkpoint formats live there
 
     # everything that needs no base weights first: the output dir, the base's config, the adapters against it
     check_dir_writable(args.out, args.overwrite, "--out")
@@ -186,7 +188,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
-
-    from ..cli import run
     sys.exit(run(main))

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .attention import CacheStep
+from ..attention import CacheStep
 from .sampling import SamplingParams, next_token, seen_mask
 
 
@@ -77,7 +77,7 @@ class Engine:
                  reuse_prefix: bool = False, row_adapters: Optional[Callable] = None, mix_adapters: bool = True):
         """fixed_batch: decode every cache row each step (one shape, as compiled decoding needs); False decodes only
         the rows up to the last busy one. mix_adapters False: a request waits until the busy rows use its adapter."""
-        from .generation import _compiled_step, _ensure_cache, decode_step
+        from .generate import _compiled_step, _ensure_cache, decode_step
         self.model, self.B = model, batch_size
         self.device = model.tok_embeddings.weight.device
         _ensure_cache(model, batch_size, cache_len)

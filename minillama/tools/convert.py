@@ -1,7 +1,7 @@
 """Convert a checkpoint between the Meta/Mistral consolidated and Hugging Face formats.
 
-    python -m minillama.convert SRC DST [--to hf|meta] [--dtype bfloat16] [--shards N] [--max_shard_size 5GB]
-    python -m minillama.convert llama3-8b/ llama3-8b-16k/ --rope_theta 1e6 --max_seq_len 16384   # record a RoPE change
+    python -m minillama.tools.convert SRC DST [--to hf|meta] [--dtype bfloat16] [--shards N] [--max_shard_size 5GB]
+    python -m minillama.tools.convert llama3-8b/ llama3-8b-16k/ --rope_theta 1e6 --max_seq_len 16384   # record a RoPE change
 
 The direction comes from SRC (Meta -> HF, HF -> Meta) unless --to (or its alias --format, merge's name) says. Tensors keep their dtype unless --dtype is
 given; the checkpoint is memory-mapped and written shard by shard, never held twice. Tokenizer files are copied.
@@ -14,16 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import ArgumentParser, add_rope_args, positive_int, run
-from ..dtypes import DTYPE_NAMES, parse_dtype
-from ..files import check_dir_writable
-from .checkpoint import TOKENIZER_FILES, detect_format, load_model, read_model_args, save_hf, save_meta
-from .hf_format import parse_size
-from .meta_format import check_meta_split
+from ..util.cli import ArgumentParser, positive_int, run
+from .flags import add_rope_args
+from ..util.dtypes import DTYPE_NAMES, parse_dtype
+from ..util.files import check_dir_writable
+from ..checkpoints.checkpoint import TOKENIZER_FILES, detect_format, load_model, read_model_args, save_hf, save_meta
+from ..checkpoints.hf_format import parse_size
+from ..checkpoints.meta_format import check_meta_split
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(prog="python -m minillama.convert", description=__doc__)
+    p = ArgumentParser(prog="python -m minillama.tools.convert", description=__doc__)
     p.add_argument("src", help="checkpoint dir (or a weight file inside it)")
     p.add_argument("dst", help="output dir (must not exist or be empty, unless --overwrite)")
     p.add_argument("--to", "--format", dest="to", choices=("hf", "meta"),

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..args import ModelArgs
+from .args import ModelArgs
 
 
 def param_counts(args: ModelArgs) -> dict[str, int]:

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .args import ModelArgs, rope_settings, with_rope
-from .checkpoints.hf_keys import hf_module_to_meta, meta_module_to_hf
-from .checkpoints.shards import first_line
-from .files import read_json
-from .rope import check_rope_scaling
+from ..args import ModelArgs, rope_settings, with_rope
+from ..hf_names import hf_module_to_meta, meta_module_to_hf
+from ..checkpoints.shards import first_line
+from ..util.files import read_json
+from ..rope import check_rope_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -18,9 +18,9 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .attention import CacheStep
+from ..attention import CacheStep
 from .engine import Engine, Request
-from .rope import runs_past_context
+from ..rope import runs_past_context
 from .sampling import SamplingParams, next_token, seen_mask
 
 __all__ = ["generate", "generate_stream", "generate_continuous", "decode_step", "stop_reason", "SamplingParams"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import regex
 
-from .files import read_json
+from ..util.files import read_json
 
 # Meta's Llama 3 pre-tokenization regex (llama_models/llama3/tokenizer.py).
 LLAMA3_PATTERN = (

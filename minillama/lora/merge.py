@@ -7,9 +7,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .lora_experts import LoRAExperts
-from .lora_slots import lora_modules
-from .quant import NF4Weight
+from .experts import LoRAExperts
+from .slots import lora_modules
+from ..quant import NF4Weight
 
 
 def _merge_exact(w: torch.Tensor, merged_f32: torch.Tensor, undo: Callable[[torch.Tensor], torch.Tensor]):
@@ -44,7 +44,7 @@ def _unmerge_exact(w: torch.Tensor, undo: Callable[[torch.Tensor], torch.Tensor]
 def _check_mergeable(model: nn.Module, name: str, weight):
     if isinstance(weight, NF4Weight):
         raise ValueError(f"merge_lora: {name} has an NF4 base; merging would re-quantize it. Merge into the float "
-                         "checkpoint instead: python -m minillama.merge --base ... --adapter ...")
+                         "checkpoint instead: python -m minillama.tools.merge --base ... --adapter ...")
     emb = getattr(model, "tok_embeddings", None)
     if emb is not None and weight is emb.weight:
         raise ValueError(f"merge_lora: {name} shares its weight with tok_embeddings (tied); merging would change "

@@ -149,7 +149,7 @@ def dora_adapters(model: nn.Module) -> set[str]:
 def _check_names(model: nn.Module, names, what: str) -> list[str]:
     loaded = adapter_names(model)
     if not loaded:
-        raise ValueError(f"{what}: the model has no adapters; load one with minillama.adapter.load_adapter first")
+        raise ValueError(f"{what}: the model has no adapters; load one with minillama.lora.peft.load_adapter first")
     unknown = sorted({n for n in names if n is not None and n not in loaded})
     if unknown:
         raise ValueError(f"{what}: no adapter named {', '.join(map(repr, unknown))}; loaded: {', '.join(loaded)}")

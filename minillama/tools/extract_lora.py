@@ -1,6 +1,6 @@
 """Extract a LoRA adapter from a fine-tuned model and its base (as mergekit's extract-lora does):
 
-    python -m minillama.extract_lora --base BASE --tuned TUNED --rank R --out DIR [--targets q_proj v_proj ...]
+    python -m minillama.tools.extract_lora --base BASE --tuned TUNED --rank R --out DIR [--targets q_proj v_proj ...]
 
 Per target weight, the rank-R truncated SVD of the float32 difference D = W_tuned - W_base = U S Vh, written as a
 PEFT adapter with lora_A = sqrt(S_r) Vh_r (r, in), lora_B = U_r sqrt(S_r) (out, r) and scaling 1 (lora_alpha = r);
@@ -23,10 +23,10 @@ import time
 import torch
 
 from ..args import ModelArgs
-from ..cli import HelpFormatter, positive_int, run
-from ..files import check_dir_writable
-from .checkpoint import CheckpointPlan, plan_checkpoint
-from .shards import Entry, read_entry
+from ..util.cli import HelpFormatter, positive_int, run
+from ..util.files import check_dir_writable
+from ..checkpoints.checkpoint import CheckpointPlan, plan_checkpoint
+from ..checkpoints.shards import Entry, read_entry
 
 # architecture fields an adapter depends on (RoPE and context do not change any weight's shape or meaning here)
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size", "n_experts",
@@ -35,7 +35,7 @@ ROW_CHUNK = 4096  # rows compared at a time for tensors no LoRA holds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minillama.extract_lora", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minillama.tools.extract_lora", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--base", required=True, help="base checkpoint dir (Hugging Face or Meta layout)")
     p.add_argument("--tuned", required=True, help="fine-tuned checkpoint dir of the same architecture")
@@ -94,8 +94,8 @@ def differs(files_a, ea: Entry, files_b, eb: Entry) -> float:
 
 def extract(base: CheckpointPlan, tuned: CheckpointPlan, rank: int, targets, device, log=print) -> tuple[list, dict]:
     """(PEFT modules, report) for every targeted weight that differs between the two checkpoints."""
-    from ..adapter import expert_modules, peft_module
-    from ..lora import _resolve_targets
+    from ..lora.peft import expert_modules, peft_module
+    from ..lora.layers import _resolve_targets
     args: ModelArgs = base.args
     linears, experts, router = _resolve_targets(tuple(targets), bool(args.n_experts))
     tuned_entries = {(e.target, e.slot): e for e in tuned.entries}
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     if not modules:
         raise ValueError(f"--tuned {tuned.dir} equals --base {base.dir} on every targeted weight: nothing to extract")
     layer_summary(report, log=lambda s: print(s, flush=True))
-    from ..adapter import peft_config, write_adapter
+    from ..lora.peft import peft_config, write_adapter
     write_adapter(args.out, modules, peft_config(modules, str(base.dir)), overwrite=args.overwrite,
                   extra_files={"extraction_report.json": report})
     print(f"wrote {args.out}: {len(modules)} modules, rank {args.rank} ({time.time() - t0:.1f}s)", flush=True)

@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from .args import ModelArgs, to_hf_config
-from .files import read_json, write_json
-from .model import Transformer
-from .training.perf import measure_copy_bandwidth, measure_matmul_peak
+from ..args import ModelArgs, to_hf_config
+from ..util.files import read_json, write_json
+from ..model import Transformer
+from ..perf import measure_copy_bandwidth, measure_matmul_peak
 
 
 def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0) -> Transformer:
@@ -78,7 +78,7 @@ def ceilings(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
 
 def layers_note(args: ModelArgs, preset: Optional[str]) -> dict:
     """The layer count measured and, where it was cut from the preset's, the real one (the output must say so)."""
-    from .args import PRESETS
+    from ..args import PRESETS
 
     real = PRESETS[preset]["n_layers"] if preset in PRESETS else args.n_layers  # toy shapes have no "real" count
     return {"n_layers": args.n_layers, "layers_cut": args.n_layers != real, "real_n_layers": real}

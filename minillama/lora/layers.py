@@ -22,13 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints.hf_keys import HF_TARGET_TO_META as LINEAR_TARGETS  # PEFT names -> our linear leaf names
-from .lora_experts import LoRAExperts
-from .lora_merge import merge_lora, unmerge_lora  # noqa: F401  (part of this module's API)
-from .lora_slots import (AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, adapter_names,  # noqa: F401
-                         combine_adapters, dora_adapters, lora_modules, lora_scaling, set_adapter, set_row_adapters)
-from .moe import Experts
-from .quant import NF4Experts, NF4Linear, NF4Weight, nf4_linear
+from ..hf_names import HF_TARGET_TO_META as LINEAR_TARGETS  # PEFT names -> our linear leaf names
+from .experts import LoRAExperts
+from .slots import AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, lora_modules, lora_scaling
+from ..moe import Experts
+from ..quant import NF4Experts, NF4Linear, NF4Weight, nf4_linear
 
 EXPERT_TARGETS = {"experts": ("w1", "w2", "w3"), "w1": ("w1",), "w2": ("w2",), "w3": ("w3",)}
 ROUTER_TARGETS = ("router", "gate")

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora_slots import AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, lora_scaling
-from .moe import dispatch, grouped_linear, grouped_mm_ok
-from .quant import NF4Weight, nf4_grouped_linear, nf4_linear
+from .slots import AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, lora_scaling
+from ..moe import dispatch, grouped_linear, grouped_mm_ok
+from ..quant import NF4Weight, nf4_grouped_linear, nf4_linear
 
 
 class LoRAExperts(AdapterSlots):

@@ -22,13 +22,14 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from .adapter_extras import (BASE_ROPE_NAME, CONFIG_NAME, PREFIX, SAVED_MODULE, WEIGHTS_NAME,  # noqa: F401
-                             add_modules_to_save, load_modules_to_save, read_adapter_tensors, read_base_rope,
-                             read_modules_to_save, warn_other_rope)
-from .args import ModelArgs, rope_settings
-from .checkpoints.hf_keys import hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
-from .files import atomic_dir, read_json, write_json
-from .lora import LoRAExperts, LoRALinear, adapter_names, lora_modules, lora_scaling, wrap_module
+from .peft_extras import (BASE_ROPE_NAME, CONFIG_NAME, PREFIX, SAVED_MODULE, WEIGHTS_NAME, add_modules_to_save,
+                          load_modules_to_save, read_adapter_tensors, warn_other_rope)
+from ..args import ModelArgs, rope_settings
+from ..hf_names import hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
+from ..util.files import atomic_dir, read_json, write_json
+from .layers import LoRALinear, wrap_module
+from .experts import LoRAExperts
+from .slots import adapter_names, lora_modules, lora_scaling
 
 _V4_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])")
 _V5_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts(\.base_layer)?")

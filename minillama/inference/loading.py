@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .args import rope_settings, with_rope
-from .distributed import DistInfo, init_distributed
-from .dtypes import parse_dtype
-from .files import read_json
-from .rope import runs_past_context
+from ..args import rope_settings, with_rope
+from ..util.distributed import DistInfo, init_distributed
+from ..util.dtypes import parse_dtype
+from ..util.files import read_json
+from ..rope import runs_past_context
 
 # Hugging Face's GenerationConfig defaults for what a generation_config.json leaves out
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
@@ -31,7 +31,7 @@ HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetiti
 
 def unwrap_merged_lora(model: nn.Module) -> None:
     """Swap merged LoRALinear layers back to nn.Linear so tensor parallelism can split them."""
-    from .lora import LoRALinear
+    from ..lora.layers import LoRALinear
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear) and m.merged:
             with torch.device("meta"):
@@ -44,8 +44,8 @@ def unwrap_merged_lora(model: nn.Module) -> None:
 def _apply_adapters(model: nn.Module, adapters: dict, must_merge: bool, merge: bool, log) -> None:
     """One adapter is merged in (decoding then costs no more than the base model) unless merge is False; several
     stay side by side, the first in use (lora.set_adapter / set_row_adapters choose)."""
-    from .adapter import load_adapter
-    from .lora import merge_lora
+    from ..lora.peft import load_adapter
+    from ..lora.merge import merge_lora
     if len(adapters) > 1 and must_merge:
         raise ValueError(f"{len(adapters)} adapters ({', '.join(adapters)}): tensor parallel needs one adapter, merged "
                          "into the weights; run a single process to serve several")
@@ -68,7 +68,7 @@ def _apply_adapters(model: nn.Module, adapters: dict, must_merge: bool, merge: b
 def rope_overrides(adapters, rope_theta=None, rope_scaling=None, log=None) -> dict:
     """load_model's RoPE keywords: the adapters' recorded base RoPE (if any; several must agree), explicit values
     winning. adapters: a dir, {name: dir}, or None."""
-    from .adapter_extras import read_base_rope
+    from ..lora.peft_extras import read_base_rope
     log = log or (lambda msg: None)
     dirs = list(adapters.values()) if isinstance(adapters, dict) else [adapters] if adapters else []
     found = {d: read_base_rope(d) for d in dirs}
@@ -167,8 +167,8 @@ def load_for_inference(ckpt: Union[str, Path], tokenizer: Union[str, Path, None]
     process only), so set_lora_enabled can switch it off again. rope_theta / rope_scaling override the checkpoint's
     (and the adapters' recorded base RoPE); max_seq_len: see extend_context.
     """
-    from .checkpoints import load_model
-    from .tokenizer import load_tokenizer
+    from ..checkpoints import load_model
+    from ..tokenizer.tokenizer import load_tokenizer
     log = log or (lambda msg: None)
     try:
         info = init_distributed(device)
