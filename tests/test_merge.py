@@ -50,7 +50,7 @@ def test_merge_cli_bf16_base_stays_bf16(tmp_path):
     apply_lora(model, rank=4, alpha=8, targets=("v_proj", "down_proj"))
     randomize_lora(model)
     save_adapter(model, tmp_path / "ad")
-    cmd = [sys.executable, str(REPO / "weights" / "merge_adapters.py"), "--base", str(tmp_path / "base"),
+    cmd = [sys.executable, "-m", "minillama.tools.merge", "--base", str(tmp_path / "base"),
            "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -14,8 +14,10 @@ from minillama.inference.generate import generate
 from minillama.tokenizer.tokenizer import decode_cut, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["minillama-chat", "minillama-complete", "minillama-batch", "minillama-serve", "minillama-sft",
-           "minillama-plot", "minillama-convert", "minillama-merge", "minillama-prepare-smollm2"]
+SCRIPTS = ["minillama-chat", "minillama-complete", "minillama-batch", "minillama-serve", "minillama-eval-long",
+           "minillama-bench", "minillama-bench-serve", "minillama-sft", "minillama-dpo", "minillama-plot",
+           "minillama-bench-train", "minillama-prepare-smollm2", "minillama-convert", "minillama-merge",
+           "minillama-extract-lora", "minillama-plan-memory"]
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def _named(module: nn.Module, prefix: str = ""):
 
 
 @dataclass
-class Plan:
+class MemoryPlan:
     """Per-rank bytes by category for one micro-batch size, and the peak."""
 
     micro_batch: int
@@ -246,7 +246,7 @@ def logits_bytes(s: Setup, micro_batch: int) -> int:
 
 
 # ---- the plan ----
-def plan(s: Setup, micro_batch: int, model: Transformer = None) -> Plan:
+def plan(s: Setup, micro_batch: int, model: Transformer = None) -> MemoryPlan:
     """Per-rank bytes of one training step at this micro-batch size, by category at its peak moment.
 
     Three moments compete: the first loss chunk of backward (every activation alive, no gradient yet but the
@@ -278,13 +278,13 @@ def plan(s: Setup, micro_batch: int, model: Transformer = None) -> Plan:
     }
     when, (weights, gradients, activations, logit) = max(moments.items(), key=lambda kv: sum(kv[1]))
     peak = weights + gradients + optimizer + activations + logit
-    return Plan(micro_batch, weights, gradients, optimizer, activations, logit, peak,
+    return MemoryPlan(micro_batch, weights, gradients, optimizer, activations, logit, peak,
                 {**parts, "when": when, "gathered": root + 2 * max(blocks), "stored": stored,
                  "n_trained": n_trained, "last_block": last_block, "logits_chunk": logits,
                  "moments": {k: sum(v) + optimizer for k, v in moments.items()}})
 
 
-def largest_micro_batch(s: Setup, budget: int, model: Transformer, limit: int = 4096) -> tuple[int, Plan]:
+def largest_micro_batch(s: Setup, budget: int, model: Transformer, limit: int = 4096) -> tuple[int, MemoryPlan]:
     """The largest micro-batch whose peak fits the budget (0 if not even one row), and the plan at it."""
     best, best_plan, lo, hi = 0, plan(s, 1, model), 1, limit
     if best_plan.peak > budget:
@@ -299,7 +299,7 @@ def largest_micro_batch(s: Setup, budget: int, model: Transformer, limit: int = 
     return best, best_plan
 
 
-def describe(s: Setup, p: Plan, budget: int, gpu_memory: float, best: int) -> str:
+def describe(s: Setup, p: MemoryPlan, budget: int, gpu_memory: float, best: int) -> str:
     """The per-GPU table at the peak moment, and the verdict."""
     d = p.detail
     rows = [("weights", p.weights, f"shards {d['stored'] / GIB:.2f} GiB / {s.gpus}"
