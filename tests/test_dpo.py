@@ -47,7 +47,7 @@ def test_dpo_loss_and_rewards_equal_trl_on_fixed_logprobs():
     sums = torch.stack([PC, PR], dim=1).reshape(-1)
     ref = torch.stack([RC, RR], dim=1).reshape(-1)
     objective, sums_m = _pair_terms(cfg, sums, torch.ones(8), ref, 4.0, 1.0)
-    ours = summarize(torch.stack(sums_m).double(), 4, 0, cfg)
+    ours = summarize(sums_m, 4, 0, cfg)
     assert objective.item() == pytest.approx(loss.item(), abs=1e-7)
     assert ours["loss"] == pytest.approx(loss.item(), abs=1e-7)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -84,7 +84,7 @@ def test_orpo_loss_equals_trl():
     cfg = PrefConfig("orpo", orpo_lambda=0.25)
     objective, m = _pair_terms(cfg, sums, n_tok, None, 4.0, n_tok[0::2].sum().item())
     assert objective.item() == pytest.approx((nll - losses.mean()).item(), abs=1e-6)
-    assert summarize(torch.stack(m).double(), 4, n_tok[0::2].sum().item(), cfg)["loss"] == pytest.approx(
+    assert summarize(m, 4, n_tok[0::2].sum().item(), cfg)["loss"] == pytest.approx(
         objective.item(), abs=1e-6)
 
 

@@ -33,25 +33,36 @@ def measured_peak(ckpt, flags) -> int:
     """Bytes allocated at the peak of a training step (the second: AdamW's moments exist), on CPU, one process:
     what is alive before it (parameter shards, moments) plus the largest rise the profiler sees during it."""
     from minillama.util.distributed import init_distributed
-    from minillama.training import config
+    from minillama.tools import train_flags
     from minillama.training.build import build_model
     from minillama.training.data import Sample
     from minillama.training.fsdp import ensure_process_group
-    from minillama.training.loop import BatchSplit, Feed, train_step
     from minillama.training.metrics import ProgressBar
-    args = config.parse_args(["--ckpt", str(ckpt), "--device", "cpu", "--seq_len", str(T), "--loss_chunk", "256",
-                              *flags])
+    from minillama.training.optim import set_lr
+    from minillama.training.schedule import BatchSplit
+    from minillama.training.sft import SFT, Feed
+    from minillama.training.trainer import clip_gradients
+    cfg = train_flags.train_config(train_flags.parse_args(["--ckpt", str(ckpt), "--device", "cpu", "--seq_len", str(T),
+                                                           "--loss_chunk", "256", *flags]))
     info = init_distributed("cpu")
     ensure_process_group(info.device)
     try:
-        model, root, opt = build_model(args, info, torch.float32, ProgressBar(0, enabled=False))
+        parts = build_model(cfg, info, torch.float32, ProgressBar(0, enabled=False))
+        model, root, opt = parts.model, parts.root, parts.optimizer
         rng = random.Random(0)
         samples = [Sample([rng.randrange(model.args.vocab_size) for _ in range(T)], [True] * T, i) for i in range(MB)]
         split, batch = BatchSplit.make(MB, 1, MB), [[i] for i in range(MB)]
         trained = [p for p in root.parameters() if p.requires_grad]
+        recipe = SFT(samples, None, split, Feed(info.device, 0), pack=False, seq_len=T, measure=False)
 
-        def step():
-            train_step(root, opt, trained, samples, batch, split, Feed(info.device, 0), 1e-4, False, 1.0, 0.0, False)
+        def step():  # one optimizer step of train/sft.py's loop
+            set_lr(opt, 1e-4)
+            counts = recipe.count(root, batch)
+            for mb in recipe.micro_batches(batch):
+                recipe.forward(root, mb, counts).loss.backward()
+            clip_gradients(trained, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
         step()
         local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731

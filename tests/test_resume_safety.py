@@ -1,7 +1,8 @@
 """Resumable checkpoints are safe to read and hard to lose: nothing a resume reads can run code (no pickle anywhere),
 every file is checked against its SHA-256 manifest, a damaged `latest` falls back to the newest intact step_N,
 a run saved on 2 processes resumes on 1, SIGKILL at any point of a checkpoint write resumes to the uninterrupted
-run's losses, and a used --out is never overwritten without --resume or --overwrite."""
+run's losses, a used --out is never overwritten without --resume or --overwrite, and a SIGTERM during a slow step
+saves at that step's end."""
 
 import io
 import json
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -318,3 +320,41 @@ def test_sigkill_during_a_checkpoint_write_then_resume_equals_the_uninterrupted_
     assert f"resumed from {out / 'step_2'} at step 2" in err
     assert_same_run(out, ref)
     assert not list(out.glob(".step_*.tmp"))  # the killed write's temp dir is gone
+
+
+# ---- SIGTERM ----
+
+SLOW_STEP = 1.5  # seconds: a step slower than the grace period left after the signal
+
+
+def test_sigterm_in_a_slow_step_is_announced_at_once_and_saved_at_that_steps_end(setup, tmp_path, capsys,
+                                                                                 monkeypatch, one_thread):
+    """SIGTERM arrives during step 2's forward, each step taking SLOW_STEP: a line says at once that it arrived, and
+    the checkpoint is step 2's, written at its end, before step 3 could have ended (no forward of step 3 starts)."""
+    forward, save = sft.SFT.forward, sft.save
+    calls, times = [], {}
+
+    def slow_forward(self, root, mb, counts):
+        calls.append(1)
+        if len(calls) == 2:  # one micro-batch per step: this is step 2
+            times["signal"] = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("step 2 goes on", file=sys.stderr)
+        time.sleep(SLOW_STEP)
+        return forward(self, root, mb, counts)
+
+    def timed_save(run):
+        save(run)
+        times.setdefault("saved", time.monotonic())
+
+    monkeypatch.setattr(sft.SFT, "forward", slow_forward)
+    monkeypatch.setattr(sft, "save", timed_save)
+    out = tmp_path / "sigterm"
+    rc, err = sft_run(common(setup, "--out", str(out)), capsys)
+    assert rc == 0, err
+    lines = err.splitlines()
+    announced = [i for i, line in enumerate(lines) if line.startswith("SIGTERM received")]
+    assert announced and announced[0] < lines.index("step 2 goes on")  # before the step in flight goes on
+    assert len(calls) == 2 and [r["step"] for r in metrics(out)] == [1, 2]
+    assert (out / "latest").read_text() == "step_2" and "stopped at step 2" in err
+    assert times["saved"] - times["signal"] < 2 * SLOW_STEP  # before the next step would have ended

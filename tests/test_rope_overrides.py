@@ -211,7 +211,7 @@ def test_bad_rope_flags_fail_at_parse_time_in_one_line(flags, message, capsys, t
     sys.path.insert(0, str(REPO / "generate"))
     import chat
     from minillama.tools.convert import parse_args as convert_args
-    from minillama.training.config import parse_args as sft_args
+    from minillama.tools.train_flags import parse_args as sft_args
     for parse in (chat.get_args, sft_args, lambda a: convert_args(["src", "dst", *a])):
         with pytest.raises(SystemExit) as e:
             parse(flags)

@@ -1,31 +1,42 @@
-"""Preference tuning with FSDP2: DPO against a frozen reference, or reference-free ORPO; LoRA, QLoRA or full.
+"""Preference tuning with FSDP2: DPO, IPO, KTO against a frozen reference, or reference-free SimPO, ORPO; LoRA, QLoRA
+or full fine-tuning.
 
     torchrun --nproc_per_node 1 train/dpo.py                        # the demo: LoRA DPO on SmolLM2, see README
     torchrun --nproc_per_node 8 train/dpo.py --ckpt Llama-3.1-8B-Instruct/ --data pairs.jsonl --pack --seq_len 4096
     torchrun --nproc_per_node 2 train/dpo.py --loss orpo --orpo_lambda 0.1 --lora_rank 0 --lr 5e-6   # full ORPO
+    torchrun --nproc_per_node 1 train/dpo.py --loss kto --data unpaired.jsonl     # KTO: {"prompt", "completion", "label"}
+    torchrun --nproc_per_node 1 train/dpo.py --loss simpo --beta 2.0 --simpo_gamma 1.0  # SimPO, reference-free
     torchrun ... train/dpo.py --out OUT --resume                    # continue exactly (flags from OUT/config.json)
 
 Data: JSONL pairs {"prompt" | "messages", "chosen", "rejected"} or {"chosen": [messages], "rejected": [messages]}
 (minillama/training/preference_data.py). Each pair's chosen and rejected answers sit side by side in one row as two
 documents (doc_ids keep attention inside each); --pack puts several whole pairs in a row of --seq_len.
---batch_size counts rows (pairs, unless packed) over all processes and micro-steps.
+--batch_size counts rows (pairs, unless packed) over all processes and micro-steps. KTO takes unpaired lines
+{"prompt", "completion", "label": true|false} (a pair line gives two: chosen desirable, rejected not; see
+minillama/training/kto.py).
 
-Losses (minillama/training/preference.py, TRL's formulas): DPO's sigmoid loss with --beta and optional
---label_smoothing (conservative DPO); the reference is the base model with the adapters switched off (LoRA, QLoRA:
-no second copy of the model) or, for full fine-tuning, the starting model's log-probs computed in a first pass and
-kept in OUT/reference_logps.json (so --resume still has them). ORPO: the SFT loss on the chosen answers minus
---orpo_lambda x mean log sigmoid(log odds ratio), no reference. Each step logs loss, rewards/chosen,
-rewards/rejected, rewards/margins, rewards/accuracies, logps/* (and ORPO's nll_loss, log_odds_*) to metrics.jsonl;
---eval_data gets the same metrics at step 0, every --eval_every steps and at the end ("pref_accuracy": the
-fraction of pairs whose chosen answer has the higher mean token log-prob). Outputs as train/sft.py: config.json,
-metrics.jsonl, loss.png, step_N/, latest, final/ (a PEFT adapter, or an HF model for full fine-tuning).
+Losses (TRL's formulas; minillama/training/preference.py, kto.py), chosen by --loss:
+  dpo    the sigmoid loss with --beta and optional --label_smoothing (conservative DPO), against a reference
+  ipo    (delta - 1/(2 beta))^2, delta the difference of the log-ratios averaged per answer token (TRL's DPO "ipo")
+  simpo  reference-free: -log sig(beta (mean logp(chosen) - mean logp(rejected)) - --simpo_gamma), plus
+         --cpo_alpha x NLL of the chosen answers (TRL's CPO "simpo")
+  orpo   the SFT loss on the chosen answers minus --orpo_lambda x mean log sigmoid(log odds ratio), no reference
+  kto    unpaired: 1 - sig(beta (r - z0)) for desirable, 1 - sig(beta (z0 - r)) for undesirable completions
+         (--desirable_weight / --undesirable_weight), z0 the batch's KL estimate (TRL's KTOTrainer)
+The reference (dpo, ipo, kto) is the base model with the adapters switched off (LoRA, QLoRA: no second copy of the
+model) or, for full fine-tuning, the starting model's log-probs computed in a first pass and kept in
+OUT/reference_logps.json (so --resume still has them). Each step logs loss, rewards/chosen, rewards/rejected,
+rewards/margins, rewards/accuracies, logps/* (ORPO's nll_loss, log_odds_*; SimPO's nll_loss; KTO's kl) to
+metrics.jsonl; --eval_data gets the same metrics at step 0, every --eval_every steps and at the end
+("pref_accuracy": the fraction of pairs whose chosen answer has the higher mean token log-prob). Outputs as
+train/sft.py: config.json, metrics.jsonl, loss.png, step_N/, latest, final/ (a PEFT adapter, or an HF model for
+full fine-tuning).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,15 +45,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minillama.util.cli import REPO, run as run_cli  # noqa: E402
 from minillama.util.files import read_json, write_json  # noqa: E402
-from minillama.training import config  # noqa: E402
+from minillama.tools import train_flags  # noqa: E402
 from minillama.training.build import build_model, load_data, pad_id_of  # noqa: E402
-from minillama.training.loop import BatchSplit, Schedule  # noqa: E402
+from minillama.training.config import TrainConfig  # noqa: E402
+from minillama.training.generation_eval import GenerationEval  # noqa: E402
 from minillama.training.loss import SequenceLogprobs  # noqa: E402
-from minillama.training.optim import lr_at  # noqa: E402
-from minillama.training.preference import PrefConfig, preference_eval, preference_step, reference_logps  # noqa: E402
+from minillama.training.kto import KTO, load_examples  # noqa: E402
+from minillama.training.preference import LOSSES, PrefConfig, Preference, reference_logps  # noqa: E402
 from minillama.training.preference_data import load_pairs, pair_fingerprint  # noqa: E402
-from minillama.training.session import (RunCore, Stop, core_fields, export, maybe_save, open_run,  # noqa: E402
-                                        restore_state, run_recipe, start_log, stop_on_nonfinite, stopped)
+from minillama.training.schedule import BatchSplit, Schedule  # noqa: E402
+from minillama.training.session import (Opened, Run, open_run, save, start_run, stop_on_nonfinite,  # noqa: E402
+                                        training_session)
+from minillama.training.trainer import (checkpoint_due, clip_gradients, eval_due, evaluate, finish,  # noqa: E402
+                                        log_step, steps)
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -50,96 +65,107 @@ REFERENCE_FILE = "reference_logps.json"
 def add_preference_args(p) -> None:
     """train/dpo.py's own flags and defaults on top of train/sft.py's."""
     g = p.add_argument_group("preference tuning")
-    g.add_argument("--loss", choices=["dpo", "orpo"], default="dpo", help="DPO (with a reference) or ORPO")
-    g.add_argument("--beta", type=float, default=0.1, help="DPO: the KL strength beta of the sigmoid loss")
+    g.add_argument("--loss", choices=LOSSES, default="dpo",
+                   help="dpo, ipo (with a reference), simpo, orpo (reference-free), kto (unpaired completions)")
+    g.add_argument("--beta", type=float, default=0.1,
+                   help="the strength beta: DPO/KTO's KL weight, IPO's regularisation (its target margin is "
+                        "1/(2 beta)), SimPO's reward scale (its paper uses 2 to 2.5)")
     g.add_argument("--label_smoothing", type=float, default=0.0,
-                   help="DPO: assumed fraction of flipped labels (conservative DPO), in [0, 0.5)")
+                   help="DPO, SimPO: assumed fraction of flipped labels (conservative DPO), in [0, 0.5)")
     g.add_argument("--orpo_lambda", type=float, default=0.1, help="ORPO: weight of the odds-ratio term")
+    g.add_argument("--simpo_gamma", type=float, default=0.5, help="SimPO: the target reward margin gamma")
+    g.add_argument("--cpo_alpha", type=float, default=0.0,
+                   help="SimPO: weight of the chosen answers' NLL added to the loss (TRL's CPO term; 0: SimPO)")
+    g.add_argument("--desirable_weight", type=float, default=1.0, help="KTO: weight of desirable examples' losses")
+    g.add_argument("--undesirable_weight", type=float, default=1.0,
+                   help="KTO: weight of undesirable examples' losses (KTO's paper: keep w_d n_d / (w_u n_u) in "
+                        "[1, 4/3])")
     p.set_defaults(data=str(REPO / "train" / "data" / "preferences.jsonl"),
                    eval_data=str(REPO / "train" / "data" / "preferences_eval.jsonl"), out="out/dpo", epochs=1,
                    batch_size=8, seq_len=1024, warmup_steps=2, weight_decay=0.0)
 
 
 def parse_args(argv=None):
-    args = config.parse_args(argv, description=__doc__, extend=add_preference_args, default_lr=(2e-4, 5e-7))
+    args = train_flags.parse_args(argv, description=__doc__, extend=add_preference_args, default_lr=(2e-4, 5e-7))
     if not 0.0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label_smoothing {args.label_smoothing} must be in [0, 0.5)")
     if args.loss == "orpo" and args.label_smoothing:
         raise ValueError("--label_smoothing is DPO's; ORPO has no reference labels to smooth")
+    if args.label_smoothing and args.loss not in ("dpo", "simpo"):
+        raise ValueError(f"--label_smoothing is DPO's and SimPO's, not {args.loss.upper()}'s")
     if args.beta <= 0 or args.orpo_lambda < 0:
         raise ValueError(f"--beta {args.beta} must be > 0 and --orpo_lambda {args.orpo_lambda} >= 0")
+    if min(args.cpo_alpha, args.desirable_weight, args.undesirable_weight) < 0:
+        raise ValueError("--cpo_alpha, --desirable_weight and --undesirable_weight must be >= 0")
+    if args.context_parallel != 1:
+        raise ValueError("--context_parallel is train/sft.py's; preference rows are not split over processes")
     return args
 
 
 def main(argv=None) -> int:
-    return run_recipe(train, parse_args(argv))
+    args = parse_args(argv)
+    cfg = train_flags.train_config(args)
+    pref = PrefConfig(loss=args.loss, beta=args.beta, label_smoothing=args.label_smoothing,
+                      orpo_lambda=args.orpo_lambda, simpo_gamma=args.simpo_gamma, cpo_alpha=args.cpo_alpha,
+                      desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight)
+    with training_session() as stop:  # SIGTERM: the step in flight finishes, a checkpoint is saved, exit 0
+        run, recipe = setup(cfg, pref, stop)
+        if recipe.has_eval and run.state.step == 0:
+            run.log.eval(0, recipe.evaluate(run.root))  # where the held-out preference accuracy starts
+        for step in steps(run, recipe):  # the next global batch of pair rows, its lr set
+            for mb in step.micro_batches():
+                out = recipe.forward(run.root, mb, step.counts)  # forward: policy (and reference) log-probs -> loss
+                out.loss.backward()
+                step.add(out)
+            grad_norm = clip_gradients(run.trainable, cfg.optim.grad_clip)
+            result = step.result(grad_norm)  # every rank's sums -> the step's loss, rewards, accuracies
+            if not result.finite:
+                return stop_on_nonfinite(run, result.loss, result.grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            log_step(run, step, result)
+            if eval_due(run):
+                evaluate(run, recipe)  # the held-out loss; with --eval_generate, answers generated and scored
+            if checkpoint_due(run):  # every --save_every, and at the first boundary after a SIGTERM
+                save(run)
+        return finish(run, recipe)  # final eval, the last checkpoint, final/ and loss.png (or: stopped)
 
 
-@dataclass(kw_only=True)
-class Run(RunCore):
-    """Everything the loop touches; built once by start_run."""
-
-    cfg: PrefConfig
-    pairs: list
-    eval_pairs: object
-    ref: dict  # "train"/"eval" -> (n, 2) reference log-probs (full fine-tuning DPO), else empty
-    pad_id: int
-
-
-def train(args) -> int:
-    """The recipe: data, model, reference, optional resume, the step loop, final checkpoint + export."""
-    run = start_run(args)
-    if run.eval_pairs and run.state.step == 0:
-        run_eval(run, 0)  # where the held-out preference accuracy starts
-    while run.state.step < run.total_steps:
-        batch = run.schedule.next_batch(run.state)
-        lr = lr_at(run.state.step + 1, args.lr, args.warmup_steps, run.total_steps, args.min_lr_ratio)
-        result = preference_step(run.root, run.model, run.optimizer, run.trainable, run.pairs, batch, run.split,
-                                 run.info.rank, run.info.device, lr, run.pad_id, args.grad_clip, run.aux_coef,
-                                 run.cfg, run.ref.get("train"), Stop.requested)
-        if not result.finite:
-            return stop_on_nonfinite(run, result)
-        run.state.advance(result.tokens)
-        run.log.step(run.state.step, run.state.epoch, result)
-        step = run.state.step
-        if run.eval_pairs and args.eval_every and step % args.eval_every == 0 and step < run.total_steps:
-            run_eval(run, step)
-        stop = result.stop_requested or step == args.stop_at_step
-        maybe_save(run, stop)
-        if stop:
-            return stopped(run)
-    finish(run)
-    return 0
+def setup(cfg: TrainConfig, pref: PrefConfig, stop) -> tuple[Run, Preference | KTO]:
+    """Process group, pairs (KTO: examples), model + optimizer, the reference, and the state: fresh or restored."""
+    opened = open_run(cfg, stop)  # --out and --resume checked before any loading
+    info, d, msg = opened.info, cfg.data, opened.log
+    kto = pref.loss == "kto"
+    data = load_data(cfg, msg, load=load_examples if kto else load_pairs,
+                     what=("examples", "eval examples") if kto else ("pairs", "eval pairs"))
+    generation = GenerationEval.build(cfg.generation, d.eval_data, data.tok)  # --eval_generate's prompts
+    split = BatchSplit.make(d.batch_size, info.world_size, d.micro_batch_size)
+    schedule = Schedule([len(p) for p in data.train], d.batch_size, d.seq_len, d.pack, cfg.seed)
+    what = "example (beside its mismatched completion)" if kto else "pair"
+    msg.message(f"batches: {len(schedule.plan(0))} per epoch of {d.batch_size} rows "
+                f"({f'packed {what}s' if d.pack else f'one {what} per row'}, {info.world_size} processes x "
+                f"{split.accumulation} micro-steps of {split.micro_batch_size} rows); "
+                f"{schedule.total_steps(cfg.max_steps, cfg.epochs)} steps; {pref.loss.upper()}")
+    parts = build_model(cfg, info, opened.compute_dtype, msg, wrap=SequenceLogprobs)
+    shared = dict(cfg=pref, split=split, model=parts.model, device=info.device, pad_id=pad_id_of(data.tok),
+                  seq_len=d.seq_len, pack=d.pack, dp_rank=info.rank)
+    recipe = (KTO(examples=data.train, eval_examples=data.eval, **shared) if kto else
+              Preference(pairs=data.train, eval_pairs=data.eval, **shared))
+    if pref.uses_reference and not cfg.lora.enabled:  # full fine-tuning: the starting model's, before any resume
+        recipe.ref = reference_tables(cfg, opened, parts.root, recipe)
+    run = start_run(cfg, opened, parts, split, schedule)
+    run.generation = generation
+    recipe.aux_coef = run.aux_coef
+    return run, recipe
 
 
-def start_run(args) -> Run:
-    """Process group, pairs, model + optimizer, the reference, and the state: fresh or restored from --resume."""
-    out = Path(args.out)
-    info, compute_dtype, msg, resume_from = open_run(args)  # --out and --resume checked before any loading
-    cfg = PrefConfig(args.loss, args.beta, args.label_smoothing, args.orpo_lambda)
-    tok, pairs, eval_pairs = load_data(args, msg, load=load_pairs, what=("pairs", "eval pairs"))
-    split = BatchSplit.make(args.batch_size, info.world_size, args.micro_batch_size)
-    schedule = Schedule([len(p) for p in pairs], args.batch_size, args.seq_len, args.pack, args.seed)
-    total_steps = schedule.total_steps(args.max_steps, args.epochs)
-    msg.message(f"batches: {len(schedule.plan(0))} per epoch of {args.batch_size} rows "
-                f"({'packed pairs' if args.pack else 'one pair per row'}, {info.world_size} processes x "
-                f"{split.accumulation} micro-steps of {split.micro_batch_size} rows); {total_steps} steps; "
-                f"{args.loss.upper()}")
-    model, root, optimizer = build_model(args, info, compute_dtype, msg, wrap=SequenceLogprobs)
-    pad_id = pad_id_of(tok)
-    ref = {}
-    if cfg.loss == "dpo" and args.lora_rank <= 0:  # full fine-tuning: the starting model's, before any step or resume
-        ref = reference_tables(args, root, pairs, eval_pairs, split, info, pad_id, out, resume_from is not None, msg)
-    state = restore_state(args, resume_from, root, optimizer, info, msg)
-    log = start_log(args, info, split, total_steps, compute_dtype, model, state, resume_from is not None)
-    return Run(**core_fields(args, info, model, root, optimizer, split, schedule, total_steps, state, log, resume_from),
-               cfg=cfg, pairs=pairs, eval_pairs=eval_pairs, ref=ref, pad_id=pad_id)
-
-
-def reference_tables(args, root, pairs, eval_pairs, split, info, pad_id, out: Path, resuming: bool, log) -> dict:
-    """Full fine-tuning DPO: the starting model's log-probs of every pair, computed once and kept in OUT."""
+def reference_tables(cfg: TrainConfig, opened: Opened, root, recipe: Preference | KTO) -> dict:
+    """Full fine-tuning DPO/IPO/KTO: the starting model's log-probs of every pair (KTO: of every example and its
+    mismatched completion), computed once and kept in OUT."""
+    out, info, log = Path(cfg.out), opened.info, opened.log
     file = out / REFERENCE_FILE
-    sets = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
+    sets = {"train": recipe.pairs, **({"eval": recipe.eval_pairs} if recipe.eval_pairs else {})}
+    resuming = opened.resume_from is not None
     if file.is_file():
         saved = read_json(file, "the run's reference log-probs")
         if all(saved.get(f"{k}_lengths") == pair_fingerprint(v) for k, v in sets.items()):
@@ -152,25 +178,13 @@ def reference_tables(args, root, pairs, eval_pairs, split, info, pad_id, out: Pa
         raise FileNotFoundError(f"{file} is missing: the reference of a full fine-tuning DPO run is the starting "
                                 "model, which a resumed run no longer has")
     log.message(f"reference log-probs: one pass over {sum(len(v) for v in sets.values())} pairs")
-    tables = {k: reference_logps(root, v, split, args.seq_len, info.rank, info.device, pad_id) for k, v in sets.items()}
+    tables = {k: reference_logps(root, v, recipe.split, cfg.data.seq_len, info.rank, info.device, recipe.pad_id)
+              for k, v in sets.items()}
     if info.is_rank0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(file, {**{k: t.tolist() for k, t in tables.items()},
                           **{f"{k}_lengths": pair_fingerprint(v) for k, v in sets.items()}})
     return tables
-
-
-def run_eval(run: Run, step: int, final: bool = False) -> None:
-    m = preference_eval(run.root, run.model, run.eval_pairs, run.split, run.args.seq_len, run.args.pack,
-                        run.info.rank, run.info.device, run.pad_id, run.cfg, run.ref.get("eval"))
-    run.log.eval(step, m.pop("loss"), final=final, extra=m)
-
-
-def finish(run: Run) -> None:
-    """Final eval, then the last checkpoint, final/ (PEFT adapter or HF model) and the loss curve."""
-    if run.eval_pairs:
-        run_eval(run, run.state.step, final=True)
-    export(run)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ value in Mixtral's released config.json), computed per micro-batch and averaged.
 MixedPrecisionPolicy, fp32 gradient reduction) with fp32 master weights for trained parameters; a LoRA run keeps
 its frozen base in the compute dtype and its adapters in fp32. MFU = model FLOPs (minillama.util.perf: 3x
 forward for full fine-tuning, 2x for LoRA, causal attention per document) / time / (--peak_tflops x processes),
-shown on GPUs with a known bf16 peak. SIGTERM: the step in flight finishes, a checkpoint is written, exit 0 (under
-torchrun the agent waits ~30 s before SIGKILL). A non-finite loss or gradient norm stops before the optimizer step,
+shown on GPUs with a known bf16 peak. SIGTERM: a line says at once that it arrived; the step in flight finishes, a
+checkpoint is written at that step's end, exit 0 (under torchrun the agent waits ~30 s before SIGKILL). A non-finite loss or gradient norm stops before the optimizer step,
 keeping the last checkpoint.
 Long context: --rope_theta / --rope_scaling / --max_seq_len change the model's RoPE and context (recorded in the
 exported model or beside the adapter); --context_parallel C splits every row over C processes (world = data x C
@@ -40,107 +40,79 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minillama.util.cli import run as run_cli  # noqa: E402
-from minillama.training import config  # noqa: E402
+from minillama.tools import train_flags  # noqa: E402
 from minillama.training.build import build_model, load_data, pad_id_of  # noqa: E402
+from minillama.training.config import TrainConfig  # noqa: E402
+from minillama.training.generation_eval import GenerationEval  # noqa: E402
 from minillama.training.context_parallel import check_supported, context_group  # noqa: E402
-from minillama.training.loop import BatchSplit, Feed, Schedule, evaluate, train_step  # noqa: E402
-from minillama.training.optim import lr_at  # noqa: E402
-from minillama.training.session import (RunCore, Stop, core_fields, export, maybe_save, open_run,  # noqa: E402
-                                        restore_state, run_recipe, start_log, stop_on_nonfinite, stopped)
+from minillama.training.schedule import BatchSplit, Schedule  # noqa: E402
+from minillama.training.session import Run, open_run, save, start_run, stop_on_nonfinite, training_session  # noqa: E402
+from minillama.training.sft import SFT, Feed  # noqa: E402
+from minillama.training.trainer import (checkpoint_due, clip_gradients, eval_due, evaluate, finish,  # noqa: E402
+                                        log_step, steps)
 
 
 def parse_args(argv=None):
-    return config.parse_args(argv, description=__doc__)
+    return train_flags.parse_args(argv, description=__doc__)
 
 
 def main(argv=None) -> int:
-    return run_recipe(train, parse_args(argv))
+    cfg = train_flags.train_config(parse_args(argv))
+    with training_session() as stop:  # SIGTERM: the step in flight finishes, a checkpoint is saved, exit 0
+        run, recipe = setup(cfg, stop)
+        for step in steps(run, recipe):  # the next global batch at the run's position, its lr set
+            for mb in step.micro_batches():  # this rank's rows, a micro-batch at a time
+                out = recipe.forward(run.root, mb, step.counts)  # forward: ce_sum / the batch's learned tokens
+                out.loss.backward()  # backward: gradients accumulate over the micro-batches
+                step.add(out)
+            grad_norm = clip_gradients(run.trainable, cfg.optim.grad_clip)
+            result = step.result(grad_norm)  # every rank's sums -> the step's loss and counts
+            if not result.finite:
+                return stop_on_nonfinite(run, result.loss, result.grad_norm)  # no step: the weights stay as they were
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            log_step(run, step, result)
+            if step.first:
+                run.log.message(f"activation memory (saved for backward, first micro-batch): "
+                                f"{result.activation_mb:.1f} MiB per process (largest)")
+            if eval_due(run):
+                evaluate(run, recipe)  # the held-out loss; with --eval_generate, answers generated and scored
+            if checkpoint_due(run):  # every --save_every, and at the first boundary after a SIGTERM
+                save(run)
+        return finish(run, recipe)  # final eval, the last checkpoint, final/ and loss.png (or: stopped)
 
 
-@dataclass(kw_only=True)
-class Run(RunCore):
-    """Everything the loop touches; built once by start_run."""
-
-    samples: list
-    eval_samples: object
-    feed: Feed  # device, padding, this rank's share of the rows (and its context-parallel shard)
-
-
-def train(args) -> int:
-    """The recipe: data, model, optional resume, the step loop, final checkpoint + export. Returns the exit code."""
-    run = start_run(args)
-    first_step = run.state.step + 1  # its activation memory is measured and printed
-    while run.state.step < run.total_steps:
-        batch = run.schedule.next_batch(run.state)
-        lr = lr_at(run.state.step + 1, args.lr, args.warmup_steps, run.total_steps, args.min_lr_ratio)
-        first = run.state.step + 1 == first_step
-        result = train_step(run.root, run.optimizer, run.trainable, run.samples, batch, run.split, run.feed, lr,
-                            args.pack, args.grad_clip, run.aux_coef, Stop.requested, measure=first)
-        if not result.finite:
-            return stop_on_nonfinite(run, result)
-        if first:
-            run.log.message(f"activation memory (saved for backward, first micro-batch): "
-                            f"{result.activation_mb:.1f} MiB per process (largest)")
-        run.state.advance(result.tokens)
-        run.log.step(run.state.step, run.state.epoch, result)
-        maybe_eval(run)
-        stop = result.stop_requested or run.state.step == args.stop_at_step
-        maybe_save(run, stop)
-        if stop:
-            return stopped(run)
-    finish(run)
-    return 0
-
-
-def start_run(args) -> Run:
+def setup(cfg: TrainConfig, stop) -> tuple[Run, SFT]:
     """Process group, data, model + optimizer, and the state: fresh, or restored from --resume."""
-    info, compute_dtype, msg, resume_from = open_run(args)  # --out and --resume checked before any loading
-
-    tok, samples, eval_samples = load_data(args, msg)
-    cp = context_group(args.context_parallel)
-    dp_size = info.world_size // args.context_parallel
-    split = BatchSplit.make(args.batch_size, dp_size, args.micro_batch_size)
-    schedule = Schedule([len(s.ids) for s in samples], args.batch_size, args.seq_len, args.pack, args.seed)
-    total_steps = schedule.total_steps(args.max_steps, args.epochs)
-    msg.message(f"batches: {len(schedule.plan(0))} per epoch of {args.batch_size} rows "
-                f"({'packed' if args.pack else 'padded'}, {dp_size} data-parallel x {split.accumulation} "
+    opened = open_run(cfg, stop)  # --out and --resume checked before any loading
+    info, d, msg = opened.info, cfg.data, opened.log
+    data = load_data(cfg, msg)
+    generation = GenerationEval.build(cfg.generation, d.eval_data, data.tok)  # --eval_generate's prompts
+    cp = context_group(cfg.context_parallel)
+    dp_size = info.world_size // cfg.context_parallel
+    split = BatchSplit.make(d.batch_size, dp_size, d.micro_batch_size)
+    lengths = [len(s.ids) for s in data.train]
+    schedule = Schedule(lengths, d.batch_size, d.seq_len, d.pack, cfg.seed)
+    msg.message(f"batches: {len(schedule.plan(0))} per epoch of {d.batch_size} rows "
+                f"({'packed' if d.pack else 'padded'}, {dp_size} data-parallel x {split.accumulation} "
                 f"micro-steps of {split.micro_batch_size} rows"
-                f"{f', each row split over {args.context_parallel} processes' if cp else ''}); non-pad fraction "
-                f"{schedule.nonpad_fraction(split.micro_batch_size):.1%}; {total_steps} steps")
-
-    lengths = [len(s.ids) for s in samples]
-    longest = min(args.seq_len, sum(lengths)) if args.pack else max(lengths)
-    model, root, optimizer = build_model(args, info, compute_dtype, msg, longest=longest)
+                f"{f', each row split over {cfg.context_parallel} processes' if cp else ''}); non-pad fraction "
+                f"{schedule.nonpad_fraction(split.micro_batch_size):.1%}; "
+                f"{schedule.total_steps(cfg.max_steps, cfg.epochs)} steps")
+    longest = min(d.seq_len, sum(lengths)) if d.pack else max(lengths)
+    parts = build_model(cfg, info, opened.compute_dtype, msg, longest=longest)
     if cp is not None:
-        check_supported(args, model.args)
-    state = restore_state(args, resume_from, root, optimizer, info, msg)
-    log = start_log(args, info, split, total_steps, compute_dtype, model, state, resume_from is not None)
-    pad_id = pad_id_of(tok)
-    feed = Feed(info.device, pad_id, info.rank // args.context_parallel, cp, model.args.sliding_window)
-    return Run(**core_fields(args, info, model, root, optimizer, split, schedule, total_steps, state, log, resume_from),
-               samples=samples, eval_samples=eval_samples, feed=feed)
-
-
-def run_eval(run: Run) -> float:
-    return evaluate(run.root, run.eval_samples, run.split, run.args.seq_len, run.args.pack, run.feed)
-
-
-def maybe_eval(run: Run) -> None:
-    a, step = run.args, run.state.step
-    if run.eval_samples and a.eval_every and step % a.eval_every == 0 and step < run.total_steps:
-        run.log.eval(step, run_eval(run))
-
-
-def finish(run: Run) -> None:
-    """Final eval, then the last checkpoint, final/ (PEFT adapter or HF model) and the loss curve."""
-    if run.eval_samples:
-        run.log.eval(run.state.step, run_eval(run), final=True)
-    export(run)
+        check_supported(parts.model.args, cfg.model.router_aux_loss_coef)
+    run = start_run(cfg, opened, parts, split, schedule)
+    run.generation = generation
+    feed = Feed(info.device, pad_id_of(data.tok), run.dp_rank, cp, parts.model.args.sliding_window)
+    recipe = SFT(samples=data.train, eval_samples=data.eval, split=split, feed=feed, pack=d.pack, seq_len=d.seq_len,
+                 aux_coef=run.aux_coef)
+    return run, recipe
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ with the loss, sharded by FSDP2) with its optimizer."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -19,31 +21,43 @@ from .fsdp import apply_fsdp, checkpoint_blocks
 from .loss import CausalLMLoss
 from .optim import build_optimizer
 from ..perf import param_counts
+from .config import ModelConfig, TrainConfig
+from .session import ModelParts
 
 
-def load_data(args, log, load=load_jsonl, what: tuple[str, str] = ("data", "eval data")):
+@dataclass
+class Datasets:
+    """The tokenizer and the tokenized train and (optional) eval sets."""
+
+    tok: object
+    train: list
+    eval: Optional[list]
+
+
+def load_data(cfg: TrainConfig, log, load=load_jsonl, what: tuple[str, str] = ("data", "eval data")) -> Datasets:
     """The tokenizer and the tokenized train (and eval) samples; per-file stats and bad lines go to rank 0's log.
 
     load(path, tok, seq_len, drop_long, flag): data.load_jsonl (SFT samples) or preference_data.load_pairs."""
-    if not Path(args.ckpt).exists():
-        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in args.ckpt else ""
-        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist{hint}")
-    flags = ((what[0], "--data", args.data), (what[1], "--eval_data", args.eval_data))
+    ckpt = cfg.model.ckpt
+    if not Path(ckpt).exists():
+        hint = " (create it: python weights/prepare_smollm2.py)" if "smollm2-135m-instruct" in ckpt else ""
+        raise FileNotFoundError(f"--ckpt {ckpt} does not exist{hint}")
+    flags = ((what[0], "--data", cfg.data.data), (what[1], "--eval_data", cfg.data.eval_data))
     for _, flag, path in flags:  # a bad path fails before the tokenizer is read
         if path:
             check_data_file(path, flag)
-    tok = load_tokenizer(args.ckpt)
+    tok = load_tokenizer(ckpt)
     out = []
     for name, flag, path in flags:
         if not path:
             out.append(None)
             continue
-        samples, stats = load(path, tok, args.seq_len, args.drop_long, flag)
+        samples, stats = load(path, tok, cfg.data.seq_len, cfg.data.drop_long, flag)
         if log.enabled:
             report_bad_lines(stats)
         log.message(f"{name}: {stats.summary()}")
         out.append(samples)
-    return tok, out[0], out[1]
+    return Datasets(tok=tok, train=out[0], eval=out[1])
 
 
 def pad_id_of(tok) -> int:
@@ -52,7 +66,7 @@ def pad_id_of(tok) -> int:
     return tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
 
 
-def load_device(args, info) -> torch.device:
+def load_device(m: ModelConfig, info) -> torch.device:
     """Where the checkpoint is read to before sharding.
 
     On GPU the full model goes to CPU memory first: fully_shard then moves one block at a time to the GPU and keeps
@@ -63,14 +77,14 @@ def load_device(args, info) -> torch.device:
     layer weights passing through one at a time; fully_shard then keeps 1/N of it per rank (the NF4 arrays are
     frozen parameters) and frees the rest.
     """
-    if info.device.type == "cuda" and not args.quantize:
+    if info.device.type == "cuda" and not m.quantize:
         return torch.device("cpu")
     return info.device
 
 
-def report_rope(args, model_args, longest: int, log) -> None:
+def report_rope(m: ModelConfig, model_args, longest: int, log) -> None:
     """The RoPE the run trains with, and a warning when rows are longer than the model's context."""
-    if args.rope_theta is not None or args.rope_scaling is not None or args.max_seq_len is not None:
+    if m.rope_theta is not None or m.rope_scaling is not None or m.max_seq_len is not None:
         log.message(f"RoPE: {rope_settings(model_args)}")
     scaling = model_args.rope_scaling
     if longest > model_args.max_seq_len and not (scaling and scaling["rope_type"] == "dynamic"):
@@ -110,26 +124,23 @@ def bytes_per_param(master_bf16: bool) -> str:
     return "16 bytes per trained parameter (fp32 master weight 4 + gradient 4 + AdamW m 4 + v 4)"
 
 
-def build_model(args, info, compute_dtype, log, wrap=CausalLMLoss, longest: int = 0):
+def build_model(cfg: TrainConfig, info, compute_dtype, log, wrap=CausalLMLoss, longest: int = 0) -> ModelParts:
     """Load the checkpoint, add LoRA (or unfreeze everything), wrap with the loss, shard with FSDP2, make AdamW.
 
-    longest: the longest row the run will train on (for the context warning).
-    Returns (model, root, optimizer): root is the FSDP-sharded wrap(model, loss_chunk) (CausalLMLoss for SFT,
-    loss.SequenceLogprobs for preference tuning)."""
-    lora = args.lora_rank > 0
-    master_bf16 = args.master_dtype == "bfloat16"
-    torch.manual_seed(args.seed)  # same LoRA init on every rank before sharding
+    longest: the longest row the run will train on (for the context warning). The root is the FSDP-sharded
+    wrap(model, loss_chunk): CausalLMLoss for SFT, loss.SequenceLogprobs for preference tuning."""
+    m, lora, opt = cfg.model, cfg.lora, cfg.optim
+    torch.manual_seed(cfg.seed)  # same LoRA init on every rank before sharding
     # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32;
     # full fine-tuning keeps float32 master weights unless --master_dtype bfloat16
-    load_dtype = compute_dtype if lora or master_bf16 else torch.float32
-    model = load_model(args.ckpt, device=load_device(args, info), dtype=load_dtype, quantize=args.quantize,
-                       max_seq_len=args.max_seq_len, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling)
-    report_rope(args, model.args, longest, log)
-    if lora:
-        apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets=args.lora_targets,
-                   use_dora=args.use_dora)
-        if args.trainable:
-            whole = set_trainable(model, args.trainable)
+    load_dtype = compute_dtype if lora.enabled or m.master_bf16 else torch.float32
+    model = load_model(m.ckpt, device=load_device(m, info), dtype=load_dtype, quantize=m.quantize,
+                       max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, rope_scaling=m.rope_scaling)
+    report_rope(m, model.args, longest, log)
+    if lora.enabled:
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, targets=list(lora.targets), use_dora=lora.use_dora)
+        if lora.modules_to_save:
+            whole = set_trainable(model, list(lora.modules_to_save))
             for p in (p for n, p in model.named_parameters() if n in whole):
                 p.data = p.data.float()  # trained whole modules get float32 master weights, like the adapters
     else:
@@ -137,20 +148,21 @@ def build_model(args, info, compute_dtype, log, wrap=CausalLMLoss, longest: int 
             p.requires_grad_(True)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = param_counts(model.args)["total"]  # counted from the shapes: NF4 weights are buffers
-    if args.activation_checkpointing:
+    if m.activation_checkpointing:
         checkpoint_blocks(model)
-    root = wrap(model, args.loss_chunk).train()
-    mixed = compute_dtype != torch.float32 and not master_bf16  # bf16 master weights already are the compute dtype
-    apply_fsdp(root, param_dtype=compute_dtype if mixed else None, cpu_offload=args.cpu_offload, device=info.device,
-               reduce_dtype=torch.float32 if master_bf16 else None)
-    optimizer = build_optimizer(root, args.lr, args.weight_decay, args.betas, lora_plus_ratio=args.lora_plus_ratio,
-                                master_dtype=torch.bfloat16 if master_bf16 else torch.float32)
-    if args.quantize:
+    root = wrap(model, m.loss_chunk).train()
+    mixed = compute_dtype != torch.float32 and not m.master_bf16  # bf16 master weights already are the compute dtype
+    apply_fsdp(root, param_dtype=compute_dtype if mixed else None, cpu_offload=m.cpu_offload, device=info.device,
+               reduce_dtype=torch.float32 if m.master_bf16 else None)
+    optimizer = build_optimizer(root, opt.lr, opt.weight_decay, opt.betas, lora_plus_ratio=lora.plus_ratio,
+                                master_dtype=torch.bfloat16 if m.master_bf16 else torch.float32)
+    if m.quantize:
         log.message(nf4_memory_line(model, info))
-    what = (f"{'DoRA' if args.use_dora else 'LoRA'} r={args.lora_rank} on {' '.join(args.lora_targets)}"
-            f"{f', LoRA+ B lr x{args.lora_plus_ratio:g}' if args.lora_plus_ratio else ''}" if lora else "full")
-    what += f" + whole {' '.join(args.trainable)}" if args.trainable else ""
-    log.message(f"model: {args.ckpt} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
-                f"{' NF4 base' if args.quantize else ''}: {n_trainable / 1e6:.2f}M trainable; "
-                f"{str(compute_dtype).removeprefix('torch.')} compute on {info.device}; {bytes_per_param(master_bf16)}")
-    return model, root, optimizer
+    what = (f"{'DoRA' if lora.use_dora else 'LoRA'} r={lora.rank} on {' '.join(lora.targets)}"
+            f"{f', LoRA+ B lr x{lora.plus_ratio:g}' if lora.plus_ratio else ''}" if lora.enabled else "full")
+    what += f" + whole {' '.join(lora.modules_to_save)}" if lora.modules_to_save else ""
+    log.message(f"model: {m.ckpt} ({model.args.family}, {n_total / 1e6:.1f}M params), {what}"
+                f"{' NF4 base' if m.quantize else ''}: {n_trainable / 1e6:.2f}M trainable; "
+                f"{str(compute_dtype).removeprefix('torch.')} compute on {info.device}; "
+                f"{bytes_per_param(m.master_bf16)}")
+    return ModelParts(model=model, root=root, optimizer=optimizer)

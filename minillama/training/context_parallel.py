@@ -122,13 +122,13 @@ def shard_batch(mb: MicroBatch, cg: ContextGroup, pad_id: int, device, window: O
                 positions=positions[:, idx].to(device), attn=attn)
 
 
-def check_supported(args, model_args) -> None:
+def check_supported(model_args, router_aux_loss_coef: float) -> None:
     """What context parallelism cannot do yet, before any work."""
     scaling = model_args.rope_scaling
     if scaling and scaling["rope_type"] == "dynamic":
         raise ValueError("--context_parallel: dynamic NTK RoPE rescales by the longest position each process sees, "
                          "which differs between the processes of a row; use yarn/linear/llama3 or a --rope_theta")
-    if model_args.n_experts and args.router_aux_loss_coef:
+    if model_args.n_experts and router_aux_loss_coef:
         raise ValueError("--context_parallel: the Mixtral router loss would be computed per piece of a row; give "
                          "--router_aux_loss_coef 0")
 

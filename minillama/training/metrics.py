@@ -1,4 +1,5 @@
-"""Seeing a run: a rank-0 progress bar on stderr, metrics.jsonl, MFU and peak memory."""
+"""Seeing a run: a rank-0 progress bar on stderr, metrics.jsonl, MFU and peak memory, and StepLog, which writes a
+step's or an eval's record to both."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..perf import train_flops
 from ..util.files import atomic_write
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device name; MFU is against these unless --peak_tflops says otherwise
@@ -148,3 +150,56 @@ def read_metrics(path) -> list[dict]:
         if isinstance(rec, dict):
             out.append(rec)
     return out
+
+
+class StepLog:
+    """Rank 0's view of the run: metrics.jsonl records, the progress bar, and one-off messages."""
+
+    def __init__(self, metrics: MetricsWriter, bar: ProgressBar, model_args, device, world_size: int, lora: bool,
+                 peak_tflops: Optional[float], moe: bool):
+        self.metrics, self.bar = metrics, bar
+        self.model_args, self.device, self.world_size, self.lora = model_args, device, world_size, lora
+        self.peak, self.moe = peak_tflops, moe
+
+    def step(self, step: int, epoch: int, r) -> dict:
+        """metrics.jsonl's record of a finished step (r: trainer.StepResult) and its progress line."""
+        record = {"step": step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens,
+                  "tokens_per_s": r.tokens / r.seconds, "nonpad_frac": r.tokens / max(r.padded, 1), "epoch": epoch,
+                  "time_s": r.seconds, "peak_mem_gb": peak_memory_gb(self.device)}
+        record.update(r.extra)
+        if self.moe:
+            record["aux_loss"] = r.aux_loss
+        if r.activation_mb is not None:
+            record["activation_mb"] = r.activation_mb
+        if self.peak:
+            flops = train_flops(self.model_args, r.tokens, r.doc_len_sq / max(r.tokens, 1), lora=self.lora)
+            record["mfu"] = flops / r.seconds / (self.peak * 1e12 * self.world_size)
+        self.metrics.write(record)
+        fields = {"loss": f"{r.loss:.4f}", "lr": f"{r.lr:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+        if "rewards/accuracies" in r.extra:
+            fields["acc"] = f"{r.extra['rewards/accuracies']:.2f}"
+            fields["margin"] = f"{r.extra['rewards/margins']:.3f}"
+        if "mfu" in record:
+            fields["mfu"] = f"{record['mfu']:.1%}"
+        fields["mem"] = f"{record['peak_mem_gb']:.1f}G"
+        self.bar.update(step, fields)
+        return record
+
+    def eval(self, step: int, metrics: dict, final: bool = False) -> None:
+        """An eval record: "loss" as eval_loss, the other metrics with an eval_ prefix, shown after the loss."""
+        extra = {k: v for k, v in metrics.items() if k != "loss"}
+        loss = metrics["loss"]
+        self.metrics.write({"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in extra.items()}})
+        shown = "".join(f", {k} {v:.4f}" for k, v in extra.items() if k in ("rewards/accuracies", "pref_accuracy"))
+        self.bar.message(f"eval loss {loss:.4f}{shown}" if final else f"step {step}: eval loss {loss:.4f}{shown}")
+
+    def record(self, record: dict, text: str) -> None:
+        """Any other record (evaluation by generation's scores) and its line."""
+        self.metrics.write(record)
+        self.bar.message(text)
+
+    def message(self, text: str) -> None:
+        self.bar.message(text)
+
+    def close(self) -> None:
+        self.metrics.close()

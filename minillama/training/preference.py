@@ -1,5 +1,5 @@
-"""DPO and ORPO: the losses on sequence log-probs (TRL's formulas), one optimizer step over a global batch of pair
-rows, the held-out metrics, and the frozen reference's log-probs.
+"""DPO and ORPO: the losses on sequence log-probs (TRL's formulas), the recipe train/dpo.py plugs into the trainer
+(count, micro-batches, forward, summarize, evaluate over pair rows), and the frozen reference's log-probs.
 
 DPO (Rafailov et al. 2023), sigmoid loss with label smoothing eps (conservative DPO; TRL's "sigmoid" up to 0.x,
 its "sigmoid" today when eps = 0): with log pi(y) the sum of the answer's token log-probs,
@@ -18,31 +18,38 @@ global batch (all ranks, all micro-batches), so they do not depend on the number
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..lora.layers import set_lora_enabled
-from .loop import BatchSplit, StepResult, clip_gradients, finish_step
-from .optim import set_lr
 from .packing import plan_epoch
-from .preference_data import Pair, collate_pairs
+from .preference_data import Pair, PairBatch, collate_pairs
+from .schedule import BatchSplit
+from .trainer import Forward
 
-# metric sums per step, in this order: summed over micro-batches and ranks, then divided by the pair count
-SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
-        "pref_accuracy", "nll", "log_odds_ratio", "log_odds_chosen")
+
+LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 @dataclass
 class PrefConfig:
-    loss: str  # "dpo" | "orpo"
+    loss: str  # one of LOSSES
     beta: float = 0.1
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # DPO, SimPO
     orpo_lambda: float = 0.1
+    simpo_gamma: float = 0.5  # SimPO's target margin (TRL's CPOConfig default)
+    cpo_alpha: float = 0.0  # SimPO: weight of the NLL of the chosen answers (TRL's CPO term; 0 = SimPO paper)
+    desirable_weight: float = 1.0  # KTO: weight of the losses of desirable (label true) completions
+    undesirable_weight: float = 1.0  # KTO: of undesirable ones
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.loss not in REFERENCE_FREE
 
 
 def dpo_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0):
@@ -50,6 +57,22 @@ def dpo_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0):
     delta = (pc - rc) - (pr - rr)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
     return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def ipo_loss(pc, pr, rc, rr, n_c, n_r, beta: float):
+    """Per-pair IPO loss, as TRL's DPOTrainer "ipo": the log-ratios averaged per answer token, then
+    (delta - 1 / (2 beta))^2; rewards beta (log pi - log ref) of the sums, as DPO's. (n,) x3"""
+    delta = (pc - rc) / n_c.clamp(min=1) - (pr - rr) / n_r.clamp(min=1)
+    return (delta - 1 / (2 * beta)) ** 2, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def simpo_loss(lc, lr, beta: float, gamma: float, label_smoothing: float = 0.0):
+    """Per-pair SimPO loss, reference-free, from per-token mean log-probs lc, lr (TRL's CPO "simpo"):
+    logits = (lc - lr) - gamma / beta, loss = -(1 - eps) log sig(beta logits) - eps log sig(-beta logits);
+    rewards beta lc, beta lr. (n,) x3"""
+    logits = (lc - lr) - gamma / beta
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
+    return losses, beta * lc.detach(), beta * lr.detach()
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +89,10 @@ def orpo_loss(lc, lr, orpo_lambda: float):
             log_odds.detach())
 
 
-def _to(mb, device):
-    return [t.to(device) for t in (mb.tokens, mb.targets, mb.doc_ids, mb.doc_index, mb.real)]
+def _inputs(mb: PairBatch, device) -> dict:
+    """SequenceLogprobs keyword arguments of a micro-batch."""
+    return dict(tokens=mb.tokens.to(device), targets=mb.targets.to(device), doc_ids=mb.doc_ids.to(device),
+                doc_index=mb.doc_index.to(device), n_docs=2 * mb.n_pairs, real=mb.real.to(device))
 
 
 def _doc_tokens(doc_index: torch.Tensor, n_docs: int) -> torch.Tensor:
@@ -77,121 +102,153 @@ def _doc_tokens(doc_index: torch.Tensor, n_docs: int) -> torch.Tensor:
 
 
 def _pair_terms(cfg: PrefConfig, sums, n_tok, ref, global_pairs: float, global_chosen_tokens: float):
-    """(the micro-batch's share of the objective, its metric sums in SUMS order) from per-document log-prob sums."""
+    """(the micro-batch's share of the objective, its metric sums by name) from per-document log-prob sums
+    (chosen at even, rejected at odd positions), their learned-token counts and the reference's sums."""
     pc, pr = sums[0::2], sums[1::2]
+    n_c, n_r = n_tok[0::2], n_tok[1::2]
     z = pc.new_zeros(())
-    if cfg.loss == "dpo":
-        losses, cr, rr = dpo_loss(pc, pr, ref[0::2], ref[1::2], cfg.beta, cfg.label_smoothing)
+    nll, odds_term, log_odds = z, z, z
+    logps_c, logps_r = pc.detach(), pr.detach()  # the logps/* metrics: sums (TRL's DPO), means (its SimPO)
+    if cfg.loss in ("dpo", "ipo"):
+        if cfg.loss == "dpo":
+            losses, cr, rr = dpo_loss(pc, pr, ref[0::2], ref[1::2], cfg.beta, cfg.label_smoothing)
+        else:
+            losses, cr, rr = ipo_loss(pc, pr, ref[0::2], ref[1::2], n_c, n_r, cfg.beta)
         objective = losses.sum() / global_pairs
-        extra = (z, z, z)
+    elif cfg.loss == "simpo":
+        lc, lr = pc / n_c.clamp(min=1), pr / n_r.clamp(min=1)
+        losses, cr, rr = simpo_loss(lc, lr, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
+        nll = -pc.sum()
+        objective = losses.sum() / global_pairs + cfg.cpo_alpha * nll / global_chosen_tokens
+        nll, logps_c, logps_r = nll.detach(), lc.detach(), lr.detach()
     else:
         lc, lr = pc / n_tok[0::2].clamp(min=1), pr / n_tok[1::2].clamp(min=1)
         terms, cr, rr, log_odds = orpo_loss(lc, lr, cfg.orpo_lambda)
         nll = -pc.sum()
         objective = nll / global_chosen_tokens - terms.sum() / global_pairs
         losses = -terms  # the per-pair part; the NLL is reported on its own
-        extra = (nll.detach(), (terms / cfg.orpo_lambda).detach().sum(), log_odds.sum())
+        nll, odds_term, log_odds = nll.detach(), (terms / cfg.orpo_lambda).detach().sum(), log_odds.sum()
     mean_c, mean_r = pc.detach() / n_tok[0::2].clamp(min=1), pr.detach() / n_tok[1::2].clamp(min=1)
-    metrics = [losses.detach().sum(), cr.sum(), rr.sum(), (cr > rr).float().sum(), pc.detach().sum(),
-               pr.detach().sum(), (mean_c > mean_r).float().sum(), *extra]
-    return objective, metrics
+    metrics = {"loss": losses.detach().sum(), "rewards/chosen": cr.sum(), "rewards/rejected": rr.sum(),
+               "rewards/accuracies": (cr > rr).float().sum(), "logps/chosen": logps_c.sum(),
+               "logps/rejected": logps_r.sum(), "pref_accuracy": (mean_c > mean_r).float().sum(), "nll": nll,
+               "log_odds_ratio": odds_term, "log_odds_chosen": log_odds}
+    return objective, {k: float(v) for k, v in metrics.items()}
 
 
-@torch.no_grad()
-def _reference(root, model, args, n_docs: int, ref_table, pair_ids, lora_ref: bool, device):
-    """The reference's log-prob sum per document: adapters off (LoRA), or looked up (precomputed). (n_docs,)"""
-    if not lora_ref:
-        return ref_table[torch.tensor(pair_ids, dtype=torch.long)].reshape(-1).to(device=device, dtype=torch.float32)
-    set_lora_enabled(model, False)
-    try:
-        return root(*args[:4], n_docs, args[4])[0]
-    finally:
-        set_lora_enabled(model, True)
-
-
-def _micro_batches(pairs, rows, split: BatchSplit, pad_id):
-    micro = split.micro_batch_size
-    for m in range(0, len(rows), micro):
-        yield collate_pairs(pairs, rows[m:m + micro], pad_id)
-
-
-def preference_step(root, model, optimizer, trainable: list, pairs: list[Pair], batch: list, split: BatchSplit,
-                    rank: int, device, lr: float, pad_id: int, grad_clip: float, aux_coef: float, cfg: PrefConfig,
-                    ref_table: Optional[torch.Tensor], stop_requested: bool) -> StepResult:
-    """Forward/backward over the global batch of pair rows, clip, and (if finite) one optimizer step."""
-    t0 = time.perf_counter()
-    rows = split.rank_rows(batch, rank)
-    mine = [i for r in rows for i in r]
-    counts = torch.tensor([len(mine), sum(pairs[i].chosen.n_targets() for i in mine)], dtype=torch.float64,
-                          device=device)
-    dist.all_reduce(counts)  # the loss is a mean over the global batch's pairs (and chosen tokens): count first
-    g_pairs, g_tokens = counts.clamp(min=1).tolist()
-    set_lr(optimizer, lr)
-    totals = torch.zeros(len(SUMS) + 5, dtype=torch.float64)  # + aux, real tokens, padded, doc_len^2, stop
-    aux_scale = 1.0 / (split.accumulation * split.world_size)
-    for mb in _micro_batches(pairs, rows, split, pad_id):
-        args, n_docs = _to(mb, device), 2 * mb.n_pairs
-        ref = None if cfg.loss == "orpo" else _reference(root, model, args, n_docs, ref_table, mb.pair_ids,
-                                                           ref_table is None, device)
-        sums, aux, anchor = root(*args[:4], n_docs, args[4])
-        objective, metrics = _pair_terms(cfg, sums, _doc_tokens(args[3], n_docs), ref, g_pairs, g_tokens)
-        (objective + aux_coef * aux * aux_scale + anchor).backward()
-        totals[:len(SUMS)] += torch.stack([m.double().cpu() for m in metrics])
-        totals[len(SUMS):len(SUMS) + 4] += torch.tensor([aux.item(), mb.n_real, mb.tokens.numel(),
-                                                         sum(n * n for n in mb.doc_lengths)], dtype=torch.float64)
-    totals[-1] = float(stop_requested)
-    totals = totals.to(device)
-    dist.all_reduce(totals)
-    totals = totals.cpu()
-    grad_norm = clip_gradients(trainable, grad_clip)
-    extra = summarize(totals[:len(SUMS)], counts[0].item(), counts[1].item(), cfg)
-    n = len(SUMS)
-    result = StepResult(extra.pop("loss"), grad_norm, lr, int(totals[n + 1]), int(totals[n + 2]),
-                        float(totals[n + 3]), float(totals[n]) / (split.accumulation * split.world_size),
-                        bool(totals[n + 4] > 0), 0.0, extra=extra)
-    return finish_step(result, optimizer, device, t0)
-
-
-def summarize(sums: torch.Tensor, n_pairs: float, n_chosen_tokens: float, cfg: PrefConfig) -> dict:
-    """Metric sums -> the step's means (loss first). ORPO's loss is NLL - lambda * mean log sig(log_odds)."""
-    mean = {k: float(v) / max(n_pairs, 1) for k, v in zip(SUMS, sums)}
+def summarize(sums: dict, n_pairs: float, n_chosen_tokens: float, cfg: PrefConfig) -> dict:
+    """Metric sums (by name, over all pairs) -> the means (loss first). ORPO's loss is NLL - lambda * mean log
+    sig(log_odds); SimPO's adds cpo_alpha x NLL (TRL's CPO: nll_loss is 0 when cpo_alpha is)."""
+    mean = {k: float(v) / max(n_pairs, 1) for k, v in sums.items()}
     out = {"loss": mean["loss"]}
     for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
               "pref_accuracy"):
         out[k] = mean[k]
     out["rewards/margins"] = mean["rewards/chosen"] - mean["rewards/rejected"]
     if cfg.loss == "orpo":
-        nll = float(sums[SUMS.index("nll")]) / max(n_chosen_tokens, 1)
+        nll = float(sums["nll"]) / max(n_chosen_tokens, 1)
         out.update({"nll_loss": nll, "log_odds_ratio": mean["log_odds_ratio"],
                     "log_odds_chosen": mean["log_odds_chosen"]})
         out["loss"] = nll + mean["loss"]
+    if cfg.loss == "simpo":
+        nll = float(sums["nll"]) / max(n_chosen_tokens, 1) if cfg.cpo_alpha else 0.0
+        out["nll_loss"] = nll
+        out["loss"] = mean["loss"] + cfg.cpo_alpha * nll
     return out
+
+
+@dataclass
+class Preference:
+    """Preference tuning on pair rows: what train/dpo.py plugs into the trainer (see trainer.Recipe).
+
+    The reference of DPO: with LoRA the same model with its adapters switched off; with full fine-tuning the
+    precomputed tables (ref["train"], ref["eval"]: (n, 2) summed log-probs, see reference_logps)."""
+
+    cfg: PrefConfig
+    pairs: list[Pair]
+    eval_pairs: Optional[list[Pair]]
+    split: BatchSplit
+    model: torch.nn.Module  # the Transformer under the root (its adapters are switched off for the reference)
+    device: torch.device
+    pad_id: int
+    seq_len: int
+    pack: bool
+    dp_rank: int = 0
+    aux_coef: float = 0.0
+    ref: dict = field(default_factory=dict)  # "train"/"eval" -> precomputed reference log-probs (full fine-tuning)
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_pairs)
+
+    def count(self, root, rows: list) -> dict[str, float]:
+        mine = [i for r in rows for i in r]
+        return {"pairs": len(mine), "chosen_tokens": sum(self.pairs[i].chosen.n_targets() for i in mine)}
+
+    def micro_batches(self, rows: list, pairs: Optional[list[Pair]] = None) -> Iterator[PairBatch]:
+        micro = self.split.micro_batch_size
+        for m in range(0, len(rows), micro):
+            yield collate_pairs(pairs or self.pairs, rows[m:m + micro], self.pad_id)
+
+    @torch.no_grad()
+    def _reference(self, root, inputs: dict, mb: PairBatch, table: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The reference's log-prob sum per document: adapters off (LoRA), or looked up (precomputed). (n_docs,)"""
+        if not self.cfg.uses_reference:
+            return None
+        if table is not None:
+            ids = torch.tensor(mb.pair_ids, dtype=torch.long)
+            return table[ids].reshape(-1).to(device=self.device, dtype=torch.float32)
+        set_lora_enabled(self.model, False)
+        try:
+            return root(**inputs)[0]
+        finally:
+            set_lora_enabled(self.model, True)
+
+    def forward(self, root, mb: PairBatch, counts: dict[str, float]) -> Forward:
+        inputs = _inputs(mb, self.device)
+        ref = self._reference(root, inputs, mb, self.ref.get("train"))
+        sums, aux, anchor = root(**inputs)
+        g_pairs, g_tokens = max(counts["pairs"], 1), max(counts["chosen_tokens"], 1)
+        objective, metrics = _pair_terms(self.cfg, sums, _doc_tokens(inputs["doc_index"], inputs["n_docs"]), ref,
+                                         g_pairs, g_tokens)
+        aux_scale = 1.0 / (self.split.accumulation * self.split.world_size)
+        return Forward(loss=objective + self.aux_coef * aux * aux_scale + anchor,
+                       sums={**metrics, "aux_loss": aux.item(), "tokens": mb.n_real, "padded": mb.tokens.numel(),
+                             "doc_len_sq": sum(n * n for n in mb.doc_lengths)})
+
+    def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        out = summarize(sums, counts["pairs"], counts["chosen_tokens"], self.cfg)
+        out["aux_loss"] = sums["aux_loss"] / (self.split.accumulation * self.split.world_size)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, root) -> dict[str, float]:
+        """The preference metrics over the whole held-out set (every rank takes its share of each batch)."""
+        root.eval()
+        totals: dict[str, float] = {}
+        pairs = self.eval_pairs
+        for batch in _eval_rows(pairs, self.split, self.seq_len, self.pack):
+            rows = self.split.rank_rows(batch, self.dp_rank)
+            for mb in self.micro_batches(rows, pairs):  # empty ones too: FSDP's collectives must match
+                inputs = _inputs(mb, self.device)
+                ref = self._reference(root, inputs, mb, self.ref.get("eval"))
+                s = root(**inputs)[0]
+                _, metrics = _pair_terms(self.cfg, s, _doc_tokens(inputs["doc_index"], inputs["n_docs"]), ref, 1.0,
+                                         1.0)
+                metrics["pairs"] = mb.n_pairs
+                metrics["chosen_tokens"] = sum(pairs[i].chosen.n_targets() for i in mb.pair_ids)
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v
+        names = sorted(totals)
+        t = torch.tensor([totals[k] for k in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        root.train()
+        sums = dict(zip(names, t.tolist()))
+        return summarize(sums, sums.pop("pairs"), sums.pop("chosen_tokens"), self.cfg)
 
 
 def _eval_rows(pairs: list[Pair], split: BatchSplit, seq_len: int, pack: bool) -> list:
     return plan_epoch([len(p) for p in pairs], split.batch_size, seq_len, pack, 0, 0)
-
-
-@torch.no_grad()
-def preference_eval(root, model, pairs: list[Pair], split: BatchSplit, seq_len: int, pack: bool, rank: int, device,
-                    pad_id: int, cfg: PrefConfig, ref_table: Optional[torch.Tensor]) -> dict:
-    """The preference metrics over the whole held-out set (every rank takes its share of each batch)."""
-    root.eval()
-    sums = torch.zeros(len(SUMS) + 2, dtype=torch.float64, device=device)
-    for batch in _eval_rows(pairs, split, seq_len, pack):
-        rows = split.rank_rows(batch, rank)
-        for mb in _micro_batches(pairs, rows, split, pad_id):  # empty ones too: FSDP's collectives must match
-            args, n_docs = _to(mb, device), 2 * mb.n_pairs
-            ref = None if cfg.loss == "orpo" else _reference(root, model, args, n_docs, ref_table, mb.pair_ids,
-                                                               ref_table is None, device)
-            s = root(*args[:4], n_docs, args[4])[0]
-            _, metrics = _pair_terms(cfg, s, _doc_tokens(args[3], n_docs), ref, 1.0, 1.0)
-            sums[:len(SUMS)] += torch.stack(metrics).double()
-            sums[len(SUMS):] += torch.tensor([mb.n_pairs, sum(pairs[i].chosen.n_targets() for i in mb.pair_ids)],
-                                             dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    root.train()
-    return summarize(sums[:len(SUMS)].cpu(), sums[-2].item(), sums[-1].item(), cfg)
 
 
 @torch.no_grad()
@@ -201,10 +258,12 @@ def reference_logps(root, pairs: list[Pair], split: BatchSplit, seq_len: int, ra
     reference of full fine-tuning, computed once before the first step (packed rows, no dropout)."""
     root.eval()
     table = torch.zeros(len(pairs), 2, dtype=torch.float64, device=device)
+    micro = split.micro_batch_size
     for batch in _eval_rows(pairs, split, seq_len, True):
-        for mb in _micro_batches(pairs, split.rank_rows(batch, rank), split, pad_id):
-            args = _to(mb, device)
-            s = root(*args[:4], 2 * mb.n_pairs, args[4])[0]
+        rows = split.rank_rows(batch, rank)
+        for m in range(0, len(rows), micro):
+            mb = collate_pairs(pairs, rows[m:m + micro], pad_id)
+            s = root(**_inputs(mb, device))[0]
             table[torch.tensor(mb.pair_ids, dtype=torch.long, device=device)] = s.view(-1, 2).double()
     dist.all_reduce(table)
     root.train()

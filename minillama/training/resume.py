@@ -34,7 +34,8 @@ TRAIN_STATE = "train_state.json"
 FORMAT = "minillama-train-checkpoint/1"
 STEP_DIR = re.compile(r"step_(\d+)")
 # what a run writes into --out; --overwrite removes exactly these (never other files of the directory)
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "loss.png", LATEST, "final", "reference_logps.json")  # (DPO)
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "loss.png", LATEST, "final", "reference_logps.json",  # (DPO)
+               "samples")  # (--eval_generate)
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -163,9 +164,10 @@ def _step_dirs(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: -int(p.name.split("_")[1]))
 
 
-def save_checkpoint(out: Path, step: int, root: nn.Module, optimizer, train_state: dict, lora: bool, rank: int,
+def save_checkpoint(out: Path, step: int, root: nn.Module, optimizer, train_state: dict, lora: bool,
                     base: Optional[str] = None, keep: int = 0) -> Path:
     """Write OUT/step_N atomically on all ranks (shared file system), then point OUT/latest at it."""
+    rank = dist.get_rank()
     final = out / f"step_{step}"
     tmp = out / f".step_{step}.tmp"
     if rank == 0:

@@ -165,10 +165,19 @@ def loss_curve_png(steps: Sequence[float], losses: Sequence[float], eval_steps: 
 
 
 def write_loss_png(path, records: list[dict]) -> Path:
-    """Plot metrics.jsonl records ({"step", "loss"} and {"step", "eval_loss"}) to a PNG, atomically."""
+    """Plot metrics.jsonl records ({"step", "loss"} and {"step", "eval_loss"}) to a PNG, atomically; scores of
+    evaluation by generation ({"step", "gen/<name>"}, up to two) in a second chart beside the loss."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and "step" in r]
     img = loss_curve_png([s for s, _ in train], [v for _, v in train], [s for s, _ in evals], [v for _, v in evals])
+    scores = sorted({k for r in records for k in r if k.startswith("gen/")})[:2]
+    if scores:
+        series = [[(r["step"], r[k]) for r in records if k in r and "step" in r] for k in scores]
+        second = series[1] if len(series) > 1 else []
+        names = (scores[0].removeprefix("gen/"), scores[-1].removeprefix("gen/"))
+        beside = loss_curve_png([s for s, _ in series[0]], [v for _, v in series[0]], [s for s, _ in second],
+                                [v for _, v in second], y_label="generation score", names=names, dots=True)
+        img = np.concatenate([img, beside], axis=1)
     return atomic_write(path, png_bytes(img))
 
 
