@@ -42,7 +42,7 @@ from minillama.util.files import atomic_write, read_json, write_json  # noqa: E4
 from minillama.inference.generate import generate_continuous  # noqa: E402
 from minillama.rope import runs_past_context  # noqa: E402
 from minillama.training.loss import chunked_cross_entropy  # noqa: E402
-from minillama.util.plot import heatmap_png, loss_curve_png, png_bytes  # noqa: E402
+from minillama.util.plot import Chart, HeatmapLabels, heatmap_png, loss_curve_png, png_bytes  # noqa: E402
 
 INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the pass key.\n\n")
@@ -311,8 +311,8 @@ def report(args, records: Path, png: Path) -> None:
     lengths = [str(n) for n in args.lengths]
     if args.task == "passkey":
         acc, text = passkey_table(args, rows)
-        img = heatmap_png(acc, lengths, [f"{d:g}" for d in args.depths], "context length (tokens)", "depth", title,
-                          text)
+        img = heatmap_png(acc, lengths, [f"{d:g}" for d in args.depths],
+                          HeatmapLabels("context length (tokens)", "depth", title), text)
         print(f"passkey accuracy (rows: depth, columns: length {' '.join(lengths)})", file=sys.stderr)
         for depth, line in zip(args.depths, text):
             print(f"  {depth:<5g} " + " ".join(f"{t:>6}" for t in line), file=sys.stderr)
@@ -320,8 +320,8 @@ def report(args, records: Path, png: Path) -> None:
         print(f"  overall {sum(overall)}/{len(overall)}", file=sys.stderr)
     else:
         ppl = perplexity_table(args, rows)
-        img = loss_curve_png(args.lengths, ppl, x_label="context length (tokens)", y_label="perplexity",
-                             names=(title, ""), dots=True)
+        img = loss_curve_png(args.lengths, ppl, chart=Chart(x_label="context length (tokens)", y_label="perplexity",
+                                                            names=(title, ""), dots=True))
         print("perplexity: " + ", ".join(f"{n}: {p:.3f}" for n, p in zip(lengths, ppl)), file=sys.stderr)
     atomic_write(png, png_bytes(img))
     print(f"wrote {records} and {png}", file=sys.stderr)

@@ -16,6 +16,7 @@ cannot put DoRA on transformers 5's fused expert parameters, so such an adapter 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -248,17 +249,29 @@ def _resolve_targets(targets: tuple, is_moe: bool) -> tuple[set, set, bool]:
     return linears, experts, router
 
 
-def wrap_module(model: nn.Module, path: str, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                lora_dtype: torch.dtype = torch.float32, use_dora: bool = False,
+@dataclass(frozen=True)
+class LoRAHParams:
+    """One adapter's hyperparameters (PEFT's LoraConfig: r, lora_alpha, lora_dropout, use_rslora, use_dora)."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    lora_dtype: torch.dtype = torch.float32
+    use_dora: bool = False
+
+
+def wrap_module(model: nn.Module, path: str, hp: LoRAHParams,
                 expert_weights: Iterable[str] = ("w1", "w2", "w3")) -> nn.Module:
     """Swap the linear (or expert stack) at `path` for its LoRA twin and return it."""
     parent_path, _, leaf = path.rpartition(".")
     module = model.get_submodule(path)
-    kw = dict(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_dtype=lora_dtype, name=path)
+    kw = dict(rank=hp.rank, alpha=hp.alpha, dropout=hp.dropout, use_rslora=hp.use_rslora, lora_dtype=hp.lora_dtype,
+              name=path)
     if isinstance(module, (nn.Linear, NF4Linear)):
-        new = LoRALinear(module, use_dora=use_dora, **kw)
+        new = LoRALinear(module, use_dora=hp.use_dora, **kw)
     elif isinstance(module, (Experts, NF4Experts)):
-        if use_dora:
+        if hp.use_dora:
             raise ValueError(f"{path}: {DORA_ON_EXPERTS}")
         new = LoRAExperts(module, weights=expert_weights, **kw)
     else:
@@ -281,7 +294,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     for p in model.parameters():
         p.requires_grad_(False)
     found = set()
-    kw = dict(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_dtype=lora_dtype)
+    hp = LoRAHParams(rank, alpha, dropout, use_rslora, lora_dtype, use_dora)
     for path, module in list(model.named_modules()):
         leaf = path.rpartition(".")[2]
         in_ffn_or_attn = ".attention." in f".{path}" or ".feed_forward." in f".{path}"
@@ -292,10 +305,10 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
         elif isinstance(module, (nn.Linear, NF4Linear)) and (
                 (leaf in linears and (in_ffn_or_attn or path == "output"))
                 or (router and leaf == "gate" and path.endswith("feed_forward.gate"))):
-            wrap_module(model, path, use_dora=use_dora, **kw)
+            wrap_module(model, path, hp)
             found.add("router" if leaf == "gate" else leaf)
         elif isinstance(module, (Experts, NF4Experts)) and expert_ws:
-            wrap_module(model, path, expert_weights=expert_ws, **kw)
+            wrap_module(model, path, replace(hp, use_dora=False), expert_weights=expert_ws)
             found |= {f"experts.{w}" for w in expert_ws}
     missing = [w for w in sorted(linears) if w not in found] + [f"experts.{w}" for w in sorted(expert_ws)
                                                                  if f"experts.{w}" not in found]

@@ -27,7 +27,7 @@ from .peft_extras import (BASE_ROPE_NAME, CONFIG_NAME, PREFIX, SAVED_MODULE, WEI
 from ..args import ModelArgs, rope_settings
 from ..hf_names import hf_module_to_meta, meta_module_to_hf, permute_to_hf, permute_to_meta
 from ..util.files import atomic_dir, read_json, write_json
-from .layers import LoRALinear, wrap_module
+from .layers import LoRAHParams, LoRALinear, wrap_module
 from .experts import LoRAExperts
 from .slots import adapter_names, lora_modules, lora_scaling
 
@@ -318,8 +318,8 @@ def load_adapter(model: torch.nn.Module, path: str | os.PathLike, name: str = "d
     cfg, factors = read_adapter(path, model.args)
     loaded = adapter_names(model)
     selection = lora_modules(model)[0][1].selection if loaded else {name: 1.0}
-    hp = dict(rank=cfg["r"], alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout") or 0.0),
-              use_rslora=bool(cfg.get("use_rslora", False)))
+    hp = LoRAHParams(cfg["r"], cfg["lora_alpha"], float(cfg.get("lora_dropout") or 0.0),
+                     bool(cfg.get("use_rslora", False)))
     if not loaded:
         for p in model.parameters():  # as apply_lora does: only adapters train
             p.requires_grad_(False)
@@ -333,14 +333,14 @@ def load_adapter(model: torch.nn.Module, path: str | os.PathLike, name: str = "d
             raise ValueError(f"{path}: adapter module {mod_path} does not exist in this model "
                              f"({model.args.n_layers} layers): adapter for another model?") from None
         if not isinstance(m, (LoRALinear, LoRAExperts)):
-            m = wrap_module(model, mod_path, expert_weights=tuple(w for w in parts if w), **hp)
+            m = wrap_module(model, mod_path, hp, expert_weights=tuple(w for w in parts if w))
             m.adapter_names[0] = name
         for w, (a, b, scaling, magnitude) in parts.items():
             if isinstance(m, LoRALinear) and w is None:
                 m.set_factors(a, b, scaling, name=mod_path, magnitude=magnitude, adapter=name,
-                              use_rslora=hp["use_rslora"])
+                              use_rslora=hp.use_rslora)
             elif isinstance(m, LoRAExperts) and w is not None:
-                m.set_factors(a, b, scaling, name=mod_path, w=w, adapter=name, use_rslora=hp["use_rslora"])
+                m.set_factors(a, b, scaling, name=mod_path, w=w, adapter=name, use_rslora=hp.use_rslora)
             else:
                 raise ValueError(f"{path}: the adapter has factors for {mod_path}{'.' + w if w else ''} but the "
                                  f"model's module there is {type(m).__name__}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -100,14 +101,26 @@ def _label(v: float) -> str:
     return f"{v:.4g}"
 
 
+@dataclass(frozen=True)
+class Chart:
+    """How a line chart reads: its size, the axes' labels, the two series' legend names; dots marks the first
+    series' points too."""
+
+    x_label: str = "step"
+    y_label: str = "loss"
+    names: tuple[str, str] = ("train loss", "eval loss")
+    dots: bool = False
+    width: int = 800
+    height: int = 480
+
+
 def loss_curve_png(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequence[float] = (),
-                   eval_losses: Sequence[float] = (), width: int = 800, height: int = 480, x_label: str = "step",
-                   y_label: str = "loss", names: tuple[str, str] = ("train loss", "eval loss"),
-                   dots: bool = False) -> np.ndarray:
+                   eval_losses: Sequence[float] = (), chart: Chart = Chart()) -> np.ndarray:
     """Render train loss (blue line) and eval loss (orange dots+line) against step. -> (H, W, 3) uint8
 
-    Any other pair of series too: x_label, y_label (the axes) and the legend names say what they are; dots marks
-    the first series' points too."""
+    Any other pair of series too: `chart` says what the axes and the series are."""
+    width, height, x_label, y_label = chart.width, chart.height, chart.x_label, chart.y_label
+    names, dots = chart.names, chart.dots
     img = np.full((height, width, 3), 255, np.uint8)
     left, right, top, bottom = 90, 20, 40, 50
     pw, ph = width - left - right, height - top - bottom
@@ -176,7 +189,7 @@ def write_loss_png(path, records: list[dict]) -> Path:
         second = series[1] if len(series) > 1 else []
         names = (scores[0].removeprefix("gen/"), scores[-1].removeprefix("gen/"))
         beside = loss_curve_png([s for s, _ in series[0]], [v for _, v in series[0]], [s for s, _ in second],
-                                [v for _, v in second], y_label="generation score", names=names, dots=True)
+                                [v for _, v in second], Chart(y_label="generation score", names=names, dots=True))
         img = np.concatenate([img, beside], axis=1)
     return atomic_write(path, png_bytes(img))
 
@@ -191,11 +204,21 @@ def _cell_color(value: float) -> tuple[int, int, int]:
     return tuple(int(round(x)) for x in c)
 
 
-def heatmap_png(values: np.ndarray, x_ticks: Sequence[str], y_ticks: Sequence[str], x_label: str, y_label: str,
-                title: str, cell_text: Optional[Sequence[Sequence[str]]] = None, legend: str = "found",
-                cell: int = 64) -> np.ndarray:
+@dataclass(frozen=True)
+class HeatmapLabels:
+    """What a heatmap's axes, title and colour legend say."""
+
+    x_label: str
+    y_label: str
+    title: str
+    legend: str = "found"
+
+
+def heatmap_png(values: np.ndarray, x_ticks: Sequence[str], y_ticks: Sequence[str], labels: HeatmapLabels,
+                cell_text: Optional[Sequence[Sequence[str]]] = None, cell: int = 64) -> np.ndarray:
     """values (rows = y, columns = x) in [0, 1] as coloured cells (red 0, green 1) with tick labels, axis labels,
     a title, optional text in each cell and a colour legend. -> (H, W, 3) uint8"""
+    x_label, y_label, title, legend = labels.x_label, labels.y_label, labels.title, labels.legend
     n_y, n_x = values.shape
     left = 40 + max(text_width(t) for t in y_ticks)
     top, bottom, legend_w = 50, 60, 110
