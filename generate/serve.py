@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
@@ -53,16 +54,14 @@ def get_args(argv=None):
     return parse_args(p, argv)
 
 
-def name_adapters(args) -> list[str]:
-    """The served names of --adapter: NAME=DIR keeps NAME, a bare DIR is served as the dir's name."""
-    named = [(Path(path.rstrip("/")).name if name == "default" else name, path)
-             for name, path in args.adapter or ()]
+def name_adapters(adapters: Optional[list]) -> list[tuple[str, str]]:
+    """--adapter's (name, dir) pairs as served: NAME=DIR keeps NAME, a bare DIR is served as the dir's name."""
+    named = [(Path(path.rstrip("/")).name if name == "default" else name, path) for name, path in adapters or ()]
     names = [name for name, _ in named]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"--adapter: two adapters would be served as {twice[0]!r}; name them as NAME=DIR")
-    args.adapter = named or None
-    return names
+    return named
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -87,17 +86,17 @@ def main(argv=None):
         raise ValueError(f"the server needs FastAPI and uvicorn ({e}); install them: pip install -e '.[serve]'")
     from minillama.serve.protocol import Served
     from minillama.serve.worker import BatchLoop, follow
-    adapters = name_adapters(args)
+    named = name_adapters(args.adapter)
+    adapters = [name for name, _ in named]
     ckpt, _ = resolve_checkpoint(args)
     if (args.model_name or ckpt.name) in adapters:
         raise ValueError(f"--adapter: {args.model_name or ckpt.name!r} is the base model's name; name the adapter "
                          "NAME=DIR or give --model_name")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     sock = listen(args.host, args.port) if is_rank0() else None
-    loaded = load_from_args(args, log=log, merge_adapter=False)  # unmerged: the base model stays servable
+    loaded = load_from_args(args, log=log, merge_adapter=False, adapters=named)  # unmerged: the base model stays servable
     info, tok, model = loaded.dist, loaded.tok, loaded.model
-    args.max_seq_len = args.max_seq_len or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
-    limit = context_limit(args, model)
+    limit = context_limit(args, model, default=min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN))
     merged = bool(adapters) and info.world_size > 1  # tensor parallel serves its one adapter merged in
     config = engine_config(args, loaded.tp_group, batch_size=args.max_batch_size, cache_len=limit,
                            pad_id=tok.pad_id or 0, fixed_batch=args.compile, reuse_prefix=True)

@@ -222,9 +222,10 @@ def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
     return ckpt, tokenizer
 
 
-def context_limit(args: argparse.Namespace, model) -> int:
-    """--max_seq_len checked against the model's context (default: all of it; dynamic NTK may go past it)."""
-    limit = args.max_seq_len or model.args.max_seq_len
+def context_limit(args: argparse.Namespace, model, default: Optional[int] = None) -> int:
+    """--max_seq_len checked against the model's context (default: `default`, else all of it; dynamic NTK may go
+    past it)."""
+    limit = args.max_seq_len or default or model.args.max_seq_len
     if limit > model.args.max_seq_len and not runs_past_context(model.args.rope_scaling):
         raise ValueError(f"--max_seq_len {limit} exceeds the model's context of {model.args.max_seq_len} tokens")
     if args.max_new_tokens is not None and args.max_new_tokens >= limit:
@@ -232,12 +233,13 @@ def context_limit(args: argparse.Namespace, model) -> int:
     return limit
 
 
-def load_from_args(args: argparse.Namespace, log=None, merge_adapter: bool = True):
-    """loading.load_for_inference with what add_model_args parsed (CPU threads set first)."""
+def load_from_args(args: argparse.Namespace, log=None, merge_adapter: bool = True, adapters: Optional[list] = None):
+    """loading.load_for_inference with what add_model_args parsed (CPU threads set first); `adapters`, (name, dir)
+    pairs, replaces --adapter's (the server names them for the API)."""
     from ..inference.loading import LoadOptions, load_for_inference
     ckpt, tokenizer = resolve_checkpoint(args)
     set_threads(args)
-    options = LoadOptions(tokenizer=tokenizer, adapter=dict(args.adapter or {}), quantize=args.quantize,
+    options = LoadOptions(tokenizer=tokenizer, adapter=dict((args.adapter if adapters is None else adapters) or {}), quantize=args.quantize,
                           dtype=args.dtype, device=args.device, chat_format=args.chat_format,
                           merge_adapter=merge_adapter, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling,
                           max_seq_len=args.max_seq_len)
