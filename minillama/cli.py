@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 from .chat_format import FORMATS
 from .dtypes import DTYPE_NAMES
-from .files import read_json
+from .files import DiskFull, is_disk_full, read_json
 from .rope import check_rope_scaling, runs_past_context
 from .sampling import SamplingParams
 
@@ -40,7 +40,7 @@ def recipe_file(*parts: str) -> Path:
 
 # what a user can get wrong: a bad flag value, path or file. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+               PermissionError, DiskFull)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -356,6 +356,13 @@ def run(main: Callable[[], Optional[int]]) -> int:
         if is_rank0():  # one line: a message that runs on (a library's paragraph) keeps its first line
             text = str(e).strip()
             print(f"error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as e:  # a full disk where no writer named the file: still one line, not a traceback
+        if not is_disk_full(e):
+            raise
+        if is_rank0():
+            where = f" while writing {e.filename}" if e.filename else ""
+            print(f"error: no space left on the device{where}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         if is_rank0():
