@@ -44,15 +44,13 @@ def is_disk_full(e: BaseException) -> bool:
 
 @contextlib.contextmanager
 def disk_full_names(path: PathLike, hint: str = "") -> Iterator[None]:
-    """Turn a full disk inside the block into DiskFull naming `path` (other errors pass through unchanged)."""
+    """Turn a full disk inside the block into DiskFull naming `path`, the thing the user asked for (not a temp file
+    inside it); other errors pass through unchanged."""
     try:
         yield
-    except DiskFull as e:
-        e.hint = e.hint or hint
-        raise
     except Exception as e:
         if is_disk_full(e):
-            raise DiskFull(path, hint) from None
+            raise DiskFull(path, hint or getattr(e, "hint", "")) from None
         raise
 
 

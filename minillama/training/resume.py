@@ -11,6 +11,7 @@ when `latest` is unusable the newest intact step_N is used instead, and the run 
 from __future__ import annotations
 
 import base64
+import os
 import random
 import re
 import shutil
@@ -174,6 +175,17 @@ def save_checkpoint(out: Path, step: int, root: nn.Module, optimizer, train_stat
         (tmp / "state").mkdir(parents=True)
         (tmp / "rng").mkdir()
     dist.barrier()
+    try:
+        _write_step(tmp, final, out, step, root, optimizer, train_state, lora, rank, base, keep)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no torn checkpoint is left behind; `latest` still names a whole one
+        raise
+    dist.barrier()
+    return final
+
+
+def _write_step(tmp: Path, final: Path, out: Path, step: int, root, optimizer, train_state: dict, lora: bool,
+                rank: int, base: Optional[str], keep: int) -> None:
     written = {f"state/{k}": v for k, v in save_sharded(_model_and_optim_state(root, optimizer, lora),
                                                         tmp / "state").items()}
     rng = write_json(tmp / "rng" / f"rank{rank}.json", rng_state())
@@ -193,8 +205,6 @@ def save_checkpoint(out: Path, step: int, root: nn.Module, optimizer, train_stat
         if keep > 0:  # only checkpoints up to this step: newer ones (an abandoned run's) are replaced when reached
             for old in [p for p in _step_dirs(out) if int(p.name.split("_")[1]) <= step][keep:]:
                 shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
 
 
 # ---- reading a checkpoint back: every file is checked before it is parsed ----
@@ -320,22 +330,60 @@ def load_rng_state(path: Path, rank: int) -> bool:
 
 # ---- --out: never overwrite a run by accident ----
 
-def check_out_dir(out: Path, resume: Optional[str], overwrite: bool) -> None:
-    """Before any work: a non-empty --out needs --resume (continue it) or --overwrite (start over)."""
+def _within(inner: Path, outer: Path) -> bool:
+    inner, outer = Path(os.path.realpath(inner)), Path(os.path.realpath(outer))
+    return inner == outer or outer in inner.parents
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether OUT/config.json is a training run's saved flags (config.saved_flags), not a model's config."""
+    try:
+        saved = read_json(path)
+    except (ValueError, FileNotFoundError):
+        return False
+    return {"lora_rank", "out", "total_steps"} <= saved.keys() and not {"model_type", "hidden_size"} & saved.keys()
+
+
+def _run_output_names(out: Path) -> list[Path]:
+    return [p for p in sorted(out.iterdir()) if p.name in RUN_OUTPUTS or STEP_DIR.fullmatch(p.name)
+            or re.fullmatch(r"\.step_\d+\.tmp", p.name)] if out.is_dir() else []
+
+
+def check_out_dir(out: Path, resume: Optional[str], overwrite: bool, inputs: Optional[dict] = None) -> None:
+    """Before any work: --out is none of the inputs ({flag: path}) and neither holds the other; a non-empty --out
+    needs --resume (continue it) or --overwrite (start over), and --overwrite only a directory a run wrote."""
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one of them")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
+    for flag, given in (inputs or {}).items():
+        if given is None or not Path(given).exists():
+            continue
+        path = Path(given)
+        if path.is_dir() and (_within(out, path) or _within(path, out)):
+            where = "is" if _within(out, path) and _within(path, out) else (
+                "lies inside" if _within(out, path) else "contains")
+            raise ValueError(f"--out {out} {where} {flag} {given}: a run writes and removes files in --out; "
+                             "give it a directory of its own")
+        if path.is_file() and _within(path, out) and any(_within(path, p) for p in _run_output_names(out)):
+            raise ValueError(f"{flag} {given} lies among a previous run's outputs in --out {out}; move it first")
     if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} is not empty (a previous run?): pass --resume to continue it, "
                               "--overwrite to start over, or choose another --out")
+    if overwrite and _run_output_names(out) and not is_run_config(out / "config.json"):
+        raise FileExistsError(f"--out {out} does not hold a training run of this tool (its config.json is not a "
+                              "run's saved flags): --overwrite removes only a previous run's outputs; choose another "
+                              "--out")
 
 
 def remove_run_outputs(out: Path) -> list[str]:
-    """--overwrite: delete what a previous run wrote into OUT (step_N/, latest, metrics, final/, ...), nothing else."""
+    """--overwrite: delete what a previous run wrote into OUT (step_N/, latest, metrics, final/, ...), nothing else,
+    and only when OUT/config.json proves a run wrote them."""
+    found = _run_output_names(out)
+    if found and not is_run_config(out / "config.json"):
+        raise FileExistsError(f"--out {out}: not a training run's directory; nothing removed")
     gone = []
-    for p in sorted(out.iterdir()) if out.is_dir() else []:
-        if p.name in RUN_OUTPUTS or STEP_DIR.fullmatch(p.name) or re.fullmatch(r"\.step_\d+\.tmp", p.name):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            gone.append(p.name)
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        gone.append(p.name)
     return gone

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..distributed import cleanup, init_distributed
 from ..dtypes import dtype_name, parse_dtype
-from ..files import atomic_write
+from ..files import atomic_write, disk_full_names
 from . import config
 from .fsdp import ensure_process_group
 from .loop import BatchSplit, Schedule, StepLog, TrainState
@@ -87,7 +87,8 @@ def open_run(args):
     """Before any data or model: --out checked, the process group joined, the compute dtype chosen, --resume
     resolved and --overwrite applied. -> (info, compute_dtype, msg, resume_from); msg logs on rank 0."""
     out = Path(args.out)
-    check_out_dir(out, args.resume, args.overwrite)  # never a previous run lost by accident
+    inputs = {"--ckpt": args.ckpt, "--data": args.data, "--eval_data": args.eval_data, "--config": args.config}
+    check_out_dir(out, args.resume, args.overwrite, inputs)  # never a previous run (or a model) lost by accident
     if args.cpu_offload and not ((args.device or "cuda").startswith("cuda") and torch.cuda.is_available()):
         raise ValueError("--cpu_offload moves GPU parameters to CPU memory; it needs --device cuda")
     info = init_distributed(args.device)
@@ -134,9 +135,12 @@ def start_log(args, info, split, total_steps: int, compute_dtype, model, state: 
 
 
 def save(run: RunCore) -> None:
-    run.last_saved = save_checkpoint(run.out, run.state.step, run.root, run.optimizer,
-                                     run.state.to_json(run.info.world_size), run.lora, run.info.rank, run.args.ckpt,
-                                     run.args.keep)
+    hint = (f"; nothing half-written is left: free some space and continue from {run.last_saved} with --resume"
+            if run.last_saved else "; nothing half-written is left: free some space and run again")
+    with disk_full_names(run.out / f"step_{run.state.step}", hint):
+        run.last_saved = save_checkpoint(run.out, run.state.step, run.root, run.optimizer,
+                                         run.state.to_json(run.info.world_size), run.lora, run.info.rank,
+                                         run.args.ckpt, run.args.keep)
 
 
 def maybe_save(run: RunCore, stop: bool) -> None:
@@ -163,7 +167,9 @@ def stopped(run: RunCore) -> int:
 def export(run: RunCore) -> None:
     """The last checkpoint, final/ (PEFT adapter or HF model) and loss.png."""
     save(run)
-    final = export_final(run.root, run.model, run.out, run.args.ckpt, run.info.is_rank0, run.lora)
+    with disk_full_names(run.out / "final", f"; the last checkpoint {run.last_saved} is whole: free some space and "
+                                            "finish with --resume"):
+        final = export_final(run.root, run.model, run.out, run.args.ckpt, run.info.is_rank0, run.lora)
     run.log.close()
     if run.info.is_rank0:
         png = write_loss_png(run.out / "loss.png", read_metrics(run.out / "metrics.jsonl"))
