@@ -154,12 +154,17 @@ def scan_output(path: str) -> tuple[set[int], list[str], list[str]]:
     for n, raw in enumerate(raws, start=1):
         if not raw.strip():
             continue
+        ours = raw.startswith(b'{"index": ')  # how every line this tool writes begins
         try:
             rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
+        except UnicodeDecodeError:
+            if ours:  # a line of ours damaged on disk
+                notes.append(f"{path}:{n}: not valid UTF-8; dropped, its prompt will be redone")
+                continue
             rec = None
-        torn = not raw.endswith(b"\n") and raw.startswith(b'{"index": ')  # only the last line can lack "\n"
-        if torn and not is_our_record(rec):  # a line of ours cut off by a crash mid-write
+        except (ValueError, RecursionError):
+            rec = None
+        if ours and not is_our_record(rec) and not isinstance(rec, dict):  # cut off by a crash mid-write
             cut += 1
             continue
         if not is_our_record(rec):
