@@ -155,6 +155,7 @@ def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], sh
         last_file = e.sources[0].file
         t = read_entry(files, e)  # checkpoint dtype (a transform runs before the cast: a slice converts only itself)
         t = t.to(device=device, dtype=dtype or t.dtype)
+        check_finite(t, e)
         if e.slot is None:
             _assign(model, e.target, t.contiguous(), quantized)
             continue
@@ -165,6 +166,15 @@ def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], sh
         stacks[e.target] = (buf, n + 1)
         if n + 1 == shapes[e.target][0]:
             _assign(model, e.target, stacks.pop(e.target)[0], quantized)
+
+
+def check_finite(t: torch.Tensor, e: Entry) -> None:
+    """A weight holding NaN or inf makes every output garbage: refuse it on load, naming the tensor and its file
+    (one pass over the tensor on its device, cheap beside reading it)."""
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not bool(torch.isfinite(t).all()):
+        src = e.sources[0]
+        raise ValueError(f"{src.file}: tensor {src.key} holds NaN or infinite values; the checkpoint is damaged "
+                         "(a diverged training run or a broken save?)")
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor, quantized):

@@ -46,16 +46,23 @@ class Plan:
     shutdown: bool = False
 
 
-def apply_plan(engine: Engine, plan: Plan) -> None:
+def apply_plan(engine: Engine, plan: Plan) -> list[tuple[Spec, Exception]]:
+    """Queue the plan's new requests and cancel its leavers; returns the requests that could not join (each fails
+    alone, the others go on)."""
+    failed = []
     for spec in plan.new:
-        gen = None
-        if spec.seed is not None:  # its own generator: a seeded answer does not depend on who else is in the batch
-            gen = torch.Generator(device=engine.device)
-            gen.manual_seed(spec.seed)
-        engine.submit(Request(spec.prompt, spec.max_new_tokens, spec.sampling, spec.stop_ids, gen, spec.adapter,
-                              key=spec.key))
+        try:
+            gen = None
+            if spec.seed is not None:  # its own generator: a seeded answer does not depend on the rest of the batch
+                gen = torch.Generator(device=engine.device)
+                gen.manual_seed(spec.seed)
+            engine.submit(Request(spec.prompt, spec.max_new_tokens, spec.sampling, spec.stop_ids, gen, spec.adapter,
+                                  key=spec.key))
+        except Exception as e:
+            failed.append((spec, e))
     for key in plan.cancel:
         engine.cancel(key)
+    return failed
 
 
 def follow(engine: Engine, info) -> None:
@@ -127,16 +134,26 @@ class BatchLoop:
             if plan.shutdown:
                 self.engine.cancel_all()
                 return
+            for spec, e in apply_plan(self.engine, plan):
+                print(f"[request {spec.key} failed to start: {type(e).__name__}: {e}]", file=sys.stderr, flush=True)
+                self._fail(Request(spec.prompt, spec.max_new_tokens, key=spec.key))
+            for key in plan.cancel:
+                self.callbacks.pop(key, None)
+            queued = [r for r in self.engine.waiting]
             try:
-                apply_plan(self.engine, plan)
-                for key in plan.cancel:
-                    self.callbacks.pop(key, None)
                 events = self.engine.step()
-            except Exception as e:  # a bug or out of memory: fail what is running, keep serving
+            except Exception as e:  # a bug or out of memory
                 traceback.print_exc(file=sys.stderr)
-                self._fail_all(e)
                 if self.info.world_size > 1:
+                    self._fail_all(e)
                     raise  # the ranks are out of lockstep now
+                # a request whose prefill raised has left the queue without taking a row: it alone fails
+                placed = {id(r) for r in self.engine.rows if r is not None} | {id(r) for r in self.engine.waiting}
+                culprits = [r for r in queued if id(r) not in placed]
+                for req in culprits:
+                    self._fail(req)
+                if not culprits:  # the shared decode step failed: every running request fails, serving goes on
+                    self._fail_all(e)
                 continue
             for ev in events:
                 cb = self.callbacks.get(ev.request.key)
@@ -144,6 +161,11 @@ class BatchLoop:
                     self.callbacks.pop(ev.request.key, None)
                 if cb is not None:
                     cb(ev)
+
+    def _fail(self, req: Request) -> None:
+        cb = self.callbacks.pop(req.key, None)
+        if cb is not None:
+            cb(Event(req, None, "error"))
 
     def _fail_all(self, error: BaseException) -> None:
         running = [r for r in self.engine.rows if r is not None] + list(self.engine.waiting)
