@@ -227,6 +227,8 @@ def read_text(path: str) -> str:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{lineno}: JSON nested too deeply to read") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
             raise ValueError(f"{path}:{lineno}: expected an object with a 'text' string")
         texts.append(rec["text"])
