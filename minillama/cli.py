@@ -348,21 +348,25 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def report_error(line: str) -> None:
+    """A user error's one line on stderr, from rank 0 only. (Under torchrun the launcher still adds its
+    ChildFailedError summary: torch.distributed.launcher.api raises it for every non-zero worker exit.)"""
+    if is_rank0():
+        print(line, file=sys.stderr, flush=True)
+
+
 def run(main: Callable[[], Optional[int]]) -> int:
     """main() with user errors as one line on stderr (rank 0 only under torchrun) and exit code 1, no traceback."""
     try:
         code = main()
-    except USER_ERRORS as e:
-        if is_rank0():  # one line: a message that runs on (a library's paragraph) keeps its first line
-            text = str(e).strip()
-            print(f"error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr, flush=True)
+    except USER_ERRORS as e:  # one line: a message that runs on (a library's paragraph) keeps its first line
+        text = str(e).strip()
+        report_error(f"error: {text.splitlines()[0] if text else type(e).__name__}")
         return 1
     except OSError as e:  # a full disk where no writer named the file: still one line, not a traceback
         if not is_disk_full(e):
             raise
-        if is_rank0():
-            where = f" while writing {e.filename}" if e.filename else ""
-            print(f"error: no space left on the device{where}", file=sys.stderr, flush=True)
+        report_error(f"error: no space left on the device{f' while writing {e.filename}' if e.filename else ''}")
         return 1
     except KeyboardInterrupt:
         if is_rank0():

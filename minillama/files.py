@@ -190,6 +190,25 @@ def replace_dir(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def is_within(inner: PathLike, outer: PathLike) -> bool:
+    """Whether `inner` is `outer` or lies inside it, links resolved."""
+    inner, outer = Path(os.path.realpath(inner)), Path(os.path.realpath(outer))
+    return inner == outer or outer in inner.parents
+
+
+def refuse_overlap(out_flag: str, out: PathLike, inputs: dict) -> None:
+    """An output directory must be none of the input dirs ({flag: path}), nor hold one, nor lie inside one: writing
+    it replaces or removes what is there. ValueError naming both flags, before any work."""
+    for flag, given in inputs.items():
+        if given is None or not Path(given).is_dir():
+            continue
+        inside, holds = is_within(out, given), is_within(given, out)
+        if inside or holds:
+            how = "is" if inside and holds else ("lies inside" if inside else "contains")
+            raise ValueError(f"{out_flag} {out} {how} {flag} {given}: an output must not overlap an input (writing "
+                             "it could replace or remove the input); give it a directory of its own")
+
+
 def require_file(path: PathLike, what: str = "", nonempty: bool = False) -> Path:
     """`path` if it is a readable file (non-empty if asked); else FileNotFoundError/IsADirectoryError/ValueError
     naming it (and `what` it is, e.g. "--data")."""

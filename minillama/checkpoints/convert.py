@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..cli import ArgumentParser, add_rope_args, positive_int, run
 from ..dtypes import DTYPE_NAMES, parse_dtype
-from ..files import check_dir_writable
+from ..files import check_dir_writable, refuse_overlap
 from .checkpoint import TOKENIZER_FILES, detect_format, load_model, read_model_args, save_hf, save_meta
 from .hf_format import parse_size
 from .meta_format import check_meta_split
@@ -43,6 +43,7 @@ def main(argv=None) -> Path:
     src_fmt, src_dir = detect_format(a.src)
     to = a.to or ("meta" if src_fmt == "hf" else "hf")
     # every check that needs no weights, before the slow part
+    refuse_overlap("DST", a.dst, {"SRC": src_dir})
     check_dir_writable(a.dst, a.overwrite, "DST")
     if to == "hf" and a.shards not in (None, 1):
         raise ValueError(f"--shards {a.shards} splits a Meta checkpoint; the target here is hf (see --to)")

@@ -11,7 +11,6 @@ when `latest` is unusable the newest intact step_N is used instead, and the run 
 from __future__ import annotations
 
 import base64
-import os
 import random
 import re
 import shutil
@@ -26,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor
 
-from ..files import atomic_write, file_digest, read_json, replace_dir, write_json
+from ..files import atomic_write, file_digest, is_within, read_json, refuse_overlap, replace_dir, write_json
 from .sharded import INDEX, load_sharded, read_index, save_sharded
 
 LATEST = "latest"
@@ -330,11 +329,6 @@ def load_rng_state(path: Path, rank: int) -> bool:
 
 # ---- --out: never overwrite a run by accident ----
 
-def _within(inner: Path, outer: Path) -> bool:
-    inner, outer = Path(os.path.realpath(inner)), Path(os.path.realpath(outer))
-    return inner == outer or outer in inner.parents
-
-
 def is_run_config(path: Path) -> bool:
     """Whether OUT/config.json is a training run's saved flags (config.saved_flags), not a model's config."""
     try:
@@ -356,16 +350,9 @@ def check_out_dir(out: Path, resume: Optional[str], overwrite: bool, inputs: Opt
         raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one of them")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
+    refuse_overlap("--out", out, inputs or {})
     for flag, given in (inputs or {}).items():
-        if given is None or not Path(given).exists():
-            continue
-        path = Path(given)
-        if path.is_dir() and (_within(out, path) or _within(path, out)):
-            where = "is" if _within(out, path) and _within(path, out) else (
-                "lies inside" if _within(out, path) else "contains")
-            raise ValueError(f"--out {out} {where} {flag} {given}: a run writes and removes files in --out; "
-                             "give it a directory of its own")
-        if path.is_file() and _within(path, out) and any(_within(path, p) for p in _run_output_names(out)):
+        if given is not None and Path(given).is_file() and any(is_within(given, p) for p in _run_output_names(out)):
             raise ValueError(f"{flag} {given} lies among a previous run's outputs in --out {out}; move it first")
     if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} is not empty (a previous run?): pass --resume to continue it, "
