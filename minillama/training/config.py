@@ -112,7 +112,17 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 
 
 def read_config_file(path: str) -> dict:
-    """Flag values from a .toml, .json or .yaml/.yml file."""
+    """Flag values from a .toml, .json or .yaml/.yml file (a mapping; nesting too deep to parse is an error)."""
+    try:
+        values = _read_config_file(path)
+    except RecursionError:
+        raise ValueError(f"--config {path}: nested too deeply to read") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    return values
+
+
+def _read_config_file(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--config {file} does not exist")

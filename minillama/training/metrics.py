@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..files import atomic_write
+from ..files import atomic_write, disk_full_names
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device name; MFU is against these unless --peak_tflops says otherwise
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
@@ -129,8 +129,10 @@ class MetricsWriter:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with disk_full_names(self.path, "; the last checkpoint is whole: free some space and continue with "
+                                            "--resume"):
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
 
     def close(self) -> None:
         if self.enabled:
