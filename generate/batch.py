@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
@@ -141,7 +141,7 @@ def is_our_record(rec) -> bool:
     return (keys <= ANSWER_KEYS and {"output", "stop_reason"} <= keys) or (keys <= ERROR_KEYS and "error" in keys)
 
 
-def scan_output(path: str) -> tuple[set[int], list[str], list[str]]:
+def scan_output(path: str, ours: Callable[[object], bool] = is_our_record) -> tuple[set[int], list[str], list[str]]:
     """(indices answered, the output's good lines, notes on what is dropped): a last line cut off by a crash is
     dropped and redone; error records are dropped so their lines are retried. Reads only. Every complete line must be
     a record this tool writes, else ValueError: a file it did not write is never rewritten."""
@@ -154,23 +154,22 @@ def scan_output(path: str) -> tuple[set[int], list[str], list[str]]:
     for n, raw in enumerate(raws, start=1):
         if not raw.strip():
             continue
-        ours = raw.startswith(b'{"index": ')  # how every line this tool writes begins
+        prefix = raw.startswith(b'{"index": ')  # how every line this tool writes begins
         try:
             rec = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            if ours:  # a line of ours damaged on disk
+            if prefix:  # a line of ours damaged on disk
                 notes.append(f"{path}:{n}: not valid UTF-8; dropped, its prompt will be redone")
                 continue
             rec = None
         except (ValueError, RecursionError):
             rec = None
-        if ours and not is_our_record(rec) and not isinstance(rec, dict):  # cut off by a crash mid-write
+        if prefix and not ours(rec) and not isinstance(rec, dict):  # cut off by a crash mid-write
             cut += 1
             continue
-        if not is_our_record(rec):
-            raise ValueError(f"--output {path}:{n} is not a line generate/batch.py writes (expected a JSON object "
-                             'with "index" and "output" or "error"); refusing to change a file this tool did not '
-                             "write: choose another --output")
+        if not ours(rec):
+            raise ValueError(f"{path}:{n} is not a record this tool writes; refusing to change a file it did not "
+                             "write: choose another output file")
         if "error" in rec:
             retry += 1
             continue
@@ -188,9 +187,10 @@ def check_paths(args) -> None:
         raise ValueError(f"--output {args.output} is the --input file; give the answers their own file")
 
 
-def done_indices(path: str) -> set[int]:
-    """Indices answered in the output, after rewriting it (atomically) without the lines scan_output drops."""
-    done, good, notes = scan_output(path)
+def done_indices(path: str, ours: Callable[[object], bool] = is_our_record) -> set[int]:
+    """Indices answered in the output, after rewriting it (atomically) without the lines scan_output drops; `ours`
+    recognizes the writing tool's records (eval_long shares this)."""
+    done, good, notes = scan_output(path, ours)
     for note in notes:
         print(note, file=sys.stderr, flush=True)
     if notes:

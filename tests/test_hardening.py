@@ -91,7 +91,7 @@ def test_batch_refuses_its_input_and_any_output_it_did_not_write_and_changes_nei
     other.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(50)))
     kept = other.read_bytes()
     rc, err = cli(batch.main, ["--ckpt", str(model_dir), "--input", str(prompts), "--output", str(other)], capsys)
-    assert rc == 1 and one_line(err).startswith(f"error: --output {other}:1 is not a line generate/batch.py writes")
+    assert rc == 1 and one_line(err).startswith(f"error: {other}:1 is not a record this tool writes; refusing")
     assert prompts.read_bytes() == before and other.read_bytes() == kept
 
 
@@ -220,6 +220,28 @@ def test_server_rejects_seed_out_of_range_and_deep_json_with_400():
     with pytest.raises(APIError) as e:
         _common({"seed": 2**70}, SimpleNamespace(sampling=SamplingParams()))
     assert e.value.status == 400 and e.value.param == "seed"
+
+
+def test_a_client_that_leaves_mid_body_gets_no_500_and_no_log():
+    pytest.importorskip("fastapi")
+    import asyncio
+
+    from minillama.serve.app import create_app
+    app = create_app(None, None)  # the body is read before the model or the loop is touched
+    messages = [{"type": "http.request", "body": b'{"messages": [', "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "headers": [], "query_string": b"", "http_version": "1.1", "scheme": "http", "root_path": "",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000)}
+    asyncio.run(app(scope, receive, send))
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
 
 
 def test_a_request_that_fails_in_the_batch_loop_fails_alone_and_the_others_are_answered():
