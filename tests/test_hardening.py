@@ -17,7 +17,6 @@ import torch
 from helpers import tiny_hf, tiny_model
 from minillama import load_model, save_hf
 from minillama.adapter import load_adapter, save_adapter
-from minillama.checkpoints import save_meta
 from minillama.cli import run as run_cli
 from minillama.lora import apply_lora
 from sft_helpers import REPO, qa_samples, tiny_checkpoint, write_jsonl
@@ -25,7 +24,6 @@ from sft_helpers import REPO, qa_samples, tiny_checkpoint, write_jsonl
 sys.path.insert(0, str(REPO / "train"))
 sys.path.insert(0, str(REPO / "generate"))
 import batch  # noqa: E402
-import dpo  # noqa: E402
 import sft  # noqa: E402
 
 
@@ -86,7 +84,8 @@ def test_batch_refuses_its_input_and_any_output_it_did_not_write_and_changes_nei
     before = prompts.read_bytes()
     for out in (prompts, tmp_path / "hard.jsonl", tmp_path / "soft.jsonl"):
         rc, err = cli(batch.main, ["--ckpt", str(model_dir), "--input", str(prompts), "--output", str(out)], capsys)
-        assert rc == 1 and one_line(err) == f"error: --output {out} is the --input file; give the answers their own file"
+        assert rc == 1 and one_line(err) == (f"error: --output {out} is the --input file; give the answers their own "
+                                             "file")
     other = tmp_path / "other.jsonl"  # swapped arguments: an unrelated JSONL as --output
     other.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(50)))
     kept = other.read_bytes()
@@ -110,6 +109,26 @@ def test_sft_out_never_is_holds_or_lies_in_the_model_and_overwrite_needs_a_run_i
     rc, err = cli(sft.main, sft_argv(model_dir, data, other, "--overwrite"), capsys)
     assert rc == 1 and "does not hold a training run of this tool" in one_line(err)
     assert tree(model) == before and tree(other) == tree(model_dir)
+
+
+def test_convert_merge_and_extract_refuse_an_output_that_overlaps_an_input(model_dir, tmp_path, capsys):
+    from minillama.checkpoints import convert as convert_mod
+    from minillama.checkpoints import extract_lora as extract_mod
+    from minillama.checkpoints import merge as merge_mod
+    model = tmp_path / "M"
+    shutil.copytree(model_dir, model)
+    before = tree(model)
+    cases = [(lambda a: convert_mod.main(a) and None, [str(model), str(model), "--overwrite"],
+              f"error: DST {model} is SRC {model}: an output must not overlap an input"),
+             (convert_mod.main, [str(model), str(tmp_path), "--overwrite"], f"error: DST {tmp_path} contains SRC"),
+             (merge_mod.main, ["--base", str(model), "--adapter", str(tmp_path), "--out", str(model / "merged")],
+              f"error: --out {model / 'merged'} lies inside --base {model}"),
+             (extract_mod.main, ["--base", str(model), "--tuned", str(model), "--rank", "2", "--out", str(model),
+                                 "--overwrite"], f"error: --out {model} is --base {model}")]
+    for main, argv, message in cases:
+        rc, err = cli(main, argv, capsys)
+        assert rc == 1 and one_line(err).startswith(message), err
+    assert tree(model) == before
 
 
 def test_config_file_values_are_type_checked_like_flags(model_dir, tmp_path, capsys):
@@ -148,7 +167,8 @@ def test_a_tokenizer_with_a_hostile_template_or_regex_fails_in_bounded_time(mode
     d = tmp_path / "tok"
     shutil.copytree(model_dir, d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "<|im_start|>{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    cfg["chat_template"] = ("<|im_start|>{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                            "{% endfor %}")
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     tok = tokenizer_mod.load_tokenizer(d)
     t0 = time.monotonic()
@@ -275,7 +295,7 @@ def test_a_request_that_fails_in_the_batch_loop_fails_alone_and_the_others_are_a
             events.get(k) and events[k][-1].finish for k in ("good", "bad_seed", "bad_prefill", "good2")):
         time.sleep(0.05)
     loop.shutdown()
-    assert [e.finish for e in events["bad_seed"]] == ["error"] and [e.finish for e in events["bad_prefill"]] == ["error"]
+    assert [e.finish for e in events["bad_seed"]] == [e.finish for e in events["bad_prefill"]] == ["error"]
     for name, n in (("good", 5), ("good2", 4)):
         assert events[name][-1].finish == "length" and sum(e.token is not None for e in events[name]) == n
 
@@ -479,7 +499,8 @@ def test_full_disk_during_adapter_save_merge_and_convert_leaves_no_temp_and_a_re
         assert not out.exists() and no_temps(tmp_path)
         rc, err = cli(main, argv, capsys)
         assert rc == 0 and out.is_dir(), err
-    assert torch.equal(load_model(tmp_path / "meta")(torch.tensor([[1, 2, 3]])), load_model(base)(torch.tensor([[1, 2, 3]])))
+    tokens = torch.tensor([[1, 2, 3]])
+    assert torch.equal(load_model(tmp_path / "meta")(tokens), load_model(base)(tokens))
 
 
 def test_full_disk_during_batch_output_is_one_line_and_a_rerun_finishes(model_dir, tmp_path, capsys, monkeypatch):
