@@ -16,8 +16,9 @@ ones are reproducible for the same --seed, input and --batch_size.
 "index" is the input's 0-based line number. A bad input line (not UTF-8, not JSON, an empty prompt, too long) is
 reported on stderr as FILE:LINE and recorded as {"index", "id"?, "line", "error"}; the run goes on.
 Rerunning with the same --output skips every index answered there and retries the ones that ended in an error; a
-truncated or unreadable line (a crash mid-write) is dropped and redone. With nothing left to do it says so without
-loading the model.
+last line cut off by a crash mid-write is dropped and redone. With nothing left to do it says so without loading the
+model. An existing --output must be one this tool wrote (every line a record of the form above): any other file, and
+the --input itself, is refused untouched.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
 from minillama.util.cli import ArgumentParser, positive_int, run
 from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, engine_config, load_from_args, parse_args, sampling_params
 from minillama.util.distributed import cleanup  # noqa: E402
-from minillama.util.files import atomic_write, require_file  # noqa: E402
+from minillama.util.files import atomic_write, disk_full_names, require_file  # noqa: E402
 from minillama.inference.generate import generate_continuous  # noqa: E402
 from minillama.inference.loading import broadcast_object  # noqa: E402
 from minillama.lora.slots import adapter_names, lora_modules, set_adapter
@@ -82,6 +83,8 @@ def parse_line(raw: bytes) -> dict:
         record = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON at column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
     if isinstance(record, str):
         record = {"prompt": record}
     if not isinstance(record, dict) or not {"prompt", "messages", "conversation"} & record.keys():
@@ -126,40 +129,68 @@ def pick_adapter(record: dict, names: list[str], merged: bool) -> Optional[str]:
     return want
 
 
-def scan_output(path: str) -> tuple[set[int], list[str], list[str]]:
-    """(indices answered, the output's good lines, notes on what is dropped): lines cut off by a crash or not UTF-8
-    are dropped and redone; error records are dropped so their lines are retried. Reads only."""
+ANSWER_KEYS = {"index", "id", "output", "prompt_tokens", "output_tokens", "stop_reason"}
+ERROR_KEYS = {"index", "id", "line", "error"}
+
+
+def is_our_record(rec) -> bool:
+    """A line this tool writes: an answer or an error record (what proves an existing --output is ours)."""
+    if not isinstance(rec, dict) or isinstance(rec.get("index"), bool) or not isinstance(rec.get("index"), int):
+        return False
+    keys = set(rec)
+    return (keys <= ANSWER_KEYS and {"output", "stop_reason"} <= keys) or (keys <= ERROR_KEYS and "error" in keys)
+
+
+def scan_output(path: str, ours: Callable[[object], bool] = is_our_record) -> tuple[set[int], list[str], list[str]]:
+    """(indices answered, the output's good lines, notes on what is dropped): a last line cut off by a crash is
+    dropped and redone; error records are dropped so their lines are retried. Reads only. Every complete line must be
+    a record this tool writes, else ValueError: a file it did not write is never rewritten."""
     if not os.path.exists(path):
         return set(), [], []
     require_file(path, "--output")
     done, good, notes, cut, retry = set(), [], [], 0, 0
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
+        raws = f.readlines()
+    for n, raw in enumerate(raws, start=1):
+        if not raw.strip():
+            continue
+        prefix = raw.startswith(b'{"index": ')  # how every line this tool writes begins
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            if prefix:  # a line of ours damaged on disk
                 notes.append(f"{path}:{n}: not valid UTF-8; dropped, its prompt will be redone")
                 continue
-            try:
-                rec = json.loads(line)
-                if not line.endswith("\n") or not isinstance(rec, dict) or not isinstance(rec.get("index"), int):
-                    raise ValueError
-            except ValueError:
-                cut += 1
-                continue
-            if "error" in rec:
-                retry += 1
-                continue
-            good.append(line)
-            done.add(rec["index"])
+            rec = None
+        except (ValueError, RecursionError):
+            rec = None
+        if prefix and not ours(rec) and not isinstance(rec, dict):  # cut off by a crash mid-write
+            cut += 1
+            continue
+        if not ours(rec):
+            raise ValueError(f"{path}:{n} is not a record this tool writes; refusing to change a file it did not "
+                             "write: choose another output file")
+        if "error" in rec:
+            retry += 1
+            continue
+        good.append(raw.decode("utf-8").rstrip("\n") + "\n")
+        done.add(rec["index"])
     notes += [f"[{path}: dropping {cut} incomplete line(s); they will be redone]"] * bool(cut)
     notes += [f"[{path}: retrying {retry} line(s) whose earlier attempt ended in an error]"] * bool(retry)
     return done, good, notes
 
 
-def done_indices(path: str) -> set[int]:
-    """Indices answered in the output, after rewriting it (atomically) without the lines scan_output drops."""
-    done, good, notes = scan_output(path)
+def check_paths(args) -> None:
+    """--output must not be --input (also through a link): resuming would rewrite the prompts as answers."""
+    same = os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.input, args.output)
+    if same or os.path.realpath(args.input) == os.path.realpath(args.output):
+        raise ValueError(f"--output {args.output} is the --input file; give the answers their own file")
+
+
+def done_indices(path: str, ours: Callable[[object], bool] = is_our_record) -> set[int]:
+    """Indices answered in the output, after rewriting it (atomically) without the lines scan_output drops; `ours`
+    recognizes the writing tool's records (eval_long shares this)."""
+    done, good, notes = scan_output(path, ours)
     for note in notes:
         print(note, file=sys.stderr, flush=True)
     if notes:
@@ -174,18 +205,23 @@ def input_indices(path: str) -> list[int]:
         return [i for i, raw in enumerate(f) if raw.strip()]
 
 
+RESUME_HINT = "; free some space and rerun the same command: the answers written so far are kept"
+
+
 def append_line(f, record: dict) -> None:
     """One JSON line, on disk before we go on (a crash loses at most the line being written)."""
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+    with disk_full_names(f.name, RESUME_HINT):
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def sort_output(path: str) -> None:
     """Put the finished output in input order."""
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
-    atomic_write(path, "".join(sorted(lines, key=lambda line: json.loads(line)["index"])))
+    with disk_full_names(path, RESUME_HINT):
+        atomic_write(path, "".join(sorted(lines, key=lambda line: json.loads(line)["index"])))
 
 
 class Progress:
@@ -263,6 +299,7 @@ def run_groups(loaded, work: list, args, merged: bool):
 
 def main(argv=None):
     args = get_args(argv)
+    check_paths(args)
     lines = input_indices(args.input)
     if not lines:
         raise ValueError(f"--input {args.input} holds no prompts (every line is blank)")

@@ -125,6 +125,12 @@ def prepare_out(args, rank0: bool) -> tuple[Path, Path]:
     return records, png
 
 
+def is_eval_record(rec) -> bool:
+    """A line this tool writes (a passkey trial or a perplexity window): what lets a rerun rewrite the records."""
+    return isinstance(rec, dict) and isinstance(rec.get("index"), int) and not isinstance(rec["index"], bool) and (
+        {"key", "answer", "correct"} <= rec.keys() or {"window", "nll"} <= rec.keys() or "error" in rec)
+
+
 def record_index(length: int, depth: float, trial: int) -> int:
     """A stable id of one trial (resuming and output order): by length, then depth, then trial."""
     return (length * 1001 + round(depth * 1000)) * 100000 + trial
@@ -177,7 +183,7 @@ def passkey_work(args, tok, done: set) -> list[dict]:
 
 def run_passkey(loaded, args, records: Path) -> None:
     tok, info = loaded.tok, loaded.dist
-    work = passkey_work(args, tok, done_indices(str(records))) if info.is_rank0 else None
+    work = passkey_work(args, tok, done_indices(str(records), is_eval_record)) if info.is_rank0 else None
     work = broadcast(work, info)  # every tensor-parallel rank decodes the same prompts
     out = open(records, "a", encoding="utf-8") if info.is_rank0 else None
     progress = Progress(len(work)) if info.is_rank0 else None
@@ -229,6 +235,8 @@ def read_text(path: str) -> str:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{lineno}: JSON nested too deeply to read") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
             raise ValueError(f"{path}:{lineno}: expected an object with a 'text' string")
         texts.append(rec["text"])
@@ -255,8 +263,8 @@ def perplexity_windows(args, tok, done: set) -> list[dict]:
 @torch.no_grad()
 def run_perplexity(loaded, args, records: Path) -> None:
     info, model = loaded.dist, loaded.model
-    work = broadcast(perplexity_windows(args, loaded.tok, done_indices(str(records))) if info.is_rank0 else None,
-                     info)
+    done = done_indices(str(records), is_eval_record) if info.is_rank0 else None
+    work = broadcast(perplexity_windows(args, loaded.tok, done) if info.is_rank0 else None, info)
     device = model.tok_embeddings.weight.device
     out = open(records, "a", encoding="utf-8") if info.is_rank0 else None
     progress = Progress(len(work)) if info.is_rank0 else None

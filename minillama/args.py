@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -166,6 +167,42 @@ def _check_keys(d: dict, required: tuple[str, ...], source: str):
         raise ValueError(f"{source}: missing required keys {missing}")
 
 
+# (kind, lowest, highest) of every size a config file gives: checked before anything is built from it. The upper
+# bounds are far above any released model and far below what would hang or exhaust memory just building the model.
+_INT, _NUM = "an integer", "a number"
+HF_BOUNDS = {
+    "hidden_size": (_INT, 1, 1 << 17), "num_hidden_layers": (_INT, 1, 1024), "num_attention_heads": (_INT, 1, 4096),
+    "num_key_value_heads": (_INT, 1, 4096), "head_dim": (_INT, 1, 1 << 14), "intermediate_size": (_INT, 1, 1 << 20),
+    "vocab_size": (_INT, 1, 1 << 22), "max_position_embeddings": (_INT, 1, 1 << 24), "rms_norm_eps": (_NUM, 0, 1),
+    "rope_theta": (_NUM, 0, 1e12), "num_local_experts": (_INT, 0, 1024), "num_experts_per_tok": (_INT, 1, 1024),
+    "sliding_window": (_INT, 1, 1 << 24),
+}
+META_BOUNDS = {
+    "dim": HF_BOUNDS["hidden_size"], "n_layers": HF_BOUNDS["num_hidden_layers"],
+    "n_heads": HF_BOUNDS["num_attention_heads"], "n_kv_heads": HF_BOUNDS["num_key_value_heads"],
+    "head_dim": HF_BOUNDS["head_dim"], "hidden_dim": HF_BOUNDS["intermediate_size"], "multiple_of": (_INT, 1, 1 << 16),
+    "ffn_dim_multiplier": (_NUM, 0, 64), "norm_eps": HF_BOUNDS["rms_norm_eps"], "rope_theta": HF_BOUNDS["rope_theta"],
+    "max_seq_len": HF_BOUNDS["max_position_embeddings"], "sliding_window": HF_BOUNDS["sliding_window"],
+}
+
+
+def check_bounds(config: dict, bounds: dict, source: str) -> None:
+    """Every present, non-null key of `bounds` holds a value of its kind within its range (a number: finite and
+    above the lowest, e.g. rms_norm_eps > 0); else one ValueError naming the file and the key."""
+    for key, (kind, lo, hi) in bounds.items():
+        v = config.get(key)
+        if v is None:
+            continue
+        if kind == _INT:
+            ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+            rule = f"an integer in [{lo}, {hi}]"
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo < v <= hi
+            rule = f"a finite number > {lo} (at most {hi:g})"
+        if not ok:
+            raise ValueError(f"{source}: {key} must be {rule}, got {v!r}")
+
+
 FAMILIES = ("llama", "llama2", "codellama", "llama3", "mistral", "mixtral")
 
 
@@ -217,7 +254,15 @@ def from_meta_params(params: dict, vocab_size: Optional[int] = None, source: str
     `vocab_size` fills in Llama 1/2's `vocab_size: -1` (taken from the tokenizer beside the checkpoint).
     """
     _check_keys(params, ("dim", "n_layers", "n_heads"), source)
+    check_bounds(params, META_BOUNDS, source)
     vocab = params.get("vocab_size", -1)
+    if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int) or vocab > 1 << 22):
+        raise ValueError(f"{source}: vocab_size must be an integer (-1: the tokenizer's), got {vocab!r}")
+    moe_cfg = params.get("moe") or {}
+    if not isinstance(moe_cfg, dict):
+        raise ValueError(f"{source}: moe must be an object, got {moe_cfg!r}")
+    check_bounds(moe_cfg, {"num_experts": HF_BOUNDS["num_local_experts"],
+                           "num_experts_per_tok": HF_BOUNDS["num_experts_per_tok"]}, f"{source}: moe")
     if vocab is None or vocab <= 0:
         if vocab_size is None:
             raise ValueError(f"{source}: vocab_size is {vocab} and no tokenizer.model was found beside it to take it from")
@@ -244,6 +289,12 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
     """Hugging Face LlamaForCausalLM / MistralForCausalLM / MixtralForCausalLM config.json -> ModelArgs."""
     _check_keys(config, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                          "vocab_size"), source)
+    check_bounds(config, HF_BOUNDS, source)
+    if isinstance((config.get("rope_parameters") or {}), dict):
+        check_bounds(config.get("rope_parameters") or {}, {"rope_theta": HF_BOUNDS["rope_theta"]},
+                     f"{source}: rope_parameters")
+    if not isinstance(config.get("tie_word_embeddings", False), bool):
+        raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {config['tie_word_embeddings']!r}")
     model_type = config.get("model_type", "llama")
     if model_type not in ("llama", "mistral", "mixtral"):
         raise ValueError(f"{source}: model_type {model_type!r} is not supported (llama, mistral, mixtral)")

@@ -17,10 +17,10 @@ from torch import nn
 
 from ..args import ModelArgs, from_meta_params, to_hf_config, with_rope
 from ..util.dtypes import dtype_name, parse_dtype
-from ..util.files import atomic_dir, check_dir_writable, write_json
+from ..util.files import atomic_dir, check_dir_writable, read_json, write_json
 from ..model import Transformer
 from .hf_format import hf_key_files, hf_plan, hf_weight_files, is_hf_dir, read_hf_args, write_hf_weights
-from .meta_format import (check_meta_split, is_meta_dir, meta_params, meta_plan, meta_weight_files,
+from .meta_format import (EXTRAS_NAME, check_meta_split, is_meta_dir, meta_params, meta_plan, meta_weight_files,
                           read_meta_args, write_meta_weights)
 from .shards import Entry, TensorFiles, check_plan, read_entry
 
@@ -155,6 +155,7 @@ def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], sh
         last_file = e.sources[0].file
         t = read_entry(files, e)  # checkpoint dtype (a transform runs before the cast: a slice converts only itself)
         t = t.to(device=device, dtype=dtype or t.dtype)
+        check_finite(t, e)
         if e.slot is None:
             _assign(model, e.target, t.contiguous(), quantized)
             continue
@@ -165,6 +166,15 @@ def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], sh
         stacks[e.target] = (buf, n + 1)
         if n + 1 == shapes[e.target][0]:
             _assign(model, e.target, stacks.pop(e.target)[0], quantized)
+
+
+def check_finite(t: torch.Tensor, e: Entry) -> None:
+    """A weight holding NaN or inf makes every output garbage: refuse it on load, naming the tensor and its file
+    (one pass over the tensor on its device, cheap beside reading it)."""
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not bool(torch.isfinite(t).all()):
+        src = e.sources[0]
+        raise ValueError(f"{src.file}: tensor {src.key} holds NaN or infinite values; the checkpoint is damaged "
+                         "(a diverged training run or a broken save?)")
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor, quantized):
@@ -226,20 +236,49 @@ def _bos_eos(args: ModelArgs, tokenizer_src, log) -> tuple[Optional[int], Option
     return None, None
 
 
+def source_extras(src) -> dict:
+    """What a source checkpoint says beyond the architecture and that a conversion must carry over:
+    {"pad_token_id", "generation_config"} from an HF dir's config.json / generation_config.json, or from the
+    EXTRAS_NAME sidecar save_meta writes beside params.json (which cannot hold them)."""
+    if src is None:
+        return {}
+    d = Path(src)
+    d = d.parent if d.is_file() else d
+    extras: dict = {}
+    if (d / EXTRAS_NAME).is_file():
+        extras = dict(read_json(d / EXTRAS_NAME, "checkpoint extras"))
+    if (d / "config.json").is_file():
+        pad = read_json(d / "config.json").get("pad_token_id")
+        if pad is not None:
+            extras["pad_token_id"] = pad
+    if (d / "generation_config.json").is_file():
+        extras["generation_config"] = read_json(d / "generation_config.json")
+    return {k: v for k, v in extras.items() if k in ("pad_token_id", "generation_config", "tie_word_embeddings")}
+
+
 def save_hf(model: Transformer, path: Union[str, Path], tokenizer_src=None, max_shard_size="5GB",
             overwrite: bool = False, log=None) -> Path:
-    """Write a Hugging Face dir (config.json, safetensors shards + index, generation_config.json) in the model's dtype."""
+    """Write a Hugging Face dir (config.json, safetensors shards + index, generation_config.json) in the model's dtype.
+
+    tokenizer_src is the source checkpoint: its tokenizer files are copied, and its pad_token_id and
+    generation_config.json (source_extras) are kept."""
     state = _plain_state(model, "save_hf")
     args = model.args
     log = log or (lambda s: None)
     check_dir_writable(path, overwrite)
     bos, eos = _bos_eos(args, tokenizer_src, log)
+    extras = source_extras(tokenizer_src)
+    config = to_hf_config(args, dtype=dtype_name(model.tok_embeddings.weight.dtype), bos_id=bos, eos_id=eos)
+    gen = {"_from_model_config": True,
+           **{k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}}
+    gen.update(extras.get("generation_config") or {})  # the source's sampling defaults and ids stay as they were
+    if extras.get("pad_token_id") is not None:
+        config["pad_token_id"] = extras["pad_token_id"]
+        gen.setdefault("pad_token_id", extras["pad_token_id"])
     with atomic_dir(path, overwrite) as tmp:
         write_hf_weights(state, args, tmp, max_shard_size, log=log)
-        write_json(tmp / "config.json", to_hf_config(args, dtype=dtype_name(model.tok_embeddings.weight.dtype),
-                                                     bos_id=bos, eos_id=eos))
-        gen = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}
-        write_json(tmp / "generation_config.json", {"_from_model_config": True, **gen})
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "generation_config.json", gen)
         copy_tokenizer_files(tokenizer_src, tmp)
     return Path(path).resolve()
 
@@ -255,7 +294,14 @@ def save_meta(model: Transformer, path: Union[str, Path], n_shards: int = 1, tok
     if kept != model.args.max_seq_len:  # Meta's params.json has no context field; Meta's own code takes it as a flag
         log(f"note: params.json cannot record the context of {model.args.max_seq_len} tokens (reading it back gives "
             f"{kept}); load it with max_seq_len={model.args.max_seq_len} / --max_seq_len")
+    extras = {k: v for k, v in source_extras(tokenizer_src).items() if k != "tie_word_embeddings"}
+    if model.args.tie_embeddings:  # Meta's consolidated files hold `output` even when tied; the sidecar says so
+        extras["tie_word_embeddings"] = True
     with atomic_dir(path, overwrite) as tmp:
         write_meta_weights(state, model.args, tmp, n_shards, log=log)
+        if extras:
+            write_json(tmp / EXTRAS_NAME, extras)
+            log(f"wrote {EXTRAS_NAME} ({', '.join(sorted(extras))}: what params.json cannot hold; minillama reads "
+                "it back, Meta's own code ignores it)")
         copy_tokenizer_files(tokenizer_src, tmp)
     return Path(path).resolve()

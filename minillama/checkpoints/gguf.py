@@ -34,12 +34,20 @@ def open_gguf(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    return gguf.GGUFReader(path)
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # counts or offsets past the file's end, a bad magic: the reader raises many kinds
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'malformed header'})") from None
 
 
 def read_metadata(reader) -> dict:
     """All key/value fields of the file as plain Python values (str, int, float, bool, or lists of them)."""
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    try:
+        return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    except Exception as e:
+        raise ValueError(f"{getattr(reader, 'path', 'GGUF file')}: malformed metadata ({type(e).__name__}: {e})") \
+            from None
 
 
 def _f32(value: float) -> float:
@@ -58,7 +66,14 @@ def hf_config(meta: dict, tensor_names) -> dict:
             raise ValueError(f"GGUF metadata is missing 'llama.{key}'")
         return meta[f"llama.{key}"]
 
-    dim, n_heads = get("embedding_length"), get("attention.head_count")
+    from ..args import HF_BOUNDS, check_bounds
+    sizes = {"hidden_size": get("embedding_length"), "num_attention_heads": get("attention.head_count"),
+             "intermediate_size": get("feed_forward_length"), "num_hidden_layers": get("block_count"),
+             "max_position_embeddings": get("context_length"),
+             "num_key_value_heads": meta.get("llama.attention.head_count_kv"),
+             "rms_norm_eps": get("attention.layer_norm_rms_epsilon"), "rope_theta": meta.get("llama.rope.freq_base")}
+    check_bounds(sizes, HF_BOUNDS, "GGUF metadata")  # before anything is sized from them
+    dim, n_heads = sizes["hidden_size"], sizes["num_attention_heads"]
     head_dim = dim // n_heads
     if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
         raise ValueError("GGUF llama.rope.dimension_count differs from head dim; partial RoPE is not supported")

@@ -49,6 +49,11 @@ def meta_weight_files(d: Path) -> tuple[list[Path], bool]:
     return [found[i] for i in sorted(found)], True
 
 
+# beside params.json: what an HF config says that params.json cannot hold (tie_word_embeddings, pad_token_id, the
+# generation config), written by save_meta and read back here and by checkpoint.source_extras
+EXTRAS_NAME = "minillama_extras.json"
+
+
 def read_meta_args(d: Path, files: TensorFiles, weight_files: list[Path]) -> ModelArgs:
     """params.json -> ModelArgs; Llama 1/2's vocab_size -1 comes from tokenizer.model (or the embedding rows)."""
     params = read_json(d / "params.json")
@@ -59,7 +64,13 @@ def read_meta_args(d: Path, files: TensorFiles, weight_files: list[Path]) -> Mod
             vocab = sentencepiece.SentencePieceProcessor(model_file=str(d / "tokenizer.model")).GetPieceSize()
         elif "tok_embeddings.weight" in files.keys(weight_files[0]):
             vocab = files.shape(weight_files[0], "tok_embeddings.weight")[0]  # Llama 1/2 split it on dim 1
-    return from_meta_params(params, vocab_size=vocab, source=str(d / "params.json"))
+    args = from_meta_params(params, vocab_size=vocab, source=str(d / "params.json"))
+    if (d / EXTRAS_NAME).is_file():
+        tie = read_json(d / EXTRAS_NAME).get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise ValueError(f"{d / EXTRAS_NAME}: tie_word_embeddings must be true or false, got {tie!r}")
+        args.tie_embeddings = args.tie_embeddings or tie  # the equal `output` in the file is then dropped
+    return args
 
 
 def _leaf(key: str) -> str:

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..util.files import read_json
+from ..util.files import disk_full_names, read_json
 
 
 def first_line(e: BaseException) -> str:
@@ -195,7 +195,7 @@ def write_safetensors(path: Path, tensors: list[Pending], metadata: Optional[dic
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with disk_full_names(path), open(path, "wb") as f:
         def write(data):
             f.write(data)
             if hasher is not None:
@@ -219,6 +219,11 @@ def index_weight_files(index: Path) -> list[Path]:
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index}: expected a non-empty 'weight_map' object of tensor name -> file name")
     files = sorted(set(weight_map.values()))
+    # an index names files inside its dir; a shard that is a symlink (the HF hub cache's blobs) is the user's choice
+    outside = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
+    if outside:
+        raise ValueError(f"{index}: weight_map names {outside[0]!r}, a file outside the checkpoint dir "
+                         f"{index.parent}; the index may name only files beside it")
     missing = [f for f in files if not (index.parent / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{index} names shard file(s) {', '.join(missing)} which are not in {index.parent}")

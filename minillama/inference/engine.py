@@ -29,6 +29,7 @@ Shape letters: B cache rows, T tokens per row in a forward, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -200,6 +201,7 @@ class Engine:
         self.logits = torch.zeros(self.B, self.vocab, device=self.device)  # (B, V): what each row samples next
         self.seen: Optional[torch.Tensor] = None  # (B, V) bool, made when a request needs a repetition penalty
         self.stats = {"prefilled": 0, "copied": 0, "drafted": 0, "accepted": 0, "decode_steps": 0}
+        self.failed: list[Event] = []  # requests whose own prefill raised: reported by the next step()
 
     # ---- the caller's side ----
     @property
@@ -220,6 +222,10 @@ class Engine:
         if not req.prompt or len(req.prompt) + req.max_new_tokens > self.cache_len:
             raise ValueError(f"prompt of {len(req.prompt)} tokens + max_new_tokens {req.max_new_tokens} does not fit "
                              f"the cache of {self.cache_len} slots")
+        if min(req.prompt) < 0 or max(req.prompt) >= self.vocab:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
+        if req.seed is not None and not -2**63 <= req.seed < 2**64:
+            raise ValueError(f"seed {req.seed} is outside [-2**63, 2**64)")
         self.waiting.append(req)
         return req
 
@@ -260,15 +266,16 @@ class Engine:
         device before the one host sync (rows that end meanwhile decode a pad until then)."""
         self._admit()
         self._prefill_some()
+        failed, self.failed = self.failed, []
         busy = [b for b, r in enumerate(self.slots) if r.decoding]
         if not busy:
-            return []
+            return failed
         ahead = not self.waiting and not self.config.speculate and all(r.decoding or r.request is None
                                                                       for r in self.slots)
         n = min(max_steps, max(self.slots[b].request.max_new_tokens - len(self.slots[b].request.output)
                                for b in busy)) if ahead else 1
         picks = self._run_ahead(busy, n)  # (B, n) on the host: the one sync of this step
-        events, feed = [], []
+        events, feed = failed, []
         for b in busy:
             req, fed = self.slots[b].request, []
             for i, t in enumerate(picks[b]):
@@ -372,8 +379,23 @@ class Engine:
                 T, budget = width, budget - take
                 if budget == 0:
                     break
+            self._prefill_isolated(batch, T)
+            pending = [b for b in pending if self.slots[b].request is not None and self.slots[b].todo]
+
+    def _prefill_isolated(self, batch: list[tuple[int, int]], T: int) -> None:
+        """_prefill; when it raises, each row again alone, so a request whose own prefill fails (a broken adapter)
+        ends with "error" by itself and the others go on. (A row's cache and tokens change only after its forward.)"""
+        try:
             self._prefill(batch, T)
-            pending = [b for b in pending if self.slots[b].todo]
+        except Exception as e:
+            if len(batch) > 1:
+                for b, take in batch:
+                    self._prefill_isolated([(b, take)], take)
+                return
+            req = self.slots[batch[0][0]].request
+            print(f"[request {req.key}: prefill failed: {type(e).__name__}: {e}]", file=sys.stderr, flush=True)
+            self._free(batch[0][0], "error")
+            self.failed.append(Event(req, None, "error"))
 
     def _prefill(self, batch: list[tuple[int, int]], T: int) -> None:
         """Run each row's next `take` prompt tokens into its cache row, right-padded to T; a row whose prompt is now

@@ -12,6 +12,7 @@ What the dir holds besides the factors (whole modules_to_save, base_rope.json) i
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import regex
 import torch
 from safetensors.torch import save_file
 
@@ -42,12 +44,38 @@ def _qk_heads(path: str, args: ModelArgs) -> Optional[int]:
     return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(leaf) if ".attention." in f".{path}" else None
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name's tail as a regex."""
+PATTERN_TIMEOUT_S = 1.0  # a module name is short: a pattern that needs longer backtracks catastrophically
+
+
+def _pattern_value(patterns: dict, name: str, default, source: str = "adapter_config.json"):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name's tail as a regex (run with a time
+    bound: the pattern comes from a file)."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        try:
+            hit = regex.match(rf"(.*\.)?({key})$", name, timeout=PATTERN_TIMEOUT_S)
+        except TimeoutError:
+            raise ValueError(f"{source}: pattern {key!r} took over {PATTERN_TIMEOUT_S:g} s to match the module name "
+                             f"{name!r} (catastrophic backtracking?); simplify it") from None
+        if hit:
             return value
     return default
+
+
+def _check_patterns(cfg: dict, cfg_file) -> None:
+    """rank_pattern values are ranks >= 1, alpha_pattern values numbers > 0, every key a valid regex."""
+    for key, ok, rule in (("rank_pattern", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+                          ("alpha_pattern", lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
+                           "a number > 0")):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{cfg_file}: {key} must be an object of module pattern -> value")
+        for pat, v in patterns.items():
+            if isinstance(v, bool) or not ok(v):
+                raise ValueError(f"{cfg_file}: {key}[{pat!r}] must be {rule}, got {v!r}")
+            try:
+                regex.compile(rf"(.*\.)?({pat})$")
+            except regex.error as e:
+                raise ValueError(f"{cfg_file}: {key} key {pat!r} is not a valid regex ({e})") from None
 
 
 # ---- save ----
@@ -194,11 +222,10 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         if cfg.get(key, ok) != ok:
             raise ValueError(f"{cfg_file}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not isinstance(alpha, (int, float)) \
+            or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"{cfg_file}: r={r!r} and lora_alpha={alpha!r} must be positive")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
-            raise ValueError(f"{cfg_file}: {key} must be an object of module pattern -> value")
+    _check_patterns(cfg, cfg_file)
     saved = cfg.get("modules_to_save")
     if saved is not None and (not isinstance(saved, list) or not all(isinstance(n, str) for n in saved)):
         raise ValueError(f"{cfg_file}: modules_to_save must be a list of module names, got {saved!r}")
@@ -286,14 +313,26 @@ def read_adapter(path: str | os.PathLike, args: ModelArgs) -> tuple[dict, dict]:
     cfg = read_adapter_config(path)
     wfile, pairs = _read_pairs(path, bool(cfg.get("use_dora", False)))
     use_rslora = bool(cfg.get("use_rslora", False))
+    cfg_file = path / CONFIG_NAME
 
     def scaling_for(name: str, rank: int) -> float:
-        return lora_scaling(rank, _pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]), use_rslora)
+        """The module's LoRA scaling; its factors' rank must be the one the config gives it (r / rank_pattern)."""
+        want = _pattern_value(cfg.get("rank_pattern"), name, cfg["r"], str(cfg_file))
+        if rank != want:
+            raise ValueError(f"{wfile}: {name} has LoRA factors of rank {rank} but {cfg_file} says r={want}: the "
+                             "config and the weights disagree")
+        return lora_scaling(rank, _pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"], str(cfg_file)),
+                            use_rslora)
 
     factors: dict = {}
     experts: dict = defaultdict(dict)  # (layer, w) -> {e: (A, B, scaling)}
     for hf, ab in sorted(pairs.items()):
         a, b = ab["A"].float(), ab["B"].float()
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or 0 in a.shape or 0 in b.shape:
+            raise ValueError(f"{wfile}: {hf}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not factors "
+                             "(r, in) and (out, r) of one rank r >= 1")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"{wfile}: {hf}: the LoRA factors hold NaN or infinite values")
         if "M" in ab and (_V4_EXPERT.fullmatch(hf) or _V5_EXPERTS.fullmatch(hf)):
             raise ValueError(f"{wfile}: {hf} is a DoRA adapter on Mixtral experts, which is not supported")
         if m := _V4_EXPERT.fullmatch(hf):

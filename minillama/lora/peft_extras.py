@@ -110,6 +110,13 @@ def read_modules_to_save(path: str | os.PathLike, cfg: dict, args: ModelArgs) ->
             raise ValueError(f"{wfile}: the model ties lm_head to embed_tokens but the adapter holds different "
                              "tensors for them")
         out[name] = t
+    found = {m.group(1) for k in state if (m := SAVED_MODULE.fullmatch(k)) and ".lora_" not in k}
+    missing = [n for n in names if not any(hf == n or hf.endswith("." + n) for hf in found)]
+    if missing:  # loading would silently keep the base's module where the adapter says it trained its own
+        raise ValueError(f"{wfile}: modules_to_save lists {missing[0]!r} but the adapter holds no tensor for it")
+    for name, t in out.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{wfile}: modules_to_save tensor for {name} holds NaN or infinite values")
     return out
 
 

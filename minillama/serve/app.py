@@ -16,8 +16,9 @@ from importlib import resources
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..inference.engine import Event, Request
 from . import protocol
@@ -127,6 +128,10 @@ def create_app(served, loop) -> FastAPI:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(f"{request.method} {request.url.path}: {e.detail}", kind=kind).body(),
                             status_code=e.status_code)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request, e):  # it left mid-body: nobody reads an answer, and it is not a server error
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def server_error(request, e: Exception):  # a bug: say so, keep serving

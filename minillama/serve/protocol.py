@@ -76,6 +76,8 @@ def parse_body(raw: bytes) -> dict:
         raise APIError(f"request body is not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise APIError(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise APIError("request body is nested too deeply to read") from None
     except ValueError as e:
         raise APIError(f"request body: {e}") from None
     if not isinstance(body, dict):
@@ -193,8 +195,10 @@ def _common(body: dict, served: Served) -> dict:
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise APIError("stream_options must be an object", "stream_options")
-    return dict(sampling=_sampling(body, served), seed=_int(body, "seed", None, lambda v: True, "an integer"),
-                stop=_stop(body), stream=_bool(body, "stream"), include_usage=bool((opts or {}).get("include_usage")))
+    return dict(sampling=_sampling(body, served), seed=_int(body, "seed", None, lambda v: -2**63 <= v < 2**64,
+                                                        "an integer in [-2**63, 2**64)"),
+                stop=_stop(body), stream=_bool(body, "stream"),
+                include_usage=bool((opts or {}).get("include_usage")))
 
 
 def _request(kind: str, head: tuple, ids: list, max_tokens: int, served: Served, echo: str = "") -> Request:

@@ -30,11 +30,18 @@ class Changes:
     shutdown: bool = False
 
 
-def apply_changes(engine: Engine, changes: Changes) -> None:
+def apply_changes(engine: Engine, changes: Changes) -> list[tuple[Request, Exception]]:
+    """Queue the new requests and cancel the leavers; returns the requests that could not join (each fails alone,
+    the others go on)."""
+    failed = []
     for req in changes.new:
-        engine.submit(req)
+        try:
+            engine.submit(req)
+        except Exception as e:
+            failed.append((req, e))
     for key in changes.cancel:
         engine.cancel(key)
+    return failed
 
 
 def follow(engine: Engine, info) -> None:
@@ -101,12 +108,14 @@ class BatchLoop:
             if changes.shutdown:
                 self.engine.cancel_all()
                 return
+            for req, e in apply_changes(self.engine, changes):
+                print(f"[request {req.key} failed to start: {type(e).__name__}: {e}]", file=sys.stderr, flush=True)
+                self._fail(req)
+            for key in changes.cancel:
+                self.callbacks.pop(key, None)
             try:
-                apply_changes(self.engine, changes)
-                for key in changes.cancel:
-                    self.callbacks.pop(key, None)
-                events = self.engine.step()
-            except Exception as e:  # a bug or out of memory: fail what is running, keep serving
+                events = self.engine.step()  # a request whose own prefill fails ends alone, as an "error" event
+            except Exception as e:  # a bug or out of memory in the shared decode step
                 traceback.print_exc(file=sys.stderr)
                 self._fail_all(e)
                 if self.info.world_size > 1:
@@ -118,6 +127,11 @@ class BatchLoop:
                     self.callbacks.pop(ev.request.key, None)
                 if cb is not None:
                     cb(ev)
+
+    def _fail(self, req: Request) -> None:
+        cb = self.callbacks.pop(req.key, None)
+        if cb is not None:
+            cb(Event(req, None, "error"))
 
     def _fail_all(self, error: BaseException) -> None:
         running = [r for r in self.engine.rows if r is not None] + list(self.engine.waiting)

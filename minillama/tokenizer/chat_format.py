@@ -181,19 +181,11 @@ def chatml_template_info(tok) -> tuple[bool, str | None]:
         return cached[1]
     info = (False, None)
     if tok.chat_template:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg):
-            raise ValueError(msg)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         marker = "\x00USER\x00"
         try:
-            text = env.from_string(tok.chat_template).render(
-                messages=[{"role": "user", "content": marker}], bos_token="\x00BOS\x00",
-                eos_token="\x00EOS\x00", add_generation_prompt=False)
-        except Exception as e:  # jinja syntax/undefined errors: say which template failed
+            text = render_template(tok.chat_template, messages=[{"role": "user", "content": marker}],
+                                   bos_token="\x00BOS\x00", eos_token="\x00EOS\x00", add_generation_prompt=False)
+        except Exception as e:  # jinja syntax/undefined errors, a bound hit: say which template failed
             raise ValueError(f"chat_template of {tok.path} could not be rendered to find its default system "
                              f"prompt: {type(e).__name__}: {e}") from None
         use_bos = text.startswith("\x00BOS\x00")
@@ -205,6 +197,62 @@ def chatml_template_info(tok) -> tuple[bool, str | None]:
         info = (use_bos, system)
     tok._chatml_info = (tok.chat_template, info)
     return info
+
+
+# A chat template comes from a file: it renders in jinja's sandbox (no attribute access to Python internals) and
+# within bounds, so a template that loops for ever or writes gigabytes fails with an error instead of hanging.
+TEMPLATE_MAX_STEPS = 1_000_000  # range() items over the whole render
+TEMPLATE_MAX_CHARS = 1_000_000  # rendered text, and any string or list a template builds with * or **
+TEMPLATE_MAX_SECONDS = 5.0
+
+
+def render_template(template: str, **context) -> str:
+    """A chat template rendered with jinja's ImmutableSandboxedEnvironment and the TEMPLATE_MAX_* bounds."""
+    import time
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    left = [TEMPLATE_MAX_STEPS]
+    deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+
+    def check_time():
+        if time.monotonic() > deadline:
+            raise SecurityError(f"the template ran longer than {TEMPLATE_MAX_SECONDS:g} s")
+
+    def bounded_range(*args):
+        r = range(*args)
+        left[0] -= len(r)
+        if left[0] < 0:
+            raise SecurityError(f"the template loops more than {TEMPLATE_MAX_STEPS} times")
+        check_time()
+        return r
+
+    def raise_exception(msg):
+        raise ValueError(msg)
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left_, right_):
+            if operator == "**" and isinstance(right_, (int, float)) and abs(right_) > 64:
+                raise SecurityError(f"the template raises to the power {right_}")
+            if operator == "*":
+                sizes = [len(x) for x in (left_, right_) if isinstance(x, (str, list, tuple))]
+                counts = [x for x in (left_, right_) if isinstance(x, int)]
+                if sizes and counts and sizes[0] * counts[0] > TEMPLATE_MAX_CHARS:
+                    raise SecurityError(f"the template builds a value longer than {TEMPLATE_MAX_CHARS}")
+            return super().call_binop(context, operator, left_, right_)
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(raise_exception=raise_exception, range=bounded_range)
+    out, size = [], 0
+    for piece in env.from_string(template).generate(**context):
+        out.append(piece)
+        size += len(piece)
+        if size > TEMPLATE_MAX_CHARS:
+            raise SecurityError(f"the template writes more than {TEMPLATE_MAX_CHARS} characters")
+        check_time()
+    return "".join(out)
 
 
 _ENCODERS = {"llama2": _llama2, "llama3": _llama3, "mistral": _mistral, "chatml": _chatml}

@@ -152,7 +152,7 @@ class BPETokenizer(Tokenizer):
         self.path = Path(path)
         self.kind = kind
         self._vocab = vocab
-        self._pre = [regex.compile(p) for p in vocab.pre_patterns]
+        self._pre = [_compile(p, self.path) for p in vocab.pre_patterns]
         self.special_tokens = {**vocab.added, **vocab.special}
         self._special_re = _special_regex(self.special_tokens)
         self._added_re = _special_regex(vocab.added)
@@ -160,8 +160,13 @@ class BPETokenizer(Tokenizer):
                                   max(vocab.extra_bytes, default=0))
         # tiktoken needs every byte; bytes the vocab lacks get ids >= vocab_size that encode() drops, as HF does.
         ranks = {**vocab.ranks, **{bytes([b]): self.vocab_size + k for k, b in enumerate(vocab.missing_bytes)}}
-        self._enc = tiktoken.Encoding(name=self.path.name, pat_str=vocab.pattern,
-                                      mergeable_ranks=ranks, special_tokens={})
+        _compile(vocab.pattern, self.path)
+        try:
+            self._enc = tiktoken.Encoding(name=self.path.name, pat_str=vocab.pattern,
+                                          mergeable_ranks=ranks, special_tokens={})
+        except ValueError as e:  # a pattern Python's regex reads but tiktoken's Rust engine does not
+            raise ValueError(f"{self.path}: pre-tokenizer regex {vocab.pattern!r} is not usable: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         self._bytes: list[bytes | None] = [None] * self.vocab_size
         for b, i in vocab.ranks.items():
             self._bytes[i] = b
@@ -185,7 +190,11 @@ class BPETokenizer(Tokenizer):
     def _encode_ordinary(self, text: str) -> list[int]:
         pieces = [text]
         for pat in self._pre:  # HF Sequence steps before the last regex, e.g. Digits(individual_digits)
-            pieces = [p for piece in pieces for p in _isolate(pat, piece)]
+            try:
+                pieces = [p for piece in pieces for p in _isolate(pat, piece)]
+            except TimeoutError:
+                raise ValueError(f"{self.path}: pre-tokenizer regex {pat.pattern!r} took over {REGEX_TIMEOUT_S:g} s "
+                                 f"on a text of {len(text)} characters (catastrophic backtracking?)") from None
         long = len(text) > TIKTOKEN_MAX_ENCODE_CHARS or (
             len(text) > MAX_NO_WHITESPACES_CHARS and _LONG_RUN.search(text) is not None)
         if self.kind == "tiktoken" and long:  # Meta's exact cuts, so token ids match its reference
@@ -225,10 +234,21 @@ class BPETokenizer(Tokenizer):
         return self._token_bytes(tid), True, False
 
 
+REGEX_TIMEOUT_S = 10.0  # a pre-tokenizer regex comes from tokenizer.json: it runs with a time bound
+
+
+def _compile(pattern: str, path) -> regex.Pattern:
+    try:
+        return regex.compile(pattern)
+    except (regex.error, TypeError) as e:
+        raise ValueError(f"{path}: pre-tokenizer regex {pattern!r} is not valid ({e})") from None
+
+
 def _isolate(pat: regex.Pattern, text: str) -> list[str]:
-    """HF Split(behavior=Isolated): matches and the gaps between them all become pieces."""
+    """HF Split(behavior=Isolated): matches and the gaps between them all become pieces (TimeoutError past
+    REGEX_TIMEOUT_S)."""
     out, pos = [], 0
-    for m in pat.finditer(text):
+    for m in pat.finditer(text, timeout=REGEX_TIMEOUT_S):
         if m.start() > pos:
             out.append(text[pos:m.start()])
         if m.end() > m.start():

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..util.cli import ArgumentParser, positive_int, run
 from .flags import add_rope_args
 from ..util.dtypes import DTYPE_NAMES, parse_dtype
-from ..util.files import check_dir_writable
+from ..util.files import check_dir_writable, refuse_overlap
 from ..checkpoints.checkpoint import TOKENIZER_FILES, detect_format, load_model, read_model_args, save_hf, save_meta
 from ..checkpoints.hf_format import parse_size
 from ..checkpoints.meta_format import check_meta_split
@@ -44,6 +44,7 @@ def main(argv=None) -> Path:
     src_fmt, src_dir = detect_format(a.src)
     to = a.to or ("meta" if src_fmt == "hf" else "hf")
     # every check that needs no weights, before the slow part
+    refuse_overlap("DST", a.dst, {"SRC": src_dir})
     check_dir_writable(a.dst, a.overwrite, "DST")
     if to == "hf" and a.shards not in (None, 1):
         raise ValueError(f"--shards {a.shards} splits a Meta checkpoint; the target here is hf (see --to)")

@@ -24,7 +24,7 @@ import torch
 
 from ..args import ModelArgs
 from ..util.cli import HelpFormatter, positive_int, run
-from ..util.files import check_dir_writable
+from ..util.files import check_dir_writable, refuse_overlap
 from ..checkpoints.checkpoint import CheckpointPlan, plan_checkpoint
 from ..checkpoints.shards import Entry, read_entry
 
@@ -164,6 +164,7 @@ def layer_summary(report: dict, log=print) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    refuse_overlap("--out", args.out, {"--base": args.base, "--tuned": args.tuned})
     check_dir_writable(args.out, args.overwrite, "--out")
     try:
         device = torch.device(args.device)

@@ -35,6 +35,8 @@ def rope_scaling_arg(text: str) -> dict:
             value = json.loads(stripped)
         except json.JSONDecodeError as e:
             raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise argparse.ArgumentTypeError("JSON nested too deeply to read") from None
     elif Path(text).is_file():
         try:
             value = read_json(Path(text), "--rope_scaling")

@@ -24,7 +24,7 @@ from ..args import ModelArgs
 from ..util.cli import ArgumentParser, positive_int, run
 from .flags import add_rope_args
 from ..util.dtypes import DTYPE_NAMES, parse_dtype
-from ..util.files import check_dir_writable
+from ..util.files import check_dir_writable, refuse_overlap
 
 
 def _merged(weight: torch.Tensor, parts: list, name: str, expert: Optional[int] = None) -> torch.Tensor:
@@ -166,6 +166,7 @@ def main(argv=None):
     from ..checkpoints.checkpoint import load_model, read_model_args, save_hf, save_meta  # the checkpoint formats live there
 
     # everything that needs no base weights first: the output dir, the base's config, the adapters against it
+    refuse_overlap("--out", args.out, {"--base": args.base, **{f"--adapter {d}": d for d in args.adapter}})
     check_dir_writable(args.out, args.overwrite, "--out")
     read = read_adapters(args.adapter, read_model_args(args.base), log=lambda s: print(s, flush=True))
     t0 = time.time()

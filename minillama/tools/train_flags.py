@@ -123,7 +123,17 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 
 
 def read_config_file(path: str) -> dict:
-    """Flag values from a .toml, .json or .yaml/.yml file."""
+    """Flag values from a .toml, .json or .yaml/.yml file (a mapping; nesting too deep to parse is an error)."""
+    try:
+        values = _read_config_file(path)
+    except RecursionError:
+        raise ValueError(f"--config {path}: nested too deeply to read") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    return values
+
+
+def _read_config_file(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--config {file} does not exist")
@@ -213,7 +223,20 @@ def recheck_values(parser: argparse.ArgumentParser, args: argparse.Namespace, so
     the flag and the file)."""
     for action in parser._actions:
         value = getattr(args, action.dest, None)
-        if value is None or action.dest == "help" or (action.type is None and not action.choices):
+        if value is None or action.dest == "help":
+            continue
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        where = f" (from {source})" if source else ""
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        several = not switch and (action.nargs in ("+", "*") or isinstance(action.nargs, int))
+        if switch and not isinstance(value, bool):  # {"overwrite": "false"} is not false: refuse it
+            parser.error(f"argument {flag}: {value!r}{where} is not true or false")
+        if several and not isinstance(value, (list, tuple)):
+            parser.error(f"argument {flag}: {value!r}{where} is not a list")
+        if switch or (action.type is None and not action.choices):
+            items = value if several else [value]
+            if not switch and action.nargs != "?" and not all(isinstance(v, str) for v in items):
+                parser.error(f"argument {flag}: {value!r}{where} is not a string" + (" list" if several else ""))
             continue
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if action.choices and v not in action.choices:

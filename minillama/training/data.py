@@ -181,6 +181,8 @@ def jsonl_records(path: Path, stats: DataStats):
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 stats.bad.append((lineno, f"not valid JSON ({e.msg} at column {e.colno})"))
+            except RecursionError:
+                stats.bad.append((lineno, "JSON nested too deeply to read"))
 
 
 def load_jsonl(path, tok, seq_len: int, drop_long: bool = False, flag: str = "--data") -> tuple[list[Sample],

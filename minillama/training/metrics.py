@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..perf import train_flops
-from ..util.files import atomic_write
+from ..util.files import atomic_write, disk_full_names
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device name; MFU is against these unless --peak_tflops says otherwise
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
@@ -122,7 +122,7 @@ class MetricsWriter:
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     continue
                 if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= resume_step:
                     kept.append(line)
@@ -131,8 +131,10 @@ class MetricsWriter:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with disk_full_names(self.path, "; the last checkpoint is whole: free some space and continue with "
+                                            "--resume"):
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
 
     def close(self) -> None:
         if self.enabled:
@@ -145,7 +147,7 @@ def read_metrics(path) -> list[dict]:
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(rec, dict):
             out.append(rec)

@@ -57,7 +57,18 @@ def _answer(value, where: str) -> dict:
 
 
 def to_pair(record) -> tuple[str, list[dict], dict, dict]:
-    """(shape, prompt messages, chosen answer, rejected answer) of one line; ValueError says what is wrong."""
+    """(shape, prompt messages, chosen answer, rejected answer) of one line; ValueError says what is wrong (also an
+    empty answer, or the same answer on both sides: such a pair teaches nothing, or only noise)."""
+    shape, prompt, chosen, rejected = _to_pair(record)
+    for side, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not answer["content"].strip():
+            raise ValueError(f"the '{side}' answer is empty")
+    if chosen["content"] == rejected["content"]:
+        raise ValueError("'chosen' and 'rejected' are the same answer")
+    return shape, prompt, chosen, rejected
+
+
+def _to_pair(record) -> tuple[str, list[dict], dict, dict]:
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     if "chosen" not in record or "rejected" not in record:

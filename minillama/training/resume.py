@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor
 
-from ..util.files import atomic_write, file_digest, read_json, replace_dir, write_json
+from ..util.files import atomic_write, file_digest, is_within, read_json, refuse_overlap, replace_dir, write_json
 from .sharded import INDEX, load_sharded, read_index, save_sharded
 
 LATEST = "latest"
@@ -176,27 +176,44 @@ def save_checkpoint(out: Path, step: int, root: nn.Module, optimizer, train_stat
         (tmp / "state").mkdir(parents=True)
         (tmp / "rng").mkdir()
     dist.barrier()
+    try:
+        written = _write_rank_files(tmp, root, optimizer, lora, base)
+        everyone = _gather(written)
+        if rank == 0:
+            _publish(tmp, final, {**train_state, "step": step}, {k: v for w in everyone for k, v in w.items()}, keep)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no torn checkpoint is left behind; `latest` still names a whole one
+        raise
+    dist.barrier()
+    return final
+
+
+def _write_rank_files(tmp: Path, root: nn.Module, optimizer, lora: bool, base: Optional[str]) -> dict:
+    """This rank's shards, RNG state (and, on rank 0, the adapter) under tmp. -> {relative path: digest}"""
+    rank = dist.get_rank()
     written = {f"state/{k}": v for k, v in save_sharded(_model_and_optim_state(root, optimizer, lora),
                                                         tmp / "state").items()}
     rng = write_json(tmp / "rng" / f"rank{rank}.json", rng_state())
     written[f"rng/{rng.name}"] = file_digest(rng)
     if lora:
         save_lora_adapter(root.model, tmp / "adapter", base, rank == 0)
-    everyone = _gather(written)
-    if rank == 0:
-        write_json(tmp / TRAIN_STATE, {**train_state, "step": step})
-        files = {k: v for w in everyone for k, v in w.items()}
-        for f in [tmp / TRAIN_STATE, *sorted((tmp / "adapter").glob("*"))]:
-            if f.is_file():
-                files[f.relative_to(tmp).as_posix()] = file_digest(f)
-        write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": dict(sorted(files.items()))})
-        replace_dir(tmp, final)
-        atomic_write(out / LATEST, final.name)  # last: a crash before this leaves the previous checkpoint current
-        if keep > 0:  # only checkpoints up to this step: newer ones (an abandoned run's) are replaced when reached
-            for old in [p for p in _step_dirs(out) if int(p.name.split("_")[1]) <= step][keep:]:
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+    return written
+
+
+def _publish(tmp: Path, final: Path, train_state: dict, files: dict, keep: int) -> None:
+    """Rank 0: the train state and the manifest into tmp, tmp renamed to OUT/step_N, `latest` pointed at it, and
+    older checkpoints beyond `keep` removed."""
+    out, step = final.parent, train_state["step"]
+    write_json(tmp / TRAIN_STATE, train_state)
+    for f in [tmp / TRAIN_STATE, *sorted((tmp / "adapter").glob("*"))]:
+        if f.is_file():
+            files[f.relative_to(tmp).as_posix()] = file_digest(f)
+    write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": dict(sorted(files.items()))})
+    replace_dir(tmp, final)
+    atomic_write(out / LATEST, final.name)  # last: a crash before this leaves the previous checkpoint current
+    if keep > 0:  # only checkpoints up to this step: newer ones (an abandoned run's) are replaced when reached
+        for old in [p for p in _step_dirs(out) if int(p.name.split("_")[1]) <= step][keep:]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- reading a checkpoint back: every file is checked before it is parsed ----
@@ -322,22 +339,48 @@ def load_rng_state(path: Path, rank: int) -> bool:
 
 # ---- --out: never overwrite a run by accident ----
 
-def check_out_dir(out: Path, resume: Optional[str], overwrite: bool) -> None:
-    """Before any work: a non-empty --out needs --resume (continue it) or --overwrite (start over)."""
+def is_run_config(path: Path) -> bool:
+    """Whether OUT/config.json is a training run's saved flags (config.saved_flags), not a model's config."""
+    try:
+        saved = read_json(path)
+    except (ValueError, FileNotFoundError):
+        return False
+    return {"lora_rank", "out", "total_steps"} <= saved.keys() and not {"model_type", "hidden_size"} & saved.keys()
+
+
+def _run_output_names(out: Path) -> list[Path]:
+    return [p for p in sorted(out.iterdir()) if p.name in RUN_OUTPUTS or STEP_DIR.fullmatch(p.name)
+            or re.fullmatch(r"\.step_\d+\.tmp", p.name)] if out.is_dir() else []
+
+
+def check_out_dir(out: Path, resume: Optional[str], overwrite: bool, inputs: Optional[dict] = None) -> None:
+    """Before any work: --out is none of the inputs ({flag: path}) and neither holds the other; a non-empty --out
+    needs --resume (continue it) or --overwrite (start over), and --overwrite only a directory a run wrote."""
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one of them")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
+    refuse_overlap("--out", out, inputs or {})
+    for flag, given in (inputs or {}).items():
+        if given is not None and Path(given).is_file() and any(is_within(given, p) for p in _run_output_names(out)):
+            raise ValueError(f"{flag} {given} lies among a previous run's outputs in --out {out}; move it first")
     if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} is not empty (a previous run?): pass --resume to continue it, "
                               "--overwrite to start over, or choose another --out")
+    if overwrite and _run_output_names(out) and not is_run_config(out / "config.json"):
+        raise FileExistsError(f"--out {out} does not hold a training run of this tool (its config.json is not a "
+                              "run's saved flags): --overwrite removes only a previous run's outputs; choose another "
+                              "--out")
 
 
 def remove_run_outputs(out: Path) -> list[str]:
-    """--overwrite: delete what a previous run wrote into OUT (step_N/, latest, metrics, final/, ...), nothing else."""
+    """--overwrite: delete what a previous run wrote into OUT (step_N/, latest, metrics, final/, ...), nothing else,
+    and only when OUT/config.json proves a run wrote them."""
+    found = _run_output_names(out)
+    if found and not is_run_config(out / "config.json"):
+        raise FileExistsError(f"--out {out}: not a training run's directory; nothing removed")
     gone = []
-    for p in sorted(out.iterdir()) if out.is_dir() else []:
-        if p.name in RUN_OUTPUTS or STEP_DIR.fullmatch(p.name) or re.fullmatch(r"\.step_\d+\.tmp", p.name):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            gone.append(p.name)
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        gone.append(p.name)
     return gone

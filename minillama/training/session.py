@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..util.distributed import DistInfo, cleanup, init_distributed
 from ..util.dtypes import dtype_name, parse_dtype
-from ..util.files import atomic_write
+from ..util.files import atomic_write, disk_full_names
 from ..util.plot import write_loss_png
 from .config import TrainConfig
 from .fsdp import ensure_process_group
@@ -78,7 +78,9 @@ def open_run(cfg: TrainConfig, stop: Stop) -> Opened:
     """Before any data or model: --out checked, the process group joined, the compute dtype chosen, --resume
     resolved and --overwrite applied."""
     out = Path(cfg.out)
-    check_out_dir(out, cfg.resume, cfg.overwrite)  # never a previous run lost by accident
+    inputs = {"--ckpt": cfg.model.ckpt, "--data": cfg.data.data, "--eval_data": cfg.data.eval_data,
+              "--config": cfg.flags.get("config")}
+    check_out_dir(out, cfg.resume, cfg.overwrite, inputs)  # never a previous run (or a model) lost by accident
     if cfg.model.cpu_offload and not ((cfg.device or "cuda").startswith("cuda") and torch.cuda.is_available()):
         raise ValueError("--cpu_offload moves GPU parameters to CPU memory; it needs --device cuda")
     info = init_distributed(cfg.device)
@@ -181,10 +183,13 @@ def start_log(cfg: TrainConfig, opened: Opened, split: BatchSplit, total_steps: 
 
 
 def save(run: Run) -> None:
-    """OUT/step_N now (every rank takes part)."""
-    run.last_saved = save_checkpoint(run.out, run.state.step, run.root, run.optimizer,
-                                     run.state.to_json(run.info.world_size), run.cfg.lora.enabled,
-                                     run.cfg.model.ckpt, run.cfg.keep)
+    """OUT/step_N now (every rank takes part); a full disk is one line that says how to go on."""
+    hint = (f"; nothing half-written is left: free some space and continue from {run.last_saved} with --resume"
+            if run.last_saved else "; nothing half-written is left: free some space and run again")
+    with disk_full_names(run.out / f"step_{run.state.step}", hint):
+        run.last_saved = save_checkpoint(run.out, run.state.step, run.root, run.optimizer,
+                                         run.state.to_json(run.info.world_size), run.cfg.lora.enabled,
+                                         run.cfg.model.ckpt, run.cfg.keep)
 
 
 def stop_on_nonfinite(run: Run, loss: float, grad_norm: float) -> int:
@@ -206,7 +211,9 @@ def export(run: Run) -> None:
     """The last checkpoint, final/ (PEFT adapter or HF model) and loss.png."""
     save(run)
     lora = run.cfg.lora.enabled
-    final = export_final(run.root, run.model, run.out, run.cfg.model.ckpt, run.info.is_rank0, lora)
+    with disk_full_names(run.out / "final", f"; the last checkpoint {run.last_saved} is whole: free some space and "
+                                            "finish with --resume"):
+        final = export_final(run.root, run.model, run.out, run.cfg.model.ckpt, run.info.is_rank0, lora)
     run.log.close()
     if run.info.is_rank0:
         png = write_loss_png(run.out / "loss.png", read_metrics(run.out / "metrics.jsonl"))

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from .files import DiskFull, is_disk_full
+
 
 PACKAGE = Path(__file__).resolve().parents[1]
 REPO = PACKAGE.parent
@@ -35,7 +37,7 @@ def recipe_file(*parts: str) -> Path:
 
 # what a user can get wrong: a bad flag value, path or file. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+               PermissionError, DiskFull)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -134,14 +136,25 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def report_error(line: str) -> None:
+    """A user error's one line on stderr, from rank 0 only. (Under torchrun the launcher still adds its
+    ChildFailedError summary: torch.distributed.launcher.api raises it for every non-zero worker exit.)"""
+    if is_rank0():
+        print(line, file=sys.stderr, flush=True)
+
+
 def run(main: Callable[[], Optional[int]]) -> int:
     """main() with user errors as one line on stderr (rank 0 only under torchrun) and exit code 1, no traceback."""
     try:
         code = main()
-    except USER_ERRORS as e:
-        if is_rank0():  # one line: a message that runs on (a library's paragraph) keeps its first line
-            text = str(e).strip()
-            print(f"error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr, flush=True)
+    except USER_ERRORS as e:  # one line: a message that runs on (a library's paragraph) keeps its first line
+        text = str(e).strip()
+        report_error(f"error: {text.splitlines()[0] if text else type(e).__name__}")
+        return 1
+    except OSError as e:  # a full disk where no writer named the file: still one line, not a traceback
+        if not is_disk_full(e):
+            raise
+        report_error(f"error: no space left on the device{f' while writing {e.filename}' if e.filename else ''}")
         return 1
     except KeyboardInterrupt:
         if is_rank0():

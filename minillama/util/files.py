@@ -11,6 +11,7 @@ removed the next time the same target is written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +21,53 @@ from pathlib import Path
 from typing import Iterator, Union
 
 PathLike = Union[str, os.PathLike]
+
+
+class DiskFull(OSError):
+    """The disk (or quota) filled up while writing `path`: one line naming the file, plus what the user can do."""
+
+    def __init__(self, path: PathLike, hint: str = ""):
+        super().__init__(errno.ENOSPC, "no space left on device", str(path))
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"no space left on the device while writing {self.filename}{self.hint}"
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for ENOSPC/EDQUOT, also as reported by writers that wrap the OS error (safetensors, torch.save)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "code: 28," in text or "file write failed" in text
+
+
+@contextlib.contextmanager
+def disk_full_names(path: PathLike, hint: str = "") -> Iterator[None]:
+    """Turn a full disk inside the block into DiskFull naming `path`, the thing the user asked for (not a temp file
+    inside it); other errors pass through unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if is_disk_full(e):
+            raise DiskFull(path, hint or getattr(e, "hint", "")) from None
+        raise
+
+
+def loads_json(text: Union[str, bytes], label: str, parse_constant=None):
+    """json.loads whose failures (bad syntax, UTF-8, nesting deeper than Python's recursion limit) are one ValueError
+    naming `label` (json raises RecursionError for `[` x 100000, which no caller expects)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{label}: not valid UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text, parse_constant=parse_constant) if parse_constant else json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{label}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{label}: JSON nested too deeply to read") from None
 
 
 def _tmp_prefix(final: Path) -> str:
@@ -77,7 +125,7 @@ def atomic_write(path: PathLike, data: Union[str, bytes], fsync: bool = True) ->
     fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(final)}{os.getpid()}-", dir=final.parent)
     try:
         follow_umask(tmp)
-        with os.fdopen(fd, "wb") as f:
+        with disk_full_names(final), os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             if fsync:
@@ -122,9 +170,10 @@ def atomic_dir(path: PathLike, overwrite: bool = False, flag: str = "") -> Itera
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(final)}{os.getpid()}-", dir=final.parent))
     try:
         follow_umask(tmp)
-        yield tmp
-        check_dir_writable(final, overwrite, flag)
-        replace_dir(tmp, final)
+        with disk_full_names(final):
+            yield tmp
+            check_dir_writable(final, overwrite, flag)
+            replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -139,6 +188,25 @@ def replace_dir(tmp: Path, final: Path) -> None:
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
+
+
+def is_within(inner: PathLike, outer: PathLike) -> bool:
+    """Whether `inner` is `outer` or lies inside it, links resolved."""
+    inner, outer = Path(os.path.realpath(inner)), Path(os.path.realpath(outer))
+    return inner == outer or outer in inner.parents
+
+
+def refuse_overlap(out_flag: str, out: PathLike, inputs: dict) -> None:
+    """An output directory must be none of the input dirs ({flag: path}), nor hold one, nor lie inside one: writing
+    it replaces or removes what is there. ValueError naming both flags, before any work."""
+    for flag, given in inputs.items():
+        if given is None or not Path(given).is_dir():
+            continue
+        inside, holds = is_within(out, given), is_within(given, out)
+        if inside or holds:
+            how = "is" if inside and holds else ("lies inside" if inside else "contains")
+            raise ValueError(f"{out_flag} {out} {how} {flag} {given}: an output must not overlap an input (writing "
+                             "it could replace or remove the input); give it a directory of its own")
 
 
 def require_file(path: PathLike, what: str = "", nonempty: bool = False) -> Path:
@@ -179,6 +247,8 @@ def read_json(path: PathLike, what: str = "") -> dict:
         raise ValueError(f"{label}: not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{label}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{label}: JSON nested too deeply to read") from None
     except OSError as e:
         raise ValueError(f"{label}: cannot read ({e.strerror})") from None
     if not isinstance(obj, dict):
