@@ -124,6 +124,7 @@ class Run:
     last_saved: Optional[Path] = None  # the newest checkpoint dir
     stopping: bool = False  # set at a step boundary: SIGTERM or --stop_at_step
     generation: Optional[object] = None  # GenerationEval (--eval_generate), set by the recipe's setup
+    steps_here: int = 0  # steps this process has taken (a resumed run starts at 0)
     trainable: list = field(default_factory=list)  # the parameters the optimizer updates (gradient clipping)
 
     @property
