@@ -40,12 +40,16 @@ class Stop:
         self.requested = False
 
     def handler(self, signum, frame) -> None:
-        if not self.requested:
+        first, self.requested = not self.requested, True  # set before anything that could fail
+        if first:
             rank = os.environ.get("RANK")
             who = f"rank {rank}: " if rank not in (None, "0") else ""
-            print(f"{who}SIGTERM received: saving a checkpoint at the end of this step, then exiting",
-                  file=sys.stderr, flush=True)
-        self.requested = True
+            text = f"{who}SIGTERM received: saving a checkpoint at the end of this step, then exiting\n"
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            except RuntimeError:  # the signal interrupted a write to stderr (the progress bar), which cannot reenter
+                os.write(2, text.encode())
 
 
 @contextmanager
