@@ -4,7 +4,7 @@ or full fine-tuning.
     torchrun --nproc_per_node 1 train/dpo.py                        # the demo: LoRA DPO on SmolLM2, see README
     torchrun --nproc_per_node 8 train/dpo.py --ckpt Llama-3.1-8B-Instruct/ --data pairs.jsonl --pack --seq_len 4096
     torchrun --nproc_per_node 2 train/dpo.py --loss orpo --orpo_lambda 0.1 --lora_rank 0 --lr 5e-6   # full ORPO
-    torchrun --nproc_per_node 1 train/dpo.py --loss kto --data unpaired.jsonl     # KTO: {"prompt", "completion", "label"}
+    torchrun --nproc_per_node 1 train/dpo.py --loss kto --data unpaired.jsonl   # {"prompt", "completion", "label"}
     torchrun --nproc_per_node 1 train/dpo.py --loss simpo --beta 2.0 --simpo_gamma 1.0  # SimPO, reference-free
     torchrun ... train/dpo.py --out OUT --resume                    # continue exactly (flags from OUT/config.json)
 

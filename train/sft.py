@@ -28,8 +28,10 @@ MixedPrecisionPolicy, fp32 gradient reduction) with fp32 master weights for trai
 its frozen base in the compute dtype and its adapters in fp32. MFU = model FLOPs (minillama.util.perf: 3x
 forward for full fine-tuning, 2x for LoRA, causal attention per document) / time / (--peak_tflops x processes),
 shown on GPUs with a known bf16 peak. SIGTERM: a line says at once that it arrived; the step in flight finishes, a
-checkpoint is written at that step's end, exit 0 (under torchrun the agent waits ~30 s before SIGKILL). A non-finite loss or gradient norm stops before the optimizer step,
-keeping the last checkpoint.
+checkpoint is written at that step's end, exit 0 (under torchrun the agent waits ~30 s before SIGKILL). A
+non-finite loss or gradient norm stops before the optimizer step, keeping the last checkpoint.
+--eval_generate N: at every --eval_every step and at the end, greedy answers to the first N --eval_data prompts,
+scored (exact match, --eval_regex, --reward pkg.module:function) into OUT/samples/ and metrics.jsonl (gen/*).
 Long context: --rope_theta / --rope_scaling / --max_seq_len change the model's RoPE and context (recorded in the
 exported model or beside the adapter); --context_parallel C splits every row over C processes (world = data x C
 processes; minillama/training/context_parallel.py); --trainable embed norm trains embeddings and norms beside LoRA

@@ -3,17 +3,19 @@
 
 Data: JSONL lines {"prompt": str | [messages], "completion": answer, "label": true | false} (TRL's unpaired
 preference shape; "messages" may stand for "prompt"); a preference pair line (train/dpo.py's shapes) gives two
-examples, its chosen answer desirable and its rejected one not (TRL's unpair_preference_dataset). With r = log pi(y|x) - log ref(y|x) (summed over the
-completion's tokens) and z0 the batch's KL estimate,
+examples, its chosen answer desirable and its rejected one not (TRL's unpair_preference_dataset).
+With r = log pi(y|x) - log ref(y|x) (summed over the completion's tokens) and z0 the batch's KL estimate,
     desirable (label true):    loss = w_d (1 - sig(beta (r - z0)))
     undesirable (label false): loss = w_u (1 - sig(beta (z0 - r)))
 averaged over the examples of the global batch. z0 = max(0, mean over the batch of log pi(y'|x) - log ref(y'|x)) for
 mismatched completions y' (no gradient): TRL cycles completions by one within its batch; here example i's mismatched
-completion is that of the nearest example before it from another line (wrapping around), so z0 depends neither on how rows are split over
-processes nor on the batch order, and a full fine-tuning run can precompute its reference. Each example sits in its
-rows beside its mismatched one as two documents (the pair machinery of preference_data: chosen = the example,
-rejected = the mismatched completion). Metrics as TRL's: kl (z0), rewards/chosen and logps/chosen (means over the
-desirable examples), rewards/rejected and logps/rejected (over the undesirable), rewards/margins.
+completion is that of the nearest example before it from another line (wrapping around), so z0 depends neither on
+how rows are split over processes nor on the batch order, and a full fine-tuning run can precompute its reference.
+Each example sits in its rows beside its mismatched one as two documents (the pair machinery of preference_data:
+chosen = the example, rejected = the mismatched completion). Metrics as TRL's: kl (z0), rewards/chosen and
+logps/chosen (means over the desirable examples), rewards/rejected and logps/rejected (over the undesirable),
+rewards/margins. A step costs three forwards per micro-batch: the KL pass without gradients (policy and reference,
+before the first micro-batch, since z0 is a whole-batch quantity) and the policy with gradients.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..lora.layers import set_lora_enabled
 from .data import DataStats, Sample, check_data_file, jsonl_records
-from .preference import PrefConfig, _inputs
+from .preference import PrefConfig, _inputs, reference_doc_logps
 from .preference_data import Pair, PairBatch, _answer, _messages, collate_pairs, to_pair, tokenize_pair
 from .schedule import BatchSplit
 from .packing import plan_epoch
@@ -184,24 +185,13 @@ class KTO:
             yield collate_pairs(pairs, rows[m:m + micro], self.pad_id)
 
     @torch.no_grad()
-    def _reference(self, root, inputs: dict, mb: PairBatch, table: Optional[torch.Tensor]) -> torch.Tensor:
-        """The reference's log-prob sum per document (example, mismatched, ...). (n_docs,)"""
-        if table is not None:
-            return table[torch.tensor(mb.pair_ids, dtype=torch.long)].reshape(-1).to(self.device, torch.float32)
-        set_lora_enabled(self.model, False)
-        try:
-            return root(**inputs)[0]
-        finally:
-            set_lora_enabled(self.model, True)
-
-    @torch.no_grad()
     def _kl_sums(self, root, rows: list, pairs: list[Pair], table) -> tuple[float, dict]:
         """This rank's sum of log pi - log ref over the mismatched completions of its rows, and each example's
         reference log-prob (kept for the forward with gradients)."""
         kl, ref = 0.0, {}
         for mb in self.micro_batches(rows, pairs):
             inputs = _inputs(mb, self.device)
-            ref_docs = self._reference(root, inputs, mb, table)
+            ref_docs = reference_doc_logps(root, self.model, inputs, mb, table)
             policy = root(**inputs)[0]
             kl += float((policy[1::2] - ref_docs[1::2]).sum())
             ref.update(zip(mb.pair_ids, ref_docs[0::2].tolist()))
@@ -216,8 +206,9 @@ class KTO:
     def forward(self, root, mb: PairBatch, counts: dict[str, float]) -> Forward:
         inputs = _inputs(mb, self.device)
         sums, aux, anchor = root(**inputs)
-        ref_main = torch.tensor([self._ref_cache[i] for i in mb.pair_ids], device=self.device)
-        desirable = torch.tensor([self.examples[i].desirable for i in mb.pair_ids], device=self.device)
+        ref_main = torch.tensor([self._ref_cache[i] for i in mb.pair_ids], dtype=torch.float32, device=self.device)
+        desirable = torch.tensor([self.examples[i].desirable for i in mb.pair_ids], dtype=torch.bool,
+                                 device=self.device)
         objective, metrics = kto_terms(self.cfg, sums[0::2], ref_main, desirable, kl_estimate(counts),
                                        max(counts["examples"], 1))
         # sums[1::2] (the mismatched completions) take no part in the loss: z0 carries no gradient
@@ -246,8 +237,9 @@ class KTO:
             weighted_kl += kl * counts["examples"]
             for mb in self.micro_batches(rows, self.eval_pairs):
                 logps = root(**_inputs(mb, self.device))[0][0::2]
-                ref_main = torch.tensor([ref[i] for i in mb.pair_ids], device=self.device)
-                desirable = torch.tensor([examples[i].desirable for i in mb.pair_ids], device=self.device)
+                ref_main = torch.tensor([ref[i] for i in mb.pair_ids], dtype=torch.float32, device=self.device)
+                desirable = torch.tensor([examples[i].desirable for i in mb.pair_ids], dtype=torch.bool,
+                                 device=self.device)
                 _, metrics = kto_terms(self.cfg, logps, ref_main, desirable, kl, 1.0)
                 metrics["examples"] = mb.n_pairs
                 for k, v in metrics.items():

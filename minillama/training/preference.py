@@ -1,5 +1,6 @@
-"""DPO and ORPO: the losses on sequence log-probs (TRL's formulas), the recipe train/dpo.py plugs into the trainer
-(count, micro-batches, forward, summarize, evaluate over pair rows), and the frozen reference's log-probs.
+"""DPO, IPO, SimPO and ORPO: the losses on sequence log-probs (TRL's formulas), the recipe train/dpo.py plugs into the
+trainer (count, micro-batches, forward, summarize, evaluate over pair rows), and the frozen reference's log-probs.
+(KTO, on unpaired completions, is kto.py.)
 
 DPO (Rafailov et al. 2023), sigmoid loss with label smoothing eps (conservative DPO; TRL's "sigmoid" up to 0.x,
 its "sigmoid" today when eps = 0): with log pi(y) the sum of the answer's token log-probs,
@@ -11,8 +12,14 @@ mean token log-prob (meaningful before the first step too, unlike the rewards, w
 ORPO (Hong et al. 2024), reference-free, as TRL's ORPOTrainer: with lc, lr the per-token mean log-probs,
     log_odds = (lc - lr) - (log(1 - e^lc) - log(1 - e^lr)),  loss = NLL(chosen) - lambda * mean log sig(log_odds)
 NLL is the SFT loss on the chosen answers (mean over their tokens in the global batch; TRL's ORPOTrainer also
-counts the prompt's tokens); rewards = lambda * lc / lambda * lr. Losses are means over the pairs of the whole
-global batch (all ranks, all micro-batches), so they do not depend on the number of processes.
+counts the prompt's tokens); rewards = lambda * lc / lambda * lr.
+IPO (Azar et al. 2023), as TRL's DPOTrainer "ipo": delta as DPO's but with each log-ratio averaged over its answer's
+tokens, loss = (delta - 1/(2 beta))^2; rewards as DPO's.
+SimPO (Meng et al. 2024), reference-free, as TRL's CPOTrainer "simpo": with lc, lr the per-token mean log-probs,
+    loss = -(1 - eps) log sig(beta (lc - lr) - gamma) - eps log sig(-(beta (lc - lr) - gamma))  [+ cpo_alpha NLL]
+rewards = beta lc / beta lr, and logps/* are the per-token means (as TRL logs them).
+Losses are means over the pairs of the whole global batch (all ranks, all micro-batches), so they do not depend on
+the number of processes.
 """
 
 from __future__ import annotations
@@ -93,6 +100,20 @@ def _inputs(mb: PairBatch, device) -> dict:
     """SequenceLogprobs keyword arguments of a micro-batch."""
     return dict(tokens=mb.tokens.to(device), targets=mb.targets.to(device), doc_ids=mb.doc_ids.to(device),
                 doc_index=mb.doc_index.to(device), n_docs=2 * mb.n_pairs, real=mb.real.to(device))
+
+
+@torch.no_grad()
+def reference_doc_logps(root, model, inputs: dict, mb: PairBatch, table: Optional[torch.Tensor]) -> torch.Tensor:
+    """The reference's log-prob sum per document of a micro-batch: looked up in a precomputed (n, 2) table (full
+    fine-tuning), else the model with its adapters switched off (LoRA: no second copy). (n_docs,)"""
+    if table is not None:
+        ids = torch.tensor(mb.pair_ids, dtype=torch.long)
+        return table[ids].reshape(-1).to(device=inputs["tokens"].device, dtype=torch.float32)
+    set_lora_enabled(model, False)
+    try:
+        return root(**inputs)[0]
+    finally:
+        set_lora_enabled(model, True)
 
 
 def _doc_tokens(doc_index: torch.Tensor, n_docs: int) -> torch.Tensor:
@@ -190,19 +211,8 @@ class Preference:
         for m in range(0, len(rows), micro):
             yield collate_pairs(pairs or self.pairs, rows[m:m + micro], self.pad_id)
 
-    @torch.no_grad()
     def _reference(self, root, inputs: dict, mb: PairBatch, table: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The reference's log-prob sum per document: adapters off (LoRA), or looked up (precomputed). (n_docs,)"""
-        if not self.cfg.uses_reference:
-            return None
-        if table is not None:
-            ids = torch.tensor(mb.pair_ids, dtype=torch.long)
-            return table[ids].reshape(-1).to(device=self.device, dtype=torch.float32)
-        set_lora_enabled(self.model, False)
-        try:
-            return root(**inputs)[0]
-        finally:
-            set_lora_enabled(self.model, True)
+        return reference_doc_logps(root, self.model, inputs, mb, table) if self.cfg.uses_reference else None
 
     def forward(self, root, mb: PairBatch, counts: dict[str, float]) -> Forward:
         inputs = _inputs(mb, self.device)

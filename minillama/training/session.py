@@ -40,12 +40,16 @@ class Stop:
         self.requested = False
 
     def handler(self, signum, frame) -> None:
-        if not self.requested:
+        first, self.requested = not self.requested, True  # set before anything that could fail
+        if first:
             rank = os.environ.get("RANK")
             who = f"rank {rank}: " if rank not in (None, "0") else ""
-            print(f"{who}SIGTERM received: saving a checkpoint at the end of this step, then exiting",
-                  file=sys.stderr, flush=True)
-        self.requested = True
+            text = f"{who}SIGTERM received: saving a checkpoint at the end of this step, then exiting\n"
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            except RuntimeError:  # the signal interrupted a write to stderr (the progress bar), which cannot reenter
+                os.write(2, text.encode())
 
 
 @contextmanager
@@ -126,6 +130,7 @@ class Run:
     last_saved: Optional[Path] = None  # the newest checkpoint dir
     stopping: bool = False  # set at a step boundary: SIGTERM or --stop_at_step
     generation: Optional[object] = None  # GenerationEval (--eval_generate), set by the recipe's setup
+    steps_here: int = 0  # steps this process has taken (a resumed run starts at 0)
     trainable: list = field(default_factory=list)  # the parameters the optimizer updates (gradient clipping)
 
     @property

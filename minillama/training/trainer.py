@@ -145,7 +145,7 @@ def steps(run: Run, recipe: Recipe) -> Iterator[Step]:
         lr = lr_at(run.state.step + 1, cfg.optim.lr, cfg.optim.warmup_steps, run.total_steps, cfg.optim.min_lr_ratio)
         set_lr(run.optimizer, lr)
         rows = run.split.rank_rows(batch, run.dp_rank)
-        counts = all_reduce_values(recipe.count(run.root, rows), run.info.device)  # the mean's denominators, before any forward
+        counts = all_reduce_values(recipe.count(run.root, rows), run.info.device)  # the mean's denominators
         yield Step(run=run, recipe=recipe, lr=lr, rows=rows, counts=counts, first=run.state.step + 1 == first)
 
 
@@ -161,6 +161,7 @@ def log_step(run: Run, step: Step, result: StepResult) -> None:
         torch.cuda.synchronize()
     result.seconds = time.perf_counter() - step.started
     run.state.advance(result.tokens)
+    run.steps_here += 1
     run.log.step(run.state.step, run.state.epoch, result)
 
 
@@ -169,7 +170,11 @@ def evaluate(run: Run, recipe: Recipe, final: bool = False) -> None:
     step = run.state.step
     if recipe.has_eval:
         run.log.eval(step, recipe.evaluate(run.root), final=final)
-    if run.generation is not None:
+    if run.generation is not None and run.steps_here == 0:
+        # FSDP sets up its sharding state in the first forward through the root; generation calls the model
+        # inside it, so it waits for a training step (a resumed run that has no step left to take skips it)
+        run.log.message(f"step {step}: --eval_generate skipped: no training step taken by this process")
+    elif run.generation is not None:
         samples = run.generation.run(run.root, run.model)
         scores = summarize_samples(samples)
         if run.info.is_rank0:
