@@ -29,6 +29,7 @@ from .lora_slots import (AdapterSlots, _check_hparams, _copy, _frozen, _new_fact
                          combine_adapters, dora_adapters, lora_modules, lora_scaling, set_adapter, set_row_adapters)
 from .moe import Experts
 from .quant import NF4Experts, NF4Linear, NF4Weight, nf4_linear
+from .weight_only import Int4Weight, Int8Weight, QuantLinear
 
 EXPERT_TARGETS = {"experts": ("w1", "w2", "w3"), "w1": ("w1",), "w2": ("w2",), "w3": ("w3",)}
 ROUTER_TARGETS = ("router", "gate")
@@ -67,6 +68,8 @@ class LoRALinear(AdapterSlots):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.weight, NF4Weight):
             return nf4_linear(x, self.weight)
+        if isinstance(self.weight, (Int8Weight, Int4Weight)):  # weight-only int8/int4 (inference)
+            return self.weight.linear(x)
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +113,7 @@ class LoRALinear(AdapterSlots):
         return self._row_norms(o)
 
     def _row_norms(self, o) -> torch.Tensor:
-        w = self.weight.dequantize(dtype=torch.float32) if isinstance(self.weight, NF4Weight) else self.weight
+        w = self.weight.dequantize(dtype=torch.float32) if isinstance(self.weight, nn.Module) else self.weight
         a = o.lora_a.detach().float()
         norms = torch.empty(self.out_features, dtype=torch.float32, device=a.device)
         for r in range(0, self.out_features, NORM_ROWS):  # never the whole float32 W + scaling B A at once
@@ -138,7 +141,7 @@ class LoRALinear(AdapterSlots):
     @torch.no_grad()
     def _row_stack(self):
         owners = [self.owner(i) for i in range(len(self.adapter_names))]
-        base = self.weight.packed if isinstance(self.weight, NF4Weight) else self.weight
+        base = self.weight.packed if isinstance(self.weight, nn.Module) else self.weight  # a quantized weight's codes
         deps = (base,) + tuple(t for o in owners for t in (o.lora_a, o.lora_b, o.lora_magnitude, o.scaling)
                                if t is not None)
 
@@ -257,7 +260,7 @@ def wrap_module(model: nn.Module, path: str, rank: int, alpha: float, dropout: f
     parent_path, _, leaf = path.rpartition(".")
     module = model.get_submodule(path)
     kw = dict(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_dtype=lora_dtype, name=path)
-    if isinstance(module, (nn.Linear, NF4Linear)):
+    if isinstance(module, (nn.Linear, NF4Linear, QuantLinear)):
         new = LoRALinear(module, use_dora=use_dora, **kw)
     elif isinstance(module, (Experts, NF4Experts)):
         if use_dora:
@@ -291,7 +294,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
             found.add("router" if leaf == "gate" else leaf)
         elif isinstance(module, LoRAExperts):
             found |= {f"experts.{w}" for w in module.targets}
-        elif isinstance(module, (nn.Linear, NF4Linear)) and (
+        elif isinstance(module, (nn.Linear, NF4Linear, QuantLinear)) and (
                 (leaf in linears and (in_ffn_or_attn or path == "output"))
                 or (router and leaf == "gate" and path.endswith("feed_forward.gate"))):
             wrap_module(model, path, use_dora=use_dora, **kw)

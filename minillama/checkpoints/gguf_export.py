@@ -155,10 +155,10 @@ def bpe_vocab(tok) -> GGUFVocab:
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
         specials = {a["id"]: (a["content"], a.get("special", False)) for a in spec.get("added_tokens", [])}
     else:  # Meta's tiktoken tokenizer.model: bytes -> GPT-2's printable characters, merges from the ranks
-        char = bytes_to_unicode()
-        enc = lambda b: "".join(char[x] for x in b)  # noqa: E731
-        text = {i: enc(b) for b, i in vocab.ranks.items()}
-        merges = [f"{enc(a)} {enc(b)}" for a, b in _merges_from_ranks(vocab.ranks)]
+        table = str.maketrans({chr(b): c for b, c in bytes_to_unicode().items()})
+        as_text = {b: b.decode("latin-1").translate(table) for b in vocab.ranks}  # one char per byte
+        text = {i: as_text[b] for b, i in vocab.ranks.items()}
+        merges = [f"{as_text[a]} {as_text[b]}" for a, b in _merges_from_ranks(vocab.ranks)]
         specials = {i: (s, True) for s, i in vocab.special.items()}
     n = max([*text, *specials]) + 1
     tokens, types = [f"[PAD{i}]" for i in range(n)], [TokenType.UNUSED] * n
