@@ -112,3 +112,25 @@ def test_tiny_models_load_and_agree(case, tmp_path, one_thread):
     got = cpp_logits(llm, ids)
     assert (got - want).abs().max().item() <= 1e-2 * want.abs().max().item()
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_lora_adapter_gguf_loads_in_llama_cpp_and_equals_ours(tmp_path, one_thread):
+    """export_gguf_lora: llama.cpp applies our adapter (llama-cli --lora) and gives our LoRA model's logits."""
+    from helpers import randomize_adapter
+    from minillama.checkpoints.gguf_export import export_gguf_lora
+    from minillama.lora import apply_lora
+    tok = load_tokenizer(train_tiny_spm(tmp_path))
+    model = tiny_model(vocab_size=256)
+    base = export_gguf(model, tok, tmp_path / "base.gguf", "f16")
+    model = through(model, lambda n, p: p.half().float())  # the weights llama.cpp holds
+    apply_lora(model, rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"))
+    randomize_adapter(model, seed=2, std=0.1)
+    adapter = export_gguf_lora(model, tmp_path / "lora.gguf")
+    ids = random_tokens(200, T=24, B=1)[0].tolist()
+    want = model(torch.tensor([ids]))[0].detach()
+    llm = llama_cpp.Llama(model_path=str(base), lora_path=str(adapter), n_ctx=64, n_threads=1, logits_all=True,
+                          verbose=False)
+    got = cpp_logits(llm, ids)
+    plain = cpp_logits(llama(base, n_ctx=64), ids)
+    assert (plain - want).abs().max().item() > 0.1 * want.abs().max().item()  # the adapter matters
+    assert (got - want).abs().max().item() <= 1e-2 * want.abs().max().item()

@@ -339,3 +339,40 @@ def export_gguf(model, tok, path: Union[str, Path], quant: str = "f16", name: Op
                 log(f"  wrote {i + 1}/{len(tensors)} tensors")
         w.close()
     return path.resolve()
+
+
+def export_gguf_lora(model, path: Union[str, Path], name: Optional[str] = None) -> Path:
+    """Write the LoRA adapter loaded into `model` (its first adapter) as a llama.cpp LoRA GGUF, for `llama-cli -m
+    BASE.gguf --lora FILE`. llama.cpp scales each pair by adapter.lora.alpha / rank; a layer whose own scaling differs
+    from that gets it folded into lora_b. DoRA, Mixtral expert and output-head adapters have no llama.cpp form."""
+    import gguf
+    pairs = []  # (llama.cpp weight name, lora_a (r, in), lora_b (out, r), scaling)
+    for key, m in model.named_modules():
+        if not hasattr(m, "lora_a") or not hasattr(m, "scaling"):
+            continue
+        if getattr(m, "lora_magnitude", None) is not None or m.lora_a.dim() != 2:
+            raise ValueError(f"export_gguf_lora: {key} is a DoRA or expert adapter; llama.cpp's LoRA GGUF has neither")
+        if key == "output":
+            raise ValueError("export_gguf_lora: an adapter on the output head has no llama.cpp LoRA form")
+        pairs.append((gguf_tensor_name(f"{key}.weight"), m.lora_a, m.lora_b, float(m.scaling)))
+    if not pairs:
+        raise ValueError("export_gguf_lora: the model holds no LoRA adapter (load one with adapter.load_adapter)")
+    rank0, scaling0 = pairs[0][1].shape[0], pairs[0][3]
+    alpha = scaling0 * rank0
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_name(name or path.stem)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for n, a, b, scaling in pairs:
+            fold = scaling * a.shape[0] / alpha  # 1 when every layer has the first one's rank and scaling
+            w.add_tensor(n.removesuffix(".weight") + ".weight.lora_a", encode_tensor(a, gguf.GGMLQuantizationType.F32))
+            w.add_tensor(n.removesuffix(".weight") + ".weight.lora_b",
+                         encode_tensor(b.detach().float() * fold, gguf.GGMLQuantizationType.F32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return path.resolve()
