@@ -111,6 +111,8 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
     rope_theta / rope_scaling / max_seq_len override the checkpoint's RoPE base, scaling and context, exactly as the
     same values in its config.json would (args.with_rope; rope_scaling {"rope_type": "default"} removes a scaling).
     params.json does not record the context; dynamic NTK and yarn read it.
+    quantize: "nf4" (quant.py), or weight-only "int8" / "int4" / "int4-g64" / "int4-g128" for inference
+    (weight_only.py): each layer linear is quantized as its tensor arrives, the output head once loaded or tied.
     """
     from ..weight_only import QUANTIZE_NAMES, quantize_head_
     if quantize not in (None, "nf4", *QUANTIZE_NAMES):
