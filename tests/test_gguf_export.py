@@ -6,7 +6,6 @@ rounding); q8_0/q4_0 logits equal the original with each weight quantized and de
 weights' error is the quantization's: relative RMS <= 0.01 for q8_0 (measured ~0.004), <= 0.12 for q4_0 (~0.09).
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -235,7 +234,3 @@ def test_convert_cli_writes_gguf_and_refuses_bad_flags(smollm2_dir, tmp_path):
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
 
-
-def test_llama_cpp_python_is_optional():
-    """llama-cpp-python is only needed for tests/test_llama_cpp.py (skipped without it)."""
-    assert importlib.util.find_spec("gguf") is not None

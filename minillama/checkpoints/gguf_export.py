@@ -296,7 +296,7 @@ def encode_tensor(t: torch.Tensor, qtype) -> np.ndarray:
     return quants.quantize(x, qtype)
 
 
-def _tensor_plan(model, quant: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensor_plan(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(llama.cpp name, tensor) in the converter's order; no output.weight when the head is tied."""
     state = _plain_state(model, "export_gguf")
     if model.args.tie_embeddings:
@@ -313,7 +313,7 @@ def export_gguf(model, tok, path: Union[str, Path], quant: str = "f16", name: Op
         raise ValueError(f"export_gguf: quant {quant!r}; expected one of {', '.join(QUANT_NAMES)}")
     log = log or (lambda msg: None)
     path = Path(path)
-    tensors = list(_tensor_plan(model, quant))
+    tensors = list(_tensor_plan(model))
     head = "token_embd.weight" if model.args.tie_embeddings else "output.weight"
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
