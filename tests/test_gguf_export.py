@@ -191,6 +191,18 @@ def test_llama3_rope_scaling_becomes_llama_cpp_rope_freqs(spm_tok, tmp_path):
     want = base_inv_freq(hd, model.args.rope_theta) / scaled_inv_freq(hd, model.args.rope_theta, s, 32768)[0]
     assert torch.allclose(torch.from_numpy(np.array(freqs.data)), want.float())
     assert want.min() == 1.0 and want.max() == 8.0  # short wavelengths kept, long ones divided by the factor
+    with pytest.raises(ValueError, match="rope_freqs.weight"):  # not read back (yet): refused, never ignored
+        read_back(tmp_path / "m.gguf", tmp_path / "back")
+
+
+def test_unmerged_lora_and_unknown_quant_are_refused(spm_tok, tmp_path):
+    from minillama.lora import apply_lora
+    model = apply_lora(tiny_model(vocab_size=256), rank=2, alpha=4)
+    with pytest.raises(ValueError, match="merge LoRA"):
+        export_gguf(model, spm_tok, tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match="quant 'q5_k'; expected one of f16, bf16, q8_0, q4_0"):
+        export_gguf(tiny_model(vocab_size=256), spm_tok, tmp_path / "m.gguf", "q5_k")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_tensor_types_follow_llama_cpp():
