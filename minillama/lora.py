@@ -1,6 +1,7 @@
-"""LoRA and DoRA: trainable low-rank updates on frozen base weights (float or NF4), swapped in after the model is
-built. The layers for linears live here; Mixtral's expert stacks in lora_experts.py; several named adapters per
-module and choosing between them in lora_slots.py; merging in lora_merge.py (all importable from here).
+"""LoRA and DoRA: trainable low-rank updates on frozen base weights (float, NF4, or weight_only's int8/int4 for
+inference), swapped in after the model is built. The layers for linears live here; Mixtral's expert stacks in
+lora_experts.py; several named adapters per module and choosing between them in lora_slots.py; merging in
+lora_merge.py (all importable from here).
 
 LoRA: y = W x + scaling * B A dropout(x), scaling = alpha / r (or alpha / sqrt(r) with rsLoRA). B starts at zero,
 so a fresh adapter changes nothing. The base keeps its `weight` key (torchtune habit): base state_dict keys are
@@ -41,8 +42,8 @@ DORA_ON_EXPERTS = ("DoRA on Mixtral experts is not supported (PEFT 0.21 has no D
 
 
 class LoRALinear(AdapterSlots):
-    """A bias-free linear with a frozen base `weight` (Parameter or NF4Weight) plus lora_a (r, in), lora_b (out, r)
-    and, for DoRA, lora_magnitude (out,); further named adapters in `extra`."""
+    """A bias-free linear with a frozen base `weight` (Parameter, NF4Weight, Int8Weight or Int4Weight) plus lora_a
+    (r, in), lora_b (out, r) and, for DoRA, lora_magnitude (out,); further named adapters in `extra`."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  lora_dtype: torch.dtype = torch.float32, name: str = "LoRALinear", use_dora: bool = False):
