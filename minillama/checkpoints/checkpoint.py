@@ -111,9 +111,12 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
     rope_theta / rope_scaling / max_seq_len override the checkpoint's RoPE base, scaling and context, exactly as the
     same values in its config.json would (args.with_rope; rope_scaling {"rope_type": "default"} removes a scaling).
     params.json does not record the context; dynamic NTK and yarn read it.
+    quantize: "nf4" (quant.py), or weight-only "int8" / "int4" / "int4-g64" / "int4-g128" for inference
+    (weight_only.py): each layer linear is quantized as its tensor arrives, the output head once loaded or tied.
     """
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
+    from ..weight_only import QUANTIZE_NAMES, quantize_head_
+    if quantize not in (None, "nf4", *QUANTIZE_NAMES):
+        raise ValueError(f"quantize={quantize!r}: expected None, 'nf4' or one of {', '.join(QUANTIZE_NAMES)}")
     dtype = parse_dtype(dtype, "load_model: dtype")
     plan = plan_checkpoint(path, rope_theta, rope_scaling, max_seq_len)
     device = torch.device(device)
@@ -124,6 +127,8 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
         _tie_or_keep_head(model, plan.dir)
     model.reset_rope(device)
     model.tie_weights()
+    if quantize in QUANTIZE_NAMES:
+        quantize_head_(model, quantize)
     return model.eval()
 
 
@@ -145,6 +150,9 @@ def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], sh
     if quantize == "nf4":
         from ..quant import load_quantized_
         quantized = load_quantized_
+    elif quantize is not None:
+        from ..weight_only import load_weight_only_
+        quantized = lambda model, key, t: load_weight_only_(model, key, t, quantize)  # noqa: E731
     stacks: dict[str, tuple[torch.Tensor, int]] = {}  # target -> (buffer, slots filled)
     order = sorted(range(len(entries)), key=lambda i: str(entries[i].sources[0].file))  # shard by shard
     last_file = None

@@ -187,7 +187,7 @@ def load_for_inference(ckpt: Union[str, Path], options: Optional[LoadOptions] = 
     dtype = parse_dtype(o.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     tp = info.world_size > 1
     if tp and o.quantize:
-        raise ValueError("quantize nf4 cannot be combined with tensor parallelism (run a single process)")
+        raise ValueError(f"--quantize {o.quantize} cannot be combined with tensor parallelism (run a single process)")
     tok = load_tokenizer(o.tokenizer or ckpt, chat_format=o.chat_format)
     # the checkpoint's own end-of-answer ids (e.g. Llama 3.1's [128001, 128008, 128009]) stop generation too
     tok.stop_ids = sorted(set(tok.stop_ids) | set(generation_defaults(ckpt).eos_ids))

@@ -1,6 +1,7 @@
-"""LoRA and DoRA: trainable low-rank updates on frozen base weights (float or NF4), swapped in after the model is
-built. The layers for linears live here; Mixtral's expert stacks in lora_experts.py; several named adapters per
-module and choosing between them in lora_slots.py; merging in lora_merge.py (all importable from here).
+"""LoRA and DoRA: trainable low-rank updates on frozen base weights (float, NF4, or weight_only's int8/int4 for
+inference), swapped in after the model is built. The layers for linears live here; Mixtral's expert stacks in
+experts.py; several named adapters per module and choosing between them in slots.py; merging in merge.py; PEFT's
+adapter files in peft.py.
 
 LoRA: y = W x + scaling * B A dropout(x), scaling = alpha / r (or alpha / sqrt(r) with rsLoRA). B starts at zero,
 so a fresh adapter changes nothing. The base keeps its `weight` key (torchtune habit): base state_dict keys are
@@ -28,6 +29,7 @@ from .experts import LoRAExperts
 from .slots import AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, lora_modules, lora_scaling
 from ..moe import Experts
 from ..quant import NF4Experts, NF4Linear, NF4Weight, nf4_linear
+from ..weight_only import Int4Weight, Int8Weight, QuantLinear
 
 EXPERT_TARGETS = {"experts": ("w1", "w2", "w3"), "w1": ("w1",), "w2": ("w2",), "w3": ("w3",)}
 ROUTER_TARGETS = ("router", "gate")
@@ -39,8 +41,8 @@ DORA_ON_EXPERTS = ("DoRA on Mixtral experts is not supported (PEFT 0.21 has no D
 
 
 class LoRALinear(AdapterSlots):
-    """A bias-free linear with a frozen base `weight` (Parameter or NF4Weight) plus lora_a (r, in), lora_b (out, r)
-    and, for DoRA, lora_magnitude (out,); further named adapters in `extra`."""
+    """A bias-free linear with a frozen base `weight` (Parameter, NF4Weight, Int8Weight or Int4Weight) plus lora_a
+    (r, in), lora_b (out, r) and, for DoRA, lora_magnitude (out,); further named adapters in `extra`."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  lora_dtype: torch.dtype = torch.float32, name: str = "LoRALinear", use_dora: bool = False):
@@ -66,6 +68,8 @@ class LoRALinear(AdapterSlots):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.weight, NF4Weight):
             return nf4_linear(x, self.weight)
+        if isinstance(self.weight, (Int8Weight, Int4Weight)):  # weight-only int8/int4 (inference)
+            return self.weight.linear(x)
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +113,7 @@ class LoRALinear(AdapterSlots):
         return self._row_norms(o)
 
     def _row_norms(self, o) -> torch.Tensor:
-        w = self.weight.dequantize(dtype=torch.float32) if isinstance(self.weight, NF4Weight) else self.weight
+        w = self.weight.dequantize(dtype=torch.float32) if isinstance(self.weight, nn.Module) else self.weight
         a = o.lora_a.detach().float()
         norms = torch.empty(self.out_features, dtype=torch.float32, device=a.device)
         for r in range(0, self.out_features, NORM_ROWS):  # never the whole float32 W + scaling B A at once
@@ -137,7 +141,7 @@ class LoRALinear(AdapterSlots):
     @torch.no_grad()
     def _row_stack(self):
         owners = [self.owner(i) for i in range(len(self.adapter_names))]
-        base = self.weight.packed if isinstance(self.weight, NF4Weight) else self.weight
+        base = self.weight.packed if isinstance(self.weight, nn.Module) else self.weight  # a quantized weight's codes
         deps = (base,) + tuple(t for o in owners for t in (o.lora_a, o.lora_b, o.lora_magnitude, o.scaling)
                                if t is not None)
 
@@ -268,7 +272,7 @@ def wrap_module(model: nn.Module, path: str, hp: LoRAHParams,
     module = model.get_submodule(path)
     kw = dict(rank=hp.rank, alpha=hp.alpha, dropout=hp.dropout, use_rslora=hp.use_rslora, lora_dtype=hp.lora_dtype,
               name=path)
-    if isinstance(module, (nn.Linear, NF4Linear)):
+    if isinstance(module, (nn.Linear, NF4Linear, QuantLinear)):
         new = LoRALinear(module, use_dora=hp.use_dora, **kw)
     elif isinstance(module, (Experts, NF4Experts)):
         if hp.use_dora:
@@ -302,7 +306,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
             found.add("router" if leaf == "gate" else leaf)
         elif isinstance(module, LoRAExperts):
             found |= {f"experts.{w}" for w in module.targets}
-        elif isinstance(module, (nn.Linear, NF4Linear)) and (
+        elif isinstance(module, (nn.Linear, NF4Linear, QuantLinear)) and (
                 (leaf in linears and (in_ffn_or_attn or path == "output"))
                 or (router and leaf == "gate" and path.endswith("feed_forward.gate"))):
             wrap_module(model, path, hp)

@@ -42,9 +42,10 @@ def _unmerge_exact(w: torch.Tensor, undo: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _check_mergeable(model: nn.Module, name: str, weight):
-    if isinstance(weight, NF4Weight):
-        raise ValueError(f"merge_lora: {name} has an NF4 base; merging would re-quantize it. Merge into the float "
-                         "checkpoint instead: python -m minillama.tools.merge --base ... --adapter ...")
+    if isinstance(weight, nn.Module):  # NF4Weight, weight_only.Int8Weight / Int4Weight
+        kind = "an NF4" if isinstance(weight, NF4Weight) else "a quantized"
+        raise ValueError(f"merge_lora: {name} has {kind} base; merging would re-quantize it. Merge into the float "
+                         "checkpoint instead: minillama-merge --base ... --adapter ...")
     emb = getattr(model, "tok_embeddings", None)
     if emb is not None and weight is emb.weight:
         raise ValueError(f"merge_lora: {name} shares its weight with tok_embeddings (tied); merging would change "

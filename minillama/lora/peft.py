@@ -7,7 +7,7 @@ Mixtral experts are written in the hub layout, one module per expert (block_spar
 block_sparse_moe.gate), which PEFT + transformers >= 5 fuse on load into mlp.experts.gate_up_proj/down_proj.
 We also read the fused layout PEFT writes for transformers 5 (mlp.experts.base_layer = gate_up_proj,
 mlp.experts = down_proj), splitting gate_up's shared-A factor into w1/w3.
-What the dir holds besides the factors (whole modules_to_save, base_rope.json) is in adapter_extras.py.
+What the dir holds besides the factors (whole modules_to_save, base_rope.json) is in peft_extras.py.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""Convert a checkpoint between the Meta/Mistral consolidated and Hugging Face formats.
+"""Convert a checkpoint between the Meta/Mistral consolidated and Hugging Face formats, or export it for llama.cpp.
 
     python -m minillama.tools.convert SRC DST [--to hf|meta] [--dtype bfloat16] [--shards N] [--max_shard_size 5GB]
     python -m minillama.tools.convert llama3-8b/ llama3-8b-16k/ --rope_theta 1e6 --max_seq_len 16384   # record a RoPE change
+    minillama-convert SRC model.q8_0.gguf --to gguf --quant q8_0   # llama.cpp / ollama (f16 bf16 q8_0 q4_0)
 
-The direction comes from SRC (Meta -> HF, HF -> Meta) unless --to (or its alias --format, merge's name) says. Tensors keep their dtype unless --dtype is
+The direction comes from SRC (Meta -> HF, HF -> Meta; a DST ending in .gguf means gguf) unless --to (or its alias
+--format, merge's name) says. An adapter goes to GGUF merged: run the merge tool first and convert its output. Tensors keep their dtype unless --dtype is
 given; the checkpoint is memory-mapped and written shard by shard, never held twice. Tokenizer files are copied.
 """
 
@@ -18,6 +20,7 @@ from ..util.cli import ArgumentParser, positive_int, run
 from .flags import add_rope_args
 from ..util.dtypes import DTYPE_NAMES, parse_dtype
 from ..util.files import check_dir_writable, refuse_overlap
+from ..checkpoints.gguf_export import QUANT_NAMES
 from ..checkpoints.checkpoint import TOKENIZER_FILES, detect_format, load_model, read_model_args, save_hf, save_meta
 from ..checkpoints.hf_format import parse_size
 from ..checkpoints.meta_format import check_meta_split
@@ -27,8 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m minillama.tools.convert", description=__doc__)
     p.add_argument("src", help="checkpoint dir (or a weight file inside it)")
     p.add_argument("dst", help="output dir (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--to", "--format", dest="to", choices=("hf", "meta"),
-                   help="target format (default: the other one)")
+    p.add_argument("--to", "--format", dest="to", choices=("hf", "meta", "gguf"),
+                   help="target format (default: gguf for a DST ending in .gguf, else the other one)")
+    p.add_argument("--quant", choices=QUANT_NAMES, default=None,
+                   help="gguf target: tensor type (default f16; norms stay float32)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast weights (default: keep the checkpoint's dtype)")
     p.add_argument("--shards", type=positive_int, default=None,
                    help="Meta target: model-parallel shards to split into (default 1)")
@@ -42,7 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     a = parse_args(argv)
     src_fmt, src_dir = detect_format(a.src)
-    to = a.to or ("meta" if src_fmt == "hf" else "hf")
+    to = a.to or ("gguf" if a.dst.endswith(".gguf") else "meta" if src_fmt == "hf" else "hf")
+    if a.quant and to != "gguf":
+        raise ValueError(f"--quant {a.quant} is for a gguf target; the target here is {to} (see --to)")
+    if to == "gguf":
+        return to_gguf(a, src_fmt, src_dir)
     # every check that needs no weights, before the slow part
     refuse_overlap("DST", a.dst, {"SRC": src_dir})
     check_dir_writable(a.dst, a.overwrite, "DST")
@@ -67,6 +76,27 @@ def main(argv=None) -> Path:
     copied = [n for n in TOKENIZER_FILES if (out / n).is_file()]
     print(f"wrote {to} checkpoint {out} (tokenizer files: {', '.join(copied) or 'none found'}) "
           f"in {time.time() - t0:.1f}s", flush=True)
+    return out
+
+
+def to_gguf(a: argparse.Namespace, src_fmt: str, src_dir: Path) -> Path:
+    """SRC -> one llama.cpp GGUF file (export_gguf), the model read in the checkpoint's dtype."""
+    from ..tokenizer.tokenizer import load_tokenizer
+    from ..checkpoints.gguf_export import export_gguf
+    dst = Path(a.dst)
+    for flag, value in (("--dtype", a.dtype), ("--shards", a.shards)):
+        if value is not None:
+            raise ValueError(f"{flag} does not apply to a gguf target (its tensor type is --quant)")
+    if dst.is_dir() or (dst.exists() and not a.overwrite):
+        raise FileExistsError(f"DST {dst} exists{' and is a directory' if dst.is_dir() else ''}"
+                              f"{'' if dst.is_dir() else ' (pass --overwrite to replace it)'}")
+    tok = load_tokenizer(src_dir)  # before the weights: a checkpoint without a tokenizer fails fast
+    t0 = time.time()
+    print(f"reading {src_fmt} checkpoint {src_dir}", flush=True)
+    model = load_model(src_dir, dtype=None, max_seq_len=a.max_seq_len, rope_theta=a.rope_theta,
+                       rope_scaling=a.rope_scaling)
+    out = export_gguf(model, tok, dst, quant=a.quant or "f16", name=src_dir.name, log=lambda s: print(s, flush=True))
+    print(f"wrote {out} ({a.quant or 'f16'}, {out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s", flush=True)
     return out
 
 

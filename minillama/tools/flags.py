@@ -84,7 +84,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", type=adapter_spec, default=None,
                    help="LoRA/DoRA adapter dir (PEFT layout) to apply on top (one adapter is merged in); repeat "
                         "as NAME=DIR to load several side by side (generate/batch.py picks one per line)")
-    p.add_argument("--quantize", default=None, choices=["nf4"], help="load the weights in NF4 (single process)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "int4-g64", "int4-g128", "nf4"],
+                   help="weight-only quantization on load (single process): int8 per row, int4 in groups of 32 "
+                        "(or 64/128), or NF4; int4's output head is int8")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
     p.add_argument("--chat_format", default=None, choices=FORMATS,

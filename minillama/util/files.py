@@ -139,6 +139,27 @@ def atomic_write(path: PathLike, data: Union[str, bytes], fsync: bool = True) ->
     return final
 
 
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temp file path beside `path` for a writer that opens files itself (e.g. gguf.GGUFWriter); when the
+    block ends without error the file replaces `path` in one step, on error it is removed."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(final)}{os.getpid()}-", dir=final.parent)
+    os.close(fd)
+    try:
+        follow_umask(tmp)
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+
+
 def write_json(path: PathLike, obj) -> Path:
     """atomic_write of obj as indented JSON with a trailing newline."""
     return atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

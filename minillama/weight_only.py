@@ -1,0 +1,186 @@
+"""Weight-only int8 and int4 linears for inference, in the formats gpt-fast and torchao use.
+
+- int8: one scale per output row, symmetric: q = round(w / s) in -127..127, s = max|w_row| / 127; y = (x @ q^T) * s.
+- int4: groups of G = 32 (int4; llama.cpp's q4_0 block), 64 or 128 (int4-g64, int4-g128; torchao's default)
+  consecutive weights along a row (a smaller G where the row length needs it), asymmetric:
+  q in 0..15, w ~ (q - 8) * scale + zero with zero = min + 8 * scale, the layout PyTorch's int4 kernels take.
+
+On CPU the matmul runs PyTorch's packed kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu), which
+read the 1- or 0.5-byte weights directly. Elsewhere, and for shapes the int4 CPU kernel refuses (rows not a multiple
+of 16), the weight is dequantized to the activations' dtype for each matmul. Scales follow the model's dtype (a
+bfloat16 model keeps bfloat16 scales, as gpt-fast does). Layers are quantized as they load (checkpoint.load_model),
+one tensor at a time; LoRA wraps a quantized linear like any other (lora.LoRALinear calls `weight.linear`).
+
+Measured (tests/test_weight_only.py): on Gaussian weights the relative RMS weight error is ~0.0045 (int8) and ~0.08
+(int4, G=32) / ~0.095 (G=128); on SmolLM2-135M the perplexity change is in NOTES_deploy.md.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUPS = (128, 64, 32)  # the largest (up to the asked one) that divides a row is used
+QUANTIZE_NAMES = ("int8", "int4", "int4-g64", "int4-g128")
+# the layer linears and the output head; embeddings, norms, the MoE router and experts stay in their dtype
+_LINEAR_KEY = re.compile(r"(layers\.\d+\.(?:attention\.w[qkvo]|feed_forward\.w[123])|output)\.weight")
+
+
+def int4_group_size(in_features: int, largest: int = 128) -> Optional[int]:
+    """The int4 group for rows of `in_features` weights: the largest of 128/64/32 (up to `largest`) dividing it."""
+    return next((g for g in INT4_GROUPS if g <= largest and in_features % g == 0), None)
+
+
+class Int8Weight(nn.Module):
+    """A frozen (out, in) weight as int8 codes `packed` (out, in) and per-row `scale` (out,) in the weight's dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(1).clamp_min(1e-12) / 127  # (out,)
+        self.register_buffer("packed", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(weight.dtype))
+        self.shape = tuple(weight.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T. (..., in) -> (..., out)"""
+        scale = self.scale.to(x.dtype)
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.shape[1]).contiguous(), self.packed, scale)  # (M, out)
+            return y.view(*x.shape[:-1], self.shape[0])
+        return F.linear(x, self.packed.to(x.dtype)) * scale
+
+    def dequantize(self, index: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight as the matmul sees it. (out, in)"""
+        return (self.packed.float() * self.scale.float()[:, None]).to(dtype or self.dtype)
+
+
+class Int4Weight(nn.Module):
+    """A frozen (out, in) weight in groupwise int4: `packed` (out, in/2) uint8 and `scales_and_zeros`
+    (in/G, out, 2) in the weight's dtype. `kernel` says which layout `packed` has: "cpu" is what
+    _convert_weight_to_int4pack_for_cpu makes; "plain" holds two codes per byte, the even column in the low nibble."""
+
+    def __init__(self, weight: torch.Tensor, group_size: int):
+        super().__init__()
+        out, n_in = weight.shape
+        if n_in % group_size:
+            raise ValueError(f"Int4Weight: rows of {n_in} weights do not split into groups of {group_size}")
+        w = weight.detach().float().view(out, n_in // group_size, group_size)  # (out, groups, G)
+        lo, hi = w.amin(-1), w.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-12)  # (out, groups)
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(out, n_in)
+        zero = lo + 8 * scale
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+                             .to(weight.dtype))  # (groups, out, 2)
+        self.kernel = "cpu" if weight.device.type == "cpu" and out % 16 == 0 else "plain"
+        if self.kernel == "cpu":
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (out, in/2) uint8
+        else:
+            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        self.register_buffer("packed", packed)
+        self.shape, self.group_size = (out, n_in), group_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales_and_zeros.dtype
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T. (..., in) -> (..., out)"""
+        if self.kernel == "cpu" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16,
+                                                                          torch.float16):
+            x2 = x.reshape(-1, self.shape[1]).contiguous()  # (M, in)
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
+                                                  self.scales_and_zeros.to(x.dtype))  # (M, out)
+            return y.view(*x.shape[:-1], self.shape[0])
+        return F.linear(x, self.dequantize(dtype=x.dtype))
+
+    @torch.no_grad()
+    def dequantize(self, index: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight as the matmul sees it. (out, in)"""
+        dtype = dtype or self.dtype
+        out, n_in = self.shape
+        if self.kernel == "cpu":  # the kernel's own layout is opaque: read W^T back through it, 1024 rows at a time
+            cols = []
+            for s in range(0, n_in, 1024):
+                eye = torch.eye(n_in, dtype=torch.float32)[s:s + 1024]  # (c, in)
+                cols.append(torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,
+                                                              self.scales_and_zeros.float()))  # (c, out)
+            return torch.cat(cols).t().to(dtype)
+        q = torch.stack([self.packed & 15, self.packed >> 4], -1).view(out, n_in // self.group_size, -1)
+        scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (out, groups) each
+        return ((q.float() - 8) * scale[..., None] + zero[..., None]).view(out, n_in).to(dtype)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear whose frozen `weight` is an Int8Weight or Int4Weight."""
+
+    def __init__(self, weight: nn.Module):
+        super().__init__()
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.linear(x)
+
+
+def parse_quantize(name: str) -> tuple[str, Optional[int]]:
+    """'int8' -> ('int8', None); 'int4' -> ('int4', 32); 'int4-g128' -> ('int4', 128)."""
+    if name not in QUANTIZE_NAMES:
+        raise ValueError(f"quantize {name!r}: expected one of {', '.join(QUANTIZE_NAMES)} or nf4")
+    return ("int8", None) if name == "int8" else ("int4", int(name.split("-g")[1]) if "-g" in name else 32)
+
+
+def quantized_weight(name: str, tensor: torch.Tensor, head: bool = False) -> Optional[nn.Module]:
+    """The `name` format of a (out, in) weight; int4's output head is int8 (as llama.cpp keeps the head at higher
+    precision); None when no int4 group divides the rows (the layer stays in float)."""
+    kind, largest = parse_quantize(name)
+    if kind == "int8" or head:
+        return Int8Weight(tensor)
+    group = int4_group_size(tensor.shape[1], largest)
+    return None if group is None else Int4Weight(tensor, group)
+
+
+def load_weight_only_(model: nn.Module, key: str, tensor: torch.Tensor, name: str) -> bool:
+    """Quantize `tensor` into the model if `key` is a layer linear's weight; False leaves it to the caller
+    (checkpoint.load_model, which quantizes the head once it is loaded or tied). Works on a meta-device model."""
+    m = _LINEAR_KEY.fullmatch(key)
+    if m is None or m.group(1) == "output" or tensor.dim() != 2:
+        return False
+    weight = quantized_weight(name, tensor)
+    if weight is None:
+        return False
+    parent, _, leaf = m.group(1).rpartition(".")
+    setattr(model.get_submodule(parent), leaf, QuantLinear(weight))
+    return True
+
+
+@torch.no_grad()
+def quantize_head_(model: nn.Module, name: str) -> None:
+    """The output head as int8 (its own copy when tied: the embedding rows stay in float for the lookup)."""
+    if isinstance(model.output, nn.Linear):
+        model.output = QuantLinear(quantized_weight(name, model.output.weight.data, head=True))
+
+
+@torch.no_grad()
+def quantize_model_(model: nn.Module, name: str) -> nn.Module:
+    """Quantize an already-built model's layer linears and output head in place."""
+    for key, p in list(model.named_parameters()):
+        load_weight_only_(model, key, p.data, name)
+    quantize_head_(model, name)
+    return model
