@@ -4,8 +4,8 @@
     python generate/serve.py --ckpt DIR --adapter reviews=out/sft/final --max_batch_size 16 --max_seq_len 4096
     torchrun --nproc_per_node 8 generate/serve.py --ckpt Llama-3.1-70B-Instruct/   # tensor parallel, rank 0 serves
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with "stream": true as server-sent
-events), GET /health, and GET / (the chat page). A request's "model" is the base model's name or an adapter's; the
+Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions (both with "stream": true as server-sent
+events), GET /health, GET /metrics (Prometheus), and GET / (the chat page). A request's "model" is the base model's name or an adapter's; the
 fields it leaves out (temperature, top_p, top_k, repetition_penalty, max_tokens) take this server's flags, whose
 defaults come from the checkpoint's generation_config.json. A new request joins the running batch at the next decode
 step, a finished, stopped (stop string) or abandoned (client gone) one frees its row; a free row keeps its tokens,
@@ -50,7 +50,11 @@ def get_args(argv=None):
                    help="requests decoded together (KV cache rows); more wait for a free row")
     p.add_argument("--model_name", default=None, help="the base model's name in the API (default: the --ckpt dir's "
                                                       "name)")
-    p.add_argument("--log_requests", action="store_true", help="log every HTTP request (uvicorn's access log)")
+    p.add_argument("--log_requests", action="store_true", help="also uvicorn's access log (one line per request "
+                                                                "with id, tokens and time is always logged)")
+    p.add_argument("--api_key", default=os.environ.get("MINILLAMA_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the chat page (default: "
+                        "$MINILLAMA_API_KEY; unset: no key)")
     return parse_args(p, argv)
 
 
@@ -115,7 +119,7 @@ def main(argv=None):
     host, port = sock.getsockname()[:2]
     log(f"[serving {', '.join(served.model_names())} on http://{host}:{port}/ ({args.max_batch_size} rows of "
         f"{limit} tokens, {info.world_size} process(es)); Ctrl-C stops]")
-    server = uvicorn.Server(uvicorn.Config(create_app(served, loop), log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(create_app(served, loop, args.api_key, log), log_level="warning",
                                            access_log=args.log_requests, timeout_graceful_shutdown=3))
     try:
         server.run(sockets=[sock])

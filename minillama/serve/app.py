@@ -1,6 +1,7 @@
 """The HTTP side: FastAPI routes for the OpenAI endpoints, server-sent events, and the chat page at GET /.
 
     app = create_app(served, loop)     # served: protocol.Served, loop: worker.BatchLoop (started)
+    app = create_app(served, loop, api_key="KEY", log=print)   # 401 without the key; one log line per request
 
 Every request is checked (protocol.parse_*) before it reaches the batching loop; a bad one gets HTTP 400 with an
 OpenAI error body naming the field. A client that disconnects (closes the stream, or gives up waiting) has its
@@ -11,15 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from importlib import resources
+from typing import Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..inference.engine import Event
 from . import protocol
+from .observe import Observe, Record, make_metrics
 from .protocol import APIError, Job
 from .text import TextStream
 
@@ -33,8 +37,10 @@ def chat_page() -> str:
 class Answer:
     """One job's run in the batching loop: its events arrive on an asyncio queue and become text pieces."""
 
-    def __init__(self, job: Job, served, loop):
+    def __init__(self, job: Job, served, loop, record: Optional[Record] = None):
         self.job, self.loop = job, loop
+        self.record = record or Record("POST", "")
+        self.record.id, self.record.n_in = job.id, len(job.prompt_ids)
         self.text = TextStream(served.tok, job.stop)
         self.events: asyncio.Queue = asyncio.Queue()
         self.tokens, self.finish, self.key = 0, None, None
@@ -60,6 +66,9 @@ class Answer:
             piece = ""
             if ev.token is not None:
                 self.tokens += 1
+                self.record.n_out = self.tokens
+                if self.record.first_token is None:
+                    self.record.first_token = time.perf_counter()
                 piece = self.text.push(ev.token)
             if self.text.stopped:  # a stop string: the row is freed now, not after max_tokens
                 self.cancel()
@@ -98,7 +107,7 @@ async def _stream(answer: Answer):
 
 
 async def _run(request: Request, job: Job, served, loop):
-    answer = Answer(job, served, loop)
+    answer = Answer(job, served, loop, getattr(request.state, "record", None))
     if job.stream:
         return StreamingResponse(_stream(answer), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -111,9 +120,11 @@ async def _run(request: Request, job: Job, served, loop):
     return JSONResponse(protocol.response(job, text, answer.finish, answer.tokens))
 
 
-def create_app(served, loop) -> FastAPI:
-    """The routes; served describes the model, loop is the running worker.BatchLoop."""
+def create_app(served, loop, api_key: Optional[str] = None, log: Optional[Callable[[str], None]] = None):
+    """The routes; served describes the model, loop is the running worker.BatchLoop. api_key: required as
+    'Authorization: Bearer KEY' on every route but /health and the page; log: gets one line per request."""
     app = FastAPI(title="minillama", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = make_metrics(loop.stats)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -141,9 +152,21 @@ def create_app(served, loop) -> FastAPI:
     async def health():
         return {"status": "ok", **loop.stats()}
 
+    @app.get("/metrics")
+    async def scrape():
+        if metrics is None:
+            raise protocol.APIError("GET /metrics needs prometheus_client: pip install -e '.[serve]'", status=501,
+                                    kind="server_error")
+        body, content_type = metrics.text()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/models")
     async def models():
         return protocol.models(served)
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        return protocol.model_card(served, name)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -155,4 +178,4 @@ def create_app(served, loop) -> FastAPI:
         return await _run(request, protocol.parse_completion(protocol.parse_body(await request.body()), served),
                           served, loop)
 
-    return app
+    return Observe(app, api_key, metrics, log)

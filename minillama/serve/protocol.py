@@ -25,12 +25,12 @@ class APIError(Exception):
     """An error the client caused (400) or a missing resource (404); param names the request field."""
 
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", code: Optional[str] = None):
         super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -138,13 +138,20 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
+def unknown_model(name, served: Served) -> APIError:
+    """OpenAI's answer to a model it does not have: 404 with code model_not_found."""
+    why = "" if served.base_servable else f" ({served.base_name} is served only with its merged adapter)"
+    return APIError(f"model {name!r} does not exist; this server has: {', '.join(served.model_names())}{why}",
+                    "model", status=404, code="model_not_found")
+
+
 def _model(body: dict, served: Served) -> tuple[str, Optional[str]]:
     """(model name, adapter name or None) of the request's "model" field."""
     name = body.get("model")
-    valid = served.model_names()
-    if not isinstance(name, str) or name not in valid:
-        why = "" if served.base_servable else f" ({served.base_name} is served only with its merged adapter)"
-        raise APIError(f"model {name!r} does not exist; this server has: {', '.join(valid)}{why}", "model")
+    if not isinstance(name, str):
+        raise APIError(f"model must be a string naming one of: {', '.join(served.model_names())}", "model")
+    if name not in served.model_names():
+        raise unknown_model(name, served)
     return name, (name if name in served.adapters else None)
 
 
@@ -270,9 +277,14 @@ def chunk(job: Job, text: Optional[str] = None, finish: Optional[str] = None, fi
     return out
 
 
+def model_card(served: Served, name: str) -> dict:
+    """GET /v1/models/{name}: one model; an adapter's parent is the base model."""
+    if name not in served.model_names():
+        raise unknown_model(name, served)
+    return {"id": name, "object": "model", "created": served.created, "owned_by": "minillama",
+            "root": served.base_name, "parent": None if name == served.base_name else served.base_name}
+
+
 def models(served: Served) -> dict:
     """GET /v1/models: the base model (when servable) and every adapter, whose parent is the base."""
-    data = [{"id": name, "object": "model", "created": served.created, "owned_by": "minillama",
-             "root": served.base_name, "parent": None if name == served.base_name else served.base_name}
-            for name in served.model_names()]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [model_card(served, name) for name in served.model_names()]}
