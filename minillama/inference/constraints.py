@@ -58,10 +58,11 @@ def _llguidance():
 
 def token_byte_strings(tok) -> list[bytes]:
     """The bytes each token id stands for (a special token: its text), as a byte-level decoder writes them."""
+    special = {i: text.encode() for text, i in tok.special_tokens.items()}
     out = []
     for i in range(tok.vocab_size):
         try:
-            piece, _, _ = tok._stream_piece(i, at_start=False)
+            piece = special.get(i) or tok._stream_piece(i, at_start=False)[0]
         except ValueError:  # an id the vocabulary leaves unused
             piece = b""
         out.append(piece)
@@ -80,7 +81,13 @@ class _Wrapped:
 
     def __call__(self, s):
         text = s.decode("utf-8", errors="replace") if isinstance(s, bytes) else s
-        return self.tok.encode(text, bos=False)
+        if self.tok.kind != "sentencepiece":
+            return self.tok.encode(text, bos=False)
+        # SentencePiece puts a dummy "▁" before the text, which is not in the bytes the grammar forces; "\n" is a
+        # byte token that merges with nothing, so encoding "\n" + text and dropping its tokens leaves text alone
+        nl = self.tok.encode("\n", bos=False)
+        ids = self.tok.encode("\n" + text, bos=False)
+        return ids[len(nl):] if ids[:len(nl)] == nl else ids
 
 
 def grammar_vocab(tok) -> GrammarVocab:
