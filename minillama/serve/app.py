@@ -94,9 +94,15 @@ async def _stream(answer: Answer):
     job = answer.job
     try:
         yield _sse(protocol.chunk(job, text=job.echo, first=True))
-        async for piece in answer.pieces():
-            yield _sse(protocol.chunk(job, text=piece))
-        yield _sse(protocol.chunk(job, finish=answer.finish))
+        if job.tool_format is None:
+            async for piece in answer.pieces():
+                yield _sse(protocol.chunk(job, text=piece))
+            yield _sse(protocol.chunk(job, finish=answer.finish))
+        else:  # whether the answer is a tool call is known at its end: it comes as one piece
+            text = "".join([p async for p in answer.pieces()])
+            calls = protocol.tool_calls(job, text)
+            yield _sse(protocol.chunk(job, calls=calls) if calls else protocol.chunk(job, text=text))
+            yield _sse(protocol.chunk(job, finish="tool_calls" if calls else answer.finish))
         if job.include_usage:
             yield _sse(protocol.chunk(job, usage_only=protocol.usage(len(job.prompt_ids), answer.tokens)))
         yield "data: [DONE]\n\n"

@@ -13,12 +13,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..inference import constraints
+from ..inference.constraints import Constraint
 from ..inference.sampling import SamplingParams
+from ..tokenizer import tools as tl
 
 MAX_STOP_STRINGS = 16
 # request fields this server does not implement, with the values that mean "off"
-UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",), "tools": ([],),
-               "functions": ([],), "response_format": ({"type": "text"},)}
+UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",), "functions": ([],)}
 
 
 class APIError(Exception):
@@ -65,6 +67,8 @@ class Job:
     stream: bool
     include_usage: bool = False
     echo: str = ""  # completions with echo: the prompt text, prepended to the answer
+    tool_format: Optional[str] = None  # chat format whose tool calls are parsed from the answer (None: no tools)
+    constraint: Optional[Constraint] = None  # response_format, or a forced tool call: what the answer must match
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -174,12 +178,71 @@ def _messages(body: dict) -> list[dict]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise APIError(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise APIError(f"messages[{i}].role must be system, user or assistant, got {m.get('role')!r}",
+        role = {"developer": "system", "ipython": "tool"}.get(m.get("role"), m.get("role"))
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(f"messages[{i}].role must be system, user, assistant or tool, got {m.get('role')!r}",
                            f"messages[{i}].role")
-        out.append({"role": role, "content": _content(m, i)})
+        calls = m.get("tool_calls") if role == "assistant" else None
+        msg = {"role": role, "content": "" if calls and m.get("content") is None else _content(m, i)}
+        if calls:
+            msg["tool_calls"] = calls
+        if role == "tool":
+            msg.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+        out.append(msg)
     return out
+
+
+def _tools(body: dict) -> tuple[list, object]:
+    """(checked tools, tool_choice): "auto" (the default with tools), "none", "required" or a named function."""
+    raw, choice = body.get("tools"), body.get("tool_choice")
+    try:
+        tools = tl.check_tools(raw) if raw else []
+    except ValueError as e:
+        raise APIError(str(e), "tools") from None
+    if choice is None:
+        choice = "auto" if tools else "none"
+    named = isinstance(choice, dict) and choice.get("type", "function") == "function" and \
+        isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+    if choice not in ("auto", "none", "required") and not named:
+        raise APIError(f"tool_choice must be auto, none, required or {{type: function, function: {{name}}}}, got "
+                       f"{choice!r:.100}", "tool_choice")
+    if choice != "none" and not tools:
+        raise APIError(f"tool_choice {choice!r:.60} needs a non-empty tools list", "tool_choice")
+    return tools, choice
+
+
+def _constraint(c: Optional[Constraint], served: Served, param: str) -> Optional[Constraint]:
+    """c checked against the model's vocabulary now, so a bad schema is a 400 and not a failed answer."""
+    if c is None:
+        return None
+    from ..inference.engine import Request
+    if "constraint" not in Request.__dataclass_fields__:  # said no to, rather than answered unconstrained
+        raise APIError(f"{param}: this build's engine does not apply per-row constraints yet", param, status=501,
+                       kind="server_error")
+    try:
+        constraints.check(c, constraints.grammar_vocab(served.tok))
+    except ValueError as e:
+        raise APIError(f"{param}: {e}", param) from None
+    return c
+
+
+def _structured(body: dict, served: Served, tools: list, choice) -> Optional[Constraint]:
+    """What the answer must match: the response_format, or one call of the tool(s) tool_choice forces."""
+    try:
+        c = constraints.parse_response_format(body.get("response_format"))
+    except ValueError as e:
+        raise APIError(f"response_format {e}", "response_format") from None
+    forced = choice == "required" or isinstance(choice, dict)
+    if c is not None and forced:
+        raise APIError("response_format and a forced tool call (tool_choice required or named) cannot be combined",
+                       "tool_choice")
+    if forced:
+        try:
+            grammar = tl.tool_call_grammar(served.tok.chat_format, served.tok, tools, choice)
+        except ValueError as e:
+            raise APIError(str(e), "tool_choice") from None
+        return _constraint(Constraint("lark", grammar), served, "tool_choice")
+    return _constraint(c, served, "response_format")
 
 
 def _max_tokens(body: dict, served: Served, n_prompt: int, prompt_field: str) -> int:
@@ -213,11 +276,15 @@ def parse_chat(body: dict, served: Served) -> Job:
     model, adapter = _model(body, served)
     common = _common(body, served)
     msgs = _messages(body)
+    tools, choice = _tools(body)
+    offered = tools if choice != "none" else None
     try:
-        ids = served.tok.encode_dialog(msgs, add_generation_prompt=True)
-    except ValueError as e:  # e.g. roles out of order for an [INST] format
-        raise APIError(f"messages: {e}", "messages") from None
-    return Job("chat", model, adapter, ids, _max_tokens(body, served, len(ids), "messages"), **common)
+        ids = served.tok.encode_dialog(msgs, add_generation_prompt=True, tools=offered)
+    except ValueError as e:  # e.g. roles out of order for an [INST] format, a format without tools
+        raise APIError(f"messages: {e}", "tools" if offered and "tool-calling" in str(e) else "messages") from None
+    constraint = _structured(body, served, tools, choice)
+    return Job("chat", model, adapter, ids, _max_tokens(body, served, len(ids), "messages"),
+               tool_format=served.tok.chat_format if offered else None, constraint=constraint, **common)
 
 
 def parse_completion(body: dict, served: Served) -> Job:
@@ -238,7 +305,9 @@ def parse_completion(body: dict, served: Served) -> Job:
     if not ids:
         raise APIError("prompt encodes to no tokens", "prompt")
     echo = (prompt if isinstance(prompt, str) else served.tok.decode(ids)) if _bool(body, "echo") else ""
-    return Job("completion", model, adapter, ids, _max_tokens(body, served, len(ids), "prompt"), echo=echo, **common)
+    constraint = _structured(body, served, [], "none")
+    return Job("completion", model, adapter, ids, _max_tokens(body, served, len(ids), "prompt"), echo=echo,
+               constraint=constraint, **common)
 
 
 # ---- responses ----
@@ -247,12 +316,23 @@ def usage(n_prompt: int, n_completion: int) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
 
+def tool_calls(job: Job, text: str) -> list:
+    """The answer's tool calls in OpenAI's shape ([] for a plain answer or a request without tools)."""
+    if job.tool_format is None:
+        return []
+    return [c.openai(i) if c.id else {**c.openai(i), "id": f"call_{job.id}_{i}"}
+            for i, c in enumerate(tl.parse_tool_calls(job.tool_format, text))]
+
+
 def response(job: Job, text: str, finish: str, n_completion: int) -> dict:
-    """The non-streamed answer."""
+    """The non-streamed answer; a chat answer that is a tool call comes back as tool_calls, finish "tool_calls"."""
     u = usage(len(job.prompt_ids), n_completion)
     if job.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
+        calls = tool_calls(job, text)
+        message = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
+            {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": "tool_calls" if calls else finish}
         return {"id": f"chatcmpl-{job.id}", "object": "chat.completion", "created": job.created, "model": job.model,
                 "choices": [choice], "usage": u}
     choice = {"index": 0, "text": job.echo + text, "logprobs": None, "finish_reason": finish}
@@ -261,12 +341,15 @@ def response(job: Job, text: str, finish: str, n_completion: int) -> dict:
 
 
 def chunk(job: Job, text: Optional[str] = None, finish: Optional[str] = None, first: bool = False,
-          usage_only: Optional[dict] = None) -> dict:
-    """One streamed chunk: a piece of text, the final finish_reason, or (stream_options.include_usage) the usage."""
+          usage_only: Optional[dict] = None, calls: Optional[list] = None) -> dict:
+    """One streamed chunk: a piece of text, tool calls, the final finish_reason, or (stream_options.include_usage)
+    the usage."""
     if job.kind == "chat":
         head = {"id": f"chatcmpl-{job.id}", "object": "chat.completion.chunk", "created": job.created,
                 "model": job.model}
         delta = {"role": "assistant", "content": text or ""} if first else ({} if text is None else {"content": text})
+        if calls:
+            delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
         choices = [] if usage_only else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
     else:
         head = {"id": f"cmpl-{job.id}", "object": "text_completion", "created": job.created, "model": job.model}
