@@ -96,3 +96,34 @@ def test_one_log_line_per_request_with_id_tokens_and_time(client, server):
     (line,) = [line for line in server[1] if job_id in line]
     assert f"POST /v1/chat/completions 200 in={r.usage.prompt_tokens} out={r.usage.completion_tokens} " in line
     assert "ttft=" in line and line.rstrip().endswith("s]")
+
+
+# ---- the Python API (minillama.inference.api.Llama) answers as the server does ----
+
+@pytest.fixture(scope="module")
+def llama(smollm2_dir):
+    from minillama.inference.api import Llama
+    return Llama.build(smollm2_dir, max_seq_len=256)
+
+
+def test_python_api_greedy_chat_and_text_equal_the_servers(llama, client):
+    dialog = [{"role": "user", "content": "What is the capital of France?"}]
+    (ours,) = llama.chat_completion([dialog], temperature=0, max_gen_len=24)
+    theirs = client.chat.completions.create(model=BASE, messages=dialog, temperature=0, max_tokens=24)
+    assert ours["generation"] == {"role": "assistant", "content": theirs.choices[0].message.content}
+    (ours,) = llama.text_completion(["The three primary colours are"], temperature=0, max_gen_len=12)
+    theirs = client.completions.create(model=BASE, prompt="The three primary colours are", temperature=0,
+                                       max_tokens=12)
+    assert ours["generation"] == theirs.choices[0].text
+
+
+def test_python_api_logprobs_of_a_greedy_answer_are_each_steps_best(llama):
+    import torch
+    (r,) = llama.text_completion(["Once upon a time"], temperature=0, max_gen_len=6, logprobs=True)
+    assert "".join(r["tokens"]) == r["generation"] and len(r["logprobs"]) == 6
+    ids = llama.tokenizer.encode("Once upon a time", bos=True)
+    out = llama.tokenizer.encode(r["generation"], bos=False)
+    with torch.no_grad():
+        for i, lp in enumerate(r["logprobs"]):  # greedy: the chosen token is the argmax at each step
+            logits = llama.model(torch.tensor([ids + out[:i]]))[0, -1]
+            assert lp == pytest.approx(torch.log_softmax(logits.float(), -1).max().item(), abs=1e-4)
