@@ -30,8 +30,9 @@ from .text import TextStream
 POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
-def chat_page() -> str:
-    return resources.files(__package__).joinpath("chat.html").read_text(encoding="utf-8")
+def chat_page(name: str = "chat.html") -> str:
+    """The chat page, or its Markdown renderer (markdown.js), from the package."""
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
 class Answer:
@@ -95,9 +96,10 @@ async def _stream(answer: Answer):
     try:
         yield _sse(protocol.chunk(job, text=job.echo, first=True))
         if job.tool_format is None:
+            n_prompt = len(job.prompt_ids)
             async for piece in answer.pieces():
-                yield _sse(protocol.chunk(job, text=piece))
-            yield _sse(protocol.chunk(job, finish=answer.finish))
+                yield _sse(protocol.chunk(job, text=piece, running=protocol.usage(n_prompt, answer.tokens)))
+            yield _sse(protocol.chunk(job, finish=answer.finish, running=protocol.usage(n_prompt, answer.tokens)))
         else:  # whether the answer is a tool call is known at its end: it comes as one piece
             text = "".join([p async for p in answer.pieces()])
             calls = protocol.tool_calls(job, text)
@@ -153,6 +155,10 @@ def create_app(served, loop, api_key: Optional[str] = None, log: Optional[Callab
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return HTMLResponse(chat_page())
+
+    @app.get("/markdown.js")
+    async def markdown():
+        return Response(chat_page("markdown.js"), media_type="text/javascript")
 
     @app.get("/health")
     async def health():

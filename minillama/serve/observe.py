@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-OPEN_PATHS = ("/health", "/")  # no key needed: liveness, and the static chat page (it asks for the key itself)
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+# no key needed: liveness, and the static page and its renderer (the page asks for the key itself)
+OPEN_PATHS = ("/health", "/", "/markdown.js")
+ROUTES = ("/", "/markdown.js", "/health", "/metrics", "/v1/models", "/v1/chat/completions",
+          "/v1/completions")
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 

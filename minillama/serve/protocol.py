@@ -69,6 +69,7 @@ class Job:
     echo: str = ""  # completions with echo: the prompt text, prepended to the answer
     tool_format: Optional[str] = None  # chat format whose tool calls are parsed from the answer (None: no tools)
     constraint: Optional[Constraint] = None  # response_format, or a forced tool call: what the answer must match
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): usage so far in every chunk
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -268,7 +269,8 @@ def _common(body: dict, served: Served) -> dict:
         raise APIError("stream_options must be an object", "stream_options")
     return dict(sampling=_sampling(body, served), seed=_int(body, "seed", None, lambda v: True, "an integer"),
                 stop=_stop(body), stream=_bool(body, "stream"),
-                include_usage=bool((opts or {}).get("include_usage")))
+                include_usage=bool((opts or {}).get("include_usage")),
+                continuous_usage=bool((opts or {}).get("continuous_usage_stats")))
 
 
 def parse_chat(body: dict, served: Served) -> Job:
@@ -341,9 +343,9 @@ def response(job: Job, text: str, finish: str, n_completion: int) -> dict:
 
 
 def chunk(job: Job, text: Optional[str] = None, finish: Optional[str] = None, first: bool = False,
-          usage_only: Optional[dict] = None, calls: Optional[list] = None) -> dict:
+          usage_only: Optional[dict] = None, calls: Optional[list] = None, running: Optional[dict] = None) -> dict:
     """One streamed chunk: a piece of text, tool calls, the final finish_reason, or (stream_options.include_usage)
-    the usage."""
+    the usage; running: the usage so far, sent with stream_options.continuous_usage_stats."""
     if job.kind == "chat":
         head = {"id": f"chatcmpl-{job.id}", "object": "chat.completion.chunk", "created": job.created,
                 "model": job.model}
@@ -357,6 +359,8 @@ def chunk(job: Job, text: Optional[str] = None, finish: Optional[str] = None, fi
     out = {**head, "choices": choices}
     if job.include_usage:
         out["usage"] = usage_only
+    if job.continuous_usage and running is not None and usage_only is None:
+        out["usage"] = running
     return out
 
 
