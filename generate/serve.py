@@ -110,12 +110,12 @@ def main(argv=None):
                     row_adapters=set_row_adapters if adapters and not merged else None)  # mixed per batch
     if not info.is_rank0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 says when serving ends
-        follow(engine, info)
+        follow(engine, info, tok)
         cleanup()
         return
     served = Served(tok, args.model_name or ckpt.name, adapters, not merged, limit,
                     sampling_params(args), args.max_new_tokens)
-    loop = BatchLoop(engine, info).start()
+    loop = BatchLoop(engine, info, tok=tok).start()
     host, port = sock.getsockname()[:2]
     log(f"[serving {', '.join(served.model_names())} on http://{host}:{port}/ ({args.max_batch_size} rows of "
         f"{limit} tokens, {info.world_size} process(es)); Ctrl-C stops]")

@@ -1,6 +1,8 @@
 """The OpenAI surface clients hit, with the official openai client: an API key (401 without it), GET /v1/models/{id},
-404 model_not_found, a Prometheus scrape of /metrics, one log line per request; and the Python API (Llama.build)
-answering greedily exactly as the server does."""
+404 model_not_found, a Prometheus scrape of /metrics, one log line per request; structured output (json_object,
+strict json_schema, regex) and tool calls (auto, none, required, named), also through LangChain's
+with_structured_output; and the Python API (Llama.build) answering greedily exactly as the server does.
+The server runs SmolLM2 with --chat_format template (its own Jinja template, token-identical to chatml)."""
 
 import json
 import time
@@ -22,8 +24,9 @@ BASE = "smol"
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir):
-    proc, url, log = start_server(["--ckpt", smollm2_dir, "--model_name", BASE, "--max_seq_len", 256,
-                                   "--max_batch_size", 4, "--temperature", 0], env={"MINILLAMA_API_KEY": KEY})
+    proc, url, log = start_server(["--ckpt", smollm2_dir, "--model_name", BASE, "--max_seq_len", 384,
+                                   "--max_batch_size", 4, "--temperature", 0, "--chat_format", "template"],
+                                  env={"MINILLAMA_API_KEY": KEY})
     yield url, log
     proc.terminate()
     proc.wait(30)
@@ -103,7 +106,7 @@ def test_one_log_line_per_request_with_id_tokens_and_time(client, server):
 @pytest.fixture(scope="module")
 def llama(smollm2_dir):
     from minillama.inference.api import Llama
-    return Llama.build(smollm2_dir, max_seq_len=256)
+    return Llama.build(smollm2_dir, max_seq_len=384)
 
 
 def test_python_api_greedy_chat_and_text_equal_the_servers(llama, client):
@@ -127,3 +130,123 @@ def test_python_api_logprobs_of_a_greedy_answer_are_each_steps_best(llama):
         for i, lp in enumerate(r["logprobs"]):  # greedy: the chosen token is the argmax at each step
             logits = llama.model(torch.tensor([ids + out[:i]]))[0, -1]
             assert lp == pytest.approx(torch.log_softmax(logits.float(), -1).max().item(), abs=1e-4)
+
+
+# ---- structured output and tool calls ----
+
+REVIEW = {"type": "object", "additionalProperties": False, "required": ["stars", "verdict"],
+          "properties": {"stars": {"type": "integer", "minimum": 1, "maximum": 5},
+                         "verdict": {"type": "string", "enum": ["good", "bad"]}}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+    "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "Review the film Alien."}]
+
+
+def test_json_object_and_strict_json_schema_answers_parse(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    r = client.chat.completions.create(model=BASE, max_tokens=60, response_format={"type": "json_object"},
+                                       messages=[{"role": "user", "content": "Give me a JSON object with your name "
+                                                                             "and age."}])
+    assert isinstance(json.loads(r.choices[0].message.content), dict) and r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model=BASE, messages=ASK, max_tokens=60, response_format={
+        "type": "json_schema", "json_schema": {"name": "review", "schema": REVIEW, "strict": True}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), REVIEW)
+    assert r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model=BASE, prompt="My phone number is", max_tokens=20,
+                                  extra_body={"response_format": {"type": "regex", "regex": " [0-9]{3}-[0-9]{4}"}})
+    assert __import__("re").fullmatch(" [0-9]{3}-[0-9]{4}", r.choices[0].text)
+
+
+def test_pydantic_parse_through_the_openai_client(client):
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Review(BaseModel):
+        stars: int
+        verdict: Literal["good", "bad"]
+    r = client.chat.completions.parse(model=BASE, messages=ASK, max_tokens=60, response_format=Review)
+    assert isinstance(r.choices[0].message.parsed, Review)
+
+
+def test_a_constrained_row_and_a_free_row_share_the_batch(client):
+    from concurrent.futures import ThreadPoolExecutor
+    free = [{"role": "user", "content": "Name three colours."}]
+    alone = client.chat.completions.create(model=BASE, messages=free, max_tokens=24).choices[0].message.content
+    with ThreadPoolExecutor(4) as ex:
+        futs = [ex.submit(client.chat.completions.create, model=BASE, messages=ASK, max_tokens=60,
+                          response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": REVIEW}})
+                for _ in range(2)]
+        mixed = ex.submit(client.chat.completions.create, model=BASE, messages=free, max_tokens=24)
+        assert mixed.result().choices[0].message.content == alone
+        assert all(isinstance(json.loads(f.result().choices[0].message.content), dict) for f in futs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_required_and_named_give_tool_calls(client, stream):
+    def ask(choice):
+        kw = dict(model=BASE, messages=[{"role": "user", "content": "What's the weather in Oslo?"}], max_tokens=60,
+                  tools=[WEATHER, TIME], tool_choice=choice)
+        if not stream:
+            r = client.chat.completions.create(**kw)
+            return r.choices[0].finish_reason, r.choices[0].message.tool_calls
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        calls = [c for ch in chunks for choice in ch.choices for c in (choice.delta.tool_calls or [])]
+        return [choice.finish_reason for ch in chunks for choice in ch.choices if choice.finish_reason][0], calls
+    finish, calls = ask("required")
+    assert finish == "tool_calls" and calls[0].function.name in ("get_weather", "get_time")
+    json.loads(calls[0].function.arguments)
+    finish, (call,) = ask({"type": "function", "function": {"name": "get_time"}})
+    assert finish == "tool_calls" and call.function.name == "get_time"
+    assert json.loads(call.function.arguments)["zone"] in ("UTC", "CET") and call.id
+
+
+def test_tool_choice_none_and_auto_answer_in_text_or_calls(client):
+    msgs = [{"role": "user", "content": "Say hello."}]
+    r = client.chat.completions.create(model=BASE, messages=msgs, max_tokens=8, tools=[WEATHER], tool_choice="none")
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+    r = client.chat.completions.create(model=BASE, messages=msgs, max_tokens=8, tools=[WEATHER], tool_choice="auto")
+    assert (r.choices[0].finish_reason == "tool_calls") == bool(r.choices[0].message.tool_calls)
+
+
+def test_a_tool_round_trip_dialog_is_accepted(client):
+    msgs = [{"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'}]
+    r = client.chat.completions.create(model=BASE, messages=msgs, max_tokens=8, tools=[WEATHER])
+    assert r.choices[0].message.content is not None or r.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("body, param, status", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format", 400),
+    ({"response_format": {"type": "yaml"}}, "response_format", 400),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", 400),
+    ({"tool_choice": "required"}, "tool_choice", 400),
+    ({"tools": [{"type": "function"}]}, "tools", 400),
+])
+def test_bad_structured_requests_name_the_field(client, body, param, status):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model=BASE, messages=ASK, max_tokens=4, extra_body=body)
+    assert e.value.status_code == status and e.value.body["param"] == param, e.value.body
+
+
+@pytest.mark.parametrize("method", ["function_calling", "json_schema", "json_mode"])
+def test_langchain_with_structured_output(server, method):
+    lc = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Verdict(BaseModel):
+        """A film's verdict."""
+        model_config = ConfigDict(extra="forbid" if method != "json_mode" else "ignore")
+        verdict: str = Field("", max_length=24)  # json_mode promises JSON, not this schema: a default for all
+
+    llm = lc.ChatOpenAI(base_url=server[0] + "/v1", api_key=KEY, model=BASE, temperature=0, max_tokens=80,
+                        max_retries=0)
+    out = llm.with_structured_output(Verdict, method=method).invoke("Give me a JSON object with your name and age.")
+    assert isinstance(out, Verdict)

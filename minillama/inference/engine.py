@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..attention import CacheStep
+from .constraints import advance, mask_logits
 from .sampling import SamplingParams, next_token, seen_mask
 
 
@@ -49,6 +50,7 @@ class Request:
     output: list[int] = field(default_factory=list)  # the answer so far, stop token excluded
     finish: Optional[str] = None  # "stop" | "length" | "cancelled" once it ended
     cached_tokens: int = 0  # prompt tokens whose keys/values were reused from the row's previous request
+    constraint: Optional[object] = None  # constraints.RowState: the grammar this row's answer must match (None: free)
 
 
 @dataclass
@@ -156,6 +158,8 @@ class Engine:
         for b in busy:
             req, t = self.rows[b], nxt[b]
             stopped = t in req.stop_ids
+            if req.constraint is not None and not stopped:
+                advance(req.constraint, t)
             if not stopped:
                 req.output.append(t)
             if stopped or len(req.output) >= req.max_new_tokens:
@@ -210,7 +214,11 @@ class Engine:
             self.seen[b] = seen_mask(torch.tensor([req.prompt], device=self.device), self.vocab)[0]
 
     def _pick(self, busy: list[int]) -> torch.Tensor:
-        """Each row's next token (B,), rows grouped by sampling settings and generator; rank 0's choice wins."""
+        """Each row's next token (B,), rows grouped by sampling settings and generator; rank 0's choice wins.
+        A constrained row first has the tokens its grammar does not allow masked out."""
+        states = [self.rows[b].constraint if b in busy else None for b in range(self.B)]
+        if any(s is not None for s in states):
+            self.logits = mask_logits(self.logits, states)  # (B, V); free rows untouched
         groups: dict[tuple, list[int]] = {}
         for b in busy:
             req = self.rows[b]

@@ -48,7 +48,7 @@ class Answer:
         aio = asyncio.get_running_loop()
         stop_ids = served.tok.stop_ids
         self.key = loop.submit(job.prompt_ids, job.max_tokens, job.sampling, stop_ids, job.seed, job.adapter,
-                               lambda ev: aio.call_soon_threadsafe(self.events.put_nowait, ev))
+                               lambda ev: aio.call_soon_threadsafe(self.events.put_nowait, ev), job.constraint)
 
     async def pieces(self, poll=None):
         """Yield text pieces until the answer ends; self.finish is then "stop" or "length"."""

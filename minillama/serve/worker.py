@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..inference.constraints import Constraint, grammar_vocab, new_row_state
 from ..inference.engine import Engine, Event, Request
 from ..inference.loading import broadcast_object
 from ..inference.sampling import SamplingParams
@@ -35,6 +36,7 @@ class Spec:
     stop_ids: frozenset
     seed: Optional[int]
     adapter: Optional[str]
+    constraint: Optional[Constraint] = None  # what the answer must match; each rank builds its own matcher
 
 
 @dataclass
@@ -46,33 +48,35 @@ class Plan:
     shutdown: bool = False
 
 
-def apply_plan(engine: Engine, plan: Plan) -> None:
+def apply_plan(engine: Engine, plan: Plan, tok=None) -> None:
+    """tok: the tokenizer, whose vocabulary a constrained request's matcher is built on."""
     for spec in plan.new:
         gen = None
         if spec.seed is not None:  # its own generator: a seeded answer does not depend on who else is in the batch
             gen = torch.Generator(device=engine.device)
             gen.manual_seed(spec.seed)
+        state = new_row_state(grammar_vocab(tok), spec.constraint) if spec.constraint is not None else None
         engine.submit(Request(spec.prompt, spec.max_new_tokens, spec.sampling, spec.stop_ids, gen, spec.adapter,
-                              key=spec.key))
+                              key=spec.key, constraint=state))
     for key in plan.cancel:
         engine.cancel(key)
 
 
-def follow(engine: Engine, info) -> None:
+def follow(engine: Engine, info, tok=None) -> None:
     """A non-zero rank under torchrun: apply rank 0's plans and step with it until it says stop."""
     while True:
         plan = broadcast_object(None, info)
         if plan.shutdown:
             return
-        apply_plan(engine, plan)
+        apply_plan(engine, plan, tok)
         engine.step()
 
 
 class BatchLoop:
     """Rank 0's side: a thread that owns the engine; callbacks get each request's events on the loop thread."""
 
-    def __init__(self, engine: Engine, info, idle_s: float = 1.0):
-        self.engine, self.info, self.idle_s = engine, info, idle_s
+    def __init__(self, engine: Engine, info, idle_s: float = 1.0, tok=None):
+        self.engine, self.info, self.idle_s, self.tok = engine, info, idle_s, tok
         self.inbox: queue.Queue = queue.Queue()  # ("new", Spec, callback) | ("cancel", key) | ("shutdown",)
         self.callbacks: dict[int, Callable[[Event], None]] = {}
         self.next_key = 0
@@ -83,12 +87,12 @@ class BatchLoop:
         self.thread.start()
         return self
 
-    def submit(self, prompt, max_new_tokens, sampling, stop_ids, seed, adapter, callback) -> int:
+    def submit(self, prompt, max_new_tokens, sampling, stop_ids, seed, adapter, callback, constraint=None) -> int:
         """Queue a request (thread-safe); returns its key. callback(Event) runs on the loop thread."""
         with self.lock:
             key, self.next_key = self.next_key, self.next_key + 1
-        self.inbox.put(("new", Spec(key, list(prompt), max_new_tokens, sampling, frozenset(stop_ids), seed, adapter),
-                        callback))
+        self.inbox.put(("new", Spec(key, list(prompt), max_new_tokens, sampling, frozenset(stop_ids), seed, adapter,
+                                    constraint), callback))
         return key
 
     def cancel(self, key: int) -> None:
@@ -128,7 +132,7 @@ class BatchLoop:
                 self.engine.cancel_all()
                 return
             try:
-                apply_plan(self.engine, plan)
+                apply_plan(self.engine, plan, self.tok)
                 for key in plan.cancel:
                     self.callbacks.pop(key, None)
                 events = self.engine.step()
