@@ -155,3 +155,51 @@ def test_required_grammar_admits_any_tool_and_a_bad_name_is_an_error(llama3):
     assert names <= {"get_weather", "get_time"} and names
     with pytest.raises(ValueError, match="tool_choice names 'nope', which is not in tools"):
         tl.tool_call_grammar("llama3", llama3, [WEATHER], {"type": "function", "function": {"name": "nope"}})
+
+
+def test_llama31_tool_call_round_trip_on_a_tiny_model_through_the_grammar(llama3, monkeypatch):
+    """A random tiny Llama with the real Llama 3 tokenizer, the call forced by the grammar (deterministic), a free
+    row beside it; the call is parsed, sent back with its result, and that dialog matches llama-models."""
+    pytest.importorskip("llguidance")
+    import torch
+    from llama_models.datatypes import RawMessage, StopReason, ToolCall
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    from helpers import tiny_model
+    from minillama.inference import constraints as C
+    from minillama.inference.engine import Engine, Request
+    monkeypatch.setattr(tl, "today", lambda: "21 September 2024")
+    model = tiny_model(vocab_size=llama3.vocab_size, max_seq_len=2048)
+    dialog = [{"role": "user", "content": "Weather in Paris?"}]
+    prompt = llama3.encode_dialog(dialog, format="llama3", tools=[WEATHER])
+    grammar = tl.tool_call_grammar("llama3", llama3, [WEATHER], {"type": "function", "function": {"name": "get_weather"}})
+    state = C.new_row_state(C.grammar_vocab(llama3), C.Constraint("lark", grammar))
+    engine = Engine(model, batch_size=2, cache_len=1024)
+    stops = frozenset(llama3.stop_ids)
+    free = engine.submit(Request(prompt, 12, stop_ids=stops, key="free"))
+    call_req = engine.submit(Request(prompt, 200, stop_ids=stops, key="call", constraint=state))
+    with torch.no_grad():
+        while engine.busy:
+            engine.step()
+    assert call_req.finish == "stop" and call_req.output[0] == llama3.token_id("<|python_tag|>")
+    (call,) = tl.parse_tool_calls("llama3", llama3.decode(call_req.output))
+    assert call.name == "get_weather" and set(call.arguments) == {"city", "unit"}
+    alone = Engine(model, batch_size=1, cache_len=1024)
+    solo = alone.submit(Request(prompt, 12, stop_ids=stops))
+    with torch.no_grad():
+        while alone.busy:
+            alone.step()
+    assert free.output == solo.output  # the constrained row beside it changed nothing
+
+    follow = dialog + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 21}'}]
+    tools_turn = tl.LLAMA3_TOOLS_INTRO + json.dumps(WEATHER, indent=4) + tl.LLAMA3_TOOLS_OUTRO
+    raw = [RawMessage(role="system", content=tl.llama3_system("", "21 September 2024")),
+           RawMessage(role="user", content=tools_turn), RawMessage(role="user", content="Weather in Paris?"),
+           RawMessage(role="assistant", content="", stop_reason=StopReason.end_of_message, tool_calls=[
+               ToolCall(call_id="c1", tool_name=call.name, arguments=call.arguments)]),
+           RawMessage(role="tool", content='{"temp": 21}')]
+    expected = ChatFormat(Tokenizer(LLAMA3_MODEL)).encode_dialog_prompt(raw).tokens
+    assert llama3.encode_dialog(follow, format="llama3", tools=[WEATHER]) == expected
