@@ -168,24 +168,25 @@ def test_llama31_tool_call_round_trip_on_a_tiny_model_through_the_grammar(llama3
 
     from helpers import tiny_model
     from minillama.inference import constraints as C
-    from minillama.inference.engine import Engine, Request
+    from minillama.inference.engine import Engine, EngineConfig, Request
     monkeypatch.setattr(tl, "today", lambda: "21 September 2024")
     model = tiny_model(vocab_size=llama3.vocab_size, max_seq_len=2048)
     dialog = [{"role": "user", "content": "Weather in Paris?"}]
     prompt = llama3.encode_dialog(dialog, format="llama3", tools=[WEATHER])
     grammar = tl.tool_call_grammar("llama3", llama3, [WEATHER], {"type": "function", "function": {"name": "get_weather"}})
-    state = C.new_row_state(C.grammar_vocab(llama3), C.Constraint("lark", grammar))
-    engine = Engine(model, batch_size=2, cache_len=1024)
+    vocab = lambda: C.grammar_vocab(llama3)  # noqa: E731
+    engine = Engine(model, EngineConfig(batch_size=2, cache_len=1024), grammar=vocab)
     stops = frozenset(llama3.stop_ids)
     free = engine.submit(Request(prompt, 12, stop_ids=stops, key="free"))
-    call_req = engine.submit(Request(prompt, 200, stop_ids=stops, key="call", constraint=state))
+    call_req = engine.submit(Request(prompt, 200, stop_ids=stops, key="call",
+                                        constraint=C.Constraint("lark", grammar)))
     with torch.no_grad():
         while engine.busy:
             engine.step()
     assert call_req.finish == "stop" and call_req.output[0] == llama3.token_id("<|python_tag|>")
     (call,) = tl.parse_tool_calls("llama3", llama3.decode(call_req.output))
     assert call.name == "get_weather" and set(call.arguments) == {"city", "unit"}
-    alone = Engine(model, batch_size=1, cache_len=1024)
+    alone = Engine(model, EngineConfig(batch_size=1, cache_len=1024))
     solo = alone.submit(Request(prompt, 12, stop_ids=stops))
     with torch.no_grad():
         while alone.busy:

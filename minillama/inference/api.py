@@ -21,6 +21,7 @@ import torch
 
 from ..checkpoints import load_model
 from ..tokenizer.tokenizer import load_tokenizer
+from .engine import EngineConfig
 from .generate import generate
 from .sampling import SamplingParams
 
@@ -50,7 +51,7 @@ class Llama:
                              f"{self.max_seq_len}")
         n = min(max_gen_len, room) if max_gen_len else room
         return generate(self.model, prompts, n, SamplingParams(temperature, top_p), stop_ids=self.tokenizer.stop_ids,
-                        seed=seed, max_seq_len=self.max_seq_len)
+                        max_seq_len=self.max_seq_len, config=EngineConfig(seed=seed))
 
     @torch.no_grad()
     def _logprobs(self, prompt: list[int], out: list[int]) -> list[float]:

@@ -1,4 +1,5 @@
-"""The OpenAI protocol: request bodies checked field by field into a Job, and the response / chunk shapes.
+"""The OpenAI protocol: request bodies checked field by field into an engine Request (with the Reply it is answered
+in), and the response / chunk shapes.
 
 A bad field raises APIError, which the app turns into HTTP 400 with OpenAI's error body
 {"error": {"message", "type": "invalid_request_error", "param", "code"}}.
@@ -15,6 +16,7 @@ from typing import Optional
 
 from ..inference import constraints
 from ..inference.constraints import Constraint
+from ..inference.engine import Request
 from ..inference.sampling import SamplingParams
 from ..tokenizer import tools as tl
 
@@ -35,6 +37,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+
 @dataclass
 class Served:
     """What the server offers: the tokenizer, model names, the context limit and the default sampling settings."""
@@ -53,22 +56,16 @@ class Served:
 
 
 @dataclass
-class Job:
-    """One checked request: what the engine runs and how the answer is returned."""
+class Reply:
+    """How a request is answered: its endpoint's shape, streaming, stop strings; Request.reply holds it."""
 
     kind: str  # "chat" | "completion"
     model: str
-    adapter: Optional[str]  # None: the base model
-    prompt_ids: list
-    max_tokens: int
-    sampling: SamplingParams
-    seed: Optional[int]
-    stop: list  # stop strings
+    stop: list  # stop strings (the text stream cuts at them)
     stream: bool
     include_usage: bool = False
     echo: str = ""  # completions with echo: the prompt text, prepended to the answer
     tool_format: Optional[str] = None  # chat format whose tool calls are parsed from the answer (None: no tools)
-    constraint: Optional[Constraint] = None  # response_format, or a forced tool call: what the answer must match
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): usage so far in every chunk
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
@@ -216,10 +213,6 @@ def _constraint(c: Optional[Constraint], served: Served, param: str) -> Optional
     """c checked against the model's vocabulary now, so a bad schema is a 400 and not a failed answer."""
     if c is None:
         return None
-    from ..inference.engine import Request
-    if "constraint" not in Request.__dataclass_fields__:  # said no to, rather than answered unconstrained
-        raise APIError(f"{param}: this build's engine does not apply per-row constraints yet", param, status=501,
-                       kind="server_error")
     try:
         constraints.check(c, constraints.grammar_vocab(served.tok))
     except ValueError as e:
@@ -268,15 +261,23 @@ def _common(body: dict, served: Served) -> dict:
     if opts is not None and not isinstance(opts, dict):
         raise APIError("stream_options must be an object", "stream_options")
     return dict(sampling=_sampling(body, served), seed=_int(body, "seed", None, lambda v: True, "an integer"),
-                stop=_stop(body), stream=_bool(body, "stream"),
-                include_usage=bool((opts or {}).get("include_usage")),
+                stop=_stop(body), stream=_bool(body, "stream"), include_usage=bool((opts or {}).get("include_usage")),
                 continuous_usage=bool((opts or {}).get("continuous_usage_stats")))
 
 
-def parse_chat(body: dict, served: Served) -> Job:
-    """POST /v1/chat/completions -> Job; the dialog is encoded in the checkpoint's chat format."""
-    model, adapter = _model(body, served)
-    common = _common(body, served)
+def _request(kind: str, head: tuple, ids: list, max_tokens: int, served: Served, extra: dict) -> Request:
+    """The engine Request for checked prompt ids; head: (model, adapter, _common's fields); extra: echo,
+    tool_format, constraint. Its key is the reply's id."""
+    model, adapter, c = head
+    reply = Reply(kind, model, c["stop"], c["stream"], c["include_usage"], extra.get("echo", ""),
+                  extra.get("tool_format"), c["continuous_usage"])
+    return Request(ids, max_tokens, c["sampling"], frozenset(served.tok.stop_ids), c["seed"], adapter,
+                   key=reply.id, reply=reply, constraint=extra.get("constraint"))
+
+
+def parse_chat(body: dict, served: Served) -> Request:
+    """POST /v1/chat/completions -> Request; the dialog is encoded in the checkpoint's chat format."""
+    head = (*_model(body, served), _common(body, served))
     msgs = _messages(body)
     tools, choice = _tools(body)
     offered = tools if choice != "none" else None
@@ -284,15 +285,14 @@ def parse_chat(body: dict, served: Served) -> Job:
         ids = served.tok.encode_dialog(msgs, add_generation_prompt=True, tools=offered)
     except ValueError as e:  # e.g. roles out of order for an [INST] format, a format without tools
         raise APIError(f"messages: {e}", "tools" if offered and "tool-calling" in str(e) else "messages") from None
-    constraint = _structured(body, served, tools, choice)
-    return Job("chat", model, adapter, ids, _max_tokens(body, served, len(ids), "messages"),
-               tool_format=served.tok.chat_format if offered else None, constraint=constraint, **common)
+    extra = dict(tool_format=served.tok.chat_format if offered else None,
+                 constraint=_structured(body, served, tools, choice))
+    return _request("chat", head, ids, _max_tokens(body, served, len(ids), "messages"), served, extra)
 
 
-def parse_completion(body: dict, served: Served) -> Job:
-    """POST /v1/completions -> Job; the prompt is plain text (or token ids), with BOS as the tokenizer adds it."""
-    model, adapter = _model(body, served)
-    common = _common(body, served)
+def parse_completion(body: dict, served: Served) -> Request:
+    """POST /v1/completions -> Request; the prompt is plain text (or token ids), with BOS as the tokenizer adds it."""
+    head = (*_model(body, served), _common(body, served))
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -307,9 +307,8 @@ def parse_completion(body: dict, served: Served) -> Job:
     if not ids:
         raise APIError("prompt encodes to no tokens", "prompt")
     echo = (prompt if isinstance(prompt, str) else served.tok.decode(ids)) if _bool(body, "echo") else ""
-    constraint = _structured(body, served, [], "none")
-    return Job("completion", model, adapter, ids, _max_tokens(body, served, len(ids), "prompt"), echo=echo,
-               constraint=constraint, **common)
+    extra = dict(echo=echo, constraint=_structured(body, served, [], "none"))
+    return _request("completion", head, ids, _max_tokens(body, served, len(ids), "prompt"), served, extra)
 
 
 # ---- responses ----
@@ -318,48 +317,49 @@ def usage(n_prompt: int, n_completion: int) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
 
-def tool_calls(job: Job, text: str) -> list:
+def tool_calls(req: Request, text: str) -> list:
     """The answer's tool calls in OpenAI's shape ([] for a plain answer or a request without tools)."""
-    if job.tool_format is None:
+    r = req.reply
+    if r.tool_format is None:
         return []
-    return [c.openai(i) if c.id else {**c.openai(i), "id": f"call_{job.id}_{i}"}
-            for i, c in enumerate(tl.parse_tool_calls(job.tool_format, text))]
+    return [c.openai(i) if c.id else {**c.openai(i), "id": f"call_{r.id}_{i}"}
+            for i, c in enumerate(tl.parse_tool_calls(r.tool_format, text))]
 
 
-def response(job: Job, text: str, finish: str, n_completion: int) -> dict:
+def response(req: Request, text: str, finish: str, n_completion: int) -> dict:
     """The non-streamed answer; a chat answer that is a tool call comes back as tool_calls, finish "tool_calls"."""
-    u = usage(len(job.prompt_ids), n_completion)
-    if job.kind == "chat":
-        calls = tool_calls(job, text)
+    r, u = req.reply, usage(len(req.prompt), n_completion)
+    if r.kind == "chat":
+        calls = tool_calls(req, text)
         message = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
             {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None,
                   "finish_reason": "tool_calls" if calls else finish}
-        return {"id": f"chatcmpl-{job.id}", "object": "chat.completion", "created": job.created, "model": job.model,
+        return {"id": f"chatcmpl-{r.id}", "object": "chat.completion", "created": r.created, "model": r.model,
                 "choices": [choice], "usage": u}
-    choice = {"index": 0, "text": job.echo + text, "logprobs": None, "finish_reason": finish}
-    return {"id": f"cmpl-{job.id}", "object": "text_completion", "created": job.created, "model": job.model,
+    choice = {"index": 0, "text": r.echo + text, "logprobs": None, "finish_reason": finish}
+    return {"id": f"cmpl-{r.id}", "object": "text_completion", "created": r.created, "model": r.model,
             "choices": [choice], "usage": u}
 
 
-def chunk(job: Job, text: Optional[str] = None, finish: Optional[str] = None, first: bool = False,
+def chunk(req: Request, text: Optional[str] = None, finish: Optional[str] = None, first: bool = False,
           usage_only: Optional[dict] = None, calls: Optional[list] = None, running: Optional[dict] = None) -> dict:
     """One streamed chunk: a piece of text, tool calls, the final finish_reason, or (stream_options.include_usage)
     the usage; running: the usage so far, sent with stream_options.continuous_usage_stats."""
-    if job.kind == "chat":
-        head = {"id": f"chatcmpl-{job.id}", "object": "chat.completion.chunk", "created": job.created,
-                "model": job.model}
+    r = req.reply
+    if r.kind == "chat":
+        head = {"id": f"chatcmpl-{r.id}", "object": "chat.completion.chunk", "created": r.created, "model": r.model}
         delta = {"role": "assistant", "content": text or ""} if first else ({} if text is None else {"content": text})
         if calls:
             delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
         choices = [] if usage_only else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
     else:
-        head = {"id": f"cmpl-{job.id}", "object": "text_completion", "created": job.created, "model": job.model}
+        head = {"id": f"cmpl-{r.id}", "object": "text_completion", "created": r.created, "model": r.model}
         choices = [] if usage_only else [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
     out = {**head, "choices": choices}
-    if job.include_usage:
+    if r.include_usage:
         out["usage"] = usage_only
-    if job.continuous_usage and running is not None and usage_only is None:
+    if r.continuous_usage and running is not None and usage_only is None:
         out["usage"] = running
     return out
 
