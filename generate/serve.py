@@ -114,7 +114,7 @@ def main(argv=None):
         cleanup()
         return
     served = Served(tok, args.model_name or ckpt.name, adapters, not merged, limit,
-                    sampling_params(args), args.max_new_tokens)
+                    sampling_params(args), args.max_new_tokens, constrained=not args.speculate)
     loop = BatchLoop(engine, info).start()
     host, port = sock.getsockname()[:2]
     log(f"[serving {', '.join(served.model_names())} on http://{host}:{port}/ ({args.max_batch_size} rows of "

@@ -50,6 +50,7 @@ class Served:
     sampling: SamplingParams  # used for the fields a request leaves out (the checkpoint's generation_config)
     max_new_tokens: Optional[int]  # default max_tokens cap; None = the rest of the context
     created: int = field(default_factory=lambda: int(time.time()))
+    constrained: bool = True  # response_format / forced tool calls available (not under --speculate)
 
     def model_names(self) -> list[str]:
         return ([self.base_name] if self.base_servable else []) + list(self.adapters)
@@ -213,6 +214,8 @@ def _constraint(c: Optional[Constraint], served: Served, param: str) -> Optional
     """c checked against the model's vocabulary now, so a bad schema is a 400 and not a failed answer."""
     if c is None:
         return None
+    if not served.constrained:
+        raise APIError(f"{param}: constrained decoding is not available on a server run with --speculate", param)
     try:
         constraints.check(c, constraints.grammar_vocab(served.tok))
     except ValueError as e:
