@@ -4,8 +4,8 @@
     python generate/serve.py --ckpt DIR --adapter reviews=out/sft/final --max_batch_size 16 --max_seq_len 4096
     torchrun --nproc_per_node 8 generate/serve.py --ckpt Llama-3.1-70B-Instruct/   # tensor parallel, rank 0 serves
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with "stream": true as server-sent
-events), GET /health, and GET / (the chat page). A request's "model" is the base model's name or an adapter's; the
+Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions (both with "stream": true as server-sent
+events), GET /health, GET /metrics (Prometheus), and GET / (the chat page). A request's "model" is the base model's name or an adapter's; the
 fields it leaves out (temperature, top_p, top_k, repetition_penalty, max_tokens) take this server's flags, whose
 defaults come from the checkpoint's generation_config.json. A new request joins the running batch at the next decode
 step, a finished, stopped (stop string) or abandoned (client gone) one frees its row; a free row keeps its tokens,
@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from minillama.util.cli import ArgumentParser, is_rank0, positive_int, run
 from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, engine_config, load_from_args, parse_args, resolve_checkpoint, sampling_params, set_help
 from minillama.util.distributed import cleanup  # noqa: E402
+from minillama.inference.constraints import grammar_vocab  # noqa: E402
 from minillama.inference.engine import Engine  # noqa: E402
 from minillama.lora.slots import set_row_adapters
 
@@ -50,7 +51,11 @@ def get_args(argv=None):
                    help="requests decoded together (KV cache rows); more wait for a free row")
     p.add_argument("--model_name", default=None, help="the base model's name in the API (default: the --ckpt dir's "
                                                       "name)")
-    p.add_argument("--log_requests", action="store_true", help="log every HTTP request (uvicorn's access log)")
+    p.add_argument("--log_requests", action="store_true", help="also uvicorn's access log (one line per request "
+                                                                "with id, tokens and time is always logged)")
+    p.add_argument("--api_key", default=os.environ.get("MINILLAMA_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the chat page (default: "
+                        "$MINILLAMA_API_KEY; unset: no key)")
     return parse_args(p, argv)
 
 
@@ -100,19 +105,20 @@ def main(argv=None):
     merged = bool(adapters) and info.world_size > 1  # tensor parallel serves its one adapter merged in
     config = engine_config(args, loaded.tp_group, batch_size=args.max_batch_size, cache_len=limit,
                            pad_id=tok.pad_id or 0, fixed_batch=args.compile, reuse_prefix=True)
-    engine = Engine(model, config, row_adapters=set_row_adapters if adapters and not merged else None)  # mixed
+    engine = Engine(model, config, row_adapters=set_row_adapters if adapters and not merged else None,  # mixed
+                    grammar=lambda: grammar_vocab(tok))  # response_format / forced tool calls, built on first use
     if not info.is_rank0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 says when serving ends
         follow(engine, info)
         cleanup()
         return
     served = Served(tok, args.model_name or ckpt.name, adapters, not merged, limit,
-                    sampling_params(args), args.max_new_tokens)
+                    sampling_params(args), args.max_new_tokens, constrained=not args.speculate)
     loop = BatchLoop(engine, info).start()
     host, port = sock.getsockname()[:2]
     log(f"[serving {', '.join(served.model_names())} on http://{host}:{port}/ ({args.max_batch_size} rows of "
         f"{limit} tokens, {info.world_size} process(es)); Ctrl-C stops]")
-    server = uvicorn.Server(uvicorn.Config(create_app(served, loop), log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(create_app(served, loop, args.api_key, log), log_level="warning",
                                            access_log=args.log_requests, timeout_graceful_shutdown=3))
     try:
         server.run(sockets=[sock])

@@ -189,8 +189,11 @@ def test_bad_dialogs(fmt, llama3, mistral, smol):
         tok.encode_dialog([], format=fmt)
     with pytest.raises(ValueError, match="message 1: content must be a str, got int"):
         tok.encode_dialog([{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}], format=fmt)
-    with pytest.raises(ValueError, match="message 1: unknown role 'tool'; expected one of system, user, assistant"):
-        tok.encode_dialog([{"role": "user", "content": "a"}, {"role": "tool", "content": "x"}], format=fmt)
+    with pytest.raises(ValueError, match="message 1: unknown role 'wizard'; expected one of system, user, assistant"):
+        tok.encode_dialog([{"role": "user", "content": "a"}, {"role": "wizard", "content": "x"}], format=fmt)
+    if fmt in ("llama2", "chatml"):  # a tool turn needs a format with a tool-calling form
+        with pytest.raises(ValueError, match=f"message 1: chat format {fmt} has no tool-calling form"):
+            tok.encode_dialog([{"role": "user", "content": "a"}, {"role": "tool", "content": "x"}], format=fmt)
     with pytest.raises(ValueError, match="message 0: expected a dict with 'role' and 'content'"):
         tok.encode_dialog([{"role": "user"}], format=fmt)
     with pytest.raises(ValueError, match="unknown chat format 'alpaca'; expected one of llama2, llama3, mistral"):

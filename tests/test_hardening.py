@@ -148,7 +148,7 @@ def test_config_file_values_are_type_checked_like_flags(model_dir, tmp_path, cap
 def test_chat_templates_render_within_loop_output_and_power_bounds():
     from jinja2.sandbox import SecurityError
 
-    from minillama.tokenizer.chat_format import render_template
+    from minillama.tokenizer.template import render_template
     for template in ["{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
                      "{% for i in range(100000) %}{{ 'x' * 50 }}{% endfor %}", "{{ 'a' * 10**9 }}",
                      "{{ 9 ** (10**8) }}", "{% set n = 10 %}{{ 9 ** (n**8) }}"]:

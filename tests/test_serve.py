@@ -222,7 +222,7 @@ def test_a_client_that_disconnects_frees_its_row(client, server):
     ({"temperature": -1}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"model": "gpt-4"}, "model"),
+    ({"model": 7}, "model"),  # an unknown model name is a 404 (tests/test_serve_api.py)
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),
     ({"max_tokens": MAX_SEQ_LEN}, "max_tokens"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
@@ -372,3 +372,67 @@ def test_tensor_parallel_server_answers_concurrent_requests_like_one_process(tin
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+STORED = "return JSON.parse(localStorage.getItem('minillama.conversations') || '[]')"
+
+
+def test_chat_page_renders_code_keeps_conversations_and_counts_a_stopped_answer(browser, server, smol):
+    from selenium.webdriver.common.by import By
+    url = server[0]
+    browser.get(url + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.get(url + "/")
+    assert wait_for(browser, "return document.querySelectorAll('#model option').length === 3")
+    rendered = browser.execute_script("return renderMarkdown('Try **this**:\\n\\n```python\\nx = 1 < 2\\n```')")
+    assert '<pre class="code" data-lang="python"><code>x = 1 &lt; 2</code></pre>' in rendered
+    assert "<strong>this</strong>" in rendered
+    assert "<img" not in browser.execute_script("return renderMarkdown('<img src=x onerror=alert(1)>')")
+
+    browser.find_element(By.ID, "temperature").send_keys("0")
+    browser.find_element(By.ID, "max_tokens").send_keys("40")
+    question = "Write a Python function that adds two numbers."
+    browser.find_element(By.ID, "input").send_keys(question)
+    browser.find_element(By.ID, "send").click()
+    finish, _ = wait_for(browser, LAST_ANSWER)
+    raw = solo(smol, chat_ids(smol[1], question), 40)[1]
+    assert raw.startswith("```python\ndef add_two_numbers")  # the model's answer opens with a code block
+    code = browser.find_element(By.CSS_SELECTOR, ".msg.assistant .content pre.code code").text
+    assert code == raw.split("```python\n")[1].split("\n```")[0]  # rendered as a code block, its text exact
+    shot = Path(os.environ.get("MINILLAMA_CHAT_PAGE_PNG", "") or Path(browser.capabilities["chrome"]["userDataDir"])
+                / "chat_page.png")
+    assert browser.save_screenshot(str(shot))
+
+    # a reload keeps the conversation: the list, the messages, their text and stats
+    before = browser.execute_script(STORED)
+    assert [m["content"] for m in before[0]["messages"]] == [question, raw] and before[0]["title"] == question
+    browser.refresh()
+    wait_for(browser, "return document.querySelectorAll('.msg').length === 2")
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant .content pre.code code").text == code
+    assert [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#conversations .title")] == [question]
+    assert "tokens" in browser.find_element(By.CSS_SELECTOR, ".msg.assistant .stats").text
+
+    # regenerate (greedy: the same answer, still one), edit (back in the box, the turn removed)
+    assert wait_for(browser, "return document.querySelectorAll('#model option').length === 3")
+    browser.find_element(By.ID, "temperature").send_keys("0")
+    browser.find_element(By.ID, "max_tokens").send_keys("40")
+    browser.find_element(By.CSS_SELECTOR, ".msg.assistant button.regenerate").click()
+    wait_for(browser, "const m = document.querySelectorAll('.msg.assistant');"
+                      "return m.length === 1 && m[0].dataset.finish && m[0].querySelector('.actions')")
+    assert [m["content"] for m in browser.execute_script(STORED)[0]["messages"]] == [question, raw]
+    browser.find_element(By.CSS_SELECTOR, ".msg.user button.edit").click()
+    assert browser.find_element(By.ID, "input").get_attribute("value") == question
+    assert browser.execute_script(STORED)[0]["messages"] == []
+
+    # a stopped answer still shows how many tokens it got
+    browser.find_element(By.ID, "max_tokens").clear()
+    browser.find_element(By.ID, "max_tokens").send_keys("300")
+    browser.find_element(By.ID, "input").clear()
+    browser.find_element(By.ID, "input").send_keys("Tell me a very long story about a dragon.")
+    browser.find_element(By.ID, "send").click()
+    wait_for(browser, "const c = document.querySelectorAll('.msg.assistant .content');"
+                      "return c.length === 1 && c[0].textContent.length > 20")
+    browser.find_element(By.ID, "stop").click()
+    finish, text = wait_for(browser, LAST_ANSWER)
+    stats = browser.find_element(By.CSS_SELECTOR, ".msg.assistant .stats").text
+    assert finish == "stopped" and int(stats.split(" tokens")[0]) >= 3 and "stopped" in stats

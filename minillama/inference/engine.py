@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..attention import CacheStep
+from .constraints import Constraint, GrammarVocab, RowState, advance, mask_logits, new_row_state
 from .sampling import SamplingParams, process_logits, race_noise, sample_from_logits, seen_mask
 from .speculate import accepted_drafts, ngram_draft
 
@@ -105,6 +106,7 @@ class Request:
     output: list[int] = field(default_factory=list)  # the answer so far, stop token excluded
     finish: Optional[str] = None  # "stop" | "length" | "cancelled" once it ended
     cached_tokens: int = 0  # prompt tokens whose keys/values were reused instead of prefilled
+    constraint: Optional[Constraint] = None  # what the answer must match (a JSON schema, regex, grammar); None: free
 
 
 @dataclass
@@ -158,6 +160,7 @@ class Row:
     todo: list[int] = field(default_factory=list)  # prompt tokens not prefilled yet
     generator: Optional[torch.Generator] = None  # the request's own, when it has a seed
     banned: int = -1  # a rejected draft, left out of the next draw (speculative sampling's residual)
+    grammar: Optional[RowState] = None  # the request's constraint matcher: where its answer is in the grammar
     order: int = 0  # admission order: prompts are prefilled first come, first served
 
     @property
@@ -181,7 +184,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class Engine:
     """The continuous-batching scheduler over the model's KV cache (batch_size rows x cache_len slots)."""
 
-    def __init__(self, model, config: EngineConfig, row_adapters: Optional[Callable] = None):
+    def __init__(self, model, config: EngineConfig, row_adapters: Optional[Callable] = None,
+                 grammar: Optional[Callable[[], GrammarVocab]] = None):
+        """grammar: returns the tokenizer's constraints.GrammarVocab (built on first use), for constrained requests."""
         if config.batch_size is None or config.cache_len is None:
             raise ValueError("EngineConfig needs batch_size and cache_len for an Engine")
         self.model, self.config, self.B = model, config, config.batch_size
@@ -193,7 +198,7 @@ class Engine:
         self.step_fn = compiled_decode_step() if config.compile else decode_step
         self.group = config.process_group
         self.src = None if self.group is None else dist.get_global_rank(self.group, 0)
-        self.row_adapters = row_adapters
+        self.row_adapters, self.grammar = row_adapters, grammar
         self.vocab = model.args.vocab_size
         self.waiting: deque[Request] = deque()
         self.slots = [Row() for _ in range(self.B)]
@@ -226,6 +231,8 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
         if req.seed is not None and not -2**63 <= req.seed < 2**64:
             raise ValueError(f"seed {req.seed} is outside [-2**63, 2**64)")
+        if req.constraint is not None and (self.grammar is None or self.config.speculate):
+            raise ValueError("a constrained request needs an Engine built with grammar= and without speculation")
         self.waiting.append(req)
         return req
 
@@ -271,7 +278,8 @@ class Engine:
         if not busy:
             return failed
         ahead = not self.waiting and not self.config.speculate and all(r.decoding or r.request is None
-                                                                      for r in self.slots)
+                                                                      for r in self.slots) \
+            and all(self.slots[b].grammar is None for b in busy)  # a grammar needs the host after every token
         n = min(max_steps, max(self.slots[b].request.max_new_tokens - len(self.slots[b].request.output)
                                for b in busy)) if ahead else 1
         picks = self._run_ahead(busy, n)  # (B, n) on the host: the one sync of this step
@@ -279,6 +287,8 @@ class Engine:
         for b in busy:
             req, fed = self.slots[b].request, []
             for i, t in enumerate(picks[b]):
+                if self.slots[b].grammar is not None and t not in req.stop_ids:
+                    advance(self.slots[b].grammar, t)
                 ended = self._take(req, t, events)
                 if ended:
                     self._free(b, ended)
@@ -360,6 +370,7 @@ class Engine:
             row.generator = torch.Generator(device=self.device)
             row.generator.manual_seed(req.seed)
         row.banned, row.order = -1, self.admitted
+        row.grammar = None if req.constraint is None else new_row_state(self.grammar(), req.constraint)
         self.admitted += 1
         req.cached_tokens = k
 
@@ -433,7 +444,9 @@ class Engine:
     # ---- choosing tokens: the one place ----
     def _processed(self, rows: list[int], logits: torch.Tensor, seen: Optional[torch.Tensor]) -> torch.Tensor:
         """The sampler's logits for these rows (logits (n, V), one per row; seen (n, V) or None), each row with its
-        request's processors, and a banned draft at -inf."""
+        request's processors, and a banned draft at -inf. A constrained row's disallowed tokens go to -inf first, so
+        top-p / top-k choose among what the grammar allows."""
+        logits = mask_logits(logits, [self.slots[b].grammar for b in rows])  # free rows untouched
         out = torch.empty_like(logits)
         groups: dict[tuple, list[int]] = {}
         for i, b in enumerate(rows):
@@ -587,7 +600,7 @@ class Engine:
     def _free(self, b: int, finish: str) -> None:
         row = self.slots[b]
         row.request.finish = finish
-        row.request, row.todo, row.generator, row.banned = None, [], None, -1
+        row.request, row.todo, row.generator, row.banned, row.grammar = None, [], None, -1, None
 
     def _set_adapters(self, names: list) -> None:
         if self.row_adapters is not None:

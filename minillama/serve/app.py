@@ -1,6 +1,7 @@
 """The HTTP side: FastAPI routes for the OpenAI endpoints, server-sent events, and the chat page at GET /.
 
     app = create_app(served, loop)     # served: protocol.Served, loop: worker.BatchLoop (started)
+    app = create_app(served, loop, api_key="KEY", log=print)   # 401 without the key; one log line per request
 
 Every request is checked (protocol.parse_*) before it reaches the batching loop; a bad one gets HTTP 400 with an
 OpenAI error body naming the field. A client that disconnects (closes the stream, or gives up waiting) has its
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from importlib import resources
+from typing import Callable, Optional
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -22,21 +25,25 @@ from starlette.requests import ClientDisconnect
 
 from ..inference.engine import Event, Request
 from . import protocol
+from .observe import Observe, Record, make_metrics
 from .protocol import APIError
 from .text import TextStream
 
 POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
-def chat_page() -> str:
-    return resources.files(__package__).joinpath("chat.html").read_text(encoding="utf-8")
+def chat_page(name: str = "chat.html") -> str:
+    """The chat page, or its Markdown renderer (markdown.js), from the package."""
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
 class Answer:
     """One request's run in the batching loop: its events arrive on an asyncio queue and become text pieces."""
 
-    def __init__(self, req: Request, served, loop):
+    def __init__(self, req: Request, served, loop, record: Optional[Record] = None):
         self.req, self.loop = req, loop
+        self.record = record or Record("POST", "")
+        self.record.id, self.record.n_in = req.reply.id, len(req.prompt)
         self.text = TextStream(served.tok, req.reply.stop)
         self.events: asyncio.Queue = asyncio.Queue()
         self.tokens, self.finish = 0, None
@@ -60,6 +67,9 @@ class Answer:
             piece = ""
             if ev.token is not None:
                 self.tokens += 1
+                self.record.n_out = self.tokens
+                if self.record.first_token is None:
+                    self.record.first_token = time.perf_counter()
                 piece = self.text.push(ev.token)
             if self.text.stopped:  # a stop string: the row is freed now, not after max_tokens
                 self.cancel()
@@ -85,9 +95,16 @@ async def _stream(answer: Answer):
     req = answer.req
     try:
         yield _sse(protocol.chunk(req, text=req.reply.echo, first=True))
-        async for piece in answer.pieces():
-            yield _sse(protocol.chunk(req, text=piece))
-        yield _sse(protocol.chunk(req, finish=answer.finish))
+        if req.reply.tool_format is None:
+            n_prompt = len(req.prompt)
+            async for piece in answer.pieces():
+                yield _sse(protocol.chunk(req, text=piece, running=protocol.usage(n_prompt, answer.tokens)))
+            yield _sse(protocol.chunk(req, finish=answer.finish, running=protocol.usage(n_prompt, answer.tokens)))
+        else:  # whether the answer is a tool call is known at its end: it comes as one piece
+            text = "".join([p async for p in answer.pieces()])
+            calls = protocol.tool_calls(req, text)
+            yield _sse(protocol.chunk(req, calls=calls) if calls else protocol.chunk(req, text=text))
+            yield _sse(protocol.chunk(req, finish="tool_calls" if calls else answer.finish))
         if req.reply.include_usage:
             yield _sse(protocol.chunk(req, usage_only=protocol.usage(len(req.prompt), answer.tokens)))
         yield "data: [DONE]\n\n"
@@ -98,7 +115,7 @@ async def _stream(answer: Answer):
 
 
 async def _run(http: HTTPRequest, req: Request, served, loop):
-    answer = Answer(req, served, loop)
+    answer = Answer(req, served, loop, getattr(http.state, "record", None))
     if req.reply.stream:
         return StreamingResponse(_stream(answer), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -111,9 +128,11 @@ async def _run(http: HTTPRequest, req: Request, served, loop):
     return JSONResponse(protocol.response(req, text, answer.finish, answer.tokens))
 
 
-def create_app(served, loop) -> FastAPI:
-    """The routes; served describes the model, loop is the running worker.BatchLoop."""
+def create_app(served, loop, api_key: Optional[str] = None, log: Optional[Callable[[str], None]] = None):
+    """The routes; served describes the model, loop is the running worker.BatchLoop. api_key: required as
+    'Authorization: Bearer KEY' on every route but /health and the page; log: gets one line per request."""
     app = FastAPI(title="minillama", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = make_metrics(loop.stats)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -141,13 +160,29 @@ def create_app(served, loop) -> FastAPI:
     async def page():
         return HTMLResponse(chat_page())
 
+    @app.get("/markdown.js")
+    async def markdown():
+        return Response(chat_page("markdown.js"), media_type="text/javascript")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", **loop.stats()}
 
+    @app.get("/metrics")
+    async def scrape():
+        if metrics is None:
+            raise APIError("GET /metrics needs prometheus_client: pip install -e '.[serve]'", status=501,
+                           kind="server_error")
+        body, content_type = metrics.text()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/models")
     async def models():
         return protocol.models(served)
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        return protocol.model_card(served, name)
 
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest):
@@ -158,4 +193,4 @@ def create_app(served, loop) -> FastAPI:
         return await _run(http, protocol.parse_completion(protocol.parse_body(await http.body()), served), served,
                           loop)
 
-    return app
+    return Observe(app, api_key, metrics, log)

@@ -14,25 +14,28 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..inference import constraints
+from ..inference.constraints import Constraint
 from ..inference.engine import Request
 from ..inference.sampling import SamplingParams
+from ..tokenizer import tools as tl
 
 MAX_STOP_STRINGS = 16
 # request fields this server does not implement, with the values that mean "off"
-UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",), "tools": ([],),
-               "functions": ([],), "response_format": ({"type": "text"},)}
+UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",), "functions": ([],)}
 
 
 class APIError(Exception):
     """An error the client caused (400) or a missing resource (404); param names the request field."""
 
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", code: Optional[str] = None):
         super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Served:
     sampling: SamplingParams  # used for the fields a request leaves out (the checkpoint's generation_config)
     max_new_tokens: Optional[int]  # default max_tokens cap; None = the rest of the context
     created: int = field(default_factory=lambda: int(time.time()))
+    constrained: bool = True  # response_format / forced tool calls available (not under --speculate)
 
     def model_names(self) -> list[str]:
         return ([self.base_name] if self.base_servable else []) + list(self.adapters)
@@ -62,6 +66,8 @@ class Reply:
     stream: bool
     include_usage: bool = False
     echo: str = ""  # completions with echo: the prompt text, prepended to the answer
+    tool_format: Optional[str] = None  # chat format whose tool calls are parsed from the answer (None: no tools)
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): usage so far in every chunk
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -137,13 +143,20 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
+def unknown_model(name, served: Served) -> APIError:
+    """OpenAI's answer to a model it does not have: 404 with code model_not_found."""
+    why = "" if served.base_servable else f" ({served.base_name} is served only with its merged adapter)"
+    return APIError(f"model {name!r} does not exist; this server has: {', '.join(served.model_names())}{why}",
+                    "model", status=404, code="model_not_found")
+
+
 def _model(body: dict, served: Served) -> tuple[str, Optional[str]]:
     """(model name, adapter name or None) of the request's "model" field."""
     name = body.get("model")
-    valid = served.model_names()
-    if not isinstance(name, str) or name not in valid:
-        why = "" if served.base_servable else f" ({served.base_name} is served only with its merged adapter)"
-        raise APIError(f"model {name!r} does not exist; this server has: {', '.join(valid)}{why}", "model")
+    if not isinstance(name, str):
+        raise APIError(f"model must be a string naming one of: {', '.join(served.model_names())}", "model")
+    if name not in served.model_names():
+        raise unknown_model(name, served)
     return name, (name if name in served.adapters else None)
 
 
@@ -166,12 +179,69 @@ def _messages(body: dict) -> list[dict]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise APIError(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise APIError(f"messages[{i}].role must be system, user or assistant, got {m.get('role')!r}",
+        role = {"developer": "system", "ipython": "tool"}.get(m.get("role"), m.get("role"))
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(f"messages[{i}].role must be system, user, assistant or tool, got {m.get('role')!r}",
                            f"messages[{i}].role")
-        out.append({"role": role, "content": _content(m, i)})
+        calls = m.get("tool_calls") if role == "assistant" else None
+        msg = {"role": role, "content": "" if calls and m.get("content") is None else _content(m, i)}
+        if calls:
+            msg["tool_calls"] = calls
+        if role == "tool":
+            msg.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+        out.append(msg)
     return out
+
+
+def _tools(body: dict) -> tuple[list, object]:
+    """(checked tools, tool_choice): "auto" (the default with tools), "none", "required" or a named function."""
+    raw, choice = body.get("tools"), body.get("tool_choice")
+    try:
+        tools = tl.check_tools(raw) if raw else []
+    except ValueError as e:
+        raise APIError(str(e), "tools") from None
+    if choice is None:
+        choice = "auto" if tools else "none"
+    named = isinstance(choice, dict) and choice.get("type", "function") == "function" and \
+        isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+    if choice not in ("auto", "none", "required") and not named:
+        raise APIError(f"tool_choice must be auto, none, required or {{type: function, function: {{name}}}}, got "
+                       f"{choice!r:.100}", "tool_choice")
+    if choice != "none" and not tools:
+        raise APIError(f"tool_choice {choice!r:.60} needs a non-empty tools list", "tool_choice")
+    return tools, choice
+
+
+def _constraint(c: Optional[Constraint], served: Served, param: str) -> Optional[Constraint]:
+    """c checked against the model's vocabulary now, so a bad schema is a 400 and not a failed answer."""
+    if c is None:
+        return None
+    if not served.constrained:
+        raise APIError(f"{param}: constrained decoding is not available on a server run with --speculate", param)
+    try:
+        constraints.check(c, constraints.grammar_vocab(served.tok))
+    except ValueError as e:
+        raise APIError(f"{param}: {e}", param) from None
+    return c
+
+
+def _structured(body: dict, served: Served, tools: list, choice) -> Optional[Constraint]:
+    """What the answer must match: the response_format, or one call of the tool(s) tool_choice forces."""
+    try:
+        c = constraints.parse_response_format(body.get("response_format"))
+    except ValueError as e:
+        raise APIError(f"response_format {e}", "response_format") from None
+    forced = choice == "required" or isinstance(choice, dict)
+    if c is not None and forced:
+        raise APIError("response_format and a forced tool call (tool_choice required or named) cannot be combined",
+                       "tool_choice")
+    if forced:
+        try:
+            grammar = tl.tool_call_grammar(served.tok.chat_format, served.tok, tools, choice)
+        except ValueError as e:
+            raise APIError(str(e), "tool_choice") from None
+        return _constraint(Constraint("lark", grammar), served, "tool_choice")
+    return _constraint(c, served, "response_format")
 
 
 def _max_tokens(body: dict, served: Served, n_prompt: int, prompt_field: str) -> int:
@@ -197,28 +267,33 @@ def _common(body: dict, served: Served) -> dict:
         raise APIError("stream_options must be an object", "stream_options")
     return dict(sampling=_sampling(body, served), seed=_int(body, "seed", None, lambda v: -2**63 <= v < 2**64,
                                                         "an integer in [-2**63, 2**64)"),
-                stop=_stop(body), stream=_bool(body, "stream"),
-                include_usage=bool((opts or {}).get("include_usage")))
+                stop=_stop(body), stream=_bool(body, "stream"), include_usage=bool((opts or {}).get("include_usage")),
+                continuous_usage=bool((opts or {}).get("continuous_usage_stats")))
 
 
-def _request(kind: str, head: tuple, ids: list, max_tokens: int, served: Served, echo: str = "") -> Request:
-    """The engine Request for checked prompt ids; head: (model, adapter, _common's fields). Its key is the reply's
-    id."""
+def _request(kind: str, head: tuple, ids: list, max_tokens: int, served: Served, extra: dict) -> Request:
+    """The engine Request for checked prompt ids; head: (model, adapter, _common's fields); extra: echo,
+    tool_format, constraint. Its key is the reply's id."""
     model, adapter, c = head
-    reply = Reply(kind, model, c["stop"], c["stream"], c["include_usage"], echo)
+    reply = Reply(kind, model, c["stop"], c["stream"], c["include_usage"], extra.get("echo", ""),
+                  extra.get("tool_format"), c["continuous_usage"])
     return Request(ids, max_tokens, c["sampling"], frozenset(served.tok.stop_ids), c["seed"], adapter,
-                   key=reply.id, reply=reply)
+                   key=reply.id, reply=reply, constraint=extra.get("constraint"))
 
 
 def parse_chat(body: dict, served: Served) -> Request:
     """POST /v1/chat/completions -> Request; the dialog is encoded in the checkpoint's chat format."""
     head = (*_model(body, served), _common(body, served))
     msgs = _messages(body)
+    tools, choice = _tools(body)
+    offered = tools if choice != "none" else None
     try:
-        ids = served.tok.encode_dialog(msgs, add_generation_prompt=True)
-    except ValueError as e:  # e.g. roles out of order for an [INST] format
-        raise APIError(f"messages: {e}", "messages") from None
-    return _request("chat", head, ids, _max_tokens(body, served, len(ids), "messages"), served)
+        ids = served.tok.encode_dialog(msgs, add_generation_prompt=True, tools=offered)
+    except ValueError as e:  # e.g. roles out of order for an [INST] format, a format without tools
+        raise APIError(f"messages: {e}", "tools" if offered and "tool-calling" in str(e) else "messages") from None
+    extra = dict(tool_format=served.tok.chat_format if offered else None,
+                 constraint=_structured(body, served, tools, choice))
+    return _request("chat", head, ids, _max_tokens(body, served, len(ids), "messages"), served, extra)
 
 
 def parse_completion(body: dict, served: Served) -> Request:
@@ -238,7 +313,8 @@ def parse_completion(body: dict, served: Served) -> Request:
     if not ids:
         raise APIError("prompt encodes to no tokens", "prompt")
     echo = (prompt if isinstance(prompt, str) else served.tok.decode(ids)) if _bool(body, "echo") else ""
-    return _request("completion", head, ids, _max_tokens(body, served, len(ids), "prompt"), served, echo)
+    extra = dict(echo=echo, constraint=_structured(body, served, [], "none"))
+    return _request("completion", head, ids, _max_tokens(body, served, len(ids), "prompt"), served, extra)
 
 
 # ---- responses ----
@@ -247,12 +323,24 @@ def usage(n_prompt: int, n_completion: int) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
 
+def tool_calls(req: Request, text: str) -> list:
+    """The answer's tool calls in OpenAI's shape ([] for a plain answer or a request without tools)."""
+    r = req.reply
+    if r.tool_format is None:
+        return []
+    return [c.openai(i) if c.id else {**c.openai(i), "id": f"call_{r.id}_{i}"}
+            for i, c in enumerate(tl.parse_tool_calls(r.tool_format, text))]
+
+
 def response(req: Request, text: str, finish: str, n_completion: int) -> dict:
-    """The non-streamed answer."""
+    """The non-streamed answer; a chat answer that is a tool call comes back as tool_calls, finish "tool_calls"."""
     r, u = req.reply, usage(len(req.prompt), n_completion)
     if r.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
+        calls = tool_calls(req, text)
+        message = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
+            {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": "tool_calls" if calls else finish}
         return {"id": f"chatcmpl-{r.id}", "object": "chat.completion", "created": r.created, "model": r.model,
                 "choices": [choice], "usage": u}
     choice = {"index": 0, "text": r.echo + text, "logprobs": None, "finish_reason": finish}
@@ -261,12 +349,15 @@ def response(req: Request, text: str, finish: str, n_completion: int) -> dict:
 
 
 def chunk(req: Request, text: Optional[str] = None, finish: Optional[str] = None, first: bool = False,
-          usage_only: Optional[dict] = None) -> dict:
-    """One streamed chunk: a piece of text, the final finish_reason, or (stream_options.include_usage) the usage."""
+          usage_only: Optional[dict] = None, calls: Optional[list] = None, running: Optional[dict] = None) -> dict:
+    """One streamed chunk: a piece of text, tool calls, the final finish_reason, or (stream_options.include_usage)
+    the usage; running: the usage so far, sent with stream_options.continuous_usage_stats."""
     r = req.reply
     if r.kind == "chat":
         head = {"id": f"chatcmpl-{r.id}", "object": "chat.completion.chunk", "created": r.created, "model": r.model}
         delta = {"role": "assistant", "content": text or ""} if first else ({} if text is None else {"content": text})
+        if calls:
+            delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
         choices = [] if usage_only else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
     else:
         head = {"id": f"cmpl-{r.id}", "object": "text_completion", "created": r.created, "model": r.model}
@@ -274,12 +365,19 @@ def chunk(req: Request, text: Optional[str] = None, finish: Optional[str] = None
     out = {**head, "choices": choices}
     if r.include_usage:
         out["usage"] = usage_only
+    if r.continuous_usage and running is not None and usage_only is None:
+        out["usage"] = running
     return out
+
+
+def model_card(served: Served, name: str) -> dict:
+    """GET /v1/models/{name}: one model; an adapter's parent is the base model."""
+    if name not in served.model_names():
+        raise unknown_model(name, served)
+    return {"id": name, "object": "model", "created": served.created, "owned_by": "minillama",
+            "root": served.base_name, "parent": None if name == served.base_name else served.base_name}
 
 
 def models(served: Served) -> dict:
     """GET /v1/models: the base model (when servable) and every adapter, whose parent is the base."""
-    data = [{"id": name, "object": "model", "created": served.created, "owned_by": "minillama",
-             "root": served.base_name, "parent": None if name == served.base_name else served.base_name}
-            for name in served.model_names()]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [model_card(served, name) for name in served.model_names()]}

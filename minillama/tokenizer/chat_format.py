@@ -1,9 +1,16 @@
-"""Chat formats (llama2, llama3, mistral, chatml): dialog -> token ids plus a loss mask over assistant output."""
+"""Chat formats (llama2, llama3, mistral, chatml, and the checkpoint's own Jinja template): dialog -> token ids plus a
+loss mask over assistant output. llama3 and mistral also write tools, tool calls and tool results (tools.py)."""
 
 import re
+from dataclasses import dataclass, field
+from typing import Optional
 
-FORMATS = ("llama2", "llama3", "mistral", "chatml")
-ROLES = ("system", "user", "assistant")
+from . import template as jinja_template
+from . import tools as tl
+
+FORMATS = ("llama2", "llama3", "mistral", "chatml", "template")
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_FORMATS = ("llama3", "mistral", "template")
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
@@ -39,39 +46,79 @@ def detect_chat_format(tok) -> str:
     return "llama2"
 
 
-def _validate(messages, fmt: str) -> list[tuple[str, str]]:
+@dataclass
+class Message:
+    """One checked turn. An assistant turn may carry tool calls; a tool turn answers the call tool_call_id."""
+
+    role: str  # system | user | assistant | tool
+    content: str
+    tool_calls: list = field(default_factory=list)  # [tools.ToolCall]
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None  # a tool turn: the function's name
+
+
+def _message(m, i: int) -> Message:
+    if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
+        raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {m!r:.80}")
+    role = "tool" if m["role"] == "ipython" else m["role"]
+    content = m.get("content")
+    if role not in ROLES:
+        raise ValueError(f"message {i}: unknown role {m['role']!r}; expected one of {', '.join(ROLES)}")
+    calls = m.get("tool_calls") or []
+    if role == "assistant" and calls:
+        if not isinstance(calls, list):
+            raise ValueError(f"message {i}: tool_calls must be a list")
+        calls = [tl.parse_call(c, f"message {i}: tool_calls[{k}]") for k, c in enumerate(calls)]
+        content = content or ""
+    elif calls:
+        raise ValueError(f"message {i}: only an assistant message has tool_calls")
+    if not isinstance(content, str):
+        raise ValueError(f"message {i}: content must be a str, got {type(content).__name__}")
+    return Message(role, content, calls, m.get("tool_call_id"), m.get("name"))
+
+
+def _validate(messages, fmt: str) -> list[Message]:
     """Check roles, order and content types; errors name the message index."""
     if not isinstance(messages, (list, tuple)) or len(messages) == 0:
         raise ValueError("empty dialog: expected a non-empty list of {'role', 'content'} messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {m!r:.80}")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise ValueError(f"message {i}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a str, got {type(content).__name__}")
-        out.append((role, content))
+    out = [_message(m, i) for i, m in enumerate(messages)]
+    if fmt not in TOOL_FORMATS:
+        for i, m in enumerate(out):
+            if m.role == "tool" or m.tool_calls:
+                raise ValueError(f"message {i}: chat format {fmt} has no tool-calling form (llama3, mistral and "
+                                 "template have one)")
     if fmt in ("llama2", "mistral"):
-        start = 1 if out[0][0] == "system" else 0
-        if start == len(out):
+        # tool calls and their results sit between a user turn and the answer: the rest alternates
+        turns = [(i, m.role) for i, m in enumerate(out) if m.role != "tool" and not m.tool_calls]
+        start = 1 if turns and turns[0][1] == "system" else 0
+        if start == len(turns):
             raise ValueError(f"message 0: a {fmt} dialog needs a user message after the system prompt")
-        for i in range(start, len(out)):
-            want = "user" if (i - start) % 2 == 0 else "assistant"
-            if out[i][0] != want:
-                raise ValueError(f"message {i}: expected role {want!r}, got {out[i][0]!r} ({fmt} needs a "
+        for k in range(start, len(turns)):
+            i, role = turns[k]
+            want = "user" if (k - start) % 2 == 0 else "assistant"
+            if role != want:
+                raise ValueError(f"message {i}: expected role {want!r}, got {role!r} ({fmt} needs a "
                                  f"leading optional system message, then alternating user/assistant turns)")
     return out
 
 
-def encode_dialog(tok, messages, fmt: str, add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+def encode_dialog(tok, messages, fmt: str, add_generation_prompt: bool,
+                  tools: Optional[list] = None) -> tuple[list[int], list[bool]]:
     """(ids, mask) for a dialog; mask is True on assistant output tokens and their end-of-turn token.
 
-    add_generation_prompt appends the assistant header (llama3, chatml); [INST] formats end at the user turn."""
+    add_generation_prompt appends the assistant header (llama3, chatml); [INST] formats end at the user turn.
+    tools: OpenAI's tools list, written into the prompt in the format's own way (llama3, mistral, template)."""
     fmt = resolve_format(fmt)
     msgs = _validate(messages, fmt)
-    segments = _ENCODERS[fmt](tok, msgs, add_generation_prompt)
+    tools = tl.check_tools(tools) if tools else []
+    if tools and fmt not in TOOL_FORMATS:
+        raise ValueError(f"chat format {fmt} has no tool-calling form (llama3, mistral and template have one)")
+    if fmt == "template":
+        return jinja_template.encode(tok, list(messages), tools, add_generation_prompt)
+    if fmt in ("llama3", "mistral"):
+        segments = _ENCODERS[fmt](tok, msgs, add_generation_prompt, tools)
+    else:
+        segments = _ENCODERS[fmt](tok, [(m.role, m.content) for m in msgs], add_generation_prompt)
     ids = [t for seg, _ in segments for t in seg]
     mask = [learn for seg, learn in segments for _ in seg]
     return ids, mask
@@ -119,40 +166,62 @@ def _llama2(tok, msgs, add_generation_prompt):
     return segs
 
 
-def _mistral(tok, msgs, add_generation_prompt):
+def _mistral(tok, msgs, add_generation_prompt, tools):
     # mistral-common's SentencePiece instruct tokenizers. v1 (Mistral 7B v0.1, Mixtral 8x7B): one BOS, "[INST]"
     # as text, system prompt prepended to the first user message. v2/v3 (vocab with an [INST] control token,
     # e.g. Mistral 7B v0.3): [INST]/[/INST] control ids, system prompt on the last user message, answers rstrip(" ").
+    # Tools follow v3: [AVAILABLE_TOOLS] before the last user turn, [TOOL_CALLS] calls, [TOOL_RESULTS] results.
     control = "[INST]" in tok.special_tokens
-    system = msgs[0][1] if msgs[0][0] == "system" else ""
-    msgs = msgs[1:] if msgs[0][0] == "system" else msgs
-    users = [i for i, (role, _) in enumerate(msgs) if role == "user"]
+    if (tools or any(m.role == "tool" or m.tool_calls for m in msgs)) and "[TOOL_CALLS]" not in tok.special_tokens:
+        raise ValueError(f"tokenizer {tok.path} has no [TOOL_CALLS] token: this Mistral version has no tool calling")
+    system = msgs[0].content if msgs[0].role == "system" else ""
+    msgs = msgs[1:] if msgs[0].role == "system" else msgs
+    users = [i for i, m in enumerate(msgs) if m.role == "user"]
     gets_system = users[-1] if control else users[0]
     segs = [(_bos(tok), False)]
-    for i, (role, content) in enumerate(msgs):
-        if role == "assistant":
+    for i, m in enumerate(msgs):
+        content = m.content
+        if m.role == "assistant" and m.tool_calls:
+            segs.append(([tok.token_id("[TOOL_CALLS]")] + _text(tok, tl.mistral_calls_text(m.tool_calls))
+                         + _eos(tok), True))
+        elif m.role == "assistant":
             segs.append((_text(tok, content.rstrip(" ") if control else content) + _eos(tok), True))
-            continue
-        if i == gets_system and system:
-            content = system + "\n\n" + content
-        if control:
-            segs.append(([tok.token_id(B_INST)] + _text(tok, content) + [tok.token_id(E_INST)], False))
+        elif m.role == "tool":
+            segs.append(([tok.token_id("[TOOL_RESULTS]")] + _text(tok, tl.mistral_result_text(content, m.tool_call_id))
+                         + [tok.token_id("[/TOOL_RESULTS]")], False))
         else:
-            segs.append((_text(tok, f"{B_INST} {content} {E_INST}"), False))
+            if i == gets_system and system:
+                content = system + "\n\n" + content
+            if i == users[-1] and tools:
+                segs.append(([tok.token_id("[AVAILABLE_TOOLS]")] + _text(tok, tl.mistral_tools_text(tools))
+                             + [tok.token_id("[/AVAILABLE_TOOLS]")], False))
+            if control:
+                segs.append(([tok.token_id(B_INST)] + _text(tok, content) + [tok.token_id(E_INST)], False))
+            else:
+                segs.append((_text(tok, f"{B_INST} {content} {E_INST}"), False))
     return segs
 
 
-def _llama3(tok, msgs, add_generation_prompt):
-    # llama-models ChatFormat.encode_dialog_prompt: content is not stripped.
+def _llama3(tok, msgs, add_generation_prompt, tools):
+    # llama-models ChatFormat.encode_dialog_prompt: content is not stripped. With tools, Llama 3.1's JSON tool
+    # calling (tools.py): an ipython system prompt, the functions in a user turn, calls ended by <|eom_id|>.
     start, end, eot = (tok.token_id(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
 
     def header(role):
-        return [start] + _text(tok, role) + [end] + _text(tok, "\n\n")
+        return [start] + _text(tok, "ipython" if role == "tool" else role) + [end] + _text(tok, "\n\n")
 
+    if tools:
+        system = msgs[0].content if msgs[0].role == "system" else ""
+        rest = msgs[1:] if msgs[0].role == "system" else msgs
+        first_user = next((i for i, m in enumerate(rest) if m.role == "user"), len(rest))
+        msgs = ([Message("system", tl.llama3_system(system, tl.today()))] + rest[:first_user]
+                + [Message("user", tl.llama3_tools_turn(tools))] + rest[first_user:])
     segs = [([tok.token_id("<|begin_of_text|>")], False)]
-    for role, content in msgs:
-        learn = role == "assistant"
-        segs += [(header(role), False), (_text(tok, content), learn), ([eot], learn)]
+    for m in msgs:
+        learn = m.role == "assistant"
+        body = _text(tok, m.content) + [t for c in m.tool_calls for t in _text(tok, tl.llama3_call_text(c))]
+        close = tok.token_id("<|eom_id|>") if m.tool_calls else eot  # a call waits for its result: end of message
+        segs += [(header(m.role), False), (body, learn), ([close], learn)]
     if add_generation_prompt:
         segs.append((header("assistant"), False))
     return segs
@@ -183,8 +252,8 @@ def chatml_template_info(tok) -> tuple[bool, str | None]:
     if tok.chat_template:
         marker = "\x00USER\x00"
         try:
-            text = render_template(tok.chat_template, messages=[{"role": "user", "content": marker}],
-                                   bos_token="\x00BOS\x00", eos_token="\x00EOS\x00", add_generation_prompt=False)
+            text = jinja_template.render_template(tok.chat_template, messages=[{"role": "user", "content": marker}],
+                                                 bos_token="\x00BOS\x00", eos_token="\x00EOS\x00", add_generation_prompt=False)
         except Exception as e:  # jinja syntax/undefined errors, a bound hit: say which template failed
             raise ValueError(f"chat_template of {tok.path} could not be rendered to find its default system "
                              f"prompt: {type(e).__name__}: {e}") from None
@@ -197,62 +266,6 @@ def chatml_template_info(tok) -> tuple[bool, str | None]:
         info = (use_bos, system)
     tok._chatml_info = (tok.chat_template, info)
     return info
-
-
-# A chat template comes from a file: it renders in jinja's sandbox (no attribute access to Python internals) and
-# within bounds, so a template that loops for ever or writes gigabytes fails with an error instead of hanging.
-TEMPLATE_MAX_STEPS = 1_000_000  # range() items over the whole render
-TEMPLATE_MAX_CHARS = 1_000_000  # rendered text, and any string or list a template builds with * or **
-TEMPLATE_MAX_SECONDS = 5.0
-
-
-def render_template(template: str, **context) -> str:
-    """A chat template rendered with jinja's ImmutableSandboxedEnvironment and the TEMPLATE_MAX_* bounds."""
-    import time
-
-    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-
-    left = [TEMPLATE_MAX_STEPS]
-    deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
-
-    def check_time():
-        if time.monotonic() > deadline:
-            raise SecurityError(f"the template ran longer than {TEMPLATE_MAX_SECONDS:g} s")
-
-    def bounded_range(*args):
-        r = range(*args)
-        left[0] -= len(r)
-        if left[0] < 0:
-            raise SecurityError(f"the template loops more than {TEMPLATE_MAX_STEPS} times")
-        check_time()
-        return r
-
-    def raise_exception(msg):
-        raise ValueError(msg)
-
-    class Bounded(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "**"])
-
-        def call_binop(self, context, operator, left_, right_):
-            if operator == "**" and isinstance(right_, (int, float)) and abs(right_) > 64:
-                raise SecurityError(f"the template raises to the power {right_}")
-            if operator == "*":
-                sizes = [len(x) for x in (left_, right_) if isinstance(x, (str, list, tuple))]
-                counts = [x for x in (left_, right_) if isinstance(x, int)]
-                if sizes and counts and sizes[0] * counts[0] > TEMPLATE_MAX_CHARS:
-                    raise SecurityError(f"the template builds a value longer than {TEMPLATE_MAX_CHARS}")
-            return super().call_binop(context, operator, left_, right_)
-
-    env = Bounded(trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(raise_exception=raise_exception, range=bounded_range)
-    out, size = [], 0
-    for piece in env.from_string(template).generate(**context):
-        out.append(piece)
-        size += len(piece)
-        if size > TEMPLATE_MAX_CHARS:
-            raise SecurityError(f"the template writes more than {TEMPLATE_MAX_CHARS} characters")
-        check_time()
-    return "".join(out)
 
 
 _ENCODERS = {"llama2": _llama2, "llama3": _llama3, "mistral": _mistral, "chatml": _chatml}

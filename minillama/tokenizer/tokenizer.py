@@ -41,9 +41,9 @@ class Tokenizer:
         return self.special_tokens[text]
 
     def encode_dialog(self, messages: list[dict], add_generation_prompt: bool = True,
-                      format: str | None = None) -> list[int]:
-        """Token ids of a chat in the given (or default) chat format."""
-        return cf.encode_dialog(self, messages, format or self.chat_format, add_generation_prompt)[0]
+                      format: str | None = None, tools: list | None = None) -> list[int]:
+        """Token ids of a chat in the given (or default) chat format; tools: OpenAI's tools list."""
+        return cf.encode_dialog(self, messages, format or self.chat_format, add_generation_prompt, tools)[0]
 
     def encode_dialog_with_mask(self, messages: list[dict], format: str | None = None):
         """(ids, mask): mask[i] is True for assistant output tokens and their end-of-turn token."""
