@@ -31,7 +31,7 @@ from typing import Optional
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
 from minillama.util.cli import ArgumentParser, positive_int, run
-from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, generation_options, load_from_args, parse_args, sampling_params
+from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, engine_config, load_from_args, parse_args, sampling_params
 from minillama.util.distributed import cleanup  # noqa: E402
 from minillama.util.files import atomic_write, require_file  # noqa: E402
 from minillama.inference.generate import generate_continuous  # noqa: E402
@@ -253,9 +253,10 @@ def run_groups(loaded, work: list, args, merged: bool):
             set_adapter(loaded.model, name)
         # every rank runs the same schedule: tensor parallel broadcasts rank 0's tokens, so rows finish in lockstep
         finished = generate_continuous(loaded.model, [work[k][1] for k in group], args.max_new_tokens,
-                                       args.batch_size, sampling_params(args), stop_ids=loaded.tok.stop_ids,
-                                       truncate_left=args.truncate_left, process_group=loaded.tp_group,
-                                       **generation_options(args))
+                                       sampling_params(args), stop_ids=loaded.tok.stop_ids,
+                                       truncate_left=args.truncate_left, max_seq_len=args.max_seq_len,
+                                       config=engine_config(args, loaded.tp_group, batch_size=args.batch_size,
+                                                            reuse_prefix=True))
         for j, new, reason in finished:
             yield group[j], new, reason
 

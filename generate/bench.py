@@ -29,7 +29,8 @@ from minillama import ModelArgs  # noqa: E402
 from minillama.tools import benchmarks as bm  # noqa: E402
 from minillama.util.cli import ArgumentParser, positive_int, run  # noqa: E402
 from minillama.util.dtypes import DTYPE_NAMES, parse_dtype  # noqa: E402
-from minillama.inference.generate import cache_len_for, generate, generate_continuous  # noqa: E402
+from minillama.inference.engine import EngineConfig  # noqa: E402
+from minillama.inference.generate import generate, generate_continuous  # noqa: E402
 from minillama.perf import decode_bytes_per_step, forward_flops, time_fn  # noqa: E402
 
 TINY = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=4096, hidden_dim=512, max_seq_len=16384,
@@ -93,13 +94,14 @@ def time_generate(run, max_new_tokens: int, device, iters: int) -> tuple[float, 
 
 
 def ours_runner(model, prompts, max_new_tokens: int, compile: bool):
-    # this case's own cache, allocated once: a larger one left by another case would be read whole when compiled,
-    # and a new one per run would move the addresses the CUDA graph was recorded with
-    model.setup_cache(len(prompts), cache_len_for(len(prompts[0]) + max_new_tokens, compile))
+    # this case's own cache, allocated once: a new one per run would move the addresses the CUDA graph was
+    # recorded with
+    model.setup_cache(len(prompts), len(prompts[0]) + max_new_tokens)
+    config = EngineConfig(compile=compile, sync_every=1 << 30, prefill_chunk=len(prompts) * len(prompts[0]))
 
     @torch.inference_mode()
     def run(n):
-        out = generate(model, prompts, max_new_tokens=n, compile=compile, check_every=1 << 30)
+        out = generate(model, prompts, max_new_tokens=n, config=config)
         assert all(len(o) == n for o in out), "a row stopped early: the timing would be wrong"
     return run
 
@@ -253,15 +255,15 @@ def bench_workload(a, args, device, dtype, ceil):
     B = min(a.batch_size, a.n_prompts)
     with PrefillClock(model, device) as clock:  # installed first: the compiled step sees the same model twice
         warm = random_prompts(B, 16, args.vocab_size, seed=2)  # kernels (and the compiled step) before timing
-        list(generate_continuous(model, warm, 4, B, compile=a.compile))
-        model.setup_cache(B, cache_len_for(a.prompt_len + a.new_tokens, a.compile))
+        list(generate_continuous(model, warm, 4, config=EngineConfig(batch_size=B, compile=a.compile)))
+        model.setup_cache(B, a.prompt_len + a.new_tokens)
         clock.seconds()
         clock.spans.clear()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        done = [(i, len(out)) for i, out, _ in generate_continuous(model, prompts, a.new_tokens, B,
-                                                                  compile=a.compile)]
+        config = EngineConfig(batch_size=B, compile=a.compile)
+        done = [(i, len(out)) for i, out, _ in generate_continuous(model, prompts, a.new_tokens, config=config)]
         prefill_s = clock.seconds()
         wall = time.perf_counter() - t0
     assert len(done) == a.n_prompts and all(n == a.new_tokens for _, n in done), "an answer stopped early"

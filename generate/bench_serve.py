@@ -1,7 +1,8 @@
-"""Throughput of generate/serve.py under concurrent clients: tokens/s of the whole server, time to first token and
-request latency, for each concurrency level.
+"""Throughput of generate/serve.py under concurrent clients: tokens/s of the whole server, time to first token,
+inter-token latency and request latency, for each concurrency level.
 
     python generate/bench_serve.py                                    # starts the server on the embedded SmolLM2
+    python generate/bench_serve.py --concurrency 1,4,16 --max_batch_size 16 --max_tokens 32   # the issue's levels
     python generate/bench_serve.py --ckpt DIR --concurrency 1,8,32 --max_batch_size 32 --max_tokens 128
     python generate/bench_serve.py --url http://127.0.0.1:8000        # a server that is already running
 
@@ -57,7 +58,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 
 def one_request(url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    """(seconds to the first token, total seconds, tokens) of one streamed chat request."""
+    """(seconds to the first token, total seconds, tokens) of one streamed chat request; the inter-token latency is
+    (total - first) / (tokens - 1)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
@@ -84,6 +86,7 @@ def bench_level(url: str, model: str, clients: int, n: int, max_tokens: int) -> 
     tokens = sum(r[2] for r in results)
     return {"clients": clients, "requests": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_p50_s": statistics.median(r[0] for r in results),
+            "itl_p50_ms": 1e3 * statistics.median((r[1] - r[0]) / (r[2] - 1) for r in results if r[2] > 1),
             "latency_p50_s": statistics.median(r[1] for r in results)}
 
 
@@ -101,10 +104,11 @@ def main(argv=None):
             proc.wait(30)
     base = rows[0]["tokens_per_s"]
     print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tokens/s':>9} {'x first':>7} "
-          f"{'TTFT p50':>9} {'latency p50':>11}")
+          f"{'TTFT p50':>9} {'ITL p50':>9} {'latency p50':>11}")
     for r in rows:
         print(f"{r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['wall_s']:>7.1f} {r['tokens_per_s']:>9.1f} "
-              f"{r['tokens_per_s'] / base:>7.2f} {r['ttft_p50_s']:>8.2f}s {r['latency_p50_s']:>10.2f}s")
+              f"{r['tokens_per_s'] / base:>7.2f} {r['ttft_p50_s']:>8.2f}s {r['itl_p50_ms']:>7.0f}ms "
+              f"{r['latency_p50_s']:>10.2f}s")
     return 0
 
 

@@ -21,10 +21,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
 from minillama.util.cli import ArgumentParser, run
-from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, load_from_args, parse_args, sampling_params
+from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, engine_config, load_from_args, parse_args, sampling_params
 from minillama.util.distributed import cleanup  # noqa: E402
 from minillama.inference.engine import Engine, Request  # noqa: E402
-from minillama.inference.generate import cache_len_for  # noqa: E402
 from minillama.inference.loading import broadcast_object, rank0_print  # noqa: E402
 from minillama.inference.repl import HELP, Terminal, dim  # noqa: E402
 from minillama.tokenizer.tokenizer import StreamDecoder, decode_cut  # noqa: E402
@@ -102,8 +101,8 @@ def main(argv=None):
     limit = context_limit(args, loaded.model)
     say = log if info.is_rank0 else (lambda msg: None)
     # one cache row, kept between turns (reuse_prefix): each turn prefills only what the cache does not hold yet
-    engine = Engine(loaded.model, 1, cache_len_for(min(limit, 1024), args.compile), seed=args.seed,
-                    compile=args.compile, process_group=loaded.tp_group, reuse_prefix=True)
+    engine = Engine(loaded.model, engine_config(args, loaded.tp_group, batch_size=1, cache_len=min(limit, 1024),
+                                                reuse_prefix=True))
     term = Terminal(info.is_rank0)
     system = [{"role": "system", "content": args.system}] if args.system else []
 

@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
 from minillama.util.cli import ArgumentParser, positive_int, run
-from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, generation_options, load_from_args, parse_args, sampling_params
+from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, engine_config, load_from_args, parse_args, sampling_params
 from minillama.util.distributed import cleanup  # noqa: E402
 from minillama.inference.generate import generate  # noqa: E402
 from minillama.inference.loading import rank0_print  # noqa: E402
@@ -60,8 +60,8 @@ def main(argv=None):
         ids = [tok.encode(p, bos=True) for p in chunk]
         try:
             outs = generate(loaded.model, ids, args.max_new_tokens, sampling_params(args), stop_ids=tok.stop_ids,
-                            truncate_left=args.truncate_left, process_group=loaded.tp_group,
-                            **generation_options(args))
+                            truncate_left=args.truncate_left, max_seq_len=args.max_seq_len,
+                            config=engine_config(args, loaded.tp_group))
         except ValueError as e:
             raise ValueError(f"prompts {start}..{start + len(chunk) - 1}: {e}") from None
         for prompt, out in zip(chunk, outs):

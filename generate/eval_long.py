@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from generate.batch import Progress, append_line, done_indices, sort_output  # noqa: E402
 from minillama.util.cli import ArgumentParser, positive_int, run
-from minillama.tools.flags import add_model_args, load_from_args
+from minillama.tools.flags import add_model_args, engine_config, load_from_args
 from minillama.util.distributed import cleanup  # noqa: E402
 from minillama.util.files import atomic_write, read_json, write_json  # noqa: E402
 from minillama.inference.generate import generate_continuous  # noqa: E402
@@ -181,9 +181,10 @@ def run_passkey(loaded, args, records: Path) -> None:
     work = broadcast(work, info)  # every tensor-parallel rank decodes the same prompts
     out = open(records, "a", encoding="utf-8") if info.is_rank0 else None
     progress = Progress(len(work)) if info.is_rank0 else None
-    finished = generate_continuous(loaded.model, [w["ids"] for w in work], args.max_new_tokens, args.batch_size,
-                                   stop_ids=tok.stop_ids, process_group=loaded.tp_group,
-                                   max_seq_len=max(args.lengths)) if work else ()
+    finished = generate_continuous(loaded.model, [w["ids"] for w in work], args.max_new_tokens,
+                                   stop_ids=tok.stop_ids, max_seq_len=max(args.lengths),
+                                   config=engine_config(args, loaded.tp_group, batch_size=args.batch_size,
+                                                        reuse_prefix=True)) if work else ()
     for k, new, _ in finished:
         if not info.is_rank0:
             continue

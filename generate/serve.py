@@ -24,10 +24,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
 from minillama.util.cli import ArgumentParser, is_rank0, positive_int, run
-from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, load_from_args, parse_args, resolve_checkpoint, sampling_params, set_help
+from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, engine_config, load_from_args, parse_args, resolve_checkpoint, sampling_params, set_help
 from minillama.util.distributed import cleanup  # noqa: E402
 from minillama.inference.engine import Engine  # noqa: E402
-from minillama.inference.generate import cache_len_for  # noqa: E402
 from minillama.lora.slots import set_row_adapters
 
 DEFAULT_MAX_SEQ_LEN = 4096  # the KV cache holds --max_batch_size x --max_seq_len tokens; a 128K context would not fit
@@ -100,10 +99,9 @@ def main(argv=None):
     args.max_seq_len = args.max_seq_len or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     limit = context_limit(args, model)
     merged = bool(adapters) and info.world_size > 1  # tensor parallel serves its one adapter merged in
-    engine = Engine(model, args.max_batch_size, cache_len_for(limit, args.compile), seed=args.seed,
-                    compile=args.compile, process_group=loaded.tp_group, pad_id=tok.pad_id or 0,
-                    fixed_batch=args.compile, reuse_prefix=True,
-                    row_adapters=set_row_adapters if adapters and not merged else None)  # mixed per batch
+    config = engine_config(args, loaded.tp_group, batch_size=args.max_batch_size, cache_len=limit,
+                           pad_id=tok.pad_id or 0, fixed_batch=args.compile, reuse_prefix=True)
+    engine = Engine(model, config, row_adapters=set_row_adapters if adapters and not merged else None)  # mixed
     if not info.is_rank0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 says when serving ends
         follow(engine, info)

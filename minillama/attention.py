@@ -143,12 +143,15 @@ class CacheStep:
     (shapes grow step by step). A 0-d tensor (one slot for every row) or a (B,) tensor (each row its own slot):
     attention over the whole fixed-size cache, a mask hides the rest, so one torch.compile graph (one CUDA graph)
     serves every step. pad_lens (B,): each row's left padding. rows (B,): the cache rows this forward's rows use
-    (default 0..B-1), e.g. prefill a new prompt into one row while the other rows keep theirs.
+    (default 0..B-1), e.g. prefill a new prompt into one row while the other rows keep theirs. keys: attend over
+    only the first `keys` slots (they must cover every query's slot): a decode step then reads what the rows hold,
+    not the whole cache, and a compiled step keeps one shape per bucket of lengths.
     """
 
     start: Union[int, torch.Tensor]
     pad_lens: Optional[torch.Tensor] = None
     rows: Optional[torch.Tensor] = None
+    keys: Optional[int] = None
 
     @property
     def fixed_shape(self) -> bool:
@@ -160,7 +163,10 @@ class CacheStep:
         return (start + torch.arange(T, device=device)[None]).expand(B, T)
 
     def key_len(self, T: int, cache_len: int) -> int:
-        """How many cache slots the queries attend over: the whole cache for fixed shapes, else up to start + T."""
+        """How many cache slots the queries attend over: keys if given, else the whole cache for fixed shapes, else
+        up to start + T."""
+        if self.keys is not None:
+            return self.keys
         return cache_len if self.fixed_shape else self.start + T
 
 

@@ -222,6 +222,11 @@ def randomize_adapter(model, seed: int = 1, std: float = 0.2, magnitude: float =
             p.add_(torch.randn(p.shape, generator=g) * whole)
 
 
+def stop_reason(new_tokens, max_new_tokens: int) -> str:
+    """"stop" if the row ended on a stop token, "length" if it used all max_new_tokens (stops are not returned)."""
+    return "length" if len(new_tokens) >= max_new_tokens else "stop"
+
+
 class CountingForward:
     """Wraps model.forward to record (rows, tokens) of every call: T > 1 is a prefill, T == 1 a decode step."""
 

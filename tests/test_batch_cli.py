@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from minillama import load_model
-from minillama.inference.generate import generate, stop_reason
+from minillama.inference.generate import generate
 from minillama.tokenizer.tokenizer import decode_cut, load_tokenizer
-from helpers import tiny_smol_vocab_checkpoint
+from helpers import stop_reason, tiny_smol_vocab_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = REPO / "generate" / "batch.py"

@@ -132,11 +132,11 @@ def test_sampling_defaults_come_from_generation_config_and_flags_win(tmp_path, c
 
 
 def test_generation_config_eos_ids_stop_generation(tmp_path):
-    from minillama.inference.loading import load_for_inference
+    from minillama.inference.loading import LoadOptions, load_for_inference
     from sft_helpers import tiny_checkpoint
     d = tiny_checkpoint(tmp_path / "tiny")
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
-    stop = load_for_inference(d, device="cpu").tok.stop_ids
+    stop = load_for_inference(d, LoadOptions(device="cpu")).tok.stop_ids
     assert {7, 9} < set(stop) and len(stop) > 2  # the tokenizer's own end-of-turn ids stay
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minillama.inference.engine import Engine, Request
+from minillama.inference.engine import Engine, EngineConfig, Request
 from minillama.inference.generate import generate
 from minillama.inference.sampling import SamplingParams
 from helpers import CountingForward, tiny_model
@@ -26,9 +26,8 @@ def run_all(engine: Engine) -> dict:
 
 def solo(model, p, n, params=None, seed=None):
     """The request alone in a batch of one (its own generator when seeded)."""
-    engine = Engine(model, 1, 64)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    engine.submit(Request(p, n, params or SamplingParams(), generator=gen, key=0))
+    engine = Engine(model, EngineConfig(1, 64))
+    engine.submit(Request(p, n, params or SamplingParams(), seed=seed, key=0))
     return run_all(engine)[0][0]
 
 
@@ -36,7 +35,7 @@ def test_requests_joining_between_steps_equal_each_alone():
     model = tiny_model(std=0.3)
     ps = prompts([3, 9, 5, 7, 4])
     alone = [generate(model, [p], 8)[0] for p in ps]
-    engine = Engine(model, 3, 64, fixed_batch=False)
+    engine = Engine(model, EngineConfig(3, 64, fixed_batch=False))
     engine.submit(Request(ps[0], 8, key=0))
     done, step = {}, 0
     while engine.busy or step < 4:
@@ -54,10 +53,10 @@ def test_per_request_sampling_and_seeds_do_not_depend_on_the_batch():
     ps = prompts([4, 6, 5, 3])
     hot = SamplingParams(1.2, top_p=0.95, top_k=40)
     reqs = [Request(ps[0], 10, key=0),  # greedy
-            Request(ps[1], 10, hot, generator=torch.Generator().manual_seed(5), key=1),
-            Request(ps[2], 10, SamplingParams(0.8), generator=torch.Generator().manual_seed(9), key=2),
+            Request(ps[1], 10, hot, seed=5, key=1),
+            Request(ps[2], 10, SamplingParams(0.8), seed=9, key=2),
             Request(ps[3], 10, SamplingParams(repetition_penalty=1.5), key=3)]
-    engine = Engine(model, 4, 64)
+    engine = Engine(model, EngineConfig(4, 64))
     for r in reqs:
         engine.submit(r)
     done = run_all(engine)
@@ -71,7 +70,7 @@ def test_per_request_sampling_and_seeds_do_not_depend_on_the_batch():
 def test_cancel_frees_the_row_for_the_next_request():
     model = tiny_model(std=0.3)
     ps = prompts([5, 6, 4])
-    engine = Engine(model, 2, 64)
+    engine = Engine(model, EngineConfig(2, 64))
     for i, p in enumerate(ps):
         engine.submit(Request(p, 20, key=i))
     engine.step()
@@ -88,7 +87,7 @@ def test_cancel_frees_the_row_for_the_next_request():
 def test_prefix_reuse_prefills_only_the_new_turn_and_equals_prefilling_it_all():
     model = tiny_model(std=0.3, max_seq_len=128)
     turn1 = prompts([12])[0]
-    engine = Engine(model, 2, 128, reuse_prefix=True)
+    engine = Engine(model, EngineConfig(2, 128, reuse_prefix=True))
     engine.submit(Request(turn1, 6, key="t1"))
     answer1 = run_all(engine)["t1"][0]
     turn2 = turn1 + answer1 + prompts([5], seed=3)[0]  # the conversation so far + a new message
@@ -110,7 +109,7 @@ def test_prefix_reuse_prefills_only_the_new_turn_and_equals_prefilling_it_all():
 
 def test_reserve_grows_the_cache_and_keeps_the_cached_prefix():
     model = tiny_model(std=0.3, max_seq_len=256)
-    engine = Engine(model, 1, 32, reuse_prefix=True)
+    engine = Engine(model, EngineConfig(1, 32, reuse_prefix=True))
     p = prompts([10])[0]
     engine.submit(Request(p, 8, key=0))
     first = run_all(engine)[0][0]
@@ -125,7 +124,8 @@ def test_reserve_grows_the_cache_and_keeps_the_cached_prefix():
 def test_row_adapter_hook_sees_each_forwards_rows_and_unmixed_batches_wait():
     model = tiny_model(std=0.3)
     seen = []
-    engine = Engine(model, 3, 64, row_adapters=lambda m, names: seen.append(list(names)), mix_adapters=False)
+    engine = Engine(model, EngineConfig(3, 64, mix_adapters=False, prefill_rows=1),
+                    row_adapters=lambda m, names: seen.append(list(names)))
     ps = prompts([4, 5, 6])
     engine.submit(Request(ps[0], 3, adapter="a", key=0))
     engine.submit(Request(ps[1], 3, adapter="a", key=1))
@@ -135,7 +135,7 @@ def test_row_adapter_hook_sees_each_forwards_rows_and_unmixed_batches_wait():
     assert seen[:3] == [["a"], ["a"], ["a", "a", None]]  # two prefills, then the decode step's rows
     run_all(engine)
     assert ["a"] not in seen[seen.index([None]):]  # request 2 was prefilled after rows 0 and 1 ended
-    mixed = Engine(model, 3, 64, row_adapters=lambda m, names: seen.append(list(names)))
+    mixed = Engine(model, EngineConfig(3, 64, prefill_rows=1), row_adapters=lambda m, names: seen.append(list(names)))
     for i, p in enumerate(ps):
         mixed.submit(Request(p, 3, adapter=["a", None, "b"][i], key=i))
     seen.clear()
@@ -144,6 +144,6 @@ def test_row_adapter_hook_sees_each_forwards_rows_and_unmixed_batches_wait():
 
 
 def test_submit_rejects_a_prompt_that_does_not_fit():
-    engine = Engine(tiny_model(), 1, 16)
+    engine = Engine(tiny_model(), EngineConfig(1, 16))
     with pytest.raises(ValueError, match="does not fit"):
         engine.submit(Request(list(range(10)), 8))

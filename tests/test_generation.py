@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from minillama.inference.generate import generate, generate_continuous, generate_stream, stop_reason
+from minillama.inference.engine import Engine, EngineConfig, Request
+from minillama.inference.generate import generate, generate_continuous
 from minillama.inference.sampling import SamplingParams, apply_repetition_penalty, seen_mask
-from helpers import CountingForward, tiny_model
+from helpers import CountingForward, stop_reason, tiny_model
 
 MOE = {"n_experts": 4, "n_experts_per_tok": 2}
 
@@ -67,25 +68,34 @@ def test_stop_tokens_end_each_row_independently():
     assert [stop_reason(c, 12) for c in cut] == ["stop" if stop in r else "length" for r in full]
 
 
+def stream(model, prompts, max_new_tokens, sampling, seed, stop_ids):
+    """The engine one step at a time, as the streaming users run it: yields [(row, token), ...] per step."""
+    engine = Engine(model, EngineConfig(len(prompts), max(map(len, prompts)) + max_new_tokens, seed=seed))
+    for i, p in enumerate(prompts):
+        engine.submit(Request(p, max_new_tokens, sampling, frozenset(stop_ids), key=i))
+    while engine.busy:
+        yield [(ev.request.key, ev.token) for ev in engine.step() if ev.token is not None]
+
+
 def test_stream_equals_generate():
     model = tiny_model()
     ps = prompts([5, 2, 7])
     stop = generate(model, ps, max_new_tokens=10)[0][3]
-    kw = dict(max_new_tokens=10, sampling=SamplingParams(0.9, top_k=20, top_p=0.9), seed=3, stop_ids=[stop])
+    kw = dict(max_new_tokens=10, sampling=SamplingParams(0.9, top_k=20, top_p=0.9), stop_ids=[stop])
     rows = [[] for _ in ps]
-    for step in generate_stream(model, ps, **kw):
+    for step in stream(model, ps, seed=3, **kw):
         for b, t in step:
             rows[b].append(t)
-    assert rows == generate(model, ps, **kw)
+    assert rows == generate(model, ps, config=EngineConfig(seed=3), **kw)
 
 
 def test_seed_reproduces_sampled_output():
     model = tiny_model()
     ps = prompts([4, 6])
     kw = dict(max_new_tokens=16, sampling=SamplingParams(1.5, top_p=0.95))
-    a = generate(model, ps, seed=11, **kw)
-    assert a == generate(model, ps, seed=11, **kw)
-    assert a != generate(model, ps, seed=12, **kw)
+    a = generate(model, ps, config=EngineConfig(seed=11), **kw)
+    assert a == generate(model, ps, config=EngineConfig(seed=11), **kw)
+    assert a != generate(model, ps, config=EngineConfig(seed=12), **kw)
 
 
 def test_cache_is_reused_and_grown():
@@ -121,18 +131,18 @@ def test_bad_arguments_raise(kwargs, match):
     knobs = {k: args.pop(k) for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in args}
     with pytest.raises(ValueError, match=match):
         generate(model, sampling=SamplingParams(**knobs), **args)
-    with pytest.raises(ValueError, match=match):  # the stream checks before the first step, not lazily
-        generate_stream(model, sampling=SamplingParams(**knobs), **args)
+    with pytest.raises(ValueError, match=match):  # the iterator checks before the first step, not lazily
+        generate_continuous(model, sampling=SamplingParams(**knobs), **args)
 
 
 def test_compiled_decode_equals_eager():
     """compile=True: the torch.compile'd one-token step over the fixed cache gives the eager tokens."""
     model = tiny_model()
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
-    assert generate(model, prompts, 8, compile=True) == generate(model, prompts, 8)
+    assert generate(model, prompts, 8, config=EngineConfig(compile=True)) == generate(model, prompts, 8)
     ps = prompts + [[4, 4], [9, 8, 7, 6, 5, 4]]  # continuous batching: per-row slots, rows refilled
-    assert (sorted(generate_continuous(model, ps, 8, batch_size=2, compile=True))
-            == sorted(generate_continuous(model, ps, 8, batch_size=2)))
+    assert (sorted(generate_continuous(model, ps, 8, config=EngineConfig(batch_size=2, compile=True)))
+            == sorted(generate_continuous(model, ps, 8, config=EngineConfig(batch_size=2))))
 
 
 @pytest.mark.parametrize("overrides", [{}, MOE])
@@ -144,7 +154,8 @@ def test_continuous_batching_equals_each_prompt_alone(overrides):
     for max_new, stop_ids in ((10, [stop]), (4, [])):
         alone = [generate(model, [p], max_new, stop_ids=stop_ids)[0] for p in ps]
         counter = CountingForward(model)
-        finished = list(generate_continuous(model, ps, max_new, batch_size=3, stop_ids=stop_ids))
+        finished = list(generate_continuous(model, ps, max_new, stop_ids=stop_ids,
+                                            config=EngineConfig(batch_size=3, prefill_rows=1)))
         del model.forward
         assert sorted(i for i, _, _ in finished) == list(range(7))
         if stop_ids:  # prompt 0's answer stops after 2 tokens and is the first to come back
@@ -167,13 +178,14 @@ def test_continuous_batching_equals_each_prompt_alone(overrides):
 def test_continuous_batching_sampling_is_seeded_and_repetition_penalty_matches():
     model = tiny_model()
     ps = prompts([4, 6, 3, 8])
-    kw = dict(max_new_tokens=8, batch_size=2, sampling=SamplingParams(1.5, top_p=0.95))
-    a = sorted(generate_continuous(model, ps, seed=11, **kw))
-    assert a == sorted(generate_continuous(model, ps, seed=11, **kw))
-    assert a != sorted(generate_continuous(model, ps, seed=12, **kw))
-    got = sorted(generate_continuous(model, ps, 12, batch_size=3, sampling=SamplingParams(repetition_penalty=1.5)))
+    kw = dict(max_new_tokens=8, sampling=SamplingParams(1.5, top_p=0.95))
+    a = sorted(generate_continuous(model, ps, config=EngineConfig(batch_size=2, seed=11), **kw))
+    assert a == sorted(generate_continuous(model, ps, config=EngineConfig(batch_size=2, seed=11), **kw))
+    assert a != sorted(generate_continuous(model, ps, config=EngineConfig(batch_size=2, seed=12), **kw))
+    got = sorted(generate_continuous(model, ps, 12, SamplingParams(repetition_penalty=1.5),
+                                     config=EngineConfig(batch_size=3)))
     assert [n for _, n, _ in got] == [generate(model, [p], 12, SamplingParams(repetition_penalty=1.5))[0] for p in ps]
     with pytest.raises(ValueError, match="batch_size"):
-        generate_continuous(model, ps, 8, batch_size=0)
+        generate_continuous(model, ps, 8, config=EngineConfig(batch_size=0))
     with pytest.raises(ValueError, match="empty"):
-        generate_continuous(model, [[1], []], 8, batch_size=2)
+        generate_continuous(model, [[1], []], 8, config=EngineConfig(batch_size=2))

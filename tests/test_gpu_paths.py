@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from minillama import ModelArgs, attention
+from minillama.inference import engine as engine_module
 from minillama.inference import generate as generation
+from minillama.inference.engine import EngineConfig
 from minillama.tools import benchmarks as bm
 from minillama.lora.experts import LoRAExperts
 from minillama.moe import MoEFeedForward
@@ -242,7 +244,8 @@ def test_continuous_batching_equals_each_prompt_alone(device):
     stop = {alone[0][4], alone[3][7]}  # two answers end early, so rows are refilled at different steps
     alone = [generation.generate(model, [p], n_new, stop_ids=stop)[0] for p in prompts]
     assert len(alone[0]) < n_new and len(alone[3]) < n_new
-    out = sorted(generation.generate_continuous(model, prompts, n_new, batch_size=3, stop_ids=stop))
+    out = sorted(generation.generate_continuous(model, prompts, n_new, stop_ids=stop,
+                                                config=EngineConfig(batch_size=3)))
     assert [toks for _, toks, _ in out] == alone
 
 
@@ -338,17 +341,17 @@ def test_batch_cli_on_device_writes_the_cpu_answers(device, sft_setup, tmp_path)
 # ---- compiled decode (CUDA graphs) == eager ----
 
 class LogitsTap:
-    """Records the logits every decoding step picks its tokens from (generation.next_token), greedy."""
+    """Records the logits every decoding step picks its tokens from (the engine's process_logits), greedy."""
 
     def __init__(self, monkeypatch):
         self.steps = []
-        pick = generation.next_token
+        pick = engine_module.process_logits
 
         def tapped(logits, *args, **kwargs):
             self.steps.append(logits.detach().float().clone())
             return pick(logits, *args, **kwargs)
 
-        monkeypatch.setattr(generation, "next_token", tapped)
+        monkeypatch.setattr(engine_module, "process_logits", tapped)
 
     def take(self) -> list[torch.Tensor]:
         steps, self.steps = self.steps, []
@@ -383,7 +386,7 @@ def test_compiled_decode_greedy_tokens_equal_eager(device, family, batch, monkey
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    monkeypatch.setattr(generation, "_compiled_decode_step", None)  # a fresh compile, counted below
+    monkeypatch.setattr(engine_module, "_compiled_decode_step", None)  # a fresh compile, counted below
     model = make_model(device, family, torch.bfloat16, n_layers=1)
     g = torch.Generator().manual_seed(batch)
     lens = torch.randint(5, 40 if device == "cpu" else 600, (batch,), generator=g).tolist()
@@ -393,7 +396,7 @@ def test_compiled_decode_greedy_tokens_equal_eager(device, family, batch, monkey
     eager = generation.generate(model, prompts, n_new)
     eager_logits = tap.take()
     counters.clear()
-    compiled = generation.generate(model, prompts, n_new, compile=True)
+    compiled = generation.generate(model, prompts, n_new, config=EngineConfig(compile=True))
     compiled_logits = tap.take()
     assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
     if device == "cuda":
@@ -401,8 +404,9 @@ def test_compiled_decode_greedy_tokens_equal_eager(device, family, batch, monkey
     assert_same_greedy(compiled, eager, compiled_logits, eager_logits, BF16_DECODE_REL)
     if batch > 1 and family == "llama":  # continuous batching: per-row slots (another graph), rows refilled
         ps = prompts + prompts[:3]
-        ref = sorted(generation.generate_continuous(model, ps, n_new, batch_size=batch))
-        out = sorted(generation.generate_continuous(model, ps, n_new, batch_size=batch, compile=True))
+        ref = sorted(generation.generate_continuous(model, ps, n_new, config=EngineConfig(batch_size=batch)))
+        out = sorted(generation.generate_continuous(model, ps, n_new,
+                                                        config=EngineConfig(batch_size=batch, compile=True)))
         assert [i for i, _, _ in out] == list(range(len(ps)))
         # a divergence must be a near-tie: in the eager logits after the common prefix (a full forward), the two
         # tokens lie within twice the largest logit difference measured between the compiled and eager steps

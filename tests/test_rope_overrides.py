@@ -16,7 +16,7 @@ from minillama.lora.peft_extras import read_base_rope
 from minillama.args import with_rope
 from minillama.inference.generate import generate
 from minillama.lora.layers import apply_lora
-from minillama.inference.loading import load_for_inference
+from minillama.inference.loading import LoadOptions, load_for_inference
 from sft_helpers import REPO, tiny_checkpoint
 from test_lora import randomize_lora
 
@@ -162,13 +162,13 @@ def test_adapter_records_base_rope_peft_still_loads_it_and_our_load_restores_it(
     with torch.no_grad():
         assert (peft_model(x).logits - want).abs().max().item() <= ATOL
     # our load of the plain base + adapter restores the RoPE the adapter was trained with
-    loaded = load_for_inference(smol_tiny, adapter=tmp_path / "adapter", device="cpu").model
+    loaded = load_for_inference(smol_tiny, LoadOptions(adapter=tmp_path / "adapter", device="cpu")).model
     assert loaded.args.rope_scaling == model.args.rope_scaling and loaded.args.max_seq_len == 2048
     with torch.no_grad():
         assert (loaded(x) - want).abs().max().item() <= 1e-5
     # an explicit override still wins over the record; loading onto another RoPE warns
-    assert load_for_inference(smol_tiny, adapter=tmp_path / "adapter", device="cpu",
-                              rope_theta=5e5).model.args.rope_theta == 5e5
+    assert load_for_inference(smol_tiny, LoadOptions(adapter=tmp_path / "adapter", device="cpu",
+                                                     rope_theta=5e5)).model.args.rope_theta == 5e5
     from minillama.lora.peft import load_adapter
     with pytest.warns(UserWarning, match="was trained on a base with RoPE"):
         load_adapter(load_model(smol_tiny), tmp_path / "adapter")
@@ -190,12 +190,12 @@ def test_merge_records_the_adapters_rope_in_the_merged_config(base, tmp_path):
 
 
 def test_load_for_inference_max_seq_len_extends_but_never_shrinks_the_context(smol_tiny):
-    loaded = load_for_inference(smol_tiny, device="cpu", max_seq_len=1024)
+    loaded = load_for_inference(smol_tiny, LoadOptions(device="cpu", max_seq_len=1024))
     assert loaded.model.args.max_seq_len == 1024
-    loaded = load_for_inference(smol_tiny, device="cpu", max_seq_len=100)
+    loaded = load_for_inference(smol_tiny, LoadOptions(device="cpu", max_seq_len=100))
     assert loaded.model.args.max_seq_len == 512  # a cap only: the checkpoint's context stays
-    dyn = load_for_inference(smol_tiny, device="cpu", max_seq_len=2048,
-                             rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    dyn = load_for_inference(smol_tiny, LoadOptions(device="cpu", max_seq_len=2048,
+                                                    rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
     assert dyn.model.args.max_seq_len == 512  # dynamic NTK keeps its trained context and runs past it
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from minillama.inference.engine import EngineConfig
 from minillama.inference.generate import generate, generate_continuous
 from minillama.inference.loading import unwrap_merged_lora
 from minillama.lora.layers import apply_lora
@@ -34,8 +35,8 @@ def _worker(rank: int, world: int, port: int):
             with torch.no_grad():
                 ref_logits = model(tokens)
             ref_greedy = generate(model, prompts, max_new_tokens=8)
-            ref_sampled = generate(model, prompts, 8, SamplingParams(1.0, top_p=0.9), seed=5)
-            ref_continuous = sorted(generate_continuous(model, prompts, 8, batch_size=2))  # refills row 0 or 1
+            ref_sampled = generate(model, prompts, 8, SamplingParams(1.0, top_p=0.9), config=EngineConfig(seed=5))
+            ref_continuous = sorted(generate_continuous(model, prompts, 8, config=EngineConfig(batch_size=2)))  # refills
 
             apply_tensor_parallel(model, mesh)
             assert model.layers[0].attention.wq.weight.to_local().shape[0] == 64 // world, name
@@ -43,10 +44,13 @@ def _worker(rank: int, world: int, port: int):
                 logits = model(tokens)
             torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
             group = mesh.get_group()
-            assert generate(model, prompts, max_new_tokens=8, process_group=group) == ref_greedy, name
-            sampled = generate(model, prompts, 8, SamplingParams(1.0, top_p=0.9), seed=5, process_group=group)
+            tp = EngineConfig(process_group=group)
+            assert generate(model, prompts, max_new_tokens=8, config=tp) == ref_greedy, name
+            sampled = generate(model, prompts, 8, SamplingParams(1.0, top_p=0.9),
+                               config=EngineConfig(seed=5, process_group=group))
             assert sampled == ref_sampled, name
-            assert sorted(generate_continuous(model, prompts, 8, batch_size=2, process_group=group)) == \
+            assert sorted(generate_continuous(model, prompts, 8, config=EngineConfig(batch_size=2,
+                                                                                     process_group=group))) == \
                 ref_continuous, name
             everyone = [None] * world
             dist.all_gather_object(everyone, sampled)

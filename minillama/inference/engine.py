@@ -1,24 +1,29 @@
-"""Continuous batching as a small engine: a fixed set of KV-cache rows, each answering one request at a time, that
-new requests join between decode steps.
+"""The one decode loop: a fixed set of KV-cache rows, each answering one request at a time, that new requests join
+between decode steps. generate() (every row admitted at once), generate_continuous, the chat REPL, generate/batch.py
+and the HTTP server are thin users of it.
 
-    engine = Engine(model, batch_size=8, cache_len=2048)
+    engine = Engine(model, EngineConfig(batch_size=8, cache_len=2048))
     engine.submit(Request(prompt_ids, max_new_tokens=64, sampling=SamplingParams(0.7), stop_ids={2}, key="a"))
     while engine.busy:
         for ev in engine.step():      # Event(request, token | None, finish | None)
             ...
 
-One step: free rows take waiting requests in order (each prefilled alone into its own cache row), every busy row
-picks its next token with its own sampling settings and generator, rows that end (a stop token, max_new_tokens, or
-cancel()) are freed, and one decode step feeds the rest together. The engine syncs with the host once per step:
-which rows finish is a host decision. generate_continuous (generation.py), generate/batch.py, the chat REPL and
-the HTTP server all run on it.
+One step: free rows take waiting requests in order; prompts are prefilled together in one forward (right-padded, up
+to prefill_rows at once), a long one in chunks of prefill_chunk tokens between decode steps so running rows keep
+their pace; every decoding row picks its next token (_pick: the one place tokens are chosen); rows that end (a stop
+token, max_new_tokens, or cancel()) are freed; one decode step feeds the rest together, attending over only the slots
+the rows hold. Which rows finish is a host decision, so a step syncs once; step(max_steps) may run several decode
+steps on the device alone while nothing waits (generate() does: one sync per 16 tokens).
 
-Prefix reuse (reuse_prefix=True): a free row keeps the tokens its cache holds, so a request whose prompt starts with
-them (the next turn of a chat) is prefilled only after that prefix. Per-row adapters: row_adapters(model, names) is
-called before every forward with one adapter name (or None, the base model) per row of that forward.
-Tensor parallel: every rank runs the same engine on the same requests; rank 0's sampled tokens are broadcast, so all
-ranks make the same finish / refill decisions.
-Shape letters: B cache rows, P prompt tokens, V vocabulary.
+Prefix reuse (reuse_prefix): a request whose prompt starts with tokens some row's cache holds (its own row's earlier
+turn, or a shared system prompt in another row) copies those keys/values instead of recomputing them.
+Speculative decoding (speculate="ngram"): see speculate.py. Seeds: a request with a seed draws from its own generator
+(its answer does not depend on the batch); the others share the engine's, which draws for every cache row at each
+step, so a row's draws depend on its row and step only. Per-row adapters: row_adapters(model, names) is called
+before every forward with one adapter name (or None, the base model) per row of that forward.
+Tensor parallel: every rank runs the same engine on the same requests; rank 0's choices are broadcast (_agree), so
+all ranks make the same finish / refill decisions.
+Shape letters: B cache rows, T tokens per row in a forward, V vocabulary.
 """
 
 from __future__ import annotations
@@ -32,23 +37,73 @@ import torch
 import torch.distributed as dist
 
 from ..attention import CacheStep
-from .sampling import SamplingParams, next_token, seen_mask
+from .sampling import SamplingParams, process_logits, race_noise, sample_from_logits, seen_mask
+from .speculate import accepted_drafts, ngram_draft
+
+CACHE_ROUND = 256  # reserve() grows the cache by whole multiples of this many slots
+KEY_BUCKET = 256  # compiled steps attend over 256, 512, 1024, ... slots: a few static shapes, cost follows the context
+SPECULATE = ("ngram",)
+
+
+def decode_step(model, tokens: torch.Tensor, step: CacheStep) -> torch.Tensor:
+    """One cached forward of a single new token per row. tokens (B, 1) -> float32 logits (B, V)."""
+    return model(tokens, start_pos=step)[:, -1]
+
+
+_compiled_decode_step = None
+
+
+def compiled_decode_step():
+    """decode_step under torch.compile(mode="reduce-overhead") (CUDA graphs on GPU), built once per process.
+
+    dynamic=True: batch size and key length are symbolic, so one compile serves every size above one row (a single
+    row is specialised by torch: a second compile); CUDA graphs are still recorded per concrete shape, and the key
+    length is bucketed (key_slots) so there are few of them.
+    """
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", dynamic=True)
+    return _compiled_decode_step
+
+
+def key_slots(n: int, cache_len: int, bucketed: bool) -> int:
+    """How many cache slots a forward reading n live ones attends over: n (eager), or the next power-of-two bucket
+    from KEY_BUCKET up (compiled), never more than the cache."""
+    if not bucketed:
+        return n
+    b = KEY_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, cache_len)
+
+
+def ensure_cache(model, batch: int, seq_len: int) -> None:
+    """The one cache-sizing rule: reuse the model's KV cache when it holds batch x seq_len (in the model's dtype, on
+    its device), else allocate exactly that. Reads follow the live context (key_slots), so a larger cache costs
+    memory, not time; reserve() grows it in CACHE_ROUND steps."""
+    cache, weight = model.layers[0].attention.cache, model.tok_embeddings.weight
+    dtype = weight.dtype if weight.is_floating_point() else torch.bfloat16
+    if (cache is None or cache.k.shape[0] < batch or cache.k.shape[2] < seq_len or cache.k.dtype != dtype
+            or cache.k.device != weight.device):
+        model.setup_cache(batch, seq_len)
 
 
 @dataclass(eq=False)
 class Request:
-    """One prompt to answer. output, finish and prompt_tokens are filled in by the engine."""
+    """One prompt to answer, from the HTTP route (or generate()) to the model and back. output, finish and
+    cached_tokens are filled in by the engine."""
 
     prompt: list[int]
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: frozenset = frozenset()
-    generator: Optional[torch.Generator] = None  # None: the engine's shared generator
+    seed: Optional[int] = None  # its own generator: its draws do not depend on the batch (None: the engine's)
     adapter: Optional[str] = None  # which adapter this row runs (None: the base model)
     key: object = None  # the caller's handle (a prompt index, a request id)
+    reply: object = None  # what the caller needs to answer it (the server's response shape); the engine never reads it
     output: list[int] = field(default_factory=list)  # the answer so far, stop token excluded
     finish: Optional[str] = None  # "stop" | "length" | "cancelled" once it ended
-    cached_tokens: int = 0  # prompt tokens whose keys/values were reused from the row's previous request
+    cached_tokens: int = 0  # prompt tokens whose keys/values were reused instead of prefilled
 
 
 @dataclass
@@ -58,6 +113,59 @@ class Event:
     request: Request
     token: Optional[int] = None
     finish: Optional[str] = None
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs (what it answers is in each Request)."""
+
+    batch_size: Optional[int] = None  # cache rows (generate(): one per prompt when None)
+    cache_len: Optional[int] = None  # slots per row (generate(): sized for its prompts when None)
+    seed: Optional[int] = None  # the shared generator's seed (None: random)
+    compile: bool = False  # torch.compile the one-token decode step (CUDA graphs on GPU)
+    process_group: object = None  # tensor parallel: rank 0 of this group decides every token
+    pad_id: int = 0
+    fixed_batch: bool = True  # decode every cache row each step (one shape); False: rows up to the last busy one
+    reuse_prefix: bool = False  # copy cached keys/values of a prompt's prefix held by any row
+    mix_adapters: bool = True  # False: a request waits until the busy rows use its adapter
+    prefill_chunk: int = 512  # prompt tokens prefilled per step: bounds what a running row waits for a new prompt
+    prefill_rows: int = 16  # prompts prefilled together in one forward
+    sync_every: int = 16  # generate(): decode steps between host syncs
+    speculate: Optional[str] = None  # "ngram": prompt-lookup drafts, verified in one forward
+    draft_tokens: int = 4  # drafts per row and step
+
+    def __post_init__(self):
+        for name in ("batch_size", "cache_len"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("prefill_chunk", "prefill_rows", "sync_every", "draft_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.speculate not in (None, *SPECULATE):
+            raise ValueError(f"speculate must be one of {', '.join(SPECULATE)} (or None), got {self.speculate!r}")
+
+
+@dataclass
+class Row:
+    """One cache row: the request it answers, what its cache holds, and that request's decoding state."""
+
+    request: Optional[Request] = None
+    held: list[int] = field(default_factory=list)  # tokens whose keys/values fill slots [0, len(held))
+    adapter: Optional[str] = None  # the adapter those keys/values were computed with
+    todo: list[int] = field(default_factory=list)  # prompt tokens not prefilled yet
+    generator: Optional[torch.Generator] = None  # the request's own, when it has a seed
+    banned: int = -1  # a rejected draft, left out of the next draw (speculative sampling's residual)
+    order: int = 0  # admission order: prompts are prefilled first come, first served
+
+    @property
+    def pos(self) -> int:
+        return len(self.held)
+
+    @property
+    def decoding(self) -> bool:
+        return self.request is not None and not self.todo
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -72,41 +180,40 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class Engine:
     """The continuous-batching scheduler over the model's KV cache (batch_size rows x cache_len slots)."""
 
-    def __init__(self, model, batch_size: int, cache_len: int, *, seed: Optional[int] = None, step_fn=None,
-                 compile: bool = False, process_group=None, pad_id: int = 0, fixed_batch: bool = True,
-                 reuse_prefix: bool = False, row_adapters: Optional[Callable] = None, mix_adapters: bool = True):
-        """fixed_batch: decode every cache row each step (one shape, as compiled decoding needs); False decodes only
-        the rows up to the last busy one. mix_adapters False: a request waits until the busy rows use its adapter."""
-        from .generate import _compiled_step, _ensure_cache, decode_step
-        self.model, self.B = model, batch_size
+    def __init__(self, model, config: EngineConfig, row_adapters: Optional[Callable] = None):
+        if config.batch_size is None or config.cache_len is None:
+            raise ValueError("EngineConfig needs batch_size and cache_len for an Engine")
+        self.model, self.config, self.B = model, config, config.batch_size
         self.device = model.tok_embeddings.weight.device
-        _ensure_cache(model, batch_size, cache_len)
+        ensure_cache(model, self.B, config.cache_len)
         self.cache_len = model.cache_len
         self.generator = torch.Generator(device=self.device)
-        self.generator.seed() if seed is None else self.generator.manual_seed(seed)
-        self.compile = compile
-        self.step_fn = step_fn or (_compiled_step() if compile else decode_step)
-        self.group = process_group
-        self.src = None if process_group is None else dist.get_global_rank(process_group, 0)
-        self.pad_id, self.fixed_batch, self.reuse_prefix = pad_id, fixed_batch, reuse_prefix
-        self.row_adapters, self.mix_adapters = row_adapters, mix_adapters
+        self.generator.seed() if config.seed is None else self.generator.manual_seed(config.seed)
+        self.step_fn = compiled_decode_step() if config.compile else decode_step
+        self.group = config.process_group
+        self.src = None if self.group is None else dist.get_global_rank(self.group, 0)
+        self.row_adapters = row_adapters
         self.vocab = model.args.vocab_size
         self.waiting: deque[Request] = deque()
-        self.rows: list[Optional[Request]] = [None] * batch_size  # the request each cache row answers
-        self.pos = [0] * batch_size  # each row's next cache slot
-        self.held: list[list[int]] = [[] for _ in range(batch_size)]  # tokens whose K/V fill slots [0, pos)
-        self.held_adapter: list[Optional[str]] = [None] * batch_size
-        self.logits = torch.zeros(batch_size, self.vocab, device=self.device)  # (B, V): what each row samples next
+        self.slots = [Row() for _ in range(self.B)]
+        self.admitted = 0
+        self.logits = torch.zeros(self.B, self.vocab, device=self.device)  # (B, V): what each row samples next
         self.seen: Optional[torch.Tensor] = None  # (B, V) bool, made when a request needs a repetition penalty
+        self.stats = {"prefilled": 0, "copied": 0, "drafted": 0, "accepted": 0, "decode_steps": 0}
 
     # ---- the caller's side ----
     @property
+    def rows(self) -> list[Optional[Request]]:
+        """The request each cache row answers (None: free)."""
+        return [r.request for r in self.slots]
+
+    @property
     def busy(self) -> bool:
-        return bool(self.waiting) or any(r is not None for r in self.rows)
+        return bool(self.waiting) or any(r.request is not None for r in self.slots)
 
     @property
     def n_running(self) -> int:
-        return sum(r is not None for r in self.rows)
+        return sum(r.request is not None for r in self.slots)
 
     def submit(self, req: Request) -> Request:
         """Queue a request; it joins the batch at the next step with a free row. Its prompt must fit the cache."""
@@ -116,12 +223,12 @@ class Engine:
         self.waiting.append(req)
         return req
 
-    def reserve(self, n_slots: int, round_to: int = 512) -> None:
-        """Grow every row's cache to at least n_slots (rounded up), keeping what it holds: a chat whose history
-        outgrows the cache keeps its prefix instead of starting again."""
+    def reserve(self, n_slots: int) -> None:
+        """Grow every row's cache to at least n_slots (in CACHE_ROUND steps), keeping what it holds: a chat whose
+        history outgrows the cache keeps its prefix instead of starting again."""
         if n_slots <= self.cache_len:
             return
-        n = -(-n_slots // round_to) * round_to
+        n = -(-n_slots // CACHE_ROUND) * CACHE_ROUND
         for layer in self.model.layers:
             layer.attention.cache = layer.attention.cache.resized(n)
         self.cache_len = n
@@ -133,8 +240,9 @@ class Engine:
                 self.waiting.remove(req)
                 req.finish = "cancelled"
                 return req
-        for b, req in enumerate(self.rows):
-            if req is not None and req.key == key:
+        for b, row in enumerate(self.slots):
+            if row.request is not None and row.request.key == key:
+                req = row.request
                 self._free(b, "cancelled")
                 return req
         return None
@@ -145,115 +253,319 @@ class Engine:
 
     # ---- one step ----
     @torch.no_grad()
-    def step(self) -> list[Event]:
-        """Admit waiting requests, pick one token for every busy row, free finished rows, decode the rest."""
+    def step(self, max_steps: int = 1) -> list[Event]:
+        """Admit and prefill, pick one token for every decoding row, free finished rows, decode the rest.
+
+        max_steps > 1: while nothing waits to be admitted or prefilled, run up to that many decode steps on the
+        device before the one host sync (rows that end meanwhile decode a pad until then)."""
         self._admit()
-        busy = [b for b, r in enumerate(self.rows) if r is not None]
+        self._prefill_some()
+        busy = [b for b, r in enumerate(self.slots) if r.decoding]
         if not busy:
             return []
-        nxt = self._pick(busy).tolist()  # the one host sync per step: finishing is a host decision
+        ahead = not self.waiting and not self.config.speculate and all(r.decoding or r.request is None
+                                                                      for r in self.slots)
+        n = min(max_steps, max(self.slots[b].request.max_new_tokens - len(self.slots[b].request.output)
+                               for b in busy)) if ahead else 1
+        picks = self._run_ahead(busy, n)  # (B, n) on the host: the one sync of this step
         events, feed = [], []
         for b in busy:
-            req, t = self.rows[b], nxt[b]
-            stopped = t in req.stop_ids
-            if not stopped:
-                req.output.append(t)
-            if stopped or len(req.output) >= req.max_new_tokens:
-                events.append(Event(req, None if stopped else t, "stop" if stopped else "length"))
-                self._free(b, events[-1].finish)
-            else:
-                events.append(Event(req, t))
-                feed.append(b)
+            req, fed = self.slots[b].request, []
+            for i, t in enumerate(picks[b]):
+                ended = self._take(req, t, events)
+                if ended:
+                    self._free(b, ended)
+                    break
+                if i < n - 1:
+                    fed.append(t)  # fed on the device already
+                else:
+                    feed.append(b)
+            self.slots[b].held += fed
         if feed:
-            self._decode(feed, nxt)
+            last = [row[-1] for row in picks]
+            if not self.config.speculate:
+                self._decode(feed, last)
+                return events
+            for b, kept in self._speculate(feed, last).items():
+                for t in kept:  # verified drafts are answer tokens like any other
+                    ended = self._take(self.slots[b].request, t, events)
+                    if ended:
+                        self._free(b, ended)
+                        break
         return events
 
+    def _take(self, req: Request, t: int, events: list) -> Optional[str]:
+        """Record token t of req; returns its finish reason if it ended the answer."""
+        if t in req.stop_ids:
+            events.append(Event(req, None, "stop"))
+            return "stop"
+        req.output.append(t)
+        if len(req.output) >= req.max_new_tokens:
+            events.append(Event(req, t, "length"))
+            return "length"
+        events.append(Event(req, t))
+        return None
+
+    # ---- admission and prefill ----
     def _admit(self) -> None:
-        """Each free row takes the next waiting request (the one whose prompt it already holds, with reuse)."""
+        """Each free row takes the next waiting request, with whatever prefix of its prompt the cache holds."""
         while self.waiting:
-            free = [b for b, r in enumerate(self.rows) if r is None]
+            free = [b for b, r in enumerate(self.slots) if r.request is None]
             if not free:
                 return
             req = self.waiting[0]
-            running = {r.adapter for r in self.rows if r is not None}
-            if not self.mix_adapters and running and running != {req.adapter}:
+            running = {r.request.adapter for r in self.slots if r.request is not None}
+            if not self.config.mix_adapters and running and running != {req.adapter}:
                 return  # the batch drains first; the head of the queue keeps its place
             self.waiting.popleft()
-            self._prefill(self._row_for(req, free), req)
-
-    def _row_for(self, req: Request, free: list[int]) -> int:
-        if not self.reuse_prefix:
-            return free[0]
-        return max(free, key=lambda b: (self._reusable(b, req), -b))
+            self._place(req, free)
 
     def _reusable(self, b: int, req: Request) -> int:
-        """How many prompt tokens row b's cache already holds (at least one token is always prefilled)."""
-        if not self.reuse_prefix or self.held_adapter[b] != req.adapter:
+        """How many prompt tokens row b's cache holds (at least one token is always prefilled, for its logits)."""
+        row = self.slots[b]
+        if not self.config.reuse_prefix or row.adapter != req.adapter:
             return 0
-        return min(_common_prefix(self.held[b], req.prompt), len(req.prompt) - 1)
+        return min(_common_prefix(row.held, req.prompt), len(req.prompt) - 1)
 
-    def _prefill(self, b: int, req: Request) -> None:
-        """Run the prompt (after any reused prefix) into cache row b; its last position's logits go to row b."""
-        k = self._reusable(b, req)
-        tokens = torch.tensor([req.prompt[k:]], device=self.device)  # (1, P - k)
-        self._set_adapters([req.adapter])
-        self.held[b] = self.held[b][:k]  # a forward cut short (Ctrl-C) leaves slots [0, k) intact
-        hidden = self.model(tokens, start_pos=CacheStep(k, rows=torch.tensor([b], device=self.device)),
-                            return_hidden=True)
-        self.logits[b] = self.model.output(hidden[0, -1]).float()  # only the last position's logits are needed
-        self.rows[b], self.pos[b] = req, len(req.prompt)
-        self.held[b], self.held_adapter[b] = list(req.prompt), req.adapter
+    def _place(self, req: Request, free: list[int]) -> None:
+        """Put req in a free row (the one holding most of its prompt, else the one holding least), copying a longer
+        cached prefix from another row when one holds it."""
+        keep = self.config.reuse_prefix  # then evict the row holding least; else rows in order
+        b = max(free, key=lambda i: (self._reusable(i, req), -self.slots[i].pos if keep else 0, -i))
+        own = self._reusable(b, req)
+        src = max(range(self.B), key=lambda i: (self._reusable(i, req), i == b))
+        k = self._reusable(src, req)
+        row = self.slots[b]
+        if src != b and k > own:
+            rows, n = torch.tensor([b], device=self.device), torch.tensor([src], device=self.device)
+            for layer in self.model.layers:  # the same weights saw the same tokens: the keys/values are equal
+                cache = layer.attention.cache
+                cache.k[rows, :, own:k] = cache.k[n, :, own:k]
+                cache.v[rows, :, own:k] = cache.v[n, :, own:k]
+            self.stats["copied"] += k - own
+            row.held = self.slots[src].held[:k]
+        else:
+            k = own
+            row.held = row.held[:k]
+        row.request, row.adapter, row.todo = req, req.adapter, list(req.prompt[k:])
+        row.generator = None
+        if req.seed is not None:
+            row.generator = torch.Generator(device=self.device)
+            row.generator.manual_seed(req.seed)
+        row.banned, row.order = -1, self.admitted
+        self.admitted += 1
         req.cached_tokens = k
-        if req.sampling.repetition_penalty != 1.0 and self.seen is None:
-            self.seen = torch.zeros(self.B, self.vocab, dtype=torch.bool, device=self.device)
-        if self.seen is not None:
-            self.seen[b] = seen_mask(torch.tensor([req.prompt], device=self.device), self.vocab)[0]
+
+    def _prefill_some(self) -> None:
+        """Prefill up to prefill_chunk prompt tokens, first come first served, in forwards of up to prefill_rows rows."""
+        budget = self.config.prefill_chunk
+        pending = sorted((b for b, r in enumerate(self.slots) if r.request is not None and r.todo),
+                         key=lambda b: self.slots[b].order)
+        while pending and budget > 0:
+            batch, T = [], 0
+            for b in pending[:self.config.prefill_rows]:
+                take = min(len(self.slots[b].todo), budget)
+                width = max(T, take)
+                if batch and any(self.slots[c].pos + width > self.cache_len for c, _ in batch + [(b, 0)]):
+                    break  # the right padding would run past a row's cache
+                batch.append((b, take))
+                T, budget = width, budget - take
+                if budget == 0:
+                    break
+            self._prefill(batch, T)
+            pending = [b for b in pending if self.slots[b].todo]
+
+    def _prefill(self, batch: list[tuple[int, int]], T: int) -> None:
+        """Run each row's next `take` prompt tokens into its cache row, right-padded to T; a row whose prompt is now
+        all in gets its last position's logits. Pads write past the row's tokens, where causal masking hides them
+        until the row's own tokens overwrite them."""
+        rows = [b for b, _ in batch]
+        starts = [self.slots[b].pos for b in rows]
+        tokens = torch.full((len(batch), T), self.config.pad_id, dtype=torch.long)
+        for i, (b, take) in enumerate(batch):
+            tokens[i, :take] = torch.tensor(self.slots[b].todo[:take])
+        same = len(set(starts)) == 1  # an int start: the plain causal path when it is 0
+        step = CacheStep(starts[0] if same else torch.tensor(starts, device=self.device),
+                         rows=torch.tensor(rows, device=self.device),
+                         keys=None if same else max(starts) + T)
+        self._set_adapters([self.slots[b].request.adapter for b in rows])
+        hidden = self.model(tokens.to(self.device), start_pos=step, return_hidden=True)  # (n, T, D)
+        done = []
+        for i, (b, take) in enumerate(batch):
+            row = self.slots[b]
+            row.held += row.todo[:take]
+            row.todo = row.todo[take:]
+            if not row.todo:
+                done.append((i, b, take))
+        self.stats["prefilled"] += sum(take for _, take in batch)
+        if done:
+            last = hidden[[i for i, _, _ in done], [take - 1 for _, _, take in done]]  # (d, D)
+            self.logits[[b for _, b, _ in done]] = self.model.output(last).float()
+        for _, b, _ in done:
+            req = self.slots[b].request
+            if req.sampling.repetition_penalty != 1.0 and self.seen is None:
+                self.seen = torch.zeros(self.B, self.vocab, dtype=torch.bool, device=self.device)
+            if self.seen is not None:
+                self.seen[b] = seen_mask(torch.tensor([req.prompt], device=self.device), self.vocab)[0]
+
+    # ---- choosing tokens: the one place ----
+    def _processed(self, rows: list[int], logits: torch.Tensor, seen: Optional[torch.Tensor]) -> torch.Tensor:
+        """The sampler's logits for these rows (logits (n, V), one per row; seen (n, V) or None), each row with its
+        request's processors, and a banned draft at -inf."""
+        out = torch.empty_like(logits)
+        groups: dict[tuple, list[int]] = {}
+        for i, b in enumerate(rows):
+            groups.setdefault(dataclasses.astuple(self.slots[b].request.sampling), []).append(i)
+        for members in groups.values():
+            params = self.slots[rows[members[0]]].request.sampling
+            idx = torch.tensor(members, device=self.device) if len(members) < len(rows) else None
+            part = logits if idx is None else logits[idx]
+            s = None if seen is None else (seen if idx is None else seen[idx])
+            part = process_logits(part, params, s)
+            out = part if idx is None else out.index_copy_(0, idx, part)
+        banned = [(i, self.slots[b].banned) for i, b in enumerate(rows) if self.slots[b].banned >= 0]
+        if banned:
+            out[[i for i, _ in banned], [t for _, t in banned]] = float("-inf")
+        return out
 
     def _pick(self, busy: list[int]) -> torch.Tensor:
-        """Each row's next token (B,), rows grouped by sampling settings and generator; rank 0's choice wins."""
-        groups: dict[tuple, list[int]] = {}
-        for b in busy:
-            req = self.rows[b]
-            gen = None if req.sampling.greedy else (req.generator or self.generator)
-            groups.setdefault((dataclasses.astuple(req.sampling), id(gen)), []).append(b)
+        """Each row's next token (B,) on the device: argmax when greedy, else a draw from the row's own generator or
+        the shared one (which draws for all B rows at once); rank 0's choice wins."""
+        x = self._processed(busy, self.logits[busy], None if self.seen is None else self.seen[busy])  # (n, V)
         nxt = torch.zeros(self.B, dtype=torch.long, device=self.device)
-        for rows in groups.values():
-            req = self.rows[rows[0]]
-            gen = req.generator or self.generator
-            if len(rows) == self.B:  # the whole batch: no gather
-                nxt = next_token(self.logits, req.sampling, self.seen, gen)
-                break
-            idx = torch.tensor(rows, device=self.device)
-            seen = self.seen[idx] if self.seen is not None else None
-            nxt[idx] = next_token(self.logits[idx], req.sampling, seen, gen)
-        if self.src is not None:
-            dist.broadcast(nxt, src=self.src, group=self.group)
+        sampled = [i for i, b in enumerate(busy) if not self.slots[b].request.sampling.greedy]
+        if not sampled:
+            nxt[busy] = x.argmax(-1)
+        else:
+            shared = None
+            if any(self.slots[busy[i]].generator is None for i in sampled):
+                shared = race_noise((self.B, self.vocab), self.generator, self.device)  # (B, V)
+            noise = torch.stack([self._noise(b, shared) for b in busy])  # (n, V)
+            picked = sample_from_logits(x, noise=noise)
+            if len(sampled) < len(busy):
+                greedy = [i for i in range(len(busy)) if i not in set(sampled)]
+                picked[greedy] = x[greedy].argmax(-1)
+            nxt[busy] = picked
+        for b in busy:
+            self.slots[b].banned = -1
+        nxt = self._agree(nxt)
         if self.seen is not None:
             self.seen.scatter_(1, nxt[:, None], True)
         return nxt
 
+    def _noise(self, b: int, shared: Optional[torch.Tensor]) -> torch.Tensor:
+        """Row b's race noise (V,): its own generator's draw, the shared draw's row b, or ones for a greedy row."""
+        row = self.slots[b]
+        if row.request.sampling.greedy:
+            return torch.ones(self.vocab, device=self.device)
+        return shared[b] if row.generator is None else race_noise((self.vocab,), row.generator, self.device)
+
+    def _agree(self, t: torch.Tensor) -> torch.Tensor:
+        """Tensor parallel: every rank takes rank 0's t (sampled tokens, accepted drafts)."""
+        if self.src is not None:
+            dist.broadcast(t, src=self.src, group=self.group)
+        return t
+
+    # ---- decoding ----
+    def _run_ahead(self, busy: list[int], n: int) -> list[list[int]]:
+        """n picks with n - 1 decode steps between them, all on the device; a row that ends (a stop token or its
+        last token) decodes pads at a standing slot from then on. -> each row's n tokens (one host sync)."""
+        picks = [self._pick(busy)]
+        if n > 1:
+            stops = [sorted(self.slots[b].request.stop_ids) if b in busy else [] for b in range(self.B)]
+            width = max(1, max(len(s) for s in stops))
+            stop = torch.tensor([s + [-1] * (width - len(s)) for s in stops], device=self.device)  # (B, width)
+            left = torch.tensor([self.slots[b].request.max_new_tokens - len(self.slots[b].request.output)
+                                 if b in busy else 0 for b in range(self.B)], device=self.device)  # (B,)
+            pos = torch.tensor([r.pos for r in self.slots], device=self.device)
+            done = left <= 0
+            top = max(self.slots[b].pos for b in busy)
+            for i in range(n - 1):
+                nxt = picks[-1]
+                left = left - 1
+                done = done | (nxt[:, None] == stop).any(1) | (left <= 0)
+                tokens = torch.where(done, torch.full_like(nxt, self.config.pad_id), nxt)
+                self._forward_decode(tokens, pos, top + i + 1)
+                pos = pos + (~done).long()
+                picks.append(self._pick(busy))
+        return torch.stack(picks, dim=1).tolist()
+
     def _decode(self, feed: list[int], nxt: list[int]) -> None:
         """One token for every row in feed; other rows decode a pad at their current slot, which a later prefill
         overwrites or their causal mask hides, and their logits are ignored."""
-        n = self.B if self.fixed_batch else max(feed) + 1
-        tokens = [self.pad_id] * n
+        tokens = [self.config.pad_id] * self.B
         for b in feed:
             tokens[b] = nxt[b]
-        tokens = torch.tensor(tokens, device=self.device)[:, None]  # (n, 1)
-        step = CacheStep(torch.tensor(self.pos[:n], device=self.device))  # (n,): each row at its own slot
-        self._set_adapters([self.rows[b].adapter if self.rows[b] is not None else None for b in range(n)])
-        if self.compile:
-            torch.compiler.cudagraph_mark_step_begin()
-            self.logits[:n] = self.step_fn(self.model, tokens, step)  # copied out: the graph reuses its buffer
-        else:
-            self.logits[:n] = self.step_fn(self.model, tokens, step)  # (n, V)
+        pos = torch.tensor([r.pos for r in self.slots], device=self.device)
+        self._forward_decode(torch.tensor(tokens, device=self.device), pos, max(self.slots[b].pos for b in feed) + 1)
         for b in feed:
-            self.held[b].append(nxt[b])
-            self.pos[b] += 1
+            self.slots[b].held.append(nxt[b])
+
+    def _forward_decode(self, tokens: torch.Tensor, pos: torch.Tensor, live: int) -> None:
+        """The decode forward: tokens (B,) at slots pos (B,), attending over key_slots(live) slots; logits kept."""
+        busy = [b for b, r in enumerate(self.slots) if r.request is not None]
+        n = self.B if self.config.fixed_batch else max(busy) + 1
+        keys = key_slots(live, self.cache_len, self.config.compile)
+        step = CacheStep(pos[:n], keys=keys)  # (n,): each row at its own slot
+        self._set_adapters([r.request.adapter if r.request is not None else None for r in self.slots[:n]])
+        if self.config.compile:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+        self.logits[:n] = self.step_fn(self.model, tokens[:n, None], step)  # (n, V), copied out of the graph
+        self.stats["decode_steps"] += 1
+
+    def _speculate(self, feed: list[int], nxt: list[int]) -> dict[int, list[int]]:
+        """Feed each row its token plus up to draft_tokens prompt-lookup drafts in one forward; returns each row's
+        drafts that verified (its cache then holds them, and its logits predict the token after them)."""
+        drafts = {}
+        for b in feed:
+            row, req = self.slots[b], self.slots[b].request
+            room = min(self.config.draft_tokens, req.max_new_tokens - len(req.output), self.cache_len - row.pos - 1)
+            if room > 0 and req.sampling.repetition_penalty == 1.0:  # the penalty's seen set would move per draft
+                d = ngram_draft(req.prompt + req.output, room)
+                if d:
+                    drafts[b] = d
+        if not drafts:
+            self._decode(feed, nxt)
+            return {}
+        K = max(len(d) for d in drafts.values())
+        tokens = torch.full((len(feed), 1 + K), self.config.pad_id, dtype=torch.long)  # (n, 1 + K)
+        for i, b in enumerate(feed):
+            d = drafts.get(b, [])
+            tokens[i, :1 + len(d)] = torch.tensor([nxt[b]] + d)
+        starts = [self.slots[b].pos for b in feed]
+        step = CacheStep(torch.tensor(starts, device=self.device), rows=torch.tensor(feed, device=self.device),
+                         keys=max(starts) + 1 + K)
+        self._set_adapters([self.slots[b].request.adapter for b in feed])
+        logits = self.model(tokens.to(self.device), start_pos=step)  # (n, 1 + K, V)
+        self.stats["decode_steps"] += 1
+        rows = [i for i, b in enumerate(feed) if b in drafts]  # verified rows, as indices into feed
+        vb = [feed[i] for i in rows]
+        draft_t = torch.full((len(rows), K), -1, dtype=torch.long)
+        for j, b in enumerate(vb):
+            draft_t[j, :len(drafts[b])] = torch.tensor(drafts[b])
+        x = self._processed([b for b in vb for _ in range(K)], logits[rows, :K].reshape(-1, self.vocab), None)
+        greedy = torch.tensor([self.slots[b].request.sampling.greedy for b in vb], device=self.device)
+        uniform = torch.stack([torch.rand(K, generator=self.slots[b].generator or self.generator, device=self.device)
+                               for b in vb])  # (n, K)
+        kept = self._agree(accepted_drafts(x.view(len(vb), K, -1), draft_t.to(self.device), greedy, uniform))
+        at = torch.zeros(len(feed), dtype=torch.long, device=self.device)
+        at[rows] = kept
+        self.logits[feed] = logits[torch.arange(len(feed), device=self.device), at]  # (n, V)
+        kept = dict(zip(vb, kept.tolist()))
+        out = {}
+        for b in feed:
+            row, d, j = self.slots[b], drafts.get(b, []), kept.get(b, 0)
+            row.held += [nxt[b]] + d[:j]
+            row.banned = d[j] if j < len(d) and not row.request.sampling.greedy else -1
+            self.stats["drafted"] += len(d)
+            self.stats["accepted"] += j
+            out[b] = d[:j]
+        return out
 
     def _free(self, b: int, finish: str) -> None:
-        self.rows[b].finish = finish
-        self.rows[b] = None
+        row = self.slots[b]
+        row.request.finish = finish
+        row.request, row.todo, row.generator, row.banned = None, [], None, -1
 
     def _set_adapters(self, names: list) -> None:
         if self.row_adapters is not None:

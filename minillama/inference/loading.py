@@ -1,6 +1,6 @@
 """Model + tokenizer (+ adapter) ready for inference, in one process or split by tensor parallelism under torchrun.
 
-    loaded = load_for_inference("Meta-Llama-3.1-8B-Instruct/", adapter="out/final")
+    loaded = load_for_inference("Meta-Llama-3.1-8B-Instruct/", LoadOptions(adapter="out/final"))
     loaded.model, loaded.tok, loaded.dist, loaded.tp_group
 
 One process: the model is loaded straight onto the device. Under torchrun with N > 1 processes, each rank reads the
@@ -155,40 +155,50 @@ class Loaded:
     tp_group: Optional[object]  # the tensor-parallel process group, None in a single process
 
 
-def load_for_inference(ckpt: Union[str, Path], tokenizer: Union[str, Path, None] = None, adapter=None,
-                       quantize: Optional[str] = None, dtype=None, device: Optional[str] = None,
-                       chat_format: Optional[str] = None, log=None, merge_adapter: bool = True,
-                       rope_theta: Optional[float] = None, rope_scaling: Optional[dict] = None,
-                       max_seq_len: Optional[int] = None) -> Loaded:
+@dataclass
+class LoadOptions:
+    """How load_for_inference loads a checkpoint (every field optional)."""
+
+    tokenizer: Union[str, Path, None] = None  # tokenizer file or dir (default: the checkpoint dir)
+    adapter: object = None  # a PEFT adapter dir, or {name: dir} for several
+    quantize: Optional[str] = None  # "nf4"
+    dtype: object = None  # None: bfloat16 on CUDA, float32 elsewhere
+    device: Optional[str] = None  # None: CUDA when available
+    chat_format: Optional[str] = None
+    merge_adapter: bool = True  # False keeps a single adapter beside the base weights (one process only)
+    rope_theta: Optional[float] = None  # overrides the checkpoint's (and the adapters' recorded base RoPE)
+    rope_scaling: Optional[dict] = None
+    max_seq_len: Optional[int] = None  # see extend_context
+
+
+def load_for_inference(ckpt: Union[str, Path], options: Optional[LoadOptions] = None, log=None) -> Loaded:
     """Join torchrun (if any), load tokenizer + model (+ adapters), split it over the processes; eval mode.
 
-    adapter: a PEFT adapter dir, or {name: dir} for several. dtype None: bfloat16 on CUDA, float32 elsewhere.
-    device None: CUDA when available. merge_adapter False keeps a single adapter beside the base weights (one
-    process only), so set_lora_enabled can switch it off again. rope_theta / rope_scaling override the checkpoint's
-    (and the adapters' recorded base RoPE); max_seq_len: see extend_context.
+    A single adapter is merged in unless options.merge_adapter is False (set_lora_enabled can then switch it off).
     """
     from ..checkpoints import load_model
     from ..tokenizer.tokenizer import load_tokenizer
+    o = options or LoadOptions()
     log = log or (lambda msg: None)
     try:
-        info = init_distributed(device)
+        info = init_distributed(o.device)
     except RuntimeError as e:  # no CUDA, or a device string torch does not know
-        raise ValueError(f"device {device}: {e}") from None
-    dtype = parse_dtype(dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+        raise ValueError(f"device {o.device}: {e}") from None
+    dtype = parse_dtype(o.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     tp = info.world_size > 1
-    if tp and quantize:
+    if tp and o.quantize:
         raise ValueError("quantize nf4 cannot be combined with tensor parallelism (run a single process)")
-    tok = load_tokenizer(tokenizer or ckpt, chat_format=chat_format)
+    tok = load_tokenizer(o.tokenizer or ckpt, chat_format=o.chat_format)
     # the checkpoint's own end-of-answer ids (e.g. Llama 3.1's [128001, 128008, 128009]) stop generation too
     tok.stop_ids = sorted(set(tok.stop_ids) | set(generation_defaults(ckpt).eos_ids))
-    adapters = adapter if isinstance(adapter, dict) else {"default": adapter} if adapter else {}
-    rope = rope_overrides(adapters, rope_theta, rope_scaling, log)
-    model = load_model(ckpt, device="cpu" if tp else info.device, dtype=dtype, quantize=quantize, **rope)
-    extend_context(model, max_seq_len, log)
+    adapters = o.adapter if isinstance(o.adapter, dict) else {"default": o.adapter} if o.adapter else {}
+    rope = rope_overrides(adapters, o.rope_theta, o.rope_scaling, log)
+    model = load_model(ckpt, device="cpu" if tp else info.device, dtype=dtype, quantize=o.quantize, **rope)
+    extend_context(model, o.max_seq_len, log)
     if rope:
         log(f"[RoPE: {rope_settings(model.args)}]")
     if adapters:
-        _apply_adapters(model, adapters, must_merge=tp, merge=merge_adapter, log=log)
+        _apply_adapters(model, adapters, must_merge=tp, merge=o.merge_adapter, log=log)
     group = None
     if tp:
         from .tensor_parallel import apply_tensor_parallel, tp_mesh

@@ -96,15 +96,22 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[
     return logits
 
 
-def sample_from_logits(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def race_noise(shape, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """Exp(1) draws for sample_from_logits, e.g. drawn once for a whole batch so a row's draws do not depend on which
+    other rows are sampled."""
+    race = torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
+    return race.clamp_(min=torch.finfo(race.dtype).tiny)  # an exact 0 would turn a filtered token's 0/0 into NaN
+
+
+def sample_from_logits(logits: torch.Tensor, generator: Optional[torch.Generator] = None,
+                       noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Draw one token per row from softmax(logits) without a host sync. (B, V) -> (B,) long
 
     Uses the exponential-race trick: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i
-    (torch.multinomial would wait on the device to validate the distribution).
+    (torch.multinomial would wait on the device to validate the distribution). noise: the E (B, V) to use.
     """
     probs = torch.softmax(logits.float(), dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    race.clamp_(min=torch.finfo(race.dtype).tiny)  # an exact 0 would turn a filtered token's 0/0 into NaN
+    race = race_noise(probs.shape, generator, probs.device) if noise is None else noise
     return torch.argmax(probs / race, dim=-1)
 
 

@@ -13,14 +13,15 @@ import asyncio
 import json
 from importlib import resources
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..inference.engine import Event
+from ..inference.engine import Event, Request
 from . import protocol
-from .protocol import APIError, Job
+from .protocol import APIError
 from .text import TextStream
 
 POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
@@ -31,17 +32,15 @@ def chat_page() -> str:
 
 
 class Answer:
-    """One job's run in the batching loop: its events arrive on an asyncio queue and become text pieces."""
+    """One request's run in the batching loop: its events arrive on an asyncio queue and become text pieces."""
 
-    def __init__(self, job: Job, served, loop):
-        self.job, self.loop = job, loop
-        self.text = TextStream(served.tok, job.stop)
+    def __init__(self, req: Request, served, loop):
+        self.req, self.loop = req, loop
+        self.text = TextStream(served.tok, req.reply.stop)
         self.events: asyncio.Queue = asyncio.Queue()
-        self.tokens, self.finish, self.key = 0, None, None
+        self.tokens, self.finish = 0, None
         aio = asyncio.get_running_loop()
-        stop_ids = served.tok.stop_ids
-        self.key = loop.submit(job.prompt_ids, job.max_tokens, job.sampling, stop_ids, job.seed, job.adapter,
-                               lambda ev: aio.call_soon_threadsafe(self.events.put_nowait, ev))
+        self.key = loop.submit(req, lambda ev: aio.call_soon_threadsafe(self.events.put_nowait, ev))
 
     async def pieces(self, poll=None):
         """Yield text pieces until the answer ends; self.finish is then "stop" or "length"."""
@@ -82,14 +81,14 @@ def _sse(obj) -> str:
 
 
 async def _stream(answer: Answer):
-    job = answer.job
+    req = answer.req
     try:
-        yield _sse(protocol.chunk(job, text=job.echo, first=True))
+        yield _sse(protocol.chunk(req, text=req.reply.echo, first=True))
         async for piece in answer.pieces():
-            yield _sse(protocol.chunk(job, text=piece))
-        yield _sse(protocol.chunk(job, finish=answer.finish))
-        if job.include_usage:
-            yield _sse(protocol.chunk(job, usage_only=protocol.usage(len(job.prompt_ids), answer.tokens)))
+            yield _sse(protocol.chunk(req, text=piece))
+        yield _sse(protocol.chunk(req, finish=answer.finish))
+        if req.reply.include_usage:
+            yield _sse(protocol.chunk(req, usage_only=protocol.usage(len(req.prompt), answer.tokens)))
         yield "data: [DONE]\n\n"
     except RuntimeError as e:
         yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
@@ -97,18 +96,18 @@ async def _stream(answer: Answer):
         answer.cancel()
 
 
-async def _run(request: Request, job: Job, served, loop):
-    answer = Answer(job, served, loop)
-    if job.stream:
+async def _run(http: HTTPRequest, req: Request, served, loop):
+    answer = Answer(req, served, loop)
+    if req.reply.stream:
         return StreamingResponse(_stream(answer), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        text = "".join([p async for p in answer.pieces(poll=request.is_disconnected)])
+        text = "".join([p async for p in answer.pieces(poll=http.is_disconnected)])
     finally:
         answer.cancel()
     if answer.finish is None:  # the client left; nobody reads this
         return JSONResponse({}, status_code=499)
-    return JSONResponse(protocol.response(job, text, answer.finish, answer.tokens))
+    return JSONResponse(protocol.response(req, text, answer.finish, answer.tokens))
 
 
 def create_app(served, loop) -> FastAPI:
@@ -146,13 +145,12 @@ def create_app(served, loop) -> FastAPI:
         return protocol.models(served)
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await _run(request, protocol.parse_chat(protocol.parse_body(await request.body()), served),
-                          served, loop)
+    async def chat(http: HTTPRequest):
+        return await _run(http, protocol.parse_chat(protocol.parse_body(await http.body()), served), served, loop)
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await _run(request, protocol.parse_completion(protocol.parse_body(await request.body()), served),
-                          served, loop)
+    async def completions(http: HTTPRequest):
+        return await _run(http, protocol.parse_completion(protocol.parse_body(await http.body()), served), served,
+                          loop)
 
     return app

@@ -1,4 +1,5 @@
-"""The OpenAI protocol: request bodies checked field by field into a Job, and the response / chunk shapes.
+"""The OpenAI protocol: request bodies checked field by field into an engine Request (with the Reply it is answered
+in), and the response / chunk shapes.
 
 A bad field raises APIError, which the app turns into HTTP 400 with OpenAI's error body
 {"error": {"message", "type": "invalid_request_error", "param", "code"}}.
@@ -13,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..inference.engine import Request
 from ..inference.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -51,17 +53,12 @@ class Served:
 
 
 @dataclass
-class Job:
-    """One checked request: what the engine runs and how the answer is returned."""
+class Reply:
+    """How a request is answered: its endpoint's shape, streaming, stop strings; Request.reply holds it."""
 
     kind: str  # "chat" | "completion"
     model: str
-    adapter: Optional[str]  # None: the base model
-    prompt_ids: list
-    max_tokens: int
-    sampling: SamplingParams
-    seed: Optional[int]
-    stop: list  # stop strings
+    stop: list  # stop strings (the text stream cuts at them)
     stream: bool
     include_usage: bool = False
     echo: str = ""  # completions with echo: the prompt text, prepended to the answer
@@ -197,26 +194,32 @@ def _common(body: dict, served: Served) -> dict:
     if opts is not None and not isinstance(opts, dict):
         raise APIError("stream_options must be an object", "stream_options")
     return dict(sampling=_sampling(body, served), seed=_int(body, "seed", None, lambda v: True, "an integer"),
-                stop=_stop(body), stream=_bool(body, "stream"),
-                include_usage=bool((opts or {}).get("include_usage")))
+                stop=_stop(body), stream=_bool(body, "stream"), include_usage=bool((opts or {}).get("include_usage")))
 
 
-def parse_chat(body: dict, served: Served) -> Job:
-    """POST /v1/chat/completions -> Job; the dialog is encoded in the checkpoint's chat format."""
-    model, adapter = _model(body, served)
-    common = _common(body, served)
+def _request(kind: str, head: tuple, ids: list, max_tokens: int, served: Served, echo: str = "") -> Request:
+    """The engine Request for checked prompt ids; head: (model, adapter, _common's fields). Its key is the reply's
+    id."""
+    model, adapter, c = head
+    reply = Reply(kind, model, c["stop"], c["stream"], c["include_usage"], echo)
+    return Request(ids, max_tokens, c["sampling"], frozenset(served.tok.stop_ids), c["seed"], adapter,
+                   key=reply.id, reply=reply)
+
+
+def parse_chat(body: dict, served: Served) -> Request:
+    """POST /v1/chat/completions -> Request; the dialog is encoded in the checkpoint's chat format."""
+    head = (*_model(body, served), _common(body, served))
     msgs = _messages(body)
     try:
         ids = served.tok.encode_dialog(msgs, add_generation_prompt=True)
     except ValueError as e:  # e.g. roles out of order for an [INST] format
         raise APIError(f"messages: {e}", "messages") from None
-    return Job("chat", model, adapter, ids, _max_tokens(body, served, len(ids), "messages"), **common)
+    return _request("chat", head, ids, _max_tokens(body, served, len(ids), "messages"), served)
 
 
-def parse_completion(body: dict, served: Served) -> Job:
-    """POST /v1/completions -> Job; the prompt is plain text (or token ids), with BOS as the tokenizer adds it."""
-    model, adapter = _model(body, served)
-    common = _common(body, served)
+def parse_completion(body: dict, served: Served) -> Request:
+    """POST /v1/completions -> Request; the prompt is plain text (or token ids), with BOS as the tokenizer adds it."""
+    head = (*_model(body, served), _common(body, served))
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -231,7 +234,7 @@ def parse_completion(body: dict, served: Served) -> Job:
     if not ids:
         raise APIError("prompt encodes to no tokens", "prompt")
     echo = (prompt if isinstance(prompt, str) else served.tok.decode(ids)) if _bool(body, "echo") else ""
-    return Job("completion", model, adapter, ids, _max_tokens(body, served, len(ids), "prompt"), echo=echo, **common)
+    return _request("completion", head, ids, _max_tokens(body, served, len(ids), "prompt"), served, echo)
 
 
 # ---- responses ----
@@ -240,32 +243,32 @@ def usage(n_prompt: int, n_completion: int) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
 
-def response(job: Job, text: str, finish: str, n_completion: int) -> dict:
+def response(req: Request, text: str, finish: str, n_completion: int) -> dict:
     """The non-streamed answer."""
-    u = usage(len(job.prompt_ids), n_completion)
-    if job.kind == "chat":
+    r, u = req.reply, usage(len(req.prompt), n_completion)
+    if r.kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": finish}
-        return {"id": f"chatcmpl-{job.id}", "object": "chat.completion", "created": job.created, "model": job.model,
+        return {"id": f"chatcmpl-{r.id}", "object": "chat.completion", "created": r.created, "model": r.model,
                 "choices": [choice], "usage": u}
-    choice = {"index": 0, "text": job.echo + text, "logprobs": None, "finish_reason": finish}
-    return {"id": f"cmpl-{job.id}", "object": "text_completion", "created": job.created, "model": job.model,
+    choice = {"index": 0, "text": r.echo + text, "logprobs": None, "finish_reason": finish}
+    return {"id": f"cmpl-{r.id}", "object": "text_completion", "created": r.created, "model": r.model,
             "choices": [choice], "usage": u}
 
 
-def chunk(job: Job, text: Optional[str] = None, finish: Optional[str] = None, first: bool = False,
+def chunk(req: Request, text: Optional[str] = None, finish: Optional[str] = None, first: bool = False,
           usage_only: Optional[dict] = None) -> dict:
     """One streamed chunk: a piece of text, the final finish_reason, or (stream_options.include_usage) the usage."""
-    if job.kind == "chat":
-        head = {"id": f"chatcmpl-{job.id}", "object": "chat.completion.chunk", "created": job.created,
-                "model": job.model}
+    r = req.reply
+    if r.kind == "chat":
+        head = {"id": f"chatcmpl-{r.id}", "object": "chat.completion.chunk", "created": r.created, "model": r.model}
         delta = {"role": "assistant", "content": text or ""} if first else ({} if text is None else {"content": text})
         choices = [] if usage_only else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
     else:
-        head = {"id": f"cmpl-{job.id}", "object": "text_completion", "created": job.created, "model": job.model}
+        head = {"id": f"cmpl-{r.id}", "object": "text_completion", "created": r.created, "model": r.model}
         choices = [] if usage_only else [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
     out = {**head, "choices": choices}
-    if job.include_usage:
+    if r.include_usage:
         out["usage"] = usage_only
     return out
 

@@ -3,9 +3,9 @@
 HTTP handlers (asyncio, rank 0) call submit() and cancel(), which only queue; the loop thread takes what is queued
 before each engine step, so a new request joins the running batch at the next step and a cancelled one (a client
 that went away, a stop string) frees its row. Each engine event is handed back to the handler's event loop.
-Under torchrun every rank runs the same engine: before each step rank 0 broadcasts what joins and what leaves (a
-Plan), and the followers apply it and step in lockstep; while idle rank 0 sends an empty plan every idle_s seconds so
-no collective waits long enough to time out.
+Under torchrun every rank runs the same engine: before each step rank 0 broadcasts what joins and what leaves
+(Changes: the Requests themselves, and keys), and the followers apply them and step in lockstep; while idle rank 0
+sends empty Changes every idle_s seconds so no collective waits long enough to time out.
 """
 
 from __future__ import annotations
@@ -15,56 +15,35 @@ import sys
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Optional
-
-import torch
+from typing import Callable
 
 from ..inference.engine import Engine, Event, Request
 from ..inference.loading import broadcast_object
-from ..inference.sampling import SamplingParams
 
 
 @dataclass
-class Spec:
-    """A request as it travels to every rank (picklable: no generator, no callbacks)."""
-
-    key: int
-    prompt: list
-    max_new_tokens: int
-    sampling: SamplingParams
-    stop_ids: frozenset
-    seed: Optional[int]
-    adapter: Optional[str]
-
-
-@dataclass
-class Plan:
+class Changes:
     """What changes before one step: requests that join, keys that leave, or the end of serving."""
 
-    new: list = field(default_factory=list)
+    new: list = field(default_factory=list)  # Requests (picklable: the engine makes their generators)
     cancel: list = field(default_factory=list)
     shutdown: bool = False
 
 
-def apply_plan(engine: Engine, plan: Plan) -> None:
-    for spec in plan.new:
-        gen = None
-        if spec.seed is not None:  # its own generator: a seeded answer does not depend on who else is in the batch
-            gen = torch.Generator(device=engine.device)
-            gen.manual_seed(spec.seed)
-        engine.submit(Request(spec.prompt, spec.max_new_tokens, spec.sampling, spec.stop_ids, gen, spec.adapter,
-                              key=spec.key))
-    for key in plan.cancel:
+def apply_changes(engine: Engine, changes: Changes) -> None:
+    for req in changes.new:
+        engine.submit(req)
+    for key in changes.cancel:
         engine.cancel(key)
 
 
 def follow(engine: Engine, info) -> None:
-    """A non-zero rank under torchrun: apply rank 0's plans and step with it until it says stop."""
+    """A non-zero rank under torchrun: apply rank 0's changes and step with it until it says stop."""
     while True:
-        plan = broadcast_object(None, info)
-        if plan.shutdown:
+        changes = broadcast_object(None, info)
+        if changes.shutdown:
             return
-        apply_plan(engine, plan)
+        apply_changes(engine, changes)
         engine.step()
 
 
@@ -73,23 +52,18 @@ class BatchLoop:
 
     def __init__(self, engine: Engine, info, idle_s: float = 1.0):
         self.engine, self.info, self.idle_s = engine, info, idle_s
-        self.inbox: queue.Queue = queue.Queue()  # ("new", Spec, callback) | ("cancel", key) | ("shutdown",)
-        self.callbacks: dict[int, Callable[[Event], None]] = {}
-        self.next_key = 0
-        self.lock = threading.Lock()
+        self.inbox: queue.Queue = queue.Queue()  # ("new", Request, callback) | ("cancel", key) | ("shutdown",)
+        self.callbacks: dict[object, Callable[[Event], None]] = {}
         self.thread = threading.Thread(target=self._run, name="minillama-batch-loop", daemon=True)
 
     def start(self) -> "BatchLoop":
         self.thread.start()
         return self
 
-    def submit(self, prompt, max_new_tokens, sampling, stop_ids, seed, adapter, callback) -> int:
+    def submit(self, req: Request, callback: Callable[[Event], None]):
         """Queue a request (thread-safe); returns its key. callback(Event) runs on the loop thread."""
-        with self.lock:
-            key, self.next_key = self.next_key, self.next_key + 1
-        self.inbox.put(("new", Spec(key, list(prompt), max_new_tokens, sampling, frozenset(stop_ids), seed, adapter),
-                        callback))
-        return key
+        self.inbox.put(("new", req, callback))
+        return req.key
 
     def cancel(self, key: int) -> None:
         self.inbox.put(("cancel", key))
@@ -101,35 +75,35 @@ class BatchLoop:
     def stats(self) -> dict:
         return {"running": self.engine.n_running, "waiting": len(self.engine.waiting) + self.inbox.qsize()}
 
-    def _take(self) -> Plan:
+    def _take(self) -> Changes:
         """Everything queued now; when the engine has nothing to do, wait up to idle_s for the first item."""
-        plan, block = Plan(), not self.engine.busy
+        changes, block = Changes(), not self.engine.busy
         while True:
             try:
                 item = self.inbox.get(block=block, timeout=self.idle_s if block else None)
             except queue.Empty:
-                return plan
+                return changes
             block = False
             if item[0] == "new":
-                plan.new.append(item[1])
+                changes.new.append(item[1])
                 self.callbacks[item[1].key] = item[2]
             elif item[0] == "cancel":
-                plan.cancel.append(item[1])
+                changes.cancel.append(item[1])
             else:
-                plan.shutdown = True
-                return plan
+                changes.shutdown = True
+                return changes
 
     def _run(self) -> None:
         while True:
-            plan = self._take()
+            changes = self._take()
             if self.info.world_size > 1:
-                broadcast_object(plan, self.info)
-            if plan.shutdown:
+                broadcast_object(changes, self.info)
+            if changes.shutdown:
                 self.engine.cancel_all()
                 return
             try:
-                apply_plan(self.engine, plan)
-                for key in plan.cancel:
+                apply_changes(self.engine, changes)
+                for key in changes.cancel:
                     self.callbacks.pop(key, None)
                 events = self.engine.step()
             except Exception as e:  # a bug or out of memory: fail what is running, keep serving

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..inference.engine import SPECULATE, EngineConfig
 from ..inference.sampling import SamplingParams
 from ..rope import check_rope_scaling, runs_past_context
 from ..tokenizer.chat_format import FORMATS
@@ -87,6 +88,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat_format", default=None, choices=FORMATS,
                    help="force a chat format (default: the checkpoint's, from its chat template or family)")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (GPU)")
+    p.add_argument("--speculate", default=None, choices=SPECULATE,
+                   help="speculative decoding: ngram drafts the tokens that followed the answer's last words earlier "
+                        "in the prompt or answer (prompt lookup; pays where the answer quotes its input), verified "
+                        "in one forward; exact under greedy, the same distribution when sampling")
+    p.add_argument("--draft_tokens", type=positive_int, default=4, help="drafts per row and step with --speculate")
+    p.add_argument("--prefill_chunk", type=positive_int, default=512,
+                   help="prompt tokens prefilled per decode step: a long prompt is prefilled in chunks between "
+                        "the running answers' steps, which then wait at most one chunk")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for the model (default: $OMP_NUM_THREADS if set, else the idle cores, at most "
@@ -184,9 +193,10 @@ def set_threads(args: argparse.Namespace) -> int:
     return torch.get_num_threads()
 
 
-def generation_options(args: argparse.Namespace) -> dict:
-    """The keyword options of generate() / generate_stream() / generate_continuous() the flags describe."""
-    return dict(seed=args.seed, compile=args.compile, max_seq_len=args.max_seq_len)
+def engine_config(args: argparse.Namespace, process_group=None, **fields) -> EngineConfig:
+    """The EngineConfig the flags describe (seed, compile, speculative decoding, prefill chunk), plus fields."""
+    return EngineConfig(seed=args.seed, compile=args.compile, process_group=process_group, speculate=args.speculate,
+                        draft_tokens=args.draft_tokens, prefill_chunk=args.prefill_chunk, **fields)
 
 
 def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -224,10 +234,11 @@ def context_limit(args: argparse.Namespace, model) -> int:
 
 def load_from_args(args: argparse.Namespace, log=None, merge_adapter: bool = True):
     """loading.load_for_inference with what add_model_args parsed (CPU threads set first)."""
-    from ..inference.loading import load_for_inference
+    from ..inference.loading import LoadOptions, load_for_inference
     ckpt, tokenizer = resolve_checkpoint(args)
     set_threads(args)
-    return load_for_inference(ckpt, tokenizer=tokenizer, adapter=dict(args.adapter or {}), quantize=args.quantize,
-                              dtype=args.dtype, device=args.device, chat_format=args.chat_format, log=log,
-                              merge_adapter=merge_adapter, rope_theta=args.rope_theta,
-                              rope_scaling=args.rope_scaling, max_seq_len=args.max_seq_len)
+    options = LoadOptions(tokenizer=tokenizer, adapter=dict(args.adapter or {}), quantize=args.quantize,
+                          dtype=args.dtype, device=args.device, chat_format=args.chat_format,
+                          merge_adapter=merge_adapter, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling,
+                          max_seq_len=args.max_seq_len)
+    return load_for_inference(ckpt, options, log=log)
