@@ -190,3 +190,16 @@ def test_grpo_raises_the_reward_of_preferred_tokens_and_resumes_exactly(tiny):
             assert a[k] == pytest.approx(b[k], abs=1e-6), (k, a["step"])
     assert whole[-1]["kl"] > 0  # the policy left the reference (adapters off)
     json.loads((d / "parts" / "rollouts.jsonl").read_text().splitlines()[0])
+
+
+def test_two_processes_each_sample_their_own_prompts_in_lockstep(tiny):
+    """Under FSDP the ranks' sharded layers gather in lockstep; each rank samples its own share of the prompts
+    (rank 0 keeps its 2 prompts x G in rollouts.jsonl) and the run ends normally."""
+    d, ckpt = tiny
+    data = write_jsonl(d / "prompts2.jsonl", [{"prompt": f"question {i}" + "?" * i} for i in range(8)])
+    run_grpo(["--model", str(ckpt), "--data", str(data), "--reward", "test_grpo:prefers_letters", "--batch_size",
+              "4", "--num_generations", "3", "--max_new_tokens", "5", "--lora_rank", "4", "--max_steps", "2",
+              "--eval_data", "", "--out", str(d / "two")], nproc=2)
+    kept = [json.loads(x) for x in (d / "two" / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in kept] == [1] * 6 + [2] * 6
+    assert [r["step"] for r in metrics(d / "two") if "reward" in r] == [1, 2]
