@@ -183,7 +183,8 @@ def test_grpo_raises_the_reward_of_preferred_tokens_and_resumes_exactly(tiny):
     run_grpo(short + ["--out", str(d / "whole")])
     run_grpo(short + ["--out", str(d / "parts"), "--stop_at_step", "2"])
     run_grpo(short + ["--out", str(d / "parts"), "--resume"])
-    whole, parts = [r for r in metrics(d / "whole") if "reward" in r], [r for r in metrics(d / "parts") if "reward" in r]
+    whole = [r for r in metrics(d / "whole") if "reward" in r]
+    parts = [r for r in metrics(d / "parts") if "reward" in r]
     assert [r["step"] for r in parts] == [1, 2, 3, 4]
     for a, b in zip(whole, parts):
         for k in ("loss", "reward", "kl", "grad_norm", "completion_length"):

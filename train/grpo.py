@@ -29,8 +29,6 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minillama.util.cli import REPO, run as run_cli  # noqa: E402
@@ -152,8 +150,9 @@ def setup(cfg: TrainConfig, grpo: GRPOConfig, rewards, stop) -> tuple[Run, GRPO]
     parts = build_model(cfg, info, opened.compute_dtype, msg, wrap=TokenLogprobs)
     ref_root = None
     if grpo.beta != 0.0 and not cfg.lora.enabled:  # full fine-tuning: the starting weights, frozen, unsharded
-        ref = load_model(cfg.model.ckpt, device=info.device, dtype=opened.compute_dtype, max_seq_len=cfg.model.max_seq_len,
-                         rope_theta=cfg.model.rope_theta, rope_scaling=cfg.model.rope_scaling)
+        m = cfg.model
+        ref = load_model(m.ckpt, device=info.device, dtype=opened.compute_dtype, max_seq_len=m.max_seq_len,
+                         rope_theta=m.rope_theta, rope_scaling=m.rope_scaling)
         ref_root = TokenLogprobs(ref.requires_grad_(False), cfg.model.loss_chunk).eval()
         msg.message("reference: a frozen copy of the starting weights")
     recipe = GRPO(prompts=data.train, rewards=rewards, cfg=grpo, model=parts.model, tok=data.tok, split=split,

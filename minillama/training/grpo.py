@@ -267,14 +267,13 @@ class GRPO:
         weights = torch.tensor(self.rewards.weights, dtype=torch.float32)
         total = (scores * weights).sum(dim=1)  # (N,)
         adv = group_advantages(total, g, self.cfg.scale_rewards)
-        tokens, targets, positions, mask = (t.to(self.device) for t in rollout_rows(prompts, completions, g,
-                                                                                    self.pad_id))
+        rows = rollout_rows(prompts, completions, g, self.pad_id)
+        tokens, targets, positions, mask = (t.to(self.device) for t in rows)
         ref = self.reference_logps(root, tokens, targets, positions) if self.cfg.beta != 0.0 else None
+        row_lens = torch.tensor([len(prompts[i // g].ids) + len(c) for i, c in enumerate(completions)])
         self.batch = Rollout(tokens=tokens, targets=targets, positions=positions, mask=mask,
-                             advantages=adv.to(self.device), ref_logps=ref,
-                             row_lens=torch.tensor([len(prompts[i // g].ids) + len(c) for i, c in enumerate(completions)]),
-                             texts=texts, rewards=total.tolist(),
-                             group=g)
+                             advantages=adv.to(self.device), ref_logps=ref, row_lens=row_lens, texts=texts,
+                             rewards=total.tolist(), group=g)
         self.samples = [{"prompt": prompts[i // g].text, "completion": t, "reward": r,
                          "scores": dict(zip(self.rewards.names, s))}
                         for i, (t, r, s) in enumerate(zip(texts, total.tolist(), scores.tolist()))]
@@ -305,8 +304,9 @@ class GRPO:
         terms = grpo_token_loss(logps, logps.detach(), ref, b.advantages[mb], mask, self.cfg)
         loss = reduce_loss(terms, mask, self.cfg.loss_type, counts)
         lens = b.row_lens[mb].double() - 1  # the inputs: every token but the last
-        sums = {"loss": loss.detach().item(), "kl_sum": float(terms.kl.sum()), "clipped_sum": float(terms.clipped.sum()),
-                "tokens": int(lens.sum()), "padded": b.tokens[mb].numel(), "doc_len_sq": float((lens ** 2).sum())}
+        sums = {"loss": loss.detach().item(), "kl_sum": float(terms.kl.sum()),
+                "clipped_sum": float(terms.clipped.sum()), "tokens": int(lens.sum()), "padded": b.tokens[mb].numel(),
+                "doc_len_sq": float((lens ** 2).sum())}
         return Forward(loss=loss, sums=sums)
 
     def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
