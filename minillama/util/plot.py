@@ -255,3 +255,20 @@ def read_png_size(path) -> Optional[tuple[int, int]]:
     if data[:8] != b"\x89PNG\r\n\x1a\n":
         return None
     return struct.unpack(">II", data[16:24])
+
+
+def write_metrics_png(path, records: list[dict], keys: Sequence[str], columns: int = 3) -> Path:
+    """One small chart per metrics.jsonl key (its value against step; keys no record has are left out), in a grid
+    of `columns`, atomically: GRPO's reward, its std, KL, completion length, clip fraction and held-out score."""
+    charts = []
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in records if k in r and "step" in r and r[k] is not None]
+        if pts:
+            charts.append(loss_curve_png([s for s, _ in pts], [v for _, v in pts], width=480, height=320,
+                                         y_label=k, names=(k, ""), dots=True))
+    if not charts:
+        raise ValueError(f"{path}: none of {', '.join(keys)} in the metrics")
+    blank = np.full_like(charts[0], 255)
+    charts += [blank] * (-len(charts) % columns)
+    rows = [np.concatenate(charts[i:i + columns], axis=1) for i in range(0, len(charts), columns)]
+    return atomic_write(path, png_bytes(np.concatenate(rows, axis=0)))
