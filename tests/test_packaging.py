@@ -15,7 +15,8 @@ from minillama.tokenizer.tokenizer import decode_cut, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["minillama-chat", "minillama-complete", "minillama-batch", "minillama-serve", "minillama-eval-long",
-           "minillama-bench", "minillama-bench-serve", "minillama-sft", "minillama-dpo", "minillama-plot",
+           "minillama-bench", "minillama-bench-serve", "minillama-bench-deploy", "minillama-sft", "minillama-dpo",
+           "minillama-grpo", "minillama-rejection", "minillama-plot",
            "minillama-bench-train", "minillama-prepare-smollm2", "minillama-convert", "minillama-merge",
            "minillama-extract-lora", "minillama-plan-memory"]
 
