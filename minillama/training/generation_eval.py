@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -135,25 +136,33 @@ class GenerationEval:
     @torch.no_grad()
     def run(self, root, model) -> list[dict]:
         """Greedy answers from the model as it is now, scored -> one record per prompt (a collective under FSDP)."""
-        was_training = root.training
-        root.eval()
-        unshard = getattr(root, "unshard", None)  # the root's own parameters (embeddings, norm, output) gathered
-        if unshard is not None:
-            unshard()
-        try:
+        with generating(root, model):
             ids = [self.tok.encode_dialog(p.messages) for p in self.prompts]
             new = generate(model, ids, self.cfg.max_new_tokens, stop_ids=self.tok.stop_ids)
-        finally:
-            model.clear_cache()
-            if unshard is not None:
-                root.reshard()
-            root.train(was_training)
         samples = []
         for p, tokens in zip(self.prompts, new):
             answer = self.tok.decode(tokens)
             samples.append({"line": p.line, "prompt": p.messages, "completion": answer, "reference": p.reference,
                             "scores": self.score(p, answer)})
         return samples
+
+
+@contextmanager
+def generating(root, model):
+    """Generation from the weights as they are mid-training: eval mode, the FSDP root's own parameters (embeddings,
+    norm, output) gathered for the whole generation, and afterwards the KV cache dropped and training mode back."""
+    was_training = root.training
+    root.eval()
+    unshard = getattr(root, "unshard", None)
+    if unshard is not None:
+        unshard()
+    try:
+        yield
+    finally:
+        model.clear_cache()
+        if unshard is not None:
+            root.reshard()
+        root.train(was_training)
 
 
 def summarize_samples(samples: list[dict]) -> dict[str, float]:

@@ -35,6 +35,7 @@ from ..inference.generate import generate
 from ..inference.sampling import SamplingParams
 from ..lora.layers import set_lora_enabled
 from .data import IGNORE
+from .generation_eval import generating
 from .loss import chunked_token_logprobs
 from .rewards import Rewards
 from .trainer import Forward
@@ -221,19 +222,9 @@ class GRPO:
         lockstep = self.world_size > 1  # FSDP ranks must run the same forwards: one prefill, max_new_tokens steps
         engine = EngineConfig(seed=self.step_seed(), prefill_chunk=max(512, sum(len(x) for x in ids)),
                               prefill_rows=max(16, len(ids))) if lockstep else EngineConfig(seed=self.step_seed())
-        was_training = root.training
-        root.eval()
-        unshard = getattr(root, "unshard", None)  # the root's own parameters (embeddings, norm, output) gathered
-        if unshard is not None:
-            unshard()
-        try:
+        with generating(root, self.model):
             new = generate(self.model, ids, cfg.max_new_tokens, SamplingParams(cfg.temperature, cfg.top_p),
                            stop_ids=() if lockstep else self.tok.stop_ids, config=engine)
-        finally:
-            self.model.clear_cache()
-            if unshard is not None:
-                root.reshard()
-            root.train(was_training)
         return [completion_tokens(o, cfg.max_new_tokens, list(self.tok.stop_ids), lockstep) for o in new]
 
     def score(self, prompts: list[Prompt], completions: list[list[int]]) -> tuple[list[str], torch.Tensor]:
