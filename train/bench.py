@@ -33,7 +33,7 @@ from minillama.attention import doc_positions  # noqa: E402
 from minillama.util.cli import ArgumentParser, positive_int, run  # noqa: E402
 from minillama.lora.layers import apply_lora, lora_parameters  # noqa: E402
 from minillama.moe import MoEFeedForward  # noqa: E402
-from minillama.training.fsdp import apply_fsdp, checkpoint_blocks, ensure_process_group  # noqa: E402
+from minillama.training.fsdp import apply_fsdp, checkpoint_activations, ensure_process_group  # noqa: E402
 from minillama.training.loss import CausalLMLoss  # noqa: E402
 from minillama.training.metrics import default_peak_tflops  # noqa: E402
 from minillama.perf import time_fn, train_flops  # noqa: E402
@@ -99,7 +99,7 @@ def ours_train_step(model, lora: bool, rank: int, batch, device, compute_dtype):
         apply_lora(model, rank=rank, alpha=2 * rank, targets=LORA_TARGETS)
     else:
         model.requires_grad_(True)
-    checkpoint_blocks(model)
+    checkpoint_activations(model)
     ensure_process_group(device)
     wrapper = apply_fsdp(CausalLMLoss(model).train(), param_dtype=compute_dtype)
     params = lora_parameters(model) if lora else [p for p in model.parameters() if p.requires_grad]

@@ -56,7 +56,7 @@ from minillama.training.preference_data import load_pairs, pair_fingerprint  # n
 from minillama.training.schedule import BatchSplit, Schedule  # noqa: E402
 from minillama.training.session import (Opened, Run, open_run, save, start_run, stop_on_nonfinite,  # noqa: E402
                                         training_session)
-from minillama.training.trainer import (checkpoint_due, clip_gradients, eval_due, evaluate, finish,  # noqa: E402
+from minillama.training.trainer import (save_due, clip_gradients, eval_due, evaluate, finish,  # noqa: E402
                                         log_step, steps)
 
 REFERENCE_FILE = "reference_logps.json"
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
             log_step(run, step, result)
             if eval_due(run):
                 evaluate(run, recipe)  # the held-out loss; with --eval_generate, answers generated and scored
-            if checkpoint_due(run):  # every --save_every, and at the first boundary after a SIGTERM
+            if save_due(run):  # every --save_every, and at the first boundary after a SIGTERM
                 save(run)
         return finish(run, recipe)  # final eval, the last checkpoint, final/ and loss.png (or: stopped)
 

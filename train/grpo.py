@@ -44,7 +44,7 @@ from minillama.training.metrics import read_metrics  # noqa: E402
 from minillama.training.rewards import load_rewards  # noqa: E402
 from minillama.training.schedule import BatchSplit, Schedule  # noqa: E402
 from minillama.training.session import Run, open_run, save, start_run, stop_on_nonfinite, training_session  # noqa: E402
-from minillama.training.trainer import (checkpoint_due, clip_gradients, eval_due, evaluate, finish,  # noqa: E402
+from minillama.training.trainer import (save_due, clip_gradients, eval_due, evaluate, finish,  # noqa: E402
                                         log_step, steps)
 
 PLOTTED = ("reward", "reward_std", "kl", "completion_length", "clip_ratio", "gen/reward")
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             keep_rollouts(run, recipe)
             if eval_due(run):
                 evaluate(run, recipe)  # with --eval_generate: greedy answers scored by the same rewards
-            if checkpoint_due(run):
+            if save_due(run):
                 save(run)
         code = finish(run, recipe)
         if code == 0 and run.info.is_rank0:

@@ -54,7 +54,7 @@ from minillama.training.context_parallel import check_supported, context_group  
 from minillama.training.schedule import BatchSplit, Schedule  # noqa: E402
 from minillama.training.session import Run, open_run, save, start_run, stop_on_nonfinite, training_session  # noqa: E402
 from minillama.training.sft import SFT, Feed  # noqa: E402
-from minillama.training.trainer import (checkpoint_due, clip_gradients, eval_due, evaluate, finish,  # noqa: E402
+from minillama.training.trainer import (save_due, clip_gradients, eval_due, evaluate, finish,  # noqa: E402
                                         log_step, steps)
 
 
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                                 f"{result.activation_mb:.1f} MiB per process (largest)")
             if eval_due(run):
                 evaluate(run, recipe)  # the held-out loss; with --eval_generate, answers generated and scored
-            if checkpoint_due(run):  # every --save_every, and at the first boundary after a SIGTERM
+            if save_due(run):  # every --save_every, and at the first boundary after a SIGTERM
                 save(run)
         return finish(run, recipe)  # final eval, the last checkpoint, final/ and loss.png (or: stopped)
 

@@ -17,7 +17,7 @@ from ..lora.layers import apply_lora, set_trainable
 from ..quant import NF4Weight
 from ..tokenizer.tokenizer import load_tokenizer
 from .data import check_data_file, load_jsonl, report_bad_lines
-from .fsdp import apply_fsdp, checkpoint_blocks
+from .fsdp import apply_fsdp, checkpoint_activations
 from .loss import CausalLMLoss
 from .optim import build_optimizer
 from ..perf import param_counts
@@ -149,7 +149,7 @@ def build_model(cfg: TrainConfig, info, compute_dtype, log, wrap=CausalLMLoss, l
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = param_counts(model.args)["total"]  # counted from the shapes: NF4 weights are buffers
     if m.activation_checkpointing:
-        checkpoint_blocks(model)
+        checkpoint_activations(model)
     root = wrap(model, m.loss_chunk).train()
     mixed = compute_dtype != torch.float32 and not m.master_bf16  # bf16 master weights already are the compute dtype
     apply_fsdp(root, param_dtype=compute_dtype if mixed else None, cpu_offload=m.cpu_offload, device=info.device,

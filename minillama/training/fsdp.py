@@ -32,7 +32,7 @@ def ensure_process_group(device: torch.device) -> None:
                             device_id=device if device.type == "cuda" else None)
 
 
-def checkpoint_blocks(model: nn.Module) -> None:
+def checkpoint_activations(model: nn.Module) -> None:
     """Per-block activation checkpointing (non-reentrant): keep each block's input, recompute its inside in backward.
 
     Wrapping `forward` on the instance (not the module) leaves parameter names, and so checkpoints, unchanged.

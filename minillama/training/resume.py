@@ -164,7 +164,7 @@ def _step_dirs(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: -int(p.name.split("_")[1]))
 
 
-def save_checkpoint(out: Path, step: int, root: nn.Module, optimizer, train_state: dict, lora: bool,
+def save_training_state(out: Path, step: int, root: nn.Module, optimizer, train_state: dict, lora: bool,
                     base: Optional[str] = None, keep: int = 0) -> Path:
     """Write OUT/step_N atomically on all ranks (shared file system), then point OUT/latest at it."""
     rank = dist.get_rank()
@@ -237,7 +237,7 @@ def _manifest_files(path: Path) -> dict[str, dict]:
     return files
 
 
-def verify_checkpoint(path: Path) -> dict:
+def verify_training_state(path: Path) -> dict:
     """Check OUT/step_N against its manifest (sizes, SHA-256; the hashing is split over the ranks, a collective) and
     parse its JSON and safetensors headers; returns its train_state. Raises ValueError/FileNotFoundError naming the
     file that is wrong."""
@@ -284,7 +284,7 @@ def resolve_resume(resume: str, out: Path, log: Callable[[str], None] = print) -
         if not path.is_dir():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
         try:
-            verify_checkpoint(path)
+            verify_training_state(path)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"--resume {resume}: {e}") from None
         return path
@@ -307,7 +307,7 @@ def resolve_resume(resume: str, out: Path, log: Callable[[str], None] = print) -
             problem = problem or f"{pointer} names {candidate.name}, which does not exist"
             continue
         try:
-            verify_checkpoint(candidate)
+            verify_training_state(candidate)
         except (ValueError, FileNotFoundError) as e:
             problem = problem or f"{pointer} names {candidate.name}, which is unusable: {e}"
             problems.append(str(e))
@@ -319,7 +319,7 @@ def resolve_resume(resume: str, out: Path, log: Callable[[str], None] = print) -
                      + (f"; {len(problems) - 1} other step_N unusable too" if len(problems) > 1 else ""))
 
 
-def load_checkpoint(path: Path, root: nn.Module, optimizer, lora: bool) -> dict:
+def load_training_state(path: Path, root: nn.Module, optimizer, lora: bool) -> dict:
     """Restore weights and optimizer from a verified OUT/step_N; returns its train_state (RNG: load_rng_state)."""
     state = _model_and_optim_state(root, optimizer, lora)
     load_sharded(state, path / "state")

@@ -27,8 +27,8 @@ from ..util.plot import write_loss_png
 from .config import TrainConfig
 from .fsdp import ensure_process_group
 from .metrics import MetricsWriter, ProgressBar, StepLog, default_peak_tflops, read_metrics
-from .resume import (check_out_dir, export_final, load_checkpoint, load_rng_state, remove_run_outputs,
-                     resolve_resume, save_checkpoint)
+from .resume import (check_out_dir, export_final, load_training_state, load_rng_state, remove_run_outputs,
+                     resolve_resume, save_training_state)
 from .schedule import BatchSplit, Schedule, TrainState
 
 
@@ -160,7 +160,7 @@ def restore_state(cfg: TrainConfig, opened: Opened, parts: ModelParts) -> TrainS
     RNG stream, so dropout continues exactly)."""
     state, saved, resume_from, info = TrainState(), {}, opened.resume_from, opened.info
     if resume_from is not None:
-        saved = load_checkpoint(resume_from, parts.root, parts.optimizer, cfg.lora.enabled)
+        saved = load_training_state(resume_from, parts.root, parts.optimizer, cfg.lora.enabled)
         state = TrainState.from_json(saved)
         opened.log.message(f"resumed from {resume_from} at step {state.step}")
     torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # LoRA dropout streams differ per rank
@@ -192,7 +192,7 @@ def save(run: Run) -> None:
     hint = (f"; nothing half-written is left: free some space and continue from {run.last_saved} with --resume"
             if run.last_saved else "; nothing half-written is left: free some space and run again")
     with disk_full_names(run.out / f"step_{run.state.step}", hint):
-        run.last_saved = save_checkpoint(run.out, run.state.step, run.root, run.optimizer,
+        run.last_saved = save_training_state(run.out, run.state.step, run.root, run.optimizer,
                                          run.state.to_json(run.info.world_size), run.cfg.lora.enabled,
                                          run.cfg.model.ckpt, run.cfg.keep)
 

@@ -13,7 +13,7 @@ recipe's main() shows each part of a step:
         run.optimizer.step(); run.optimizer.zero_grad(set_to_none=True)
         log_step(run, step, result)
         if eval_due(run): evaluate(run, recipe)          # held-out loss; --eval_generate: answers scored
-        if checkpoint_due(run): save(run)                 # also where a SIGTERM is acted on
+        if save_due(run): save(run)                 # also where a SIGTERM is acted on
     return finish(run, recipe)
 
 A step's loss is the mean over the whole global batch (all ranks, all micro-batches: SFT's learned tokens, a
@@ -138,7 +138,7 @@ class Step:
 
 def steps(run: Run, recipe: Recipe) -> Iterator[Step]:
     """The run's remaining steps from its state, each the next global batch with its lr set and its normalisers
-    counted over all ranks. Ends after the last step, or at the boundary where checkpoint_due saw a stop."""
+    counted over all ranks. Ends after the last step, or at the boundary where save_due saw a stop."""
     cfg, first = run.cfg, run.state.step + 1
     while run.state.step < run.total_steps and not run.stopping:
         batch = run.schedule.next_batch(run.state)
@@ -189,7 +189,7 @@ def eval_due(run: Run) -> bool:
     return bool(every) and step % every == 0 and step < run.total_steps
 
 
-def checkpoint_due(run: Run) -> bool:
+def save_due(run: Run) -> bool:
     """At a step boundary: whether to save now. Every --save_every steps; and when stopping, which is read here, at
     the first boundary after a SIGTERM (run.stop.requested as it is now, agreed by all ranks) or --stop_at_step;
     a stop sets run.stopping, which ends steps()."""
