@@ -72,7 +72,8 @@ def get_args(argv=None):
     e.add_argument("--engine", action="store_true",
                    help="time a decode step at a short context with 256 vs 4096 cache slots, and prompt-lookup "
                         "speculative decoding on a review-like prompt (a document in, an answer quoting it)")
-    e.add_argument("--ckpt", default=None, help="checkpoint for --engine (default: the embedded SmolLM2)")
+    e.add_argument("--ckpt", "--model", dest="ckpt", default=None,
+                   help="checkpoint for --engine (default: the embedded SmolLM2)")
     e.add_argument("--rows", type=positive_int, default=16, help="rows decoded together in the cache-size case")
     a = p.parse_args(argv)
     bad = set(a.impls.split(",")) - set(IMPLS)
@@ -317,8 +318,8 @@ def main(argv=None):
     print(f"shape: {a.shape} ({args.n_layers} layers{cut}), {a.dtype}; copy bandwidth {ceil['copy_GBps']:.0f} GB/s, "
           f"{a.dtype} matmul peak {ceil['matmul_TFLOPs']:.1f} TFLOP/s", flush=True)
     if a.engine:
-        from generate.bench_engine import bench_engine
-        bench_engine(a, device)
+        from importlib import import_module  # generate/ in a checkout, minillama.recipes.generate installed
+        import_module(f"{__package__ or 'generate'}.bench_engine").bench_engine(a, device)
     elif a.workload:
         bench_workload(a, args, device, dtype, ceil)
     else:
