@@ -7,6 +7,8 @@ through continuous batching (generate/batch.py's engine), with an extrapolation 
     python generate/bench.py --shape llama3-8b --impls hf,hf_static     # transformers: sdpa, static cache + compile
     python generate/bench.py --shape mixtral-8x7b --workload            # 32 prompts of 8K, 512 new tokens each
     python generate/bench.py --shape tiny --device cpu --dtype float32  # toy shapes, seconds on a laptop
+    python generate/bench.py --engine --device cpu --dtype float32      # the engine on the embedded SmolLM2:
+                                  # a decode step with 256 vs 4096 cache slots; prompt-lookup speculative decoding
 
 Weights are random (speed does not depend on the values); HF's model has its own random weights. Decode time per
 token is (t(N new) - t(1 new)) / (N - 1), so prefill is excluded; prefill time is t(1 new). Bytes per decode step =
@@ -66,6 +68,13 @@ def get_args(argv=None):
     w.add_argument("--compile", action="store_true", help="compile the workload's decode step")
     w.add_argument("--extrapolate", default="285,12288,1024",
                    help="N,PROMPT,NEW: also estimate (not measure) the time of N prompts of PROMPT tokens, NEW each")
+    e = p.add_argument_group("the engine on a real checkpoint (--engine)")
+    e.add_argument("--engine", action="store_true",
+                   help="time a decode step at a short context with 256 vs 4096 cache slots, and prompt-lookup "
+                        "speculative decoding on a review-like prompt (a document in, an answer quoting it)")
+    e.add_argument("--ckpt", "--model", dest="ckpt", default=None,
+                   help="checkpoint for --engine (default: the embedded SmolLM2)")
+    e.add_argument("--rows", type=positive_int, default=16, help="rows decoded together in the cache-size case")
     a = p.parse_args(argv)
     bad = set(a.impls.split(",")) - set(IMPLS)
     if bad:
@@ -308,7 +317,10 @@ def main(argv=None):
     print(f"device: {bm.device_name(device)}, torch {torch.__version__}")
     print(f"shape: {a.shape} ({args.n_layers} layers{cut}), {a.dtype}; copy bandwidth {ceil['copy_GBps']:.0f} GB/s, "
           f"{a.dtype} matmul peak {ceil['matmul_TFLOPs']:.1f} TFLOP/s", flush=True)
-    if a.workload:
+    if a.engine:
+        from importlib import import_module  # generate/ in a checkout, minillama.recipes.generate installed
+        import_module(f"{__package__ or 'generate'}.bench_engine").bench_engine(a, device)
+    elif a.workload:
         bench_workload(a, args, device, dtype, ceil)
     else:
         bench_decode(a, args, device, dtype, ceil)

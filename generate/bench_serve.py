@@ -37,7 +37,8 @@ def get_args(argv=None):
     p.add_argument("--url", default=None, help="bench this running server instead of starting one")
     p.add_argument("--ckpt", "--model", dest="ckpt", default=None, help="checkpoint for the server it starts")
     p.add_argument("--concurrency", default="1,4,8", help="comma-separated numbers of concurrent clients")
-    p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    p.add_argument("--requests", type=int, default=16,
+                   help="requests per concurrency level (at least one per client)")
     p.add_argument("--max_tokens", type=int, default=64, help="answer length asked for")
     p.add_argument("--max_batch_size", type=int, default=8, help="the started server's --max_batch_size")
     p.add_argument("--server_args", default="", help="more flags for the started server, e.g. '--device cuda'")
@@ -97,7 +98,8 @@ def main(argv=None):
         with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
             model = json.loads(r.read())["data"][0]["id"]
         one_request(url, model, "Hi", 4)  # warm-up
-        rows = [bench_level(url, model, int(c), args.requests, args.max_tokens) for c in args.concurrency.split(",")]
+        rows = [bench_level(url, model, int(c), max(args.requests, int(c)), args.max_tokens)
+                for c in args.concurrency.split(",")]
     finally:
         if proc is not None:
             proc.terminate()

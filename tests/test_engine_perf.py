@@ -169,3 +169,14 @@ def test_speculative_sampling_keeps_the_models_distribution():
     # the marginal of the last token, where drafts were kept or replaced by the residual draw
     m, e = freq.sum((0, 1)), exact.sum((0, 1))
     assert ((m - e).abs() <= 5 * (e * (1 - e) / N).sqrt()).all(), (m, e)
+
+
+def test_every_tool_takes_the_engine_flags():
+    from minillama.tools.flags import add_model_args, engine_config
+    from minillama.util.cli import ArgumentParser
+    p = ArgumentParser()
+    add_model_args(p)  # every generation tool (chat, complete, batch, serve, eval_long) adds these
+    args = p.parse_args(["--speculate", "ngram", "--draft_tokens", "6", "--prefill_chunk", "64"])
+    cfg = engine_config(args, batch_size=2)
+    assert (cfg.speculate, cfg.draft_tokens, cfg.prefill_chunk, cfg.batch_size) == ("ngram", 6, 64, 2)
+    assert engine_config(p.parse_args([])).speculate is None
