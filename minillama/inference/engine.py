@@ -23,7 +23,7 @@ step, so a row's draws depend on its row and step only. Per-row adapters: row_ad
 before every forward with one adapter name (or None, the base model) per row of that forward.
 Logprobs (Request.logprobs, .prompt_logprobs): log_softmax of the float32 logits of the same forward the token was
 picked from, before any processor (the model's own distribution: what evaluation scores); a row that asks for them
-is not run ahead or drafted for. n samples of one prompt: Requests with fork_of set to the first one's; they wait
+is not run ahead or drafted for. n samples of one prompt: Requests with fork_of set to the first one's key; they wait
 while it prefills and then copy its keys/values and logits (the prompt is prefilled once).
 Tensor parallel: every rank runs the same engine on the same requests; rank 0's choices are broadcast (_agree), so
 all ranks make the same finish / refill decisions.
@@ -110,7 +110,7 @@ class Request:
     cached_tokens: int = 0  # prompt tokens whose keys/values were reused instead of prefilled
     logprobs: Optional[int] = None  # each answer token's logprob and this many top alternatives (None: none)
     prompt_logprobs: bool = False  # fill prompt_token_logprobs (the prompt is then prefilled whole, never copied)
-    fork_of: Optional["Request"] = None  # another sample of that request's prompt: copy its prefilled keys/values
+    fork_of: object = None  # the key of a request with the same prompt: copy its prefilled keys/values (n samples)
     prompt_token_logprobs: list = field(default_factory=list)  # per prompt token (the first None): TokenLogprob
 
 
@@ -343,7 +343,7 @@ class Engine:
     def _reusable(self, b: int, req: Request) -> int:
         """How many prompt tokens row b's cache holds (at least one token is always prefilled, for its logits)."""
         row = self.slots[b]
-        sibling = req.fork_of is not None and row.request is req.fork_of
+        sibling = req.fork_of is not None and row.request is not None and row.request.key == req.fork_of
         if not (self.config.reuse_prefix or sibling) or row.adapter != req.adapter or req.prompt_logprobs:
             return 0
         return min(_common_prefix(row.held, req.prompt), len(req.prompt) - 1)
@@ -457,12 +457,14 @@ class Engine:
     def _awaits_fork(self, b: int) -> bool:
         """Row b is another sample of a prompt that a row is prefilling now: it copies that row's cache when done."""
         parent = self.slots[b].request.fork_of
-        return parent is not None and any(r.request is parent and r.todo for r in self.slots)
+        return parent is not None and any(r.request is not None and r.request.key == parent and r.todo
+                                          for r in self.slots)
 
     def _fork(self, b: int) -> None:
         """Rows waiting on row b's prompt (its request's other samples) copy its keys/values and next-token logits."""
         req, n = self.slots[b].request, len(self.slots[b].request.prompt)
-        forks = [c for c, r in enumerate(self.slots) if r.request is not None and r.request.fork_of is req and r.todo]
+        forks = [c for c, r in enumerate(self.slots)
+                 if r.request is not None and r.request.fork_of is not None and r.request.fork_of == req.key and r.todo]
         if not forks:
             return
         rows, src = torch.tensor(forks, device=self.device), torch.tensor([b], device=self.device)
