@@ -240,6 +240,9 @@ class Engine:
         if not req.prompt or len(req.prompt) + req.max_new_tokens > self.cache_len:
             raise ValueError(f"prompt of {len(req.prompt)} tokens + max_new_tokens {req.max_new_tokens} does not fit "
                              f"the cache of {self.cache_len} slots")
+        bad = [t for t, _ in req.sampling.logit_bias if t >= self.vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is not in the vocabulary (ids 0..{self.vocab - 1})")
         self.waiting.append(req)
         return req
 
