@@ -222,10 +222,12 @@ def _logprobs(body: dict, kind: str) -> Optional[int]:
     """How many top alternatives per token the answer's logprobs carry; None: no logprobs. Completions: logprobs is
     that number (0..5); chat: logprobs true, with top_logprobs (0..20)."""
     if kind == "completion":
+        if body.get("logprobs") is False:  # not OpenAI's type, but plainly "off"
+            return None
         return _int(body, "logprobs", None, lambda v: 0 <= v <= 5, "an integer in 0..5 (or null)")
     top = _int(body, "top_logprobs", None, lambda v: 0 <= v <= 20, "an integer in 0..20")
     if not _bool(body, "logprobs"):
-        if top is not None:
+        if top:
             raise APIError("top_logprobs needs logprobs: true", "top_logprobs")
         return None
     return top or 0
