@@ -8,6 +8,8 @@ Input lines: "a prompt string", {"prompt": str}, {"messages": [{"role", "content
 Strings and "prompt" are raw text completion unless --chat wraps them as one user turn. An "id" field is copied.
 With several --adapter NAME=DIR, a line's "adapter" field picks one by name (null: the base model), as does an
 OpenAI-style "model" field that names a loaded adapter; lines without either use the first --adapter.
+A line may also set its own sampling: "temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty",
+"presence_penalty", "logit_bias" ({"token id": bias}, OpenAI's) and "min_p" override the flags for that line.
 Output: one line per non-blank input line, {"index", "id"?, "output", "prompt_tokens", "output_tokens", "stop_reason"},
 written (and fsync'ed) as each prompt finishes, then sorted into input order when the run completes.
 Continuous batching: --batch_size prompts are in flight; when one answer ends, its row takes the next prompt at
@@ -23,6 +25,7 @@ the --input itself, is refused untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -36,6 +39,7 @@ from minillama.tools.flags import add_model_args, add_sampling_args, context_lim
 from minillama.util.distributed import cleanup  # noqa: E402
 from minillama.util.files import atomic_write, disk_full_names, require_file  # noqa: E402
 from minillama.inference.generate import generate_continuous  # noqa: E402
+from minillama.inference.sampling import SamplingParams  # noqa: E402
 from minillama.inference.loading import broadcast_object  # noqa: E402
 from minillama.lora.slots import adapter_names, lora_modules, set_adapter
 from minillama.tokenizer.tokenizer import decode_cut  # noqa: E402
@@ -112,6 +116,27 @@ def encode_record(record: dict, tok, chat: bool) -> list[int]:
         return tok.encode_dialog(messages)
     except (KeyError, TypeError) as e:
         raise ValueError(f"bad messages: {e!r}") from None
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                   "logit_bias", "min_p")
+
+
+def line_sampling(record: dict, default: SamplingParams, vocab: int) -> SamplingParams:
+    """The flags' sampling with the line's own fields over it; ValueError names a bad field."""
+    given = {k: record[k] for k in SAMPLING_FIELDS if k in record}
+    if isinstance(given.get("logit_bias"), dict):
+        try:
+            given["logit_bias"] = tuple(sorted((int(t), b) for t, b in given["logit_bias"].items()))
+        except ValueError:
+            raise ValueError('"logit_bias" must map token ids to biases in [-100, 100]') from None
+    try:
+        params = dataclasses.replace(default, **given)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"bad sampling field: {e}") from None
+    if any(t >= vocab for t, _ in params.logit_bias):
+        raise ValueError(f'"logit_bias" names a token id outside the vocabulary (ids 0..{vocab - 1})')
+    return params
 
 
 def pick_adapter(record: dict, names: list[str], merged: bool) -> Optional[str]:
@@ -269,6 +294,7 @@ def plan_work(args, tok, limit: int, adapters: tuple[list[str], bool] = ([], Fal
                 rec_id = record.get("id")
                 ids = encode_record(record, tok, args.chat)
                 adapter = pick_adapter(record, *adapters)
+                sampling = line_sampling(record, sampling_params(args), tok.vocab_size)
                 if len(ids) + args.max_new_tokens > limit and not args.truncate_left:
                     raise ValueError(f"prompt has {len(ids)} tokens; with --max_new_tokens {args.max_new_tokens} "
                                      f"it exceeds --max_seq_len {limit} (use --truncate_left to keep its end)")
@@ -277,7 +303,7 @@ def plan_work(args, tok, limit: int, adapters: tuple[list[str], bool] = ([], Fal
                 errors.append({"index": index, **({"id": rec_id} if rec_id is not None else {}), "line": index + 1,
                                "error": str(e)})
                 continue
-            work.append((index, ids, rec_id, adapter))
+            work.append((index, ids, rec_id, adapter, sampling))
     return work, errors
 
 
@@ -289,7 +315,7 @@ def run_groups(loaded, work: list, args, merged: bool):
             set_adapter(loaded.model, name)
         # every rank runs the same schedule: tensor parallel broadcasts rank 0's tokens, so rows finish in lockstep
         finished = generate_continuous(loaded.model, [work[k][1] for k in group], args.max_new_tokens,
-                                       sampling_params(args), stop_ids=loaded.tok.stop_ids,
+                                       [work[k][4] for k in group], stop_ids=loaded.tok.stop_ids,
                                        truncate_left=args.truncate_left, max_seq_len=args.max_seq_len,
                                        config=engine_config(args, loaded.tp_group, batch_size=args.batch_size,
                                                             reuse_prefix=True))
@@ -324,7 +350,7 @@ def main(argv=None):
     for k, new, reason in run_groups(loaded, work, args, merged):
         if not info.is_rank0:
             continue
-        index, ids, rec_id, _ = work[k]
+        index, ids, rec_id = work[k][:3]
         text = decode_cut(tok, new) if reason == "length" else tok.decode(new)  # no half character at a cut
         rec = {"index": index, **({"id": rec_id} if rec_id is not None else {}), "output": text,
                "prompt_tokens": min(len(ids), limit - args.max_new_tokens), "output_tokens": len(new),

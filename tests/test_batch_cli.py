@@ -180,3 +180,28 @@ def test_batch_lines_pick_named_adapters_and_equal_each_adapter_alone(tiny_dir, 
     records = read_jsonl(tmp_path / "out.jsonl")
     assert [r.get("output") for r in records[:5]] == want
     assert "not a loaded adapter (loaded: a, b)" in records[5]["error"]
+
+
+def test_a_line_sets_its_own_penalties_and_logit_bias_and_the_flags_set_the_rest(tiny_dir, tmp_path):
+    """Per-line "logit_bias" / "frequency_penalty" / "presence_penalty" override the flags and equal
+    generate() with those SamplingParams; --logit_bias applies to every other line; a bad field is that line's
+    error, naming it."""
+    from minillama.inference.sampling import SamplingParams
+    model, tok = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    prompt = "One, two, three, four"
+    ids = tok.encode(prompt, bos=True)
+    line = {"prompt": prompt, "logit_bias": {"42": 100}}
+    penal = {"prompt": prompt, "frequency_penalty": -2.0, "presence_penalty": -1.0, "logit_bias": {}}
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(json.dumps(x) for x in [line, penal, prompt, {"prompt": prompt, "presence_penalty": 3}])
+                   + "\n")
+    cmd = [sys.executable, BATCH, "--ckpt", tiny_dir, "--input", inp, "--output", out, "--max_new_tokens",
+           str(MAX_NEW), "--batch_size", "2", "--logit_bias", "7:100"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr
+    recs = read_jsonl(out)
+    assert recs[0]["output"] == answer_text(tok, [42] * MAX_NEW)  # the line's bias replaced the flag's
+    want = generate(model, [ids], MAX_NEW, SamplingParams(frequency_penalty=-2.0, presence_penalty=-1.0))[0]
+    assert recs[1]["output"] == answer_text(tok, want)  # (their effect vs HF: tests/test_serve_eval.py)
+    assert recs[2]["output"] == answer_text(tok, [7] * MAX_NEW)  # the flag's bias
+    assert "presence_penalty" in recs[3]["error"]

@@ -21,6 +21,10 @@ Speculative decoding (speculate="ngram"): see speculate.py. Seeds: a request wit
 (its answer does not depend on the batch); the others share the engine's, which draws for every cache row at each
 step, so a row's draws depend on its row and step only. Per-row adapters: row_adapters(model, names) is called
 before every forward with one adapter name (or None, the base model) per row of that forward.
+Logprobs (Request.logprobs, .prompt_logprobs): log_softmax of the float32 logits of the same forward the token was
+picked from, before any processor (the model's own distribution: what evaluation scores); a row that asks for them
+is not run ahead or drafted for. n samples of one prompt: Requests with fork_of set to the first one's key; they wait
+while it prefills and then copy its keys/values and logits (the prompt is prefilled once).
 Tensor parallel: every rank runs the same engine on the same requests; rank 0's choices are broadcast (_agree), so
 all ranks make the same finish / refill decisions.
 Shape letters: B cache rows, T tokens per row in a forward, V vocabulary.
@@ -39,7 +43,7 @@ import torch.distributed as dist
 
 from ..attention import CacheStep
 from .constraints import Constraint, GrammarVocab, RowState, advance, mask_logits, new_row_state
-from .sampling import SamplingParams, process_logits, race_noise, sample_from_logits, seen_mask
+from .sampling import SamplingParams, process_logits, race_noise, sample_from_logits, seen_mask, token_logprobs
 from .speculate import accepted_drafts, ngram_draft
 
 CACHE_ROUND = 256  # reserve() grows the cache by whole multiples of this many slots
@@ -107,6 +111,19 @@ class Request:
     finish: Optional[str] = None  # "stop" | "length" | "cancelled" once it ended
     cached_tokens: int = 0  # prompt tokens whose keys/values were reused instead of prefilled
     constraint: Optional[Constraint] = None  # what the answer must match (a JSON schema, regex, grammar); None: free
+    logprobs: Optional[int] = None  # each answer token's logprob and this many top alternatives (None: none)
+    prompt_logprobs: bool = False  # fill prompt_token_logprobs (the prompt is then prefilled whole, never copied)
+    fork_of: object = None  # the key of a request with the same prompt: copy its prefilled keys/values (n samples)
+    prompt_token_logprobs: list = field(default_factory=list)  # per prompt token (the first None): TokenLogprob
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (raw float32 logits, no processor), and the top alternatives."""
+
+    token: int
+    logprob: float
+    top: list  # [(token id, logprob)], most likely first
 
 
 @dataclass
@@ -116,6 +133,7 @@ class Event:
     request: Request
     token: Optional[int] = None
     finish: Optional[str] = None
+    logprob: Optional[TokenLogprob] = None  # the token's, when the request asked for logprobs
 
 
 @dataclass
@@ -162,6 +180,7 @@ class Row:
     banned: int = -1  # a rejected draft, left out of the next draw (speculative sampling's residual)
     grammar: Optional[RowState] = None  # the request's constraint matcher: where its answer is in the grammar
     order: int = 0  # admission order: prompts are prefilled first come, first served
+    picked_logprob: Optional[TokenLogprob] = None  # the last pick's, when the request asked for logprobs
 
     @property
     def pos(self) -> int:
@@ -205,6 +224,7 @@ class Engine:
         self.admitted = 0
         self.logits = torch.zeros(self.B, self.vocab, device=self.device)  # (B, V): what each row samples next
         self.seen: Optional[torch.Tensor] = None  # (B, V) bool, made when a request needs a repetition penalty
+        self.counts: Optional[torch.Tensor] = None  # (B, V) answer token counts, made for frequency/presence penalties
         self.stats = {"prefilled": 0, "copied": 0, "drafted": 0, "accepted": 0, "decode_steps": 0}
         self.failed: list[Event] = []  # requests whose own prefill raised: reported by the next step()
 
@@ -233,6 +253,9 @@ class Engine:
             raise ValueError(f"seed {req.seed} is outside [-2**63, 2**64)")
         if req.constraint is not None and (self.grammar is None or self.config.speculate):
             raise ValueError("a constrained request needs an Engine built with grammar= and without speculation")
+        bad = [t for t, _ in req.sampling.logit_bias if t >= self.vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is not in the vocabulary (ids 0..{self.vocab - 1})")
         self.waiting.append(req)
         return req
 
@@ -277,8 +300,8 @@ class Engine:
         busy = [b for b, r in enumerate(self.slots) if r.decoding]
         if not busy:
             return failed
-        ahead = not self.waiting and not self.config.speculate and all(r.decoding or r.request is None
-                                                                      for r in self.slots) \
+        ahead = not self.waiting and not self.config.speculate and all(
+            r.request is None or (r.decoding and r.request.logprobs is None) for r in self.slots) \
             and all(self.slots[b].grammar is None for b in busy)  # a grammar needs the host after every token
         n = min(max_steps, max(self.slots[b].request.max_new_tokens - len(self.slots[b].request.output)
                                for b in busy)) if ahead else 1
@@ -289,7 +312,7 @@ class Engine:
             for i, t in enumerate(picks[b]):
                 if self.slots[b].grammar is not None and t not in req.stop_ids:
                     advance(self.slots[b].grammar, t)
-                ended = self._take(req, t, events)
+                ended = self._take(req, t, events, self.slots[b].picked_logprob if i == 0 else None)
                 if ended:
                     self._free(b, ended)
                     break
@@ -311,16 +334,16 @@ class Engine:
                         break
         return events
 
-    def _take(self, req: Request, t: int, events: list) -> Optional[str]:
-        """Record token t of req; returns its finish reason if it ended the answer."""
+    def _take(self, req: Request, t: int, events: list, lp: Optional[TokenLogprob] = None) -> Optional[str]:
+        """Record token t of req (with its logprob lp when asked for); returns its finish reason if it ended."""
         if t in req.stop_ids:
             events.append(Event(req, None, "stop"))
             return "stop"
         req.output.append(t)
         if len(req.output) >= req.max_new_tokens:
-            events.append(Event(req, t, "length"))
+            events.append(Event(req, t, "length", lp))
             return "length"
-        events.append(Event(req, t))
+        events.append(Event(req, t, None, lp))
         return None
 
     # ---- admission and prefill ----
@@ -340,7 +363,8 @@ class Engine:
     def _reusable(self, b: int, req: Request) -> int:
         """How many prompt tokens row b's cache holds (at least one token is always prefilled, for its logits)."""
         row = self.slots[b]
-        if not self.config.reuse_prefix or row.adapter != req.adapter:
+        sibling = req.fork_of is not None and row.request is not None and row.request.key == req.fork_of
+        if not (self.config.reuse_prefix or sibling) or row.adapter != req.adapter or req.prompt_logprobs:
             return 0
         return min(_common_prefix(row.held, req.prompt), len(req.prompt) - 1)
 
@@ -377,8 +401,8 @@ class Engine:
     def _prefill_some(self) -> None:
         """Prefill up to prefill_chunk prompt tokens, first come first served, in forwards of up to prefill_rows rows."""
         budget = self.config.prefill_chunk
-        pending = sorted((b for b, r in enumerate(self.slots) if r.request is not None and r.todo),
-                         key=lambda b: self.slots[b].order)
+        pending = sorted((b for b, r in enumerate(self.slots) if r.request is not None and r.todo
+                          and not self._awaits_fork(b)), key=lambda b: self.slots[b].order)
         while pending and budget > 0:
             batch, T = [], 0
             for b in pending[:self.config.prefill_rows]:
@@ -431,15 +455,65 @@ class Engine:
             if not row.todo:
                 done.append((i, b, take))
         self.stats["prefilled"] += sum(take for _, take in batch)
+        for i, (b, take) in enumerate(batch):
+            if self.slots[b].request.prompt_logprobs:
+                self._prompt_logprobs(b, hidden[i, :take], starts[i])
         if done:
             last = hidden[[i for i, _, _ in done], [take - 1 for _, _, take in done]]  # (d, D)
             self.logits[[b for _, b, _ in done]] = self.model.output(last).float()
         for _, b, _ in done:
-            req = self.slots[b].request
-            if req.sampling.repetition_penalty != 1.0 and self.seen is None:
-                self.seen = torch.zeros(self.B, self.vocab, dtype=torch.bool, device=self.device)
-            if self.seen is not None:
-                self.seen[b] = seen_mask(torch.tensor([req.prompt], device=self.device), self.vocab)[0]
+            self._start_decoding(b)
+            self._fork(b)
+
+    def _start_decoding(self, b: int) -> None:
+        """Row b's prompt is in: set up the penalties' token state from its prompt."""
+        req = self.slots[b].request
+        if req.sampling.repetition_penalty != 1.0 and self.seen is None:
+            self.seen = torch.zeros(self.B, self.vocab, dtype=torch.bool, device=self.device)
+        if self.seen is not None:
+            self.seen[b] = seen_mask(torch.tensor([req.prompt], device=self.device), self.vocab)[0]
+        if req.sampling.counts_output and self.counts is None:
+            self.counts = torch.zeros(self.B, self.vocab, device=self.device)
+        if self.counts is not None:
+            self.counts[b] = 0
+
+    def _prompt_logprobs(self, b: int, hidden: torch.Tensor, start: int) -> None:
+        """Append the logprobs of the prompt tokens after slots [start, start + T) (hidden (T, D)) to row b's
+        request; the prompt's first token has none (None)."""
+        req = self.slots[b].request
+        if start == 0:
+            req.prompt_token_logprobs = [None]
+        targets = req.prompt[start + 1:start + 1 + hidden.shape[0]]  # the token each position predicts
+        if targets:
+            logits = self.model.output(hidden[:len(targets)]).float()  # (t, V)
+            chosen = torch.tensor(targets, device=self.device)
+            for t, (lp, top) in zip(targets, token_logprobs(logits, chosen, req.logprobs or 0)):
+                req.prompt_token_logprobs.append(TokenLogprob(t, lp, top))
+
+    def _awaits_fork(self, b: int) -> bool:
+        """Row b is another sample of a prompt that a row is prefilling now: it copies that row's cache when done."""
+        parent = self.slots[b].request.fork_of
+        return parent is not None and any(r.request is not None and r.request.key == parent and r.todo
+                                          for r in self.slots)
+
+    def _fork(self, b: int) -> None:
+        """Rows waiting on row b's prompt (its request's other samples) copy its keys/values and next-token logits."""
+        req, n = self.slots[b].request, len(self.slots[b].request.prompt)
+        forks = [c for c, r in enumerate(self.slots)
+                 if r.request is not None and r.request.fork_of is not None and r.request.fork_of == req.key and r.todo]
+        if not forks:
+            return
+        rows, src = torch.tensor(forks, device=self.device), torch.tensor([b], device=self.device)
+        for layer in self.model.layers:  # (c, n_kv, n, hd) <- the prompt's slots of row b
+            cache = layer.attention.cache
+            cache.k[rows, :, :n] = cache.k[src, :, :n]
+            cache.v[rows, :, :n] = cache.v[src, :, :n]
+        self.logits[rows] = self.logits[b].clone()
+        for c in forks:
+            row = self.slots[c]
+            row.held, row.todo, row.request.cached_tokens = list(req.prompt), [], n
+            self.stats["copied"] += n
+            self._start_decoding(c)
 
     # ---- choosing tokens: the one place ----
     def _processed(self, rows: list[int], logits: torch.Tensor, seen: Optional[torch.Tensor]) -> torch.Tensor:
@@ -456,7 +530,8 @@ class Engine:
             idx = torch.tensor(members, device=self.device) if len(members) < len(rows) else None
             part = logits if idx is None else logits[idx]
             s = None if seen is None else (seen if idx is None else seen[idx])
-            part = process_logits(part, params, s)
+            c = None if self.counts is None else self.counts[[rows[i] for i in members]]
+            part = process_logits(part, params, s, c)
             out = part if idx is None else out.index_copy_(0, idx, part)
         banned = [(i, self.slots[b].banned) for i, b in enumerate(rows) if self.slots[b].banned >= 0]
         if banned:
@@ -486,6 +561,16 @@ class Engine:
         nxt = self._agree(nxt)
         if self.seen is not None:
             self.seen.scatter_(1, nxt[:, None], True)
+        if self.counts is not None:
+            rows = torch.tensor(busy, device=self.device)
+            self.counts.index_put_((rows, nxt[rows]), torch.ones(len(busy), device=self.device), accumulate=True)
+        want = [b for b in busy if self.slots[b].request.logprobs is not None]
+        if want:  # the raw distribution the token was drawn from (rows asking for logprobs are never run ahead)
+            k = torch.tensor(want, device=self.device)
+            for b, (lp, top) in zip(want, token_logprobs(self.logits[k], nxt[k], max(
+                    self.slots[b].request.logprobs for b in want))):
+                n = self.slots[b].request.logprobs
+                self.slots[b].picked_logprob = TokenLogprob(int(nxt[b]), lp, top[:n])
         return nxt
 
     def _noise(self, b: int, shared: Optional[torch.Tensor]) -> torch.Tensor:
@@ -555,7 +640,8 @@ class Engine:
         for b in feed:
             row, req = self.slots[b], self.slots[b].request
             room = min(self.config.draft_tokens, req.max_new_tokens - len(req.output), self.cache_len - row.pos - 1)
-            if room > 0 and req.sampling.repetition_penalty == 1.0:  # the penalty's seen set would move per draft
+            plain = req.sampling.repetition_penalty == 1.0 and not req.sampling.counts_output and req.logprobs is None
+            if room > 0 and plain:  # a penalty's token state would move per draft; logprobs are per picked token
                 d = ngram_draft(req.prompt + req.output, room)
                 if d:
                     drafts[b] = d
@@ -600,7 +686,7 @@ class Engine:
     def _free(self, b: int, finish: str) -> None:
         row = self.slots[b]
         row.request.finish = finish
-        row.request, row.todo, row.generator, row.banned, row.grammar = None, [], None, -1, None
+        row.request, row.todo, row.generator, row.banned, row.grammar, row.picked_logprob = None, [], None, -1, None, None
 
     def _set_adapters(self, names: list) -> None:
         if self.row_adapters is not None:

@@ -54,16 +54,20 @@ def _check_prompts(model, prompts, max_new_tokens: int, max_seq_len: Optional[in
     return out
 
 
-def _engine_for(model, prompts: list[list[int]], max_new_tokens: int, sampling: Optional[SamplingParams],
-                stop_ids, config: Optional[EngineConfig]) -> tuple[Engine, list[Request]]:
-    """An engine sized for these prompts (one row each unless config.batch_size), every request submitted."""
+def _engine_for(model, prompts: list[list[int]], max_new_tokens: int, sampling, stop_ids,
+                config: Optional[EngineConfig]) -> tuple[Engine, list[Request]]:
+    """An engine sized for these prompts (one row each unless config.batch_size), every request submitted;
+    sampling: one SamplingParams for all, or a list with one per prompt."""
     config = config or EngineConfig()
     config = dataclasses.replace(config, batch_size=min(config.batch_size or len(prompts), len(prompts)),
                                  cache_len=max(config.cache_len or 0, max(len(p) for p in prompts) + max_new_tokens))
     engine = Engine(model, config)
     stop = frozenset(int(s) for s in stop_ids)
-    reqs = [engine.submit(Request(p, max_new_tokens, sampling or SamplingParams(), stop, key=i))
-            for i, p in enumerate(prompts)]
+    per = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+    if len(per) != len(prompts):
+        raise ValueError(f"sampling has {len(per)} entries for {len(prompts)} prompts")
+    reqs = [engine.submit(Request(p, max_new_tokens, s or SamplingParams(), stop, key=i))
+            for i, (p, s) in enumerate(zip(prompts, per))]
     return engine, reqs
 
 
@@ -85,7 +89,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampl
 
 
 def generate_continuous(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                        sampling: Optional[SamplingParams] = None, *, stop_ids: Sequence[int] = (),
+                        sampling: Optional[SamplingParams | Sequence[SamplingParams]] = None, *,
+                        stop_ids: Sequence[int] = (),
                         truncate_left: bool = False, max_seq_len: Optional[int] = None,
                         config: Optional[EngineConfig] = None) -> Iterator[tuple[int, list[int], str]]:
     """Continuous batching: yield (prompt index, new tokens, stop reason) as each prompt finishes.
@@ -94,7 +99,8 @@ def generate_continuous(model, prompts: Sequence[Sequence[int]], max_new_tokens:
     refilled with the next pending prompt while the other rows go on decoding. Greedy outputs equal generate() on
     each prompt alone. Sampled outputs are reproducible for a given seed, prompt order and batch_size, but they
     depend on the schedule (one generator serves all rows), so they differ from generate()'s. Arguments as in
-    generate(); bad ones raise here, before the first prefill.
+    generate(), except that sampling may also be a list with one SamplingParams per prompt; bad ones raise here,
+    before the first prefill.
     """
     prompts = _check_prompts(model, prompts, max_new_tokens, max_seq_len, truncate_left)
     engine, _ = _engine_for(model, prompts, max_new_tokens, sampling, stop_ids, config)

@@ -1,4 +1,6 @@
-"""Logits processors and sampling, applied in Hugging Face's order: repetition penalty, temperature, top-k, top-p.
+"""Logits processors and sampling: logit bias, repetition penalty, frequency/presence penalties, then (sampling only)
+temperature, top-k, top-p, min-p (Hugging Face's order for the ones it has; OpenAI's definitions for bias and the
+frequency/presence penalties).
 
 Everything stays on the logits' device (no host sync), so a decode step can run without waiting on the CPU.
 Shape letters: B rows, V vocabulary.
@@ -21,9 +23,21 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k filter
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the row (prompt included)
+    frequency_penalty: float = 0.0  # OpenAI: logit -= count of the token in the answer so far * this (-2..2)
+    presence_penalty: float = 0.0  # OpenAI: logit -= this once the token occurs in the answer (-2..2)
+    logit_bias: tuple = ()  # OpenAI: ((token id, bias in -100..100), ...) added to the logits; a dict is accepted
+    min_p: float = 0.0  # drop tokens whose probability is below min_p * the top one's (after temperature); 0 = off
 
     def __post_init__(self):
         check_sampling_args(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = tuple(sorted(self.logit_bias.items()))
+        check_openai_args(self.frequency_penalty, self.presence_penalty, self.logit_bias, self.min_p)
+
+    @property
+    def counts_output(self) -> bool:
+        """Whether the answer's token counts are needed (the frequency / presence penalties)."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -41,6 +55,19 @@ def check_sampling_args(temperature: float, top_p: float, top_k: int, repetition
     if not (isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty)
             and repetition_penalty > 0):
         raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
+
+
+def check_openai_args(frequency_penalty: float, presence_penalty: float, logit_bias: tuple, min_p: float) -> None:
+    """Raise ValueError naming the bad argument and its valid range (OpenAI's ranges for the first three)."""
+    for name, v in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+            raise ValueError(f"{name} must be a number in [-2, 2] (0 = off), got {v!r}")
+    for pair in logit_bias:
+        ok = isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], int) and pair[0] >= 0
+        if not ok or isinstance(pair[1], bool) or not isinstance(pair[1], (int, float)) or not -100 <= pair[1] <= 100:
+            raise ValueError(f"logit_bias must map token ids >= 0 to numbers in [-100, 100], got {pair!r}")
+    if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be a number in [0, 1] (0 = off), got {min_p!r}")
 
 
 def seen_mask(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -78,13 +105,35 @@ def apply_top_p(logits: torch.Tensor, p: float, min_tokens_to_keep: int = 1) -> 
     return logits.masked_fill(drop, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Repetition penalty, temperature, top-k, top-p on float32 logits (B, V). Greedy skips the warpers."""
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """HF's min-p filter: -inf where a token's probability is below min_p times the most likely one's. (B, V)"""
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple) -> torch.Tensor:
+    """OpenAI's logit_bias: each (token id, bias) added to that token's logit in every row. (B, V)"""
+    ids = torch.tensor([t for t, _ in bias], device=logits.device)
+    values = torch.tensor([float(b) for _, b in bias], device=logits.device)
+    return logits.index_add(1, ids, values.expand(logits.shape[0], -1))
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None,
+                   counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Logit bias, repetition penalty, frequency/presence penalties, temperature, top-k, top-p, min-p on float32
+    logits (B, V); seen (B, V) bool: tokens in the row (prompt included); counts (B, V): each token's count in the
+    answer so far. Greedy skips the warpers (temperature and the filters)."""
     logits = logits.float()
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params.logit_bias)
     if params.repetition_penalty != 1.0:
         if seen is None:
             raise ValueError("repetition_penalty != 1 needs the seen-token mask (B, V)")
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.counts_output:
+        if counts is None:
+            raise ValueError("frequency_penalty / presence_penalty need the answer's token counts (B, V)")
+        logits = logits - counts * params.frequency_penalty - (counts > 0).float() * params.presence_penalty
     if params.greedy:
         return logits
     if params.temperature != 1.0:
@@ -93,7 +142,20 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[
         logits = apply_top_k(logits, params.top_k)
     if params.top_p < 1.0:
         logits = apply_top_p(logits, params.top_p)
+    if params.min_p > 0.0:
+        logits = apply_min_p(logits, params.min_p)
     return logits
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[tuple[float, list]]:
+    """log_softmax of float32 logits (n, V) at the chosen tokens (n,), and the k most likely (id, logprob) pairs of
+    each row, most likely first -> n pairs (logprob, [(id, logprob), ...]) on the host."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    picked = lp.gather(1, chosen[:, None].to(lp.device))[:, 0].tolist()
+    if k == 0:
+        return [(p, []) for p in picked]
+    top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    return [(p, list(zip(ids, vals))) for p, ids, vals in zip(picked, top.indices.tolist(), top.values.tolist())]
 
 
 def race_noise(shape, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:

@@ -43,15 +43,19 @@ class Answer:
     def __init__(self, req: Request, served, loop, record: Optional[Record] = None):
         self.req, self.loop = req, loop
         self.record = record or Record("POST", "")
-        self.record.id, self.record.n_in = req.reply.id, len(req.prompt)
+        self.record.id = req.reply.id
+        if req.fork_of is None:  # a prompt counts once, whatever its number of samples
+            self.record.n_in += len(req.prompt)
         self.text = TextStream(served.tok, req.reply.stop)
         self.events: asyncio.Queue = asyncio.Queue()
         self.tokens, self.finish = 0, None
+        self.logprobs: list = []  # TokenLogprob per answer token, when the request asked for logprobs
         aio = asyncio.get_running_loop()
         self.key = loop.submit(req, lambda ev: aio.call_soon_threadsafe(self.events.put_nowait, ev))
 
     async def pieces(self, poll=None):
-        """Yield text pieces until the answer ends; self.finish is then "stop" or "length"."""
+        """Yield text pieces until the answer ends; self.finish is then "stop" or "length". self.logprobs grows with
+        the tokens."""
         while self.finish is None:
             try:
                 ev: Event = await asyncio.wait_for(self.events.get(), POLL_S) if poll else await self.events.get()
@@ -65,12 +69,14 @@ class Answer:
             if ev.finish is not None:
                 self.key = None  # the engine freed the row itself
             piece = ""
-            if ev.token is not None:
+            if ev.token is not None and not self.text.stopped:
                 self.tokens += 1
-                self.record.n_out = self.tokens
+                self.record.n_out += 1
                 if self.record.first_token is None:
                     self.record.first_token = time.perf_counter()
                 piece = self.text.push(ev.token)
+                if ev.logprob is not None:
+                    self.logprobs.append(ev.logprob)
             if self.text.stopped:  # a stop string: the row is freed now, not after max_tokens
                 self.cancel()
                 self.finish = "stop"
@@ -91,41 +97,99 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(answer: Answer):
-    req = answer.req
+async def _chunks(answer: Answer, tok):
+    """One choice's chunks: the echo (with the prompt's logprobs), its pieces with their tokens' logprobs (and the
+    usage so far when asked), the end. With tools, whether the answer is a call is known at its end: it comes as one
+    piece."""
+    req, sent, before = answer.req, 0, b""
+    n_prompt = len(req.prompt)
+    if req.reply.tool_format is not None:
+        yield protocol.chunk(req, text=req.reply.echo, first=True)
+        text = "".join([p async for p in answer.pieces()])
+        calls = protocol.tool_calls(req, text)
+        yield protocol.chunk(req, calls=calls) if calls else protocol.chunk(req, text=text)
+        yield protocol.chunk(req, finish="tool_calls" if calls else answer.finish)
+        return
+    echo_logprobs = bool(req.reply.echo) and req.reply.logprobs is not None  # completions: they ride on the echo
+
+    def echo():
+        lps = protocol.completion_logprobs(tok, req.prompt, req.reply.prompt_source.prompt_token_logprobs)
+        return protocol.chunk(req, text=req.reply.echo, first=True, logprobs=lps)
+    if not echo_logprobs:
+        yield protocol.chunk(req, text=req.reply.echo, first=True)
+    async for piece in answer.pieces():
+        if echo_logprobs:  # the prompt's logprobs are known once it is prefilled: before this answer's first piece
+            yield echo()
+            before, echo_logprobs = b"".join(tok.token_bytes(t) for t in req.prompt), False
+        new, sent, lps = answer.logprobs[sent:], len(answer.logprobs), None
+        if req.reply.logprobs is not None and req.reply.kind == "chat":
+            lps = protocol.chat_logprobs(tok, new)
+        elif req.reply.logprobs is not None:
+            lps = protocol.completion_logprobs(tok, [e.token for e in new], new, before)
+            before += b"".join(tok.token_bytes(e.token) for e in new)
+        yield protocol.chunk(req, text=piece, logprobs=lps, running=protocol.usage(n_prompt, answer.tokens))
+    if echo_logprobs:
+        yield echo()
+    yield protocol.chunk(req, finish=answer.finish, running=protocol.usage(n_prompt, answer.tokens))
+
+
+async def _stream(answers: list[Answer], tok):
+    """Server-sent events of every choice, interleaved as their pieces come."""
+    reqs, queue = [a.req for a in answers], asyncio.Queue()
+
+    async def pump(answer):
+        try:
+            async for c in _chunks(answer, tok):
+                await queue.put(c)
+        except RuntimeError as e:
+            await queue.put(e)
+        finally:
+            await queue.put(None)
+    tasks = [asyncio.create_task(pump(a)) for a in answers]
     try:
-        yield _sse(protocol.chunk(req, text=req.reply.echo, first=True))
-        if req.reply.tool_format is None:
-            n_prompt = len(req.prompt)
-            async for piece in answer.pieces():
-                yield _sse(protocol.chunk(req, text=piece, running=protocol.usage(n_prompt, answer.tokens)))
-            yield _sse(protocol.chunk(req, finish=answer.finish, running=protocol.usage(n_prompt, answer.tokens)))
-        else:  # whether the answer is a tool call is known at its end: it comes as one piece
-            text = "".join([p async for p in answer.pieces()])
-            calls = protocol.tool_calls(req, text)
-            yield _sse(protocol.chunk(req, calls=calls) if calls else protocol.chunk(req, text=text))
-            yield _sse(protocol.chunk(req, finish="tool_calls" if calls else answer.finish))
-        if req.reply.include_usage:
-            yield _sse(protocol.chunk(req, usage_only=protocol.usage(len(req.prompt), answer.tokens)))
+        left = len(answers)
+        while left:
+            item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, RuntimeError):
+                yield _sse({"error": {"message": str(item), "type": "server_error", "param": None, "code": None}})
+                return
+            else:
+                yield _sse(item)
+        if reqs[0].reply.include_usage:
+            u = protocol.request_usage(reqs, sum(a.tokens for a in answers))
+            yield _sse(protocol.chunk(reqs[0], usage_only=u))
         yield "data: [DONE]\n\n"
-    except RuntimeError as e:
-        yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
     finally:  # also when the client went away mid-stream (the response task is cancelled)
-        answer.cancel()
+        for task in tasks:
+            task.cancel()
+        for a in answers:
+            a.cancel()
 
 
-async def _run(http: HTTPRequest, req: Request, served, loop):
-    answer = Answer(req, served, loop, getattr(http.state, "record", None))
-    if req.reply.stream:
-        return StreamingResponse(_stream(answer), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+async def _collect(answer: Answer, http: HTTPRequest) -> protocol.Choice:
     try:
         text = "".join([p async for p in answer.pieces(poll=http.is_disconnected)])
     finally:
         answer.cancel()
-    if answer.finish is None:  # the client left; nobody reads this
+    return protocol.Choice(answer.req, text, answer.finish, answer.tokens, answer.logprobs)
+
+
+async def _run(http: HTTPRequest, reqs: list[Request], served, loop):
+    record = getattr(http.state, "record", None)
+    answers = [Answer(req, served, loop, record) for req in reqs]
+    if reqs[0].reply.stream:
+        return StreamingResponse(_stream(answers, served.tok), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        choices = await asyncio.gather(*[_collect(a, http) for a in answers])
+    finally:
+        for a in answers:
+            a.cancel()
+    if any(c.finish is None for c in choices):  # the client left; nobody reads this
         return JSONResponse({}, status_code=499)
-    return JSONResponse(protocol.response(req, text, answer.finish, answer.tokens))
+    return JSONResponse(protocol.response(choices, served.tok))
 
 
 def create_app(served, loop, api_key: Optional[str] = None, log: Optional[Callable[[str], None]] = None):

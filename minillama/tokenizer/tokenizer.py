@@ -34,6 +34,10 @@ class Tokenizer:
     chat_format = "llama2"
     path: Path | None = None
 
+    def token_bytes(self, tid: int) -> bytes:
+        """The UTF-8 bytes one token adds to a decoded text (a piece of a character for byte tokens)."""
+        return self._stream_piece(tid, False)[0]
+
     def token_id(self, text: str) -> int:
         """Id of a special token by its text, e.g. '<|eot_id|>'."""
         if text not in self.special_tokens:

@@ -20,7 +20,8 @@ from ..inference.sampling import SamplingParams
 from ..rope import check_rope_scaling, runs_past_context
 from ..tokenizer.chat_format import FORMATS
 from ..util.cli import (DEFAULT_CKPT, IN_CHECKOUT, MAX_AUTO_THREADS, PREPARE_COMMAND, REPO, auto_threads, dehyphenate,
-                        nonnegative_float, nonnegative_int, positive_float, positive_int, probability)
+                        fraction, nonnegative_float, nonnegative_int, openai_penalty, positive_float, positive_int,
+                        probability)
 from ..util.dtypes import DTYPE_NAMES
 from ..util.files import read_json
 
@@ -125,7 +126,31 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.6, top_
     p.add_argument("--top_p", type=probability, default=top_p, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--top_k", type=nonnegative_int, default=0, help="0 = off")
     p.add_argument("--repetition_penalty", type=positive_float, default=1.0, help="1 = off (CTRL/HF penalty)")
+    p.add_argument("--frequency_penalty", type=openai_penalty, default=0.0,
+                   help="OpenAI's: logit -= (times the token is in the answer so far) x this, in [-2, 2]; 0 = off")
+    p.add_argument("--presence_penalty", type=openai_penalty, default=0.0,
+                   help="OpenAI's: logit -= this once the token is in the answer, in [-2, 2]; 0 = off")
+    p.add_argument("--logit_bias", type=logit_bias, default=(), metavar="ID:BIAS[,ID:BIAS...]",
+                   help="OpenAI's: add BIAS (in [-100, 100]) to token ID's logit; -100 bans it, 100 forces it")
+    p.add_argument("--min_p", type=fraction, default=0.0,
+                   help="drop tokens below min_p x the top token's probability (after temperature); 0 = off")
     p.set_defaults(_checkpoint_defaults=True)
+
+
+def logit_bias(text: str) -> tuple:
+    """--logit_bias "ID:BIAS,ID:BIAS" -> ((id, bias), ...), each id >= 0 and bias in [-100, 100]."""
+    out = []
+    for part in text.split(","):
+        tid, _, bias = part.strip().partition(":")
+        try:
+            pair = (int(tid), float(bias))
+        except ValueError:
+            pair = (-1, 0.0)
+        if pair[0] < 0 or not -100 <= pair[1] <= 100:
+            raise argparse.ArgumentTypeError(f"expected ID:BIAS pairs (token id >= 0, bias in [-100, 100]) separated "
+                                             f"by commas, got {part!r}")
+        out.append(pair)
+    return tuple(sorted(out))
 
 
 def _given_checkpoint(argv) -> Path:
@@ -185,7 +210,8 @@ def set_help(p: argparse.ArgumentParser, dest: str, text: str, default=None) -> 
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    return SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.frequency_penalty,
+                          args.presence_penalty, args.logit_bias, args.min_p)
 
 
 def set_threads(args: argparse.Namespace) -> int:

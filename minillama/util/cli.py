@@ -117,6 +117,7 @@ positive_float = _checked("positive_float", float, lambda v: v > 0, "> 0")
 nonnegative_float = _checked("nonnegative_float", float, lambda v: v >= 0, ">= 0")
 probability = _checked("probability", float, lambda v: 0 < v <= 1, "in (0, 1]")  # top_p
 fraction = _checked("fraction", float, lambda v: 0 <= v <= 1, "in [0, 1]")
+openai_penalty = _checked("openai_penalty", float, lambda v: -2 <= v <= 2, "in [-2, 2]")  # frequency/presence
 unit_fraction = _checked("unit_fraction", float, lambda v: 0 <= v < 1, "in [0, 1)")  # dropout
 
 
