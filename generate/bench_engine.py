@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from minillama.inference.engine import Engine, EngineConfig, Request
+from minillama.inference.engine import Engine, EngineConfig
+from minillama.inference.request import Request
 from minillama.inference.loading import LoadOptions, load_for_inference
 from minillama.util.cli import DEFAULT_CKPT
 

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from minillama.util.cli import ArgumentParser, run
 from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, engine_config, load_from_args, parse_args, sampling_params
 from minillama.util.distributed import cleanup  # noqa: E402
-from minillama.inference.engine import Engine, Request  # noqa: E402
+from minillama.inference.engine import Engine
+from minillama.inference.request import Request
 from minillama.inference.loading import broadcast_object, rank0_print  # noqa: E402
 from minillama.inference.repl import HELP, Terminal, dim  # noqa: E402
 from minillama.tokenizer.tokenizer import StreamDecoder, decode_cut  # noqa: E402

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from minillama.inference.engine import Engine, EngineConfig, Request
+from minillama.inference.engine import Engine, EngineConfig
+from minillama.inference.request import Request
 from minillama.inference.generate import generate
 from minillama.inference.sampling import SamplingParams
 from helpers import CountingForward, tiny_model

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import minillama.model as model_module
-from minillama.inference.engine import KEY_BUCKET, Engine, EngineConfig, Request, key_slots
+from minillama.inference.engine import Engine, EngineConfig
+from minillama.inference.decode_step import KEY_BUCKET, key_slots
+from minillama.inference.request import Request
 from minillama.inference.generate import generate
 from minillama.inference.sampling import SamplingParams
 from minillama.inference.speculate import accepted_drafts, ngram_draft

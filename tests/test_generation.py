@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from minillama.inference.engine import Engine, EngineConfig, Request
+from minillama.inference.engine import Engine, EngineConfig
+from minillama.inference.request import Request
 from minillama.inference.generate import generate, generate_continuous
 from minillama.inference.sampling import SamplingParams, apply_repetition_penalty, seen_mask
 from helpers import CountingForward, stop_reason, tiny_model

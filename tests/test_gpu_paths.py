@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from minillama import ModelArgs, attention
+from minillama.inference import decode_step as decode_step_module
 from minillama.inference import engine as engine_module
 from minillama.inference import generate as generation
 from minillama.inference.engine import EngineConfig
@@ -386,7 +387,7 @@ def test_compiled_decode_greedy_tokens_equal_eager(device, family, batch, monkey
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    monkeypatch.setattr(engine_module, "_compiled_decode_step", None)  # a fresh compile, counted below
+    monkeypatch.setattr(decode_step_module, "_compiled_decode_step", None)  # a fresh compile, counted below
     model = make_model(device, family, torch.bfloat16, n_layers=1)
     g = torch.Generator().manual_seed(batch)
     lens = torch.randint(5, 40 if device == "cpu" else 600, (batch,), generator=g).tolist()

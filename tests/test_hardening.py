@@ -238,7 +238,7 @@ def test_server_rejects_seed_out_of_range_and_deep_json_with_400():
         parse_body(b"[" * 200000)
     assert e.value.status == 400 and "nested too deeply" in str(e.value)
     with pytest.raises(APIError) as e:
-        _common({"seed": 2**70}, SimpleNamespace(sampling=SamplingParams()))
+        _common({"seed": 2**70}, SimpleNamespace(sampling=SamplingParams(), tok=SimpleNamespace(vocab_size=100)), "chat")
     assert e.value.status == 400 and e.value.param == "seed"
 
 
@@ -268,7 +268,8 @@ def test_a_request_that_fails_in_the_batch_loop_fails_alone_and_the_others_are_a
     pytest.importorskip("fastapi")
     from types import SimpleNamespace
 
-    from minillama.inference.engine import Engine, EngineConfig, Request
+    from minillama.inference.engine import Engine, EngineConfig
+    from minillama.inference.request import Request
     from minillama.inference.sampling import SamplingParams
     from minillama.serve.worker import BatchLoop
 

@@ -12,7 +12,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from minillama import load_model  # noqa: E402
-from minillama.inference.engine import Engine, EngineConfig, Request  # noqa: E402
+from minillama.inference.engine import Engine, EngineConfig
+from minillama.inference.request import Request
 from minillama.inference.generate import generate  # noqa: E402
 from minillama.inference.sampling import SamplingParams, apply_min_p  # noqa: E402
 from minillama.tokenizer.tokenizer import load_tokenizer  # noqa: E402

@@ -168,7 +168,8 @@ def test_llama31_tool_call_round_trip_on_a_tiny_model_through_the_grammar(llama3
 
     from helpers import tiny_model
     from minillama.inference import constraints as C
-    from minillama.inference.engine import Engine, EngineConfig, Request
+    from minillama.inference.engine import Engine, EngineConfig
+    from minillama.inference.request import Request
     monkeypatch.setattr(tl, "today", lambda: "21 September 2024")
     model = tiny_model(vocab_size=llama3.vocab_size, max_seq_len=2048)
     dialog = [{"role": "user", "content": "Weather in Paris?"}]

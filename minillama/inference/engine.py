@@ -42,98 +42,13 @@ import torch
 import torch.distributed as dist
 
 from ..attention import CacheStep
-from .constraints import Constraint, GrammarVocab, RowState, advance, mask_logits, new_row_state
-from .sampling import SamplingParams, process_logits, race_noise, sample_from_logits, seen_mask, token_logprobs
+from .constraints import GrammarVocab, RowState, advance, mask_logits, new_row_state
+from .decode_step import CACHE_ROUND, compiled_decode_step, decode_step, ensure_cache, key_slots
+from .request import Event, Request, TokenLogprob
+from .sampling import process_logits, race_noise, sample_from_logits, seen_mask, token_logprobs
 from .speculate import accepted_drafts, ngram_draft
 
-CACHE_ROUND = 256  # reserve() grows the cache by whole multiples of this many slots
-KEY_BUCKET = 256  # compiled steps attend over 256, 512, 1024, ... slots: a few static shapes, cost follows the context
 SPECULATE = ("ngram",)
-
-
-def decode_step(model, tokens: torch.Tensor, step: CacheStep) -> torch.Tensor:
-    """One cached forward of a single new token per row. tokens (B, 1) -> float32 logits (B, V)."""
-    return model(tokens, start_pos=step)[:, -1]
-
-
-_compiled_decode_step = None
-
-
-def compiled_decode_step():
-    """decode_step under torch.compile(mode="reduce-overhead") (CUDA graphs on GPU), built once per process.
-
-    dynamic=True: batch size and key length are symbolic, so one compile serves every size above one row (a single
-    row is specialised by torch: a second compile); CUDA graphs are still recorded per concrete shape, and the key
-    length is bucketed (key_slots) so there are few of them.
-    """
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", dynamic=True)
-    return _compiled_decode_step
-
-
-def key_slots(n: int, cache_len: int, bucketed: bool) -> int:
-    """How many cache slots a forward reading n live ones attends over: n (eager), or the next power-of-two bucket
-    from KEY_BUCKET up (compiled), never more than the cache."""
-    if not bucketed:
-        return n
-    b = KEY_BUCKET
-    while b < n:
-        b *= 2
-    return min(b, cache_len)
-
-
-def ensure_cache(model, batch: int, seq_len: int) -> None:
-    """The one cache-sizing rule: reuse the model's KV cache when it holds batch x seq_len (in the model's dtype, on
-    its device), else allocate exactly that. Reads follow the live context (key_slots), so a larger cache costs
-    memory, not time; reserve() grows it in CACHE_ROUND steps."""
-    cache, weight = model.layers[0].attention.cache, model.tok_embeddings.weight
-    dtype = weight.dtype if weight.is_floating_point() else torch.bfloat16
-    if (cache is None or cache.k.shape[0] < batch or cache.k.shape[2] < seq_len or cache.k.dtype != dtype
-            or cache.k.device != weight.device):
-        model.setup_cache(batch, seq_len)
-
-
-@dataclass(eq=False)
-class Request:
-    """One prompt to answer, from the HTTP route (or generate()) to the model and back. output, finish and
-    cached_tokens are filled in by the engine."""
-
-    prompt: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_ids: frozenset = frozenset()
-    seed: Optional[int] = None  # its own generator: its draws do not depend on the batch (None: the engine's)
-    adapter: Optional[str] = None  # which adapter this row runs (None: the base model)
-    key: object = None  # the caller's handle (a prompt index, a request id)
-    reply: object = None  # what the caller needs to answer it (the server's response shape); the engine never reads it
-    output: list[int] = field(default_factory=list)  # the answer so far, stop token excluded
-    finish: Optional[str] = None  # "stop" | "length" | "cancelled" once it ended
-    cached_tokens: int = 0  # prompt tokens whose keys/values were reused instead of prefilled
-    constraint: Optional[Constraint] = None  # what the answer must match (a JSON schema, regex, grammar); None: free
-    logprobs: Optional[int] = None  # each answer token's logprob and this many top alternatives (None: none)
-    prompt_logprobs: bool = False  # fill prompt_token_logprobs (the prompt is then prefilled whole, never copied)
-    fork_of: object = None  # the key of a request with the same prompt: copy its prefilled keys/values (n samples)
-    prompt_token_logprobs: list = field(default_factory=list)  # per prompt token (the first None): TokenLogprob
-
-
-@dataclass
-class TokenLogprob:
-    """A token's log-probability under the model (raw float32 logits, no processor), and the top alternatives."""
-
-    token: int
-    logprob: float
-    top: list  # [(token id, logprob)], most likely first
-
-
-@dataclass
-class Event:
-    """What a step did for one request: a new answer token, and/or its end ("stop", "length", "cancelled")."""
-
-    request: Request
-    token: Optional[int] = None
-    finish: Optional[str] = None
-    logprob: Optional[TokenLogprob] = None  # the token's, when the request asked for logprobs
 
 
 @dataclass

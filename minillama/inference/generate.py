@@ -15,7 +15,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ..rope import runs_past_context
-from .engine import Engine, EngineConfig, Request
+from .engine import Engine, EngineConfig
+from .request import Request
 from .sampling import SamplingParams
 
 __all__ = ["generate", "generate_continuous", "SamplingParams", "EngineConfig"]

@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..inference.engine import Event, Request
+from ..inference.request import Event, Request
 from . import protocol
 from .observe import Observe, Record, make_metrics
 from .protocol import APIError
@@ -196,7 +196,7 @@ def create_app(served, loop, api_key: Optional[str] = None, log: Optional[Callab
     """The routes; served describes the model, loop is the running worker.BatchLoop. api_key: required as
     'Authorization: Bearer KEY' on every route but /health and the page; log: gets one line per request."""
     app = FastAPI(title="minillama", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = make_metrics(loop.stats)
+    metrics = make_metrics(lambda: loop.stats())  # read at each scrape
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):

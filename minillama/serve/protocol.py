@@ -16,7 +16,7 @@ from typing import Optional
 
 from ..inference import constraints
 from ..inference.constraints import Constraint
-from ..inference.engine import Request
+from ..inference.request import Request
 from ..inference.sampling import SamplingParams
 from ..tokenizer import tools as tl
 
@@ -94,6 +94,8 @@ def parse_body(raw: bytes) -> dict:
         raise APIError(f"request body is not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise APIError(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise APIError("request body is nested too deeply to read") from None
     except ValueError as e:
         raise APIError(f"request body: {e}") from None
     if not isinstance(body, dict):

@@ -17,7 +17,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..inference.engine import Engine, Event, Request
+from ..inference.engine import Engine
+from ..inference.request import Event, Request
 from ..inference.loading import broadcast_object
 
 
