@@ -264,8 +264,8 @@ def write_metrics_png(path, records: list[dict], keys: Sequence[str], columns: i
     for k in keys:
         pts = [(r["step"], r[k]) for r in records if k in r and "step" in r and r[k] is not None]
         if pts:
-            charts.append(loss_curve_png([s for s, _ in pts], [v for _, v in pts], width=480, height=320,
-                                         y_label=k, names=(k, ""), dots=True))
+            charts.append(loss_curve_png([s for s, _ in pts], [v for _, v in pts],
+                                         chart=Chart(y_label=k, names=(k, ""), dots=True, width=480, height=320)))
     if not charts:
         raise ValueError(f"{path}: none of {', '.join(keys)} in the metrics")
     blank = np.full_like(charts[0], 255)
