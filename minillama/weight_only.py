@@ -12,7 +12,7 @@ bfloat16 model keeps bfloat16 scales, as gpt-fast does). Layers are quantized as
 one tensor at a time; LoRA wraps a quantized linear like any other (lora.LoRALinear calls `weight.linear`).
 
 Measured (tests/test_weight_only.py): on Gaussian weights the relative RMS weight error is ~0.0045 (int8) and ~0.08
-(int4, G=32) / ~0.095 (G=128); on SmolLM2-135M the perplexity change is in NOTES_deploy.md.
+(int4, G=32) / ~0.095 (G=128); on SmolLM2-135M the perplexity change is in the README (Deploy section).
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def test_lora_on_quantized_base_equals_lora_on_the_dequantized_weights(name, one
 def test_embedded_model_greedy_agrees_with_bf16(smollm2_dir, one_thread):
     """int8 and int4 pick the same 12 greedy tokens as bf16 for a short prompt on SmolLM2-135M-Instruct. (Its
     weights came from a Q4_1 file, so they lie on a 32-group 4-bit grid that int4 G=32 meets exactly: judge int4's
-    error on the int4-g128 row and in NOTES_deploy.md.)"""
+    error on the int4-g128 row and in the README (Deploy section).)"""
     from minillama.inference.generate import generate
     from minillama.tokenizer.tokenizer import load_tokenizer
     tok = load_tokenizer(smollm2_dir)
