@@ -56,8 +56,8 @@ from minillama.training.preference_data import load_pairs, pair_fingerprint  # n
 from minillama.training.schedule import BatchSplit, Schedule  # noqa: E402
 from minillama.training.session import (Opened, Run, open_run, save, start_run, stop_on_nonfinite,  # noqa: E402
                                         training_session)
-from minillama.training.trainer import (save_due, clip_gradients, eval_due, evaluate, finish,  # noqa: E402
-                                        log_step, steps)
+from minillama.training.trainer import (clip_gradients, eval_due, evaluate, finish, log_step,  # noqa: E402
+                                        save_due, steps)
 
 REFERENCE_FILE = "reference_logps.json"
 

@@ -44,8 +44,8 @@ from minillama.training.metrics import read_metrics  # noqa: E402
 from minillama.training.rewards import load_rewards  # noqa: E402
 from minillama.training.schedule import BatchSplit, Schedule  # noqa: E402
 from minillama.training.session import Run, open_run, save, start_run, stop_on_nonfinite, training_session  # noqa: E402
-from minillama.training.trainer import (save_due, clip_gradients, eval_due, evaluate, finish,  # noqa: E402
-                                        log_step, steps)
+from minillama.training.trainer import (clip_gradients, eval_due, evaluate, finish, log_step,  # noqa: E402
+                                        save_due, steps)
 
 PLOTTED = ("reward", "reward_std", "kl", "completion_length", "clip_ratio", "gen/reward")
 

@@ -54,8 +54,8 @@ from minillama.training.context_parallel import check_supported, context_group  
 from minillama.training.schedule import BatchSplit, Schedule  # noqa: E402
 from minillama.training.session import Run, open_run, save, start_run, stop_on_nonfinite, training_session  # noqa: E402
 from minillama.training.sft import SFT, Feed  # noqa: E402
-from minillama.training.trainer import (save_due, clip_gradients, eval_due, evaluate, finish,  # noqa: E402
-                                        log_step, steps)
+from minillama.training.trainer import (clip_gradients, eval_due, evaluate, finish, log_step,  # noqa: E402
+                                        save_due, steps)
 
 
 def parse_args(argv=None):

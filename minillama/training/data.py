@@ -185,6 +185,12 @@ def jsonl_records(path: Path, stats: DataStats):
                 stats.bad.append((lineno, "JSON nested too deeply to read"))
 
 
+
+def nothing_usable(flag: str, path, stats: DataStats, what: str) -> ValueError:
+    """The error for a data file none of whose lines could be used: what was wanted, the first bad lines' reasons."""
+    reasons = "; ".join(f"line {n}: {r}" for n, r in stats.bad[:5])
+    return ValueError(f"{flag} {path}: no usable {what} in {stats.lines} lines" + (f" ({reasons})" if reasons else ""))
+
 def load_jsonl(path, tok, seq_len: int, drop_long: bool = False, flag: str = "--data") -> tuple[list[Sample],
                                                                                                 DataStats]:
     """Read and tokenize a JSONL file; bad lines (not UTF-8, not JSON, wrong shape) are skipped and listed in the

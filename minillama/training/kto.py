@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .data import DataStats, Sample, check_data_file, jsonl_records
+from .data import DataStats, Sample, check_data_file, jsonl_records, nothing_usable
 from .preference import PrefConfig, _inputs, reference_doc_logps
 from .preference_data import Pair, PairBatch, _answer, _messages, collate_pairs, to_pair, tokenize_pair
 from .schedule import BatchSplit
@@ -99,9 +99,7 @@ def load_examples(path, tok, seq_len: int, drop_long: bool = False, flag: str = 
         stats.target_tokens += ex.pair.chosen.n_targets()
     stats.samples = len(examples)
     if not examples:
-        reasons = "; ".join(f"line {n}: {r}" for n, r in stats.bad[:5])
-        raise ValueError(f"{flag} {path}: no usable KTO examples in {stats.lines} lines" +
-                         (f" ({reasons})" if reasons else ""))
+        raise nothing_usable(flag, path, stats, "KTO examples")
     return examples, stats
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from .data import IGNORE, DataStats, Sample, check_data_file, fit_to_length, jsonl_records
+from .data import IGNORE, DataStats, Sample, check_data_file, fit_to_length, jsonl_records, nothing_usable
 from .packing import Row, row_length
 
 
@@ -144,9 +144,7 @@ def load_pairs(path, tok, seq_len: int, drop_long: bool = False, flag: str = "--
         stats.target_tokens += pair.chosen.n_targets() + pair.rejected.n_targets()
     stats.samples = len(pairs)
     if not pairs:
-        reasons = "; ".join(f"line {n}: {r}" for n, r in stats.bad[:5])
-        raise ValueError(f"{flag} {path}: no usable preference pairs in {stats.lines} lines" +
-                         (f" ({reasons})" if reasons else ""))
+        raise nothing_usable(flag, path, stats, "preference pairs")
     return pairs, stats
 
 
