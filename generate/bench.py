@@ -75,6 +75,7 @@ def get_args(argv=None):
     e.add_argument("--ckpt", "--model", dest="ckpt", default=None,
                    help="checkpoint for --engine (default: the embedded SmolLM2)")
     e.add_argument("--rows", type=positive_int, default=16, help="rows decoded together in the cache-size case")
+    e.add_argument("--draft_tokens", type=positive_int, default=8, help="drafts per step in the speculative case")
     a = p.parse_args(argv)
     bad = set(a.impls.split(",")) - set(IMPLS)
     if bad:

@@ -41,15 +41,18 @@ def step_ms(model, rows: int, cache_len: int, context: int, steps: int = 8) -> f
 
 
 def review_prompt(tok) -> list[int]:
-    """A review-like request: the document, then a request to quote it (the reply copies long spans)."""
-    doc = (REPO / "README.md").read_text(encoding="utf-8")[:2400]
-    ask = ("Here is a document:\n\n" + doc + "\n\nQuote the first two paragraphs of the document exactly, "
-           "then say in one sentence what the project is.")
+    """A review-like request: three paragraphs of a document (this repository's README, the first three plain
+    paragraphs over 300 characters), and a review that quotes each paragraph before commenting on it."""
+    doc = (REPO / "README.md").read_text(encoding="utf-8")
+    paragraphs = [p for p in doc.split("\n\n") if len(p) > 300 and not p.startswith(("|", "```", "#", "-"))][:3]
+    ask = ("Review this text. For each paragraph, first quote it in full, then comment on it.\n\n"
+           + "\n\n".join(paragraphs))
     return tok.encode_dialog([{"role": "user", "content": ask}], add_generation_prompt=True)
 
 
-def timed_answer(model, ids: list[int], new: int, speculate) -> tuple[list[int], float, dict]:
-    engine = Engine(model, EngineConfig(1, len(ids) + new, speculate=speculate))
+def timed_answer(model, ids: list[int], new: int, speculate, draft_tokens: int) -> tuple[list[int], float, dict]:
+    """Greedy answer, seconds from submit to the last token (prefill included), the engine's stats."""
+    engine = Engine(model, EngineConfig(1, len(ids) + new, speculate=speculate, draft_tokens=draft_tokens))
     req = engine.submit(Request(ids, new, key=0))
     t0 = time.perf_counter()
     while engine.busy:
@@ -66,13 +69,16 @@ def bench_engine(a, device) -> None:
         print(f"decode step, {a.rows} rows at a 200-token context: {small:.0f} ms with 256 cache slots, "
               f"{large:.0f} ms with 4096 ({large / small:.2f}x)")
         ids = review_prompt(tok)
-        timed_answer(model, ids[:64], 4, None)  # warm-up
-        plain, t_plain, _ = timed_answer(model, ids, a.max_new_tokens, None)
-        spec, t_spec, stats = timed_answer(model, ids, a.max_new_tokens, "ngram")
+        timed_answer(model, ids[:64], 4, None, a.draft_tokens)  # warm-up
+        t_pre = min(timed_answer(model, ids, 1, None, a.draft_tokens)[1] for _ in range(2))  # prefill + 1 pick
+        plain, t_plain, _ = timed_answer(model, ids, a.max_new_tokens, None, a.draft_tokens)
+        spec, t_spec, stats = timed_answer(model, ids, a.max_new_tokens, "ngram", a.draft_tokens)
         rate = stats["accepted"] / max(stats["drafted"], 1)
-        print(f"review-like prompt of {len(ids)} tokens, {len(plain)} new (greedy, batch 1): "
-              f"{len(plain) / t_plain:.1f} tokens/s plain, {len(spec) / t_spec:.1f} with --speculate ngram "
-              f"({t_plain / t_spec:.2f}x); outputs identical: {plain == spec}; drafts accepted "
-              f"{stats['accepted']} of {stats['drafted']} ({100 * rate:.0f}%), {stats['decode_steps']} forwards "
-              f"for {len(spec)} tokens")
+        n = len(plain) - 1  # tokens after the first, which the prefill gives
+        print(f"review-like prompt of {len(ids)} tokens, {len(plain)} new (greedy, batch 1, --draft_tokens "
+              f"{a.draft_tokens}): decode {n / (t_plain - t_pre):.1f} tokens/s plain, "
+              f"{n / (t_spec - t_pre):.1f} with --speculate ngram ({(t_plain - t_pre) / (t_spec - t_pre):.2f}x; "
+              f"prefill {t_pre:.2f} s; end to end {t_plain / t_spec:.2f}x); outputs identical: {plain == spec}; "
+              f"drafts accepted {stats['accepted']} of {stats['drafted']} ({100 * rate:.0f}%), "
+              f"{stats['decode_steps']} forwards for {len(spec) - 1} tokens after the first")
         print(f"answer: {tok.decode(spec)[:300]!r}")

@@ -27,9 +27,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minillama.util.cli import ArgumentParser, run  # noqa: E402
 
-PROMPTS = ["Tell me a story about a lighthouse keeper.", "Explain how a bicycle works.",
-           "Write a letter to a friend about autumn.", "Describe a busy market in the morning.",
-           "What makes a good cup of tea?", "Explain photosynthesis to a child."]
+TASKS = ["Tell me a story about {}.", "Explain how {} works.", "Write a letter to a friend about {}.",
+         "Describe {} in the morning.", "What makes {} good?", "Explain {} to a child."]
+SUBJECTS = ["a lighthouse keeper", "a bicycle", "autumn", "a busy market", "a cup of tea", "photosynthesis",
+            "a steam engine", "the tides", "a violin", "a beehive", "a snowstorm", "a library", "a volcano",
+            "a sailing ship", "a clock", "a garden", "the moon", "a bakery", "a river", "a city bus"]
+
+
+def prompt(i: int) -> str:
+    """The i-th of 120 different user messages: every request of a run asks something new, so only the chat
+    template's shared system prompt is a prefix the server can reuse, as with real users."""
+    return TASKS[i % len(TASKS)].format(SUBJECTS[(i // len(TASKS)) % len(SUBJECTS)])
 
 
 def get_args(argv=None):
@@ -79,10 +87,13 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int) -> tuple[flo
     return first or 0.0, time.perf_counter() - t0, tokens
 
 
-def bench_level(url: str, model: str, clients: int, n: int, max_tokens: int) -> dict:
-    t0 = time.perf_counter()
+def bench_level(url: str, model: str, clients: int, n: int, max_tokens: int, first: int) -> dict:
+    """n requests (prompts first, first + 1, ...) from `clients` concurrent clients, after an untimed round of
+    `clients` requests at this concurrency (the server's first batch of a new size is slower: allocation, kernels)."""
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: one_request(url, model, PROMPTS[i % len(PROMPTS)], max_tokens), range(n)))
+        list(pool.map(lambda i: one_request(url, model, prompt(first + n + i), 4), range(clients)))  # warm-up
+        t0 = time.perf_counter()
+        results = list(pool.map(lambda i: one_request(url, model, prompt(first + i), max_tokens), range(n)))
     wall = time.perf_counter() - t0
     tokens = sum(r[2] for r in results)
     return {"clients": clients, "requests": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
@@ -98,8 +109,10 @@ def main(argv=None):
         with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
             model = json.loads(r.read())["data"][0]["id"]
         one_request(url, model, "Hi", 4)  # warm-up
-        rows = [bench_level(url, model, int(c), max(args.requests, int(c)), args.max_tokens)
-                for c in args.concurrency.split(",")]
+        rows, first = [], 0
+        for c in map(int, args.concurrency.split(",")):
+            rows.append(bench_level(url, model, c, max(args.requests, c), args.max_tokens, first))
+            first += max(args.requests, c) + c
     finally:
         if proc is not None:
             proc.terminate()
