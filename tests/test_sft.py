@@ -212,3 +212,23 @@ def test_resume_takes_the_runs_saved_flags_and_new_flags_win(tmp_path):
     assert (args.lr, args.max_steps, args.ckpt) == (1e-4, 9, "/ckpt/llama3")
     fresh = sft.parse_args(["--out", str(out)])  # without --resume the saved flags are not used
     assert fresh.ckpt != "/ckpt/llama3"
+
+
+def test_init_adapter_starts_the_run_from_that_adapter(setup, capsys, one_thread):
+    d, data, dense, _ = setup
+    base = ["--model", str(dense), "--data", str(data), "--device", "cpu", "--batch_size", "4", "--warmup_steps", "0"]
+    assert sft.main(base + ["--out", str(d / "first"), "--max_steps", "6", "--lr", "1e-2"]) == 0
+    first = read_safetensors(d / "first" / "final")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in first.items())  # it trained
+    # one step at a negligible lr: the saved adapter is the one it started from, and its loss is the trained one's
+    assert sft.main(base + ["--out", str(d / "cont"), "--max_steps", "1", "--lr", "1e-12",
+                            "--init_adapter", str(d / "first" / "final")]) == 0
+    assert_same_tensors(read_safetensors(d / "cont" / "final"), first, atol=1e-7)
+    assert sft.main(base + ["--out", str(d / "fresh"), "--max_steps", "1", "--lr", "1e-12"]) == 0
+    assert losses(d / "cont")[0] < losses(d / "fresh")[0] - 0.1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sft.parse_args(["--init_adapter", str(d / "first" / "final"), "--lora_rank", "8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--init_adapter" in err and "r=16" in err and "--lora_rank 16" in err

@@ -15,6 +15,7 @@ from .flags import add_rope_args, set_help
 from ..util.dtypes import DTYPE_NAMES
 from ..util.files import read_json
 from ..lora.layers import TRAINABLE_MODULES
+from ..lora.peft import read_adapter_config
 from ..rope import check_rope_scaling
 from ..training.config import DataConfig, GenerationEvalConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig
 
@@ -74,6 +75,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     # what is trained
     p.add_argument("--lora_rank", type=nonnegative_int, default=16, help="0 = full fine-tuning")
     p.add_argument("--lora_alpha", type=positive_float, default=32.0, help="LoRA scaling is alpha / rank")
+    p.add_argument("--init_adapter", default=None,
+                   help="start the LoRA adapter from this PEFT adapter dir (e.g. an SFT run's OUT/final) instead of "
+                        "B = 0; its r, lora_alpha and DoRA must equal --lora_rank, --lora_alpha, --use_dora. The "
+                        "reference of DPO/KTO/GRPO stays the base with adapters off, as in TRL with a PEFT model")
     p.add_argument("--lora_dropout", type=unit_fraction, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--lora_targets", nargs="+", default=["all-linear"],
                    help="PEFT names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head experts "
@@ -204,6 +209,8 @@ def parse_args(argv=None, description: str = "", extend=None, default_lr=(1e-3, 
             args.rope_scaling = check_rope_scaling(args.rope_scaling, "--rope_scaling")
         except ValueError as e:
             parser.error(str(e))
+    if args.init_adapter is not None:
+        check_init_adapter(parser, args)
     if (args.use_dora or args.lora_plus_ratio) and args.lora_rank <= 0:
         parser.error("--use_dora / --lora_plus_ratio shape a LoRA adapter: give --lora_rank > 0")
     if args.lora_plus_ratio < 0:
@@ -216,6 +223,26 @@ def parse_args(argv=None, description: str = "", extend=None, default_lr=(1e-3, 
             parser.error(f"--master_dtype bfloat16 computes in bfloat16; --dtype {args.dtype} contradicts it")
         args.dtype = "bfloat16"
     return args
+
+
+def check_init_adapter(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--init_adapter names a PEFT adapter whose shape is the one this run trains (checked before loading a model)."""
+    if args.lora_rank <= 0:
+        parser.error("--init_adapter starts a LoRA adapter: give --lora_rank > 0 (full fine-tuning: merge it first "
+                     "with minillama-merge)")
+    try:
+        cfg = read_adapter_config(args.init_adapter)
+    except (OSError, ValueError) as e:
+        parser.error(f"--init_adapter: {e}")
+    dora = bool(cfg.get("use_dora", False))
+    if (cfg["r"], float(cfg["lora_alpha"]), dora) != (args.lora_rank, float(args.lora_alpha), bool(args.use_dora)):
+        parser.error(f"--init_adapter {args.init_adapter} has r={cfg['r']}, lora_alpha={cfg['lora_alpha']:g}"
+                     f"{', DoRA' if dora else ''}: give --lora_rank {cfg['r']} --lora_alpha {cfg['lora_alpha']:g}"
+                     f"{' --use_dora' if dora else ''} (got --lora_rank {args.lora_rank} --lora_alpha "
+                     f"{args.lora_alpha:g}{' --use_dora' if args.use_dora else ''})")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        parser.error(f"--init_adapter {args.init_adapter}: per-module ranks (rank_pattern/alpha_pattern) cannot "
+                     "start a run; merge it first with minillama-merge")
 
 
 def recheck_values(parser: argparse.ArgumentParser, args: argparse.Namespace, source: str) -> None:
@@ -260,7 +287,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                         activation_checkpointing=a.activation_checkpointing, cpu_offload=a.cpu_offload,
                         loss_chunk=a.loss_chunk, router_aux_loss_coef=a.router_aux_loss_coef)
     lora = LoraConfig(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=tuple(a.lora_targets),
-                      modules_to_save=tuple(a.trainable), use_dora=a.use_dora, plus_ratio=a.lora_plus_ratio)
+                      modules_to_save=tuple(a.trainable), use_dora=a.use_dora, plus_ratio=a.lora_plus_ratio,
+                      init_adapter=a.init_adapter)
     optim = OptimConfig(lr=a.lr, warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio,
                         weight_decay=a.weight_decay, betas=tuple(a.betas), grad_clip=a.grad_clip)
     data = DataConfig(data=a.data, eval_data=a.eval_data or None, seq_len=a.seq_len, pack=a.pack,

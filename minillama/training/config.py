@@ -43,6 +43,7 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] = ()  # whole modules trained beside LoRA (--trainable: embed, norm)
     use_dora: bool = False
     plus_ratio: float = 0.0  # LoRA+: B factors learn at this times lr; 0 = off
+    init_adapter: Optional[str] = None  # a PEFT adapter dir the adapter starts from (e.g. an SFT run's final/)
 
     @property
     def enabled(self) -> bool:
