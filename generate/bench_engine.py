@@ -4,7 +4,7 @@
    the rows hold, not the whole cache): --rows rows at a 200-token context, ms per engine step.
 2. Prompt-lookup speculative decoding on a review-like prompt: a document in (this repository's README), an answer
    that quotes it; batch 1, greedy: tokens/s without and with --speculate ngram, the outputs compared, the drafts'
-   acceptance rate.
+   acceptance rate; with --draft_ckpt DIR the same for a draft model's drafts (--speculate draft).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from minillama.inference.engine import Engine, EngineConfig
 from minillama.inference.request import Request
-from minillama.inference.loading import LoadOptions, load_for_inference
+from minillama.inference.loading import LoadOptions, load_draft, load_for_inference
 from minillama.util.cli import DEFAULT_CKPT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +48,8 @@ def review_prompt(tok) -> list[int]:
     return tok.encode_dialog([{"role": "user", "content": ask}], add_generation_prompt=True)
 
 
-def timed_answer(model, ids: list[int], new: int, speculate) -> tuple[list[int], float, dict]:
-    engine = Engine(model, EngineConfig(1, len(ids) + new, speculate=speculate))
+def timed_answer(model, ids: list[int], new: int, speculate, draft=None) -> tuple[list[int], float, dict]:
+    engine = Engine(model, EngineConfig(1, len(ids) + new, speculate=speculate, draft_model=draft))
     req = engine.submit(Request(ids, new, key=0))
     t0 = time.perf_counter()
     while engine.busy:
@@ -68,11 +68,22 @@ def bench_engine(a, device) -> None:
         ids = review_prompt(tok)
         timed_answer(model, ids[:64], 4, None)  # warm-up
         plain, t_plain, _ = timed_answer(model, ids, a.max_new_tokens, None)
-        spec, t_spec, stats = timed_answer(model, ids, a.max_new_tokens, "ngram")
-        rate = stats["accepted"] / max(stats["drafted"], 1)
         print(f"review-like prompt of {len(ids)} tokens, {len(plain)} new (greedy, batch 1): "
-              f"{len(plain) / t_plain:.1f} tokens/s plain, {len(spec) / t_spec:.1f} with --speculate ngram "
-              f"({t_plain / t_spec:.2f}x); outputs identical: {plain == spec}; drafts accepted "
-              f"{stats['accepted']} of {stats['drafted']} ({100 * rate:.0f}%), {stats['decode_steps']} forwards "
-              f"for {len(spec)} tokens")
+              f"{len(plain) / t_plain:.1f} tokens/s plain")
+        spec, t_spec, stats = timed_answer(model, ids, a.max_new_tokens, "ngram")
+        print(speculation_line("--speculate ngram", plain, t_plain, spec, t_spec, stats))
+        if a.draft_ckpt:
+            draft = load_draft(a.draft_ckpt, loaded)
+            timed_answer(model, ids[:64], 4, "draft", draft)  # warm-up
+            spec, t_spec, stats = timed_answer(model, ids, a.max_new_tokens, "draft", draft)
+            print(speculation_line(f"--draft_ckpt {a.draft_ckpt}", plain, t_plain, spec, t_spec, stats))
         print(f"answer: {tok.decode(spec)[:300]!r}")
+
+
+def speculation_line(name: str, plain: list[int], t_plain: float, spec: list[int], t_spec: float,
+                     stats: dict) -> str:
+    """tokens/s with speculative decoding vs plain, whether the outputs agree, and how many drafts were kept."""
+    rate = stats["accepted"] / max(stats["drafted"], 1)
+    return (f"  {len(spec) / t_spec:.1f} tokens/s with {name} ({t_plain / t_spec:.2f}x plain); outputs identical: "
+            f"{plain == spec}; drafts accepted {stats['accepted']} of {stats['drafted']} ({100 * rate:.0f}%), "
+            f"{stats['decode_steps']} forwards for {len(spec)} tokens")
