@@ -317,7 +317,7 @@ def run_groups(loaded, work: list, args, merged: bool):
         finished = generate_continuous(loaded.model, [work[k][1] for k in group], args.max_new_tokens,
                                        [work[k][4] for k in group], stop_ids=loaded.tok.stop_ids,
                                        truncate_left=args.truncate_left, max_seq_len=args.max_seq_len,
-                                       config=engine_config(args, loaded.tp_group, batch_size=args.batch_size,
+                                       config=engine_config(args, loaded, batch_size=args.batch_size,
                                                             reuse_prefix=True))
         for j, new, reason in finished:
             yield group[j], new, reason

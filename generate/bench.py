@@ -9,6 +9,7 @@ through continuous batching (generate/batch.py's engine), with an extrapolation 
     python generate/bench.py --shape tiny --device cpu --dtype float32  # toy shapes, seconds on a laptop
     python generate/bench.py --engine --device cpu --dtype float32      # the engine on the embedded SmolLM2:
                                   # a decode step with 256 vs 4096 cache slots; prompt-lookup speculative decoding
+                                  # (add --draft_ckpt DIR: also a draft model's)
 
 Weights are random (speed does not depend on the values); HF's model has its own random weights. Decode time per
 token is (t(N new) - t(1 new)) / (N - 1), so prefill is excluded; prefill time is t(1 new). Bytes per decode step =
@@ -76,6 +77,9 @@ def get_args(argv=None):
                    help="checkpoint for --engine (default: the embedded SmolLM2)")
     e.add_argument("--rows", type=positive_int, default=16, help="rows decoded together in the cache-size case")
     e.add_argument("--draft_tokens", type=positive_int, default=8, help="drafts per step in the speculative case")
+    e.add_argument("--draft_ckpt", default=None, metavar="DIR",
+                   help="also time speculative decoding with this draft model (sharing --ckpt's tokenizer) on the "
+                        "review-like prompt (default: none)")
     a = p.parse_args(argv)
     bad = set(a.impls.split(",")) - set(IMPLS)
     if bad:

@@ -4,7 +4,7 @@
    the rows hold, not the whole cache): --rows rows at a 200-token context, ms per engine step.
 2. Prompt-lookup speculative decoding on a review-like prompt: a document in (this repository's README), an answer
    that quotes it; batch 1, greedy: tokens/s without and with --speculate ngram, the outputs compared, the drafts'
-   acceptance rate.
+   acceptance rate; with --draft_ckpt DIR the same for a draft model's drafts (--speculate draft).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from minillama.inference.engine import Engine, EngineConfig
 from minillama.inference.request import Request
-from minillama.inference.loading import LoadOptions, load_for_inference
+from minillama.inference.loading import LoadOptions, load_draft, load_for_inference
 from minillama.util.cli import DEFAULT_CKPT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,9 +50,11 @@ def review_prompt(tok) -> list[int]:
     return tok.encode_dialog([{"role": "user", "content": ask}], add_generation_prompt=True)
 
 
-def timed_answer(model, ids: list[int], new: int, speculate, draft_tokens: int) -> tuple[list[int], float, dict]:
+def timed_answer(model, ids: list[int], new: int, speculate, draft_tokens: int, draft=None
+                 ) -> tuple[list[int], float, dict]:
     """Greedy answer, seconds from submit to the last token (prefill included), the engine's stats."""
-    engine = Engine(model, EngineConfig(1, len(ids) + new, speculate=speculate, draft_tokens=draft_tokens))
+    engine = Engine(model, EngineConfig(1, len(ids) + new, speculate=speculate, draft_tokens=draft_tokens,
+                                        draft_model=draft))
     req = engine.submit(Request(ids, new, key=0))
     t0 = time.perf_counter()
     while engine.busy:
@@ -72,13 +74,25 @@ def bench_engine(a, device) -> None:
         timed_answer(model, ids[:64], 4, None, a.draft_tokens)  # warm-up
         t_pre = min(timed_answer(model, ids, 1, None, a.draft_tokens)[1] for _ in range(2))  # prefill + 1 pick
         plain, t_plain, _ = timed_answer(model, ids, a.max_new_tokens, None, a.draft_tokens)
-        spec, t_spec, stats = timed_answer(model, ids, a.max_new_tokens, "ngram", a.draft_tokens)
-        rate = stats["accepted"] / max(stats["drafted"], 1)
         n = len(plain) - 1  # tokens after the first, which the prefill gives
         print(f"review-like prompt of {len(ids)} tokens, {len(plain)} new (greedy, batch 1, --draft_tokens "
-              f"{a.draft_tokens}): decode {n / (t_plain - t_pre):.1f} tokens/s plain, "
-              f"{n / (t_spec - t_pre):.1f} with --speculate ngram ({(t_plain - t_pre) / (t_spec - t_pre):.2f}x; "
-              f"prefill {t_pre:.2f} s; end to end {t_plain / t_spec:.2f}x); outputs identical: {plain == spec}; "
-              f"drafts accepted {stats['accepted']} of {stats['drafted']} ({100 * rate:.0f}%), "
-              f"{stats['decode_steps']} forwards for {len(spec) - 1} tokens after the first")
+              f"{a.draft_tokens}): prefill {t_pre:.2f} s, then {n / (t_plain - t_pre):.1f} tokens/s plain")
+        spec, t_spec, stats = timed_answer(model, ids, a.max_new_tokens, "ngram", a.draft_tokens)
+        print(speculation_line("--speculate ngram", plain, t_plain - t_pre, spec, t_spec - t_pre, stats))
+        if a.draft_ckpt:
+            draft = load_draft(a.draft_ckpt, loaded)
+            timed_answer(model, ids[:64], 4, "draft", a.draft_tokens, draft)  # warm-up
+            spec, t_spec, stats = timed_answer(model, ids, a.max_new_tokens, "draft", a.draft_tokens, draft)
+            print(speculation_line(f"--draft_ckpt {a.draft_ckpt}", plain, t_plain - t_pre, spec, t_spec - t_pre,
+                                   stats))
         print(f"answer: {tok.decode(spec)[:300]!r}")
+
+
+def speculation_line(name: str, plain: list[int], t_plain: float, spec: list[int], t_spec: float,
+                     stats: dict) -> str:
+    """Decode tokens/s with speculative decoding vs plain (t_*: seconds after the first token, which the prefill
+    gives), whether the outputs agree, and how many drafts were kept."""
+    rate = stats["accepted"] / max(stats["drafted"], 1)
+    return (f"  {(len(spec) - 1) / t_spec:.1f} tokens/s with {name} ({t_plain / t_spec:.2f}x plain); outputs "
+            f"identical: {plain == spec}; drafts accepted {stats['accepted']} of {stats['drafted']} ({100 * rate:.0f}%),"
+            f" {stats['decode_steps']} forwards for {len(spec) - 1} tokens after the first")

@@ -102,7 +102,7 @@ def main(argv=None):
     limit = context_limit(args, loaded.model)
     say = log if info.is_rank0 else (lambda msg: None)
     # one cache row, kept between turns (reuse_prefix): each turn prefills only what the cache does not hold yet
-    engine = Engine(loaded.model, engine_config(args, loaded.tp_group, batch_size=1, cache_len=min(limit, 1024),
+    engine = Engine(loaded.model, engine_config(args, loaded, batch_size=1, cache_len=min(limit, 1024),
                                                 reuse_prefix=True))
     term = Terminal(info.is_rank0)
     system = [{"role": "system", "content": args.system}] if args.system else []

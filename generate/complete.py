@@ -61,7 +61,7 @@ def main(argv=None):
         try:
             outs = generate(loaded.model, ids, args.max_new_tokens, sampling_params(args), stop_ids=tok.stop_ids,
                             truncate_left=args.truncate_left, max_seq_len=args.max_seq_len,
-                            config=engine_config(args, loaded.tp_group))
+                            config=engine_config(args, loaded))
         except ValueError as e:
             raise ValueError(f"prompts {start}..{start + len(chunk) - 1}: {e}") from None
         for prompt, out in zip(chunk, outs):

@@ -189,7 +189,7 @@ def run_passkey(loaded, args, records: Path) -> None:
     progress = Progress(len(work)) if info.is_rank0 else None
     finished = generate_continuous(loaded.model, [w["ids"] for w in work], args.max_new_tokens,
                                    stop_ids=tok.stop_ids, max_seq_len=max(args.lengths),
-                                   config=engine_config(args, loaded.tp_group, batch_size=args.batch_size,
+                                   config=engine_config(args, loaded, batch_size=args.batch_size,
                                                         reuse_prefix=True)) if work else ()
     for k, new, _ in finished:
         if not info.is_rank0:

@@ -103,7 +103,7 @@ def main(argv=None):
     info, tok, model = loaded.dist, loaded.tok, loaded.model
     limit = context_limit(args, model, default=min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN))
     merged = bool(adapters) and info.world_size > 1  # tensor parallel serves its one adapter merged in
-    config = engine_config(args, loaded.tp_group, batch_size=args.max_batch_size, cache_len=limit,
+    config = engine_config(args, loaded, batch_size=args.max_batch_size, cache_len=limit,
                            pad_id=tok.pad_id or 0, fixed_batch=args.compile, reuse_prefix=True)
     engine = Engine(model, config, row_adapters=set_row_adapters if adapters and not merged else None,  # mixed
                     grammar=lambda: grammar_vocab(tok))  # response_format / forced tool calls, built on first use
@@ -113,7 +113,7 @@ def main(argv=None):
         cleanup()
         return
     served = Served(tok, args.model_name or ckpt.name, adapters, not merged, limit,
-                    sampling_params(args), args.max_new_tokens, constrained=not args.speculate)
+                    sampling_params(args), args.max_new_tokens, constrained=config.speculate is None)
     loop = BatchLoop(engine, info).start()
     host, port = sock.getsockname()[:2]
     log(f"[serving {', '.join(served.model_names())} on http://{host}:{port}/ ({args.max_batch_size} rows of "

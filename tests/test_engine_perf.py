@@ -144,10 +144,13 @@ def test_rejection_rule_keeps_the_target_distribution():
     assert torch.allclose(freq, p, atol=0.01), freq  # a resample from p itself would give p(d) = 0.75
 
 
-def test_speculative_sampling_keeps_the_models_distribution():
-    """Sampled answers of 3 tokens with prompt-lookup drafts: the joint frequencies of (t1, t2, t3) match the
-    model's own p(t1) p(t2|t1) p(t3|t1,t2), computed exactly over a vocabulary of 8."""
+@pytest.mark.parametrize("speculate", ["ngram", "draft"])
+def test_speculative_sampling_keeps_the_models_distribution(speculate):
+    """Sampled answers of 3 tokens with prompt-lookup drafts, or a different small model's greedy drafts: the joint
+    frequencies of (t1, t2, t3) match the model's own p(t1) p(t2|t1) p(t3|t1,t2), computed exactly over a
+    vocabulary of 8."""
     model = tiny_model(std=0.6, vocab_size=8, max_seq_len=32)
+    draft = tiny_model(seed=2, std=0.6, vocab_size=8, max_seq_len=32, n_layers=1) if speculate == "draft" else None
     prompt = [3, 1, 4, 7, 0, 6, 2, 5]  # every token once: whatever t1 is, lookup drafts what followed it
     with torch.no_grad():
         seqs = torch.tensor([prompt + [a, b] for a in range(8) for b in range(8)])  # (64, 10)
@@ -157,7 +160,7 @@ def test_speculative_sampling_keeps_the_models_distribution():
     p3 = logits[:, 9].softmax(-1).view(8, 8, 8)  # [t1, t2, t3]
     exact = p1[:, None, None] * p2[:, :, None] * p3  # (8, 8, 8)
     N, rows = 6000, 200
-    engine = Engine(model, EngineConfig(rows, 16, seed=0, speculate="ngram", prefill_rows=rows,
+    engine = Engine(model, EngineConfig(rows, 16, seed=0, speculate=speculate, draft_model=draft, prefill_rows=rows,
                                         prefill_chunk=rows * 8))
     for i in range(N):
         engine.submit(Request(prompt, 3, SamplingParams(1.0), key=i))

@@ -17,7 +17,8 @@ steps on the device alone while nothing waits (generate() does: one sync per 16 
 
 Prefix reuse (reuse_prefix): a request whose prompt starts with tokens some row's cache holds (its own row's earlier
 turn, or a shared system prompt in another row) copies those keys/values instead of recomputing them.
-Speculative decoding (speculate="ngram"): see speculate.py. Seeds: a request with a seed draws from its own generator
+Speculative decoding (speculate="ngram": prompt lookup; "draft": config.draft_model drafts greedily): see
+speculate.py; one verification path for both. Seeds: a request with a seed draws from its own generator
 (its answer does not depend on the batch); the others share the engine's, which draws for every cache row at each
 step, so a row's draws depend on its row and step only. Per-row adapters: row_adapters(model, names) is called
 before every forward with one adapter name (or None, the base model) per row of that forward.
@@ -46,9 +47,9 @@ from .constraints import GrammarVocab, RowState, advance, mask_logits, new_row_s
 from .decode_step import CACHE_ROUND, compiled_decode_step, decode_step, ensure_cache, key_slots
 from .request import Event, Request, TokenLogprob
 from .sampling import process_logits, race_noise, sample_from_logits, seen_mask, token_logprobs
-from .speculate import accepted_drafts, ngram_draft
+from .speculate import DraftModel, NgramDrafter, accepted_drafts, common_prefix
 
-SPECULATE = ("ngram",)
+SPECULATE = ("ngram", "draft")
 
 
 @dataclass
@@ -67,8 +68,9 @@ class EngineConfig:
     prefill_chunk: int = 512  # prompt tokens prefilled per step: bounds what a running row waits for a new prompt
     prefill_rows: int = 16  # prompts prefilled together in one forward
     sync_every: int = 16  # generate(): decode steps between host syncs
-    speculate: Optional[str] = None  # "ngram": prompt-lookup drafts, verified in one forward
+    speculate: Optional[str] = None  # "ngram": prompt-lookup drafts; "draft": draft_model's; verified in one forward
     draft_tokens: int = 4  # drafts per row and step
+    draft_model: object = None  # speculate="draft": a small Transformer of the target's vocabulary (own KV cache)
 
     def __post_init__(self):
         for name in ("batch_size", "cache_len"):
@@ -81,6 +83,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.speculate not in (None, *SPECULATE):
             raise ValueError(f"speculate must be one of {', '.join(SPECULATE)} (or None), got {self.speculate!r}")
+        if (self.speculate == "draft") != (self.draft_model is not None):
+            raise ValueError(f"speculate='draft' needs a draft_model, and a draft_model needs speculate='draft' "
+                             f"(got speculate={self.speculate!r})")
 
 
 @dataclass
@@ -104,15 +109,6 @@ class Row:
     @property
     def decoding(self) -> bool:
         return self.request is not None and not self.todo
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Engine:
@@ -142,6 +138,18 @@ class Engine:
         self.counts: Optional[torch.Tensor] = None  # (B, V) answer token counts, made for frequency/presence penalties
         self.stats = {"prefilled": 0, "copied": 0, "drafted": 0, "accepted": 0, "decode_steps": 0}
         self.failed: list[Event] = []  # requests whose own prefill raised: reported by the next step()
+        self.drafter = self._drafter()
+
+    def _drafter(self):
+        """The config's speculative drafter (None: no speculation)."""
+        c = self.config
+        if c.speculate == "ngram":
+            return NgramDrafter()
+        if c.speculate == "draft":
+            if c.process_group is not None:
+                raise ValueError("a draft model cannot be combined with tensor parallelism (run a single process)")
+            return DraftModel(c.draft_model, self.model, self.B, self.cache_len, c.prefill_chunk)
+        return None
 
     # ---- the caller's side ----
     @property
@@ -183,6 +191,8 @@ class Engine:
         for layer in self.model.layers:
             layer.attention.cache = layer.attention.cache.resized(n)
         self.cache_len = n
+        if self.drafter is not None:
+            self.drafter.reserve(n)
 
     def cancel(self, key) -> Optional[Request]:
         """Stop the request with this key (waiting or running) and free its row; returns it, or None if not found."""
@@ -281,7 +291,7 @@ class Engine:
         sibling = req.fork_of is not None and row.request is not None and row.request.key == req.fork_of
         if not (self.config.reuse_prefix or sibling) or row.adapter != req.adapter or req.prompt_logprobs:
             return 0
-        return min(_common_prefix(row.held, req.prompt), len(req.prompt) - 1)
+        return min(common_prefix(row.held, req.prompt), len(req.prompt) - 1)
 
     def _place(self, req: Request, free: list[int]) -> None:
         """Put req in a free row (the one holding most of its prompt, else the one holding least), copying a longer
@@ -549,17 +559,17 @@ class Engine:
         self.stats["decode_steps"] += 1
 
     def _speculate(self, feed: list[int], nxt: list[int]) -> dict[int, list[int]]:
-        """Feed each row its token plus up to draft_tokens prompt-lookup drafts in one forward; returns each row's
-        drafts that verified (its cache then holds them, and its logits predict the token after them)."""
-        drafts = {}
+        """Feed each row its token plus up to draft_tokens drafts (the config's drafter's) in one forward; returns
+        each row's drafts that verified (its cache then holds them, and its logits predict the token after them)."""
+        room = {}
         for b in feed:
             row, req = self.slots[b], self.slots[b].request
-            room = min(self.config.draft_tokens, req.max_new_tokens - len(req.output), self.cache_len - row.pos - 1)
+            n = min(self.config.draft_tokens, req.max_new_tokens - len(req.output), self.cache_len - row.pos - 1)
             plain = req.sampling.repetition_penalty == 1.0 and not req.sampling.counts_output and req.logprobs is None
-            if room > 0 and plain:  # a penalty's token state would move per draft; logprobs are per picked token
-                d = ngram_draft(req.prompt + req.output, room)
-                if d:
-                    drafts[b] = d
+            if n > 0 and plain:  # a penalty's token state would move per draft; logprobs are per picked token
+                room[b] = n
+        texts = {b: self.slots[b].request.prompt + self.slots[b].request.output for b in room}  # each ends in nxt[b]
+        drafts = self.drafter.draft(texts, room) if room else {}
         if not drafts:
             self._decode(feed, nxt)
             return {}

@@ -2,6 +2,7 @@
 
     loaded = load_for_inference("Meta-Llama-3.1-8B-Instruct/", LoadOptions(adapter="out/final"))
     loaded.model, loaded.tok, loaded.dist, loaded.tp_group
+    loaded.draft = load_draft("Llama-3.2-1B-Instruct/", loaded)   # speculative decoding's draft model (optional)
 
 One process: the model is loaded straight onto the device. Under torchrun with N > 1 processes, each rank reads the
 checkpoint on the CPU (safetensors are memory-mapped, so the OS shares the pages), is split by tensor parallelism,
@@ -25,6 +26,8 @@ from ..util.dtypes import parse_dtype
 from ..util.files import read_json
 from ..rope import runs_past_context
 
+# encoded by a draft's tokenizer and the target's: the ids must agree (same vocabulary size is not enough)
+TOKENIZER_PROBE = "Draft check: naïve café, 3.14 * x_1 -> 数据; def f(x):\n\treturn x  # ok"
 # Hugging Face's GenerationConfig defaults for what a generation_config.json leaves out
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
 
@@ -153,6 +156,7 @@ class Loaded:
     tok: object
     dist: DistInfo
     tp_group: Optional[object]  # the tensor-parallel process group, None in a single process
+    draft: Optional[nn.Module] = None  # speculative decoding's draft model (load_draft), EngineConfig.draft_model
 
 
 @dataclass
@@ -213,6 +217,29 @@ def load_for_inference(ckpt: Union[str, Path], options: Optional[LoadOptions] = 
     if tok.vocab_size > model.args.vocab_size:
         log(f"[warning: tokenizer has {tok.vocab_size} tokens, the model {model.args.vocab_size}]")
     return Loaded(model.eval(), tok, info, group)
+
+
+def load_draft(ckpt: Union[str, Path], target: Loaded, log=None) -> nn.Module:
+    """A draft model for speculative decoding (EngineConfig(speculate="draft", draft_model=...)): ckpt loaded in the
+    target's dtype on its device, without adapters. Its vocabulary must be the target's, and its tokenizer (when the
+    dir has one) must encode as the target's does."""
+    from ..checkpoints import load_model
+    from ..tokenizer.tokenizer import find_tokenizer_file, load_tokenizer
+    if target.tp_group is not None:
+        raise ValueError(f"{ckpt}: a draft model cannot be combined with tensor parallelism (run a single process)")
+    file = find_tokenizer_file(Path(ckpt), required=False)
+    if file is not None:
+        own = load_tokenizer(file)
+        if own.vocab_size != target.tok.vocab_size or own.encode(TOKENIZER_PROBE) != target.tok.encode(TOKENIZER_PROBE):
+            raise ValueError(f"{ckpt}: its tokenizer ({own.vocab_size} tokens) is not the target's "
+                             f"({target.tok.vocab_size} tokens): a draft must share the target's tokenizer")
+    model = load_model(ckpt, device=target.dist.device, dtype=target.model.tok_embeddings.weight.dtype)
+    if model.args.vocab_size != target.model.args.vocab_size:
+        raise ValueError(f"{ckpt}: the draft's vocabulary has {model.args.vocab_size} tokens, the target's "
+                         f"{target.model.args.vocab_size}: a draft must share the target's tokenizer")
+    n = sum(p.numel() for p in model.parameters())
+    (log or (lambda msg: None))(f"[draft model {ckpt}: {n / 1e6:.0f}M parameters, {model.args.n_layers} layers]")
+    return model
 
 
 def broadcast_object(obj, info: DistInfo):

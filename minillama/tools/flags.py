@@ -95,9 +95,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (GPU)")
     p.add_argument("--speculate", default=None, choices=SPECULATE,
                    help="speculative decoding: ngram drafts the tokens that followed the answer's last words earlier "
-                        "in the prompt or answer (prompt lookup; pays where the answer quotes its input), verified "
-                        "in one forward; exact under greedy, the same distribution when sampling")
-    p.add_argument("--draft_tokens", type=positive_int, default=4, help="drafts per row and step with --speculate")
+                        "in the prompt or answer (prompt lookup; pays where the answer quotes its input); draft: a "
+                        "small model (--draft_ckpt) drafts them. Drafts are verified in one forward; exact under "
+                        "greedy, the same distribution when sampling")
+    p.add_argument("--draft_ckpt", default=None, metavar="DIR",
+                   help="checkpoint dir of a small draft model with the target's tokenizer (e.g. Llama-3.2-1B for a "
+                        "Llama 3 8B/70B): it proposes --draft_tokens tokens greedily per step (--speculate draft; "
+                        "given alone it turns that on). Loaded with --dtype/--device, no adapter, single process "
+                        "only (default: none)")
+    p.add_argument("--draft_tokens", type=positive_int, default=4,
+                   help="drafts per row and step with --speculate or --draft_ckpt")
     p.add_argument("--prefill_chunk", type=positive_int, default=512,
                    help="prompt tokens prefilled per decode step: a long prompt is prefilled in chunks between "
                         "the running answers' steps, which then wait at most one chunk")
@@ -223,10 +230,25 @@ def set_threads(args: argparse.Namespace) -> int:
     return torch.get_num_threads()
 
 
-def engine_config(args: argparse.Namespace, process_group=None, **fields) -> EngineConfig:
-    """The EngineConfig the flags describe (seed, compile, speculative decoding, prefill chunk), plus fields."""
-    return EngineConfig(seed=args.seed, compile=args.compile, process_group=process_group, speculate=args.speculate,
-                        draft_tokens=args.draft_tokens, prefill_chunk=args.prefill_chunk, **fields)
+def speculation(args: argparse.Namespace) -> Optional[str]:
+    """The speculative decoding the flags ask for: --speculate's, or "draft" when --draft_ckpt is given (None: off).
+    A contradiction is a one-line ValueError."""
+    if args.draft_ckpt is None:
+        if args.speculate == "draft":
+            raise ValueError("--speculate draft needs --draft_ckpt DIR (the draft model's checkpoint)")
+        return args.speculate
+    if args.speculate not in (None, "draft"):
+        raise ValueError(f"--draft_ckpt drafts with a model; drop it or --speculate {args.speculate}")
+    return "draft"
+
+
+def engine_config(args: argparse.Namespace, loaded=None, **fields) -> EngineConfig:
+    """The EngineConfig the flags describe (seed, compile, speculative decoding, prefill chunk), plus fields;
+    loaded (load_from_args') supplies the tensor-parallel group and the draft model."""
+    return EngineConfig(seed=args.seed, compile=args.compile, speculate=speculation(args),
+                        draft_tokens=args.draft_tokens, prefill_chunk=args.prefill_chunk,
+                        process_group=None if loaded is None else loaded.tp_group,
+                        draft_model=None if loaded is None else loaded.draft, **fields)
 
 
 def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -264,13 +286,24 @@ def context_limit(args: argparse.Namespace, model, default: Optional[int] = None
 
 
 def load_from_args(args: argparse.Namespace, log=None, merge_adapter: bool = True, adapters: Optional[list] = None):
-    """loading.load_for_inference with what add_model_args parsed (CPU threads set first); `adapters`, (name, dir)
-    pairs, replaces --adapter's (the server names them for the API)."""
-    from ..inference.loading import LoadOptions, load_for_inference
+    """loading.load_for_inference with what add_model_args parsed (CPU threads set first), and --draft_ckpt's model
+    as loaded.draft; `adapters`, (name, dir) pairs, replaces --adapter's (the server names them for the API)."""
+    from ..inference.loading import LoadOptions, load_draft, load_for_inference
+    draft = speculation(args) == "draft"  # flag contradictions fail here, before any model loads
+    if draft and not Path(args.draft_ckpt).is_dir():
+        raise FileNotFoundError(f"--draft_ckpt {args.draft_ckpt} is not a directory")
+    if draft and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--draft_ckpt cannot be combined with tensor parallelism (run a single process)")
     ckpt, tokenizer = resolve_checkpoint(args)
     set_threads(args)
     options = LoadOptions(tokenizer=tokenizer, adapter=dict((args.adapter if adapters is None else adapters) or {}), quantize=args.quantize,
                           dtype=args.dtype, device=args.device, chat_format=args.chat_format,
                           merge_adapter=merge_adapter, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling,
                           max_seq_len=args.max_seq_len)
-    return load_for_inference(ckpt, options, log=log)
+    loaded = load_for_inference(ckpt, options, log=log)
+    if draft:
+        try:
+            loaded.draft = load_draft(args.draft_ckpt, loaded, log=log)
+        except ValueError as e:
+            raise ValueError(f"--draft_ckpt {e}") from None
+    return loaded
