@@ -579,8 +579,9 @@ class Engine:
             d = drafts.get(b, [])
             tokens[i, :1 + len(d)] = torch.tensor([nxt[b]] + d)
         starts = [self.slots[b].pos for b in feed]
-        step = CacheStep(torch.tensor(starts, device=self.device), rows=torch.tensor(feed, device=self.device),
-                         keys=max(starts) + 1 + K)
+        every = feed == list(range(len(feed)))  # rows 0..n-1: the cache's view, not a gathered copy of its rows
+        step = CacheStep(torch.tensor(starts, device=self.device),
+                         rows=None if every else torch.tensor(feed, device=self.device), keys=max(starts) + 1 + K)
         self._set_adapters([self.slots[b].request.adapter for b in feed])
         logits = self.model(tokens.to(self.device), start_pos=step)  # (n, 1 + K, V)
         self.stats["decode_steps"] += 1
