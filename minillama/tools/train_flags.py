@@ -26,6 +26,8 @@ RENAMED = {"model": "ckpt"}
 DEMO_DATA = recipe_file("train", "data", "reviews.jsonl")
 DEMO_EVAL_DATA = recipe_file("train", "data", "reviews_eval.jsonl")  # held-out reviews for the demo's eval curve
 DEMO_EVAL_EVERY = 4
+DEMO_EVAL_GENERATE = 6  # the demo's held-out prompts, all answered at each eval
+DEMO_REWARD = "minillama.training.rewards:format_reward"  # the demo's generation score: the review headings
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -41,9 +43,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    help=f"eval every N steps, 0: only at the end (default: {DEMO_EVAL_EVERY} for the demo's eval "
                         "data, else 0)")
     p.add_argument("--out", default="out/sft", help="output dir")
-    p.add_argument("--eval_generate", type=nonnegative_int, default=0,
+    p.add_argument("--eval_generate", type=nonnegative_int, default=None,
                    help="at each eval, answer the first N --eval_data prompts greedily and score the answers "
-                        "(exact match with the reference, --eval_regex, --reward); samples in OUT/samples/")
+                        "(exact match with the reference, --eval_regex, --reward); samples in OUT/samples/ "
+                        f"(default: {DEMO_EVAL_GENERATE} for the demo's eval data, scored by --reward {DEMO_REWARD}; "
+                        "else 0)")
     p.add_argument("--eval_max_new_tokens", type=positive_int, default=128, help="--eval_generate: answer length cap")
     p.add_argument("--eval_regex", default=None, help="--eval_generate: score gen/regex, the fraction of answers the "
                                                       "regular expression matches (re.search)")
@@ -196,8 +200,13 @@ def parse_args(argv=None, description: str = "", extend=None, default_lr=(1e-3, 
     recheck_values(parser, args, known.config or (str(saved) if known.resume else ""))
     if args.eval_data is None and Path(args.data).resolve() == DEMO_DATA.resolve():
         args.eval_data = str(DEMO_EVAL_DATA)  # the demo run draws a train and an eval curve
+    demo_eval = args.eval_data == str(DEMO_EVAL_DATA)
     if args.eval_every is None:
-        args.eval_every = DEMO_EVAL_EVERY if args.eval_data == str(DEMO_EVAL_DATA) else 0
+        args.eval_every = DEMO_EVAL_EVERY if demo_eval else 0
+    if args.eval_generate is None:
+        args.eval_generate = DEMO_EVAL_GENERATE if demo_eval else 0
+        if demo_eval and args.reward is None and args.eval_regex is None:
+            args.reward = DEMO_REWARD
     if args.lr is None:
         args.lr = default_lr[0] if args.lora_rank > 0 else default_lr[1]
     if args.quantize and args.lora_rank <= 0:
