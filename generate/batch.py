@@ -10,6 +10,9 @@ With several --adapter NAME=DIR, a line's "adapter" field picks one by name (nul
 OpenAI-style "model" field that names a loaded adapter; lines without either use the first --adapter.
 A line may also set its own sampling: "temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty",
 "presence_penalty", "logit_bias" ({"token id": bias}, OpenAI's) and "min_p" override the flags for that line.
+Structured output: a line's "response_format", in OpenAI's shape ({"type": "json_object"}, {"type": "json_schema",
+"json_schema": {"name", "schema", "strict"}}, the server's {"type": "regex", "regex"}; {"type": "text"}: free), makes
+its answer match; --response_format sets it for lines without one. Constrained and free lines share the batch.
 Output: one line per non-blank input line, {"index", "id"?, "output", "prompt_tokens", "output_tokens", "stop_reason"},
 written (and fsync'ed) as each prompt finishes, then sorted into input order when the run completes.
 Continuous batching: --batch_size prompts are in flight; when one answer ends, its row takes the next prompt at
@@ -35,10 +38,13 @@ from typing import Callable, Optional
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
 from minillama.util.cli import ArgumentParser, positive_int, run
-from minillama.tools.flags import add_model_args, add_sampling_args, context_limit, engine_config, load_from_args, parse_args, sampling_params
+from minillama.tools.flags import (add_model_args, add_sampling_args, context_limit, engine_config,  # noqa: E402
+                                   load_from_args, parse_args, response_format_arg, sampling_params)
 from minillama.util.distributed import cleanup  # noqa: E402
 from minillama.util.files import atomic_write, disk_full_names, require_file  # noqa: E402
-from minillama.inference.generate import generate_continuous  # noqa: E402
+from minillama.inference.constraints import Constraint, check, grammar_vocab, parse_response_format  # noqa: E402
+from minillama.inference.generate import generate_requests  # noqa: E402
+from minillama.inference.request import Request  # noqa: E402
 from minillama.inference.sampling import SamplingParams  # noqa: E402
 from minillama.inference.loading import broadcast_object  # noqa: E402
 from minillama.lora.slots import adapter_names, lora_modules, set_adapter
@@ -55,6 +61,10 @@ def get_args(argv=None):
                    help="prompts decoded together (--max_batch_size: Meta's name)")
     p.add_argument("--chat", action="store_true", help="wrap plain-string / 'prompt' inputs as one user turn")
     p.add_argument("--truncate_left", action="store_true", help="keep the end of prompts longer than the context")
+    p.add_argument("--response_format", type=response_format_arg, default=None, metavar="JSON_OR_FILE",
+                   help='OpenAI\'s response_format for lines without their own, as JSON or a JSON file holding '
+                        'it: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name", "schema", '
+                        '"strict": true}} or {"type": "regex", "regex"} (default: none, such lines are free text)')
     return parse_args(p, argv)
 
 
@@ -137,6 +147,22 @@ def line_sampling(record: dict, default: SamplingParams, vocab: int) -> Sampling
     if any(t >= vocab for t, _ in params.logit_bias):
         raise ValueError(f'"logit_bias" names a token id outside the vocabulary (ids 0..{vocab - 1})')
     return params
+
+
+def line_constraint(record: dict, default: Optional[Constraint], tok, speculate: bool) -> Optional[Constraint]:
+    """The line's "response_format" (absent or null: the --response_format default) as a Constraint checked against
+    the vocabulary, or None for free text; ValueError says what is wrong with it."""
+    c = default
+    if record.get("response_format") is not None:
+        try:
+            c = parse_response_format(record["response_format"])
+            if c is not None:
+                check(c, grammar_vocab(tok))  # a schema the grammar engine rejects is this line's error
+        except ValueError as e:
+            raise ValueError(f'"response_format": {e}') from None
+    if c is not None and speculate:
+        raise ValueError('"response_format": constrained decoding cannot run under --speculate or --draft_ckpt')
+    return c
 
 
 def pick_adapter(record: dict, names: list[str], merged: bool) -> Optional[str]:
@@ -279,9 +305,10 @@ class Progress:
             print(file=self.file, flush=True)
 
 
-def plan_work(args, tok, limit: int, adapters: tuple[list[str], bool] = ([], False)
-              ) -> tuple[list[tuple[int, list[int], object, Optional[str]]], list[dict]]:
-    """(work items (index, ids, id, adapter) not yet in the output, error records for malformed lines)."""
+def plan_work(args, tok, limit: int,
+              adapters: tuple[list[str], bool] = ([], False)) -> tuple[list[Request], list[dict]]:
+    """(a Request for each line not yet in the output: key its index, reply its id; error records for bad lines).
+    Plain data throughout, so tensor parallel can broadcast it; each rank compiles the grammars itself."""
     done = done_indices(args.output)
     work, errors = [], []
     with open(args.input, "rb") as f:
@@ -295,7 +322,9 @@ def plan_work(args, tok, limit: int, adapters: tuple[list[str], bool] = ([], Fal
                 ids = encode_record(record, tok, args.chat)
                 adapter = pick_adapter(record, *adapters)
                 sampling = line_sampling(record, sampling_params(args), tok.vocab_size)
-                if len(ids) + args.max_new_tokens > limit and not args.truncate_left:
+                constraint = line_constraint(record, args.response_format, tok, bool(args.speculate or args.draft_ckpt))
+                room = limit - args.max_new_tokens
+                if len(ids) > room and not args.truncate_left:
                     raise ValueError(f"prompt has {len(ids)} tokens; with --max_new_tokens {args.max_new_tokens} "
                                      f"it exceeds --max_seq_len {limit} (use --truncate_left to keep its end)")
             except ValueError as e:
@@ -303,29 +332,28 @@ def plan_work(args, tok, limit: int, adapters: tuple[list[str], bool] = ([], Fal
                 errors.append({"index": index, **({"id": rec_id} if rec_id is not None else {}), "line": index + 1,
                                "error": str(e)})
                 continue
-            work.append((index, ids, rec_id, adapter, sampling))
+            work.append(Request(ids[-room:], args.max_new_tokens, sampling, frozenset(tok.stop_ids), adapter=adapter,
+                                key=index, reply=rec_id, constraint=constraint))
     return work, errors
 
 
-def run_groups(loaded, work: list, args, merged: bool):
-    """generate_continuous over the work, one adapter at a time; yields (work index, new tokens, stop reason)."""
-    for name in dict.fromkeys(item[3] for item in work):  # adapters in order of first use
-        group = [k for k, item in enumerate(work) if item[3] == name]
+def run_groups(loaded, work: list[Request], args, merged: bool):
+    """generate_requests over the work, one adapter at a time; yields each Request as it finishes."""
+    for name in dict.fromkeys(req.adapter for req in work):  # adapters in order of first use
         if adapter_names(loaded.model) and not merged:
             set_adapter(loaded.model, name)
         # every rank runs the same schedule: tensor parallel broadcasts rank 0's tokens, so rows finish in lockstep
-        finished = generate_continuous(loaded.model, [work[k][1] for k in group], args.max_new_tokens,
-                                       [work[k][4] for k in group], stop_ids=loaded.tok.stop_ids,
-                                       truncate_left=args.truncate_left, max_seq_len=args.max_seq_len,
-                                       config=engine_config(args, loaded, batch_size=args.batch_size,
-                                                            reuse_prefix=True))
-        for j, new, reason in finished:
-            yield group[j], new, reason
+        yield from generate_requests(loaded.model, [req for req in work if req.adapter == name],
+                                     engine_config(args, loaded, batch_size=args.batch_size, reuse_prefix=True),
+                                     grammar=lambda: grammar_vocab(loaded.tok))  # built when a constrained line starts
 
 
 def main(argv=None):
     args = get_args(argv)
     check_paths(args)
+    if args.response_format is not None and (args.speculate or args.draft_ckpt):
+        raise ValueError("--response_format cannot be combined with --speculate or --draft_ckpt: a grammar needs the "
+                         "host after every token")
     lines = input_indices(args.input)
     if not lines:
         raise ValueError(f"--input {args.input} holds no prompts (every line is blank)")
@@ -347,14 +375,13 @@ def main(argv=None):
     for rec in errors if info.is_rank0 else ():
         append_line(out, rec)
         progress.update(1, 0)
-    for k, new, reason in run_groups(loaded, work, args, merged):
+    for req in run_groups(loaded, work, args, merged):
         if not info.is_rank0:
             continue
-        index, ids, rec_id = work[k][:3]
-        text = decode_cut(tok, new) if reason == "length" else tok.decode(new)  # no half character at a cut
-        rec = {"index": index, **({"id": rec_id} if rec_id is not None else {}), "output": text,
-               "prompt_tokens": min(len(ids), limit - args.max_new_tokens), "output_tokens": len(new),
-               "stop_reason": reason}
+        new = req.output
+        text = decode_cut(tok, new) if req.finish == "length" else tok.decode(new)  # no half character at a cut
+        rec = {"index": req.key, **({"id": req.reply} if req.reply is not None else {}), "output": text,
+               "prompt_tokens": len(req.prompt), "output_tokens": len(new), "stop_reason": req.finish}
         append_line(out, rec)
         progress.update(1, len(new))
     if info.is_rank0:

@@ -33,9 +33,9 @@ MESSAGES_3 = [{"role": "system", "content": "Be brief."}, {"role": "user", "cont
               {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another one?"}]
 
 
-def answer_text(tok, new):
-    """An answer cut at MAX_NEW tokens ends on a whole character (decode() would end it in U+FFFD)."""
-    return decode_cut(tok, new) if len(new) == MAX_NEW else tok.decode(new)
+def answer_text(tok, new, max_new=MAX_NEW):
+    """An answer cut at max_new tokens ends on a whole character (decode() would end it in U+FFFD)."""
+    return decode_cut(tok, new) if len(new) == max_new else tok.decode(new)
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +205,137 @@ def test_a_line_sets_its_own_penalties_and_logit_bias_and_the_flags_set_the_rest
     assert recs[1]["output"] == answer_text(tok, want)  # (their effect vs HF: tests/test_serve_eval.py)
     assert recs[2]["output"] == answer_text(tok, [7] * MAX_NEW)  # the flag's bias
     assert "presence_penalty" in recs[3]["error"]
+
+
+# ---- structured output: a per-line response_format ----
+
+REVIEW = {"type": "object", "additionalProperties": False, "required": ["stars", "verdict", "tags"],
+          "properties": {"stars": {"type": "integer", "minimum": 1, "maximum": 5},
+                         "verdict": {"enum": ["good", "bad", "meh"]},
+                         "tags": {"type": "array", "maxItems": 2, "items": {"type": "string", "maxLength": 6}}}}
+REVIEW_FORMAT = {"type": "json_schema", "json_schema": {"name": "review", "schema": REVIEW, "strict": True}}
+REVIEW_MESSAGES = [{"role": "user", "content": "Review the film Alien as JSON."}]
+STRUCTURED_NEW = 40
+
+
+def load_batch_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("batch_structured_script", BATCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def brace_bias(tok) -> dict:
+    """+100 on '"' and '}': under json_object the tiny random model then ends its object within a few tokens
+    (unbiased it runs on inside one key past any max_new_tokens); free, the same bias writes no JSON at all."""
+    ids = [tok.encode(ch, bos=False) for ch in ('"', "}")]
+    assert all(len(i) == 1 for i in ids)
+    return {str(i[0]): 100 for i in ids}
+
+
+def is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def engine_alone(model, tok, ids, constraint, sampling=None):
+    """Greedy answer of one constrained Request on its own engine (the server's path): decoded text."""
+    from minillama.inference.constraints import grammar_vocab
+    from minillama.inference.generate import generate_requests
+    from minillama.inference.request import Request
+    from minillama.inference.sampling import SamplingParams
+    req = Request(ids, STRUCTURED_NEW, sampling or SamplingParams(), frozenset(tok.stop_ids), constraint=constraint)
+    with torch.no_grad():
+        (done,) = generate_requests(model, [req], grammar=lambda: grammar_vocab(tok))
+    assert done.finish == "stop", tok.decode(done.output)
+    return tok.decode(done.output)
+
+
+def run_structured(tiny_dir, inp, out, *extra):
+    cmd = [sys.executable, BATCH, "--ckpt", tiny_dir, "--input", inp, "--output", out, "--max_new_tokens",
+           str(STRUCTURED_NEW), "--batch_size", "3", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+def test_constrained_and_free_lines_share_a_batch_and_each_answer_is_what_it_would_be_alone(tiny_dir, tmp_path):
+    """A json_schema line, a json_object line and free lines in one batch: the schema line's answer validates, the
+    object line's parses, both equal the engine's constrained answer alone; a free line equals plain greedy
+    generation (the constrained rows beside it changed nothing); bad response_formats are their lines' errors."""
+    pytest.importorskip("llguidance")
+    jsonschema = pytest.importorskip("jsonschema")
+    from minillama.inference.constraints import Constraint
+    from minillama.inference.sampling import SamplingParams
+    model, tok = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    bias = brace_bias(tok)
+    paris = "Describe Paris as a JSON object."
+    lines = [{"id": "r", "messages": REVIEW_MESSAGES, "response_format": REVIEW_FORMAT},
+             {"prompt": paris, "response_format": {"type": "json_object"}, "logit_bias": bias},
+             {"prompt": "The capital of France is"},
+             {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
+             {"id": 5, "prompt": "x", "response_format": {"type": "xml"}},
+             {"prompt": paris, "logit_bias": bias}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    proc = run_structured(tiny_dir, inp, out)
+    assert proc.returncode == 0, proc.stderr
+    recs = read_jsonl(out)
+    assert [r["index"] for r in recs] == list(range(6))
+
+    review = json.loads(recs[0]["output"])
+    jsonschema.validate(review, REVIEW)
+    assert recs[0]["id"] == "r" and recs[0]["stop_reason"] == "stop"
+    assert recs[0]["output"] == engine_alone(model, tok, tok.encode_dialog(REVIEW_MESSAGES),
+                                             Constraint("json_schema", REVIEW))
+    assert isinstance(json.loads(recs[1]["output"]), dict) and recs[1]["stop_reason"] == "stop"
+    assert recs[1]["output"] == engine_alone(model, tok, tok.encode(paris, bos=True), Constraint("json_object"),
+                                             SamplingParams(logit_bias={int(t): b for t, b in bias.items()}))
+    free = generate(model, [tok.encode("The capital of France is", bos=True)], STRUCTURED_NEW, stop_ids=tok.stop_ids)
+    assert recs[2]["output"] == answer_text(tok, free[0], STRUCTURED_NEW)
+    assert not is_json_object(recs[5]["output"])  # the same biased prompt, free: the grammar made line 2's JSON
+
+    assert recs[3]["line"] == 4 and "response_format" in recs[3]["error"] and "nope" in recs[3]["error"]
+    assert recs[4] == {"index": 4, "id": 5, "line": 5, "error": recs[4]["error"]} and "xml" in recs[4]["error"]
+    assert f"{inp}:4: skipped: " in proc.stderr and f"{inp}:5: skipped: " in proc.stderr
+
+
+def test_response_format_flag_sets_lines_without_their_own_and_a_bad_value_stops_before_loading(tiny_dir, tmp_path):
+    pytest.importorskip("llguidance")
+    jsonschema = pytest.importorskip("jsonschema")
+    from minillama.inference.constraints import Constraint
+    model, tok = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    schema_file = tmp_path / "review.json"
+    schema_file.write_text(json.dumps(REVIEW_FORMAT))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in [
+        {"messages": REVIEW_MESSAGES}, {"prompt": "The capital of France is", "response_format": {"type": "text"}}]))
+    proc = run_structured(tiny_dir, inp, out, "--response_format", schema_file)
+    assert proc.returncode == 0, proc.stderr
+    recs = read_jsonl(out)
+    jsonschema.validate(json.loads(recs[0]["output"]), REVIEW)
+    assert recs[0]["output"] == engine_alone(model, tok, tok.encode_dialog(REVIEW_MESSAGES),
+                                             Constraint("json_schema", REVIEW))
+    free = generate(model, [tok.encode("The capital of France is", bos=True)], STRUCTURED_NEW, stop_ids=tok.stop_ids)
+    assert recs[1]["output"] == answer_text(tok, free[0], STRUCTURED_NEW)  # {"type": "text"}: free
+
+    for value, says in [('{"type": "regex", "regex": "(unclosed"}', "unclosed group"),
+                        (str(tmp_path / "missing.json"), "neither a JSON object nor an existing JSON file"),
+                        ('{"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}', "nope")]:
+        proc = run_structured(tmp_path / "no_model", inp, tmp_path / "o2.jsonl", "--response_format", value)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and len(err.splitlines()) == 1, err  # no model was looked for
+        assert "argument --response_format: " in err and says in err, err
+
+
+def test_without_llguidance_a_structured_line_says_how_to_install_it(tiny_dir, monkeypatch):
+    batch = load_batch_script()
+    tok = load_tokenizer(tiny_dir)  # fresh: no grammar vocabulary cached on it
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance now raises ImportError
+    with pytest.raises(ValueError, match=r"""needs llguidance: pip install 'minillama\[structured\]'"""):
+        batch.line_constraint({"prompt": "x", "response_format": {"type": "json_object"}}, None, tok, False)
+    assert batch.line_constraint({"prompt": "x"}, None, tok, False) is None  # free lines need nothing
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="pip install"):
+        batch.response_format_arg('{"type": "json_object"}')

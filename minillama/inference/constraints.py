@@ -52,7 +52,8 @@ def _llguidance():
         import llguidance
         import llguidance.torch  # noqa: F401
     except ImportError:
-        raise ValueError("structured output needs llguidance: pip install -e '.[structured]'") from None
+        raise ValueError("structured output needs llguidance: pip install 'minillama[structured]' (in a checkout: "
+                         "pip install -e '.[structured]')") from None
     return llguidance
 
 
@@ -124,13 +125,20 @@ def grammar_of(c: Constraint) -> str:
     raise ValueError(f"unknown constraint kind {c.kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def check(c: Constraint, vocab: GrammarVocab) -> str:
-    """The grammar of c, validated against the vocabulary; ValueError with llguidance's message if it is invalid."""
+def check(c: Constraint, vocab: Optional[GrammarVocab] = None) -> str:
+    """The grammar of c, validated (against the vocabulary when given: without it only the schema / regex itself,
+    which needs no tokenizer); ValueError with llguidance's message if it is invalid."""
     grammar = grammar_of(c)
-    is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar, vocab.ll)
+    is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar, vocab.ll if vocab else None)
     if is_error:
-        raise ValueError(f"{c.kind}: {messages[0]}")
+        raise ValueError(f"{c.kind}: {_one_line(messages[0])}")
     return grammar
+
+
+def _one_line(message: str) -> str:
+    """llguidance's message without its indented code frame (the source echoed, a caret under it): one line."""
+    kept = [line.strip() for line in message.splitlines() if line.strip() and not line[0].isspace()]
+    return " ".join(kept) or " ".join(message.split())
 
 
 def new_row_state(vocab: GrammarVocab, c: Constraint, grammar: Optional[str] = None) -> RowState:

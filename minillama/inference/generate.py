@@ -1,8 +1,11 @@
-"""generate() and generate_continuous(): prompts in, answers out, through the engine (the one decode loop).
+"""generate(), generate_continuous() and generate_requests(): prompts in, answers out, through the engine (the one
+decode loop).
 
 generate() admits every prompt at once (one cache row each, prefilled together) and syncs with the host only every
-EngineConfig.sync_every steps; generate_continuous() keeps batch_size rows busy and yields each answer as it ends.
-Both check their arguments before the first forward.
+EngineConfig.sync_every steps; generate_continuous() keeps batch_size rows busy and yields each answer as it ends;
+generate_requests() does the same for Requests that each carry their own settings (sampling, stop ids, a constraint:
+structured output).
+Each checks its arguments before the first forward.
 Shape letters: B rows, V vocabulary.
 """
 
@@ -10,16 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from ..rope import runs_past_context
+from .constraints import GrammarVocab
 from .engine import Engine, EngineConfig
 from .request import Request
 from .sampling import SamplingParams
 
-__all__ = ["generate", "generate_continuous", "SamplingParams", "EngineConfig"]
+__all__ = ["generate", "generate_continuous", "generate_requests", "SamplingParams", "EngineConfig", "Request"]
 
 
 def _check_prompts(model, prompts, max_new_tokens: int, max_seq_len: Optional[int],
@@ -55,21 +59,28 @@ def _check_prompts(model, prompts, max_new_tokens: int, max_seq_len: Optional[in
     return out
 
 
-def _engine_for(model, prompts: list[list[int]], max_new_tokens: int, sampling, stop_ids,
-                config: Optional[EngineConfig]) -> tuple[Engine, list[Request]]:
-    """An engine sized for these prompts (one row each unless config.batch_size), every request submitted;
-    sampling: one SamplingParams for all, or a list with one per prompt."""
-    config = config or EngineConfig()
-    config = dataclasses.replace(config, batch_size=min(config.batch_size or len(prompts), len(prompts)),
-                                 cache_len=max(config.cache_len or 0, max(len(p) for p in prompts) + max_new_tokens))
-    engine = Engine(model, config)
+def _requests(prompts: list[list[int]], max_new_tokens: int, sampling, stop_ids) -> list[Request]:
+    """One Request per prompt, keyed by its index; sampling: one SamplingParams for all, or a list with one per
+    prompt."""
     stop = frozenset(int(s) for s in stop_ids)
     per = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
     if len(per) != len(prompts):
         raise ValueError(f"sampling has {len(per)} entries for {len(prompts)} prompts")
-    reqs = [engine.submit(Request(p, max_new_tokens, s or SamplingParams(), stop, key=i))
+    return [Request(p, max_new_tokens, s or SamplingParams(), stop, key=i)
             for i, (p, s) in enumerate(zip(prompts, per))]
-    return engine, reqs
+
+
+def _engine_for(model, requests: list[Request], config: Optional[EngineConfig],
+                grammar: Optional[Callable[[], GrammarVocab]] = None) -> Engine:
+    """An engine sized for these requests (one row each unless config.batch_size), every one submitted."""
+    config = config or EngineConfig()
+    longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    config = dataclasses.replace(config, batch_size=min(config.batch_size or len(requests), len(requests)),
+                                 cache_len=max(config.cache_len or 0, longest))
+    engine = Engine(model, config, grammar=grammar)
+    for r in requests:
+        engine.submit(r)
+    return engine
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Optional[SamplingParams] = None,
@@ -83,7 +94,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampl
     speculative decoding, ...); by default every prompt gets its own cache row.
     """
     prompts = _check_prompts(model, prompts, max_new_tokens, max_seq_len, truncate_left)
-    engine, reqs = _engine_for(model, prompts, max_new_tokens, sampling, stop_ids, config)
+    reqs = _requests(prompts, max_new_tokens, sampling, stop_ids)
+    engine = _engine_for(model, reqs, config)
     while engine.busy:
         engine.step(engine.config.sync_every)
     return [r.output for r in reqs]
@@ -104,12 +116,24 @@ def generate_continuous(model, prompts: Sequence[Sequence[int]], max_new_tokens:
     before the first prefill.
     """
     prompts = _check_prompts(model, prompts, max_new_tokens, max_seq_len, truncate_left)
-    engine, _ = _engine_for(model, prompts, max_new_tokens, sampling, stop_ids, config)
-    return _finished(engine)
+    engine = _engine_for(model, _requests(prompts, max_new_tokens, sampling, stop_ids), config)
+    return ((req.key, req.output, req.finish) for req in _finished(engine))
 
 
-def _finished(engine: Engine) -> Iterator[tuple[int, list[int], str]]:
+def generate_requests(model, requests: Sequence[Request], config: Optional[EngineConfig] = None,
+                      grammar: Optional[Callable[[], GrammarVocab]] = None) -> Iterator[Request]:
+    """Continuous batching over Requests, each with its own prompt, max_new_tokens, sampling, stop ids and constraint:
+    yield each as it ends (output and finish filled in). Constrained and free requests share the batch; grammar
+    returns the tokenizer's constraints.GrammarVocab (grammar_vocab(tok)), needed when any request has a constraint.
+    The engine is sized as in generate_continuous(); prompts must already fit the model's context (no truncation
+    here). Bad requests raise here, before the first prefill."""
+    if not requests:
+        raise ValueError("requests must be a non-empty list of Requests")
+    return _finished(_engine_for(model, list(requests), config, grammar))
+
+
+def _finished(engine: Engine) -> Iterator[Request]:
     while engine.busy:
         for ev in engine.step():
             if ev.finish is not None:
-                yield ev.request.key, ev.request.output, ev.finish
+                yield ev.request

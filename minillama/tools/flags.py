@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..inference.constraints import Constraint, check, parse_response_format
 from ..inference.engine import SPECULATE, EngineConfig
 from ..inference.sampling import SamplingParams
 from ..rope import check_rope_scaling, runs_past_context
@@ -26,29 +27,46 @@ from ..util.dtypes import DTYPE_NAMES
 from ..util.files import read_json
 
 
-def rope_scaling_arg(text: str) -> dict:
-    """--rope_scaling: a JSON object, or the path of a JSON file holding one; its keys are checked here.
-
-    'null' or {"rope_type": "default"} removes the checkpoint's scaling."""
+def json_arg(text: str, flag: str):
+    """A flag's JSON value, given inline (an object, or null) or as the path of a JSON file holding an object;
+    ArgumentTypeError says what is wrong."""
     stripped = text.strip()
     if stripped.startswith("{") or stripped == "null":
         try:
-            value = json.loads(stripped)
+            return json.loads(stripped)
         except json.JSONDecodeError as e:
             raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:
             raise argparse.ArgumentTypeError("JSON nested too deeply to read") from None
-    elif Path(text).is_file():
+    if Path(text).is_file():
         try:
-            value = read_json(Path(text), "--rope_scaling")
+            return read_json(Path(text), flag)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-    else:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a JSON object nor an existing JSON file")
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a JSON object nor an existing JSON file")
+
+
+def rope_scaling_arg(text: str) -> dict:
+    """--rope_scaling: a JSON object, or the path of a JSON file holding one; its keys are checked here.
+
+    'null' or {"rope_type": "default"} removes the checkpoint's scaling."""
+    value = json_arg(text, "--rope_scaling")
     try:
         return check_rope_scaling(value, "--rope_scaling")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--rope_scaling: ")) from None
+
+
+def response_format_arg(text: str) -> Optional[Constraint]:
+    """--response_format: OpenAI's response_format as JSON or a JSON file -> its Constraint (None: free text); the
+    schema or regex is checked here, before the model loads (llguidance needs no tokenizer for that)."""
+    try:
+        c = parse_response_format(json_arg(text, "--response_format"))
+        if c is not None:
+            check(c)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return c
 
 
 def add_rope_args(p: argparse.ArgumentParser) -> None:
