@@ -14,7 +14,7 @@ from minillama.training.loss import SequenceLogprobs
 from minillama.training.preference import PrefConfig, _pair_terms, dpo_loss, orpo_loss, summarize
 from minillama.training.preference_data import collate_pairs, load_pairs, to_pair, tokenize_pair
 from minillama.tokenizer.tokenizer import load_tokenizer
-from sft_helpers import REPO, free_port, metrics, tiny_checkpoint, write_jsonl
+from sft_helpers import REPO, free_port, metrics, tiny_checkpoint, write_jsonl, read_safetensors
 
 trl = pytest.importorskip("trl")
 
@@ -216,3 +216,23 @@ def test_full_dpo_precomputes_its_reference_and_orpo_trains_without_one(tiny):
     assert steps[-1]["loss"] < steps[0]["loss"] and not (d / "orpo" / "reference_logps.json").exists()
     bad = run_dpo(common + ["--out", str(d / "bad"), "--loss", "orpo", "--label_smoothing", "0.1"], check=False)
     assert bad.returncode == 1 and "--label_smoothing is DPO's" in bad.stderr
+
+
+def test_a_run_started_from_an_adapter_takes_it_as_the_reference(tiny):
+    # DPO after SFT: --init_adapter starts the policy from the SFT adapter and makes that adapter (frozen) the
+    # reference, so the first step has policy == reference (loss ln 2, margins 0) although the adapter moved the
+    # model away from the base; with the base as reference the first loss would differ from ln 2.
+    d, ckpt = tiny
+    data = write_jsonl(d / "init.jsonl", pair_records(8, 2))
+    common = ["--model", str(ckpt), "--data", str(data), "--batch_size", "4", "--lora_rank", "4",
+              "--lora_alpha", "8", "--pack", "--seq_len", "256"]
+    run_dpo(common + ["--out", str(d / "sftish"), "--max_steps", "4", "--lr", "5e-2"])
+    first = metrics(d / "sftish")
+    assert abs([r for r in first if "loss" in r][-1]["rewards/margins"]) > 1e-3  # the adapter moved the policy
+    run_dpo(common + ["--out", str(d / "cont"), "--max_steps", "2", "--lr", "1e-2",
+                      "--init_adapter", str(d / "sftish" / "final")])
+    steps = [r for r in metrics(d / "cont") if "loss" in r]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and steps[0]["rewards/margins"] == 0.0
+    assert steps[1]["rewards/margins"] != 0.0  # and it trains from there
+    saved = read_safetensors(d / "cont" / "final")
+    assert saved.keys() == read_safetensors(d / "sftish" / "final").keys()  # the trained adapter, not the reference

@@ -17,6 +17,7 @@ cannot put DoRA on transformers 5's fused expert parameters, so such an adapter 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Optional
 
@@ -26,7 +27,8 @@ from torch import nn
 
 from ..hf_names import HF_TARGET_TO_META as LINEAR_TARGETS  # PEFT names -> our linear leaf names
 from .experts import LoRAExperts
-from .slots import AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, lora_modules, lora_scaling
+from .slots import (AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, adapter_names, lora_modules, lora_scaling,
+                    set_adapter)
 from ..moe import Experts
 from ..quant import NF4Experts, NF4Linear, NF4Weight, nf4_linear
 from ..weight_only import Int4Weight, Int8Weight, QuantLinear
@@ -339,6 +341,29 @@ def set_lora_enabled(model: nn.Module, enabled: bool):
         if m.merged and not enabled:
             raise ValueError(f"set_lora_enabled: {name} is merged into its base weight; call unmerge_lora first")
         m.enabled = enabled
+
+
+REFERENCE_ADAPTER = "reference"  # a run's frozen starting adapter (--init_adapter): the reference policy
+
+
+@contextmanager
+def reference_policy(model: nn.Module):
+    """The model as DPO/KTO/GRPO's reference policy while inside: its frozen REFERENCE_ADAPTER when the run started
+    from an adapter (the starting policy, as TRL's ref_adapter_name), else the base with LoRA off; no second copy."""
+    if REFERENCE_ADAPTER not in adapter_names(model):
+        set_lora_enabled(model, False)
+        try:
+            yield model
+        finally:
+            set_lora_enabled(model, True)
+        return
+    before = [(m, m.selection) for _, m in lora_modules(model)]
+    set_adapter(model, REFERENCE_ADAPTER)
+    try:
+        yield model
+    finally:
+        for m, selection in before:
+            m.select(selection)
 
 
 # ---- whole modules trained beside LoRA (saved as PEFT modules_to_save) ----

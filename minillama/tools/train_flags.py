@@ -81,8 +81,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--lora_alpha", type=positive_float, default=32.0, help="LoRA scaling is alpha / rank")
     p.add_argument("--init_adapter", default=None,
                    help="start the LoRA adapter from this PEFT adapter dir (e.g. an SFT run's OUT/final) instead of "
-                        "B = 0; its r, lora_alpha and DoRA must equal --lora_rank, --lora_alpha, --use_dora. The "
-                        "reference of DPO/KTO/GRPO stays the base with adapters off, as in TRL with a PEFT model")
+                        "B = 0; its r, lora_alpha and DoRA must equal --lora_rank, --lora_alpha, --use_dora. A frozen "
+                        "copy of it is the reference of DPO/KTO/GRPO (the starting policy, as TRL's ref_adapter_name)")
     p.add_argument("--lora_dropout", type=unit_fraction, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--lora_targets", nargs="+", default=["all-linear"],
                    help="PEFT names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head experts "

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from ..args import rope_settings
 from ..checkpoints import load_model
-from ..lora.layers import apply_lora, set_trainable
+from ..lora.layers import REFERENCE_ADAPTER, apply_lora, set_trainable
 from ..lora.peft import load_adapter
 from ..lora.slots import adapter_names
 from ..quant import NF4Weight
@@ -143,7 +143,8 @@ def build_model(cfg: TrainConfig, info, compute_dtype, log, wrap=CausalLMLoss, l
         apply_lora(model, lora.rank, lora.alpha, lora.dropout, targets=list(lora.targets), use_dora=lora.use_dora)
         if lora.init_adapter:  # its factors replace the fresh ones (still trainable); modules it lacks keep B = 0
             load_adapter(model, lora.init_adapter, name=adapter_names(model)[0])
-            log.message(f"adapter starts from {lora.init_adapter}")
+            load_adapter(model, lora.init_adapter, name=REFERENCE_ADAPTER)  # a frozen copy: the reference policy
+            log.message(f"adapter starts from {lora.init_adapter} (also the frozen reference of DPO/KTO/GRPO)")
         if lora.modules_to_save:
             whole = set_trainable(model, list(lora.modules_to_save))
             for p in (p for n, p in model.named_parameters() if n in whole):

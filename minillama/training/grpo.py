@@ -33,7 +33,7 @@ import torch.nn as nn
 from ..inference.engine import EngineConfig
 from ..inference.generate import generate
 from ..inference.sampling import SamplingParams
-from ..lora.layers import set_lora_enabled
+from ..lora.layers import reference_policy
 from .data import IGNORE
 from .generation_eval import generating
 from .loss import chunked_token_logprobs
@@ -238,15 +238,13 @@ class GRPO:
 
     @torch.no_grad()
     def reference_logps(self, root, tokens, targets, positions) -> torch.Tensor:
-        """The reference's log-probs of the completion tokens (LoRA: adapters off; full: the frozen copy)."""
+        """The reference's log-probs of the completion tokens (LoRA: the starting adapter, or adapters off; full: the
+        frozen copy)."""
         if self.ref_root is not None:
             full = self.ref_root(tokens, targets)
         else:
-            set_lora_enabled(self.model, False)
-            try:
+            with reference_policy(self.model):
                 full = root(tokens, targets)
-            finally:
-                set_lora_enabled(self.model, True)
         return full.gather(1, positions)  # (N, T)
 
     def count(self, root, rows: list) -> dict[str, float]:

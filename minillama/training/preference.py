@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..lora.layers import set_lora_enabled
+from ..lora.layers import reference_policy
 from .packing import plan_epoch
 from .preference_data import Pair, PairBatch, collate_pairs
 from .schedule import BatchSplit
@@ -105,15 +105,12 @@ def _inputs(mb: PairBatch, device) -> dict:
 @torch.no_grad()
 def reference_doc_logps(root, model, inputs: dict, mb: PairBatch, table: Optional[torch.Tensor]) -> torch.Tensor:
     """The reference's log-prob sum per document of a micro-batch: looked up in a precomputed (n, 2) table (full
-    fine-tuning), else the model with its adapters switched off (LoRA: no second copy). (n_docs,)"""
+    fine-tuning), else the model as its reference policy (LoRA: the starting adapter or none; no second copy). (n_docs,)"""
     if table is not None:
         ids = torch.tensor(mb.pair_ids, dtype=torch.long)
         return table[ids].reshape(-1).to(device=inputs["tokens"].device, dtype=torch.float32)
-    set_lora_enabled(model, False)
-    try:
+    with reference_policy(model):
         return root(**inputs)[0]
-    finally:
-        set_lora_enabled(model, True)
 
 
 def _doc_tokens(doc_index: torch.Tensor, n_docs: int) -> torch.Tensor:

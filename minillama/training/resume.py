@@ -102,6 +102,7 @@ def save_lora_adapter(model: nn.Module, out_dir: Path, base: Optional[str], rank
     """Gather every LoRA factor and whole trained module (a collective: all ranks call this) and write a PEFT
     adapter on rank 0."""
     from ..lora.peft import save_adapter
+    from ..lora.slots import adapter_names
 
     swapped, full = [], {}
     for m in model.modules():
@@ -115,7 +116,7 @@ def save_lora_adapter(model: nn.Module, out_dir: Path, base: Optional[str], rank
             m._parameters[name] = full[id(p)]  # plain tensors while save_adapter reads them
     try:
         if rank0:
-            save_adapter(model, out_dir, base_model_name_or_path=base)
+            save_adapter(model, out_dir, base_model_name_or_path=base, name=adapter_names(model)[0])  # the trained one
     finally:
         for m, name, p in swapped:
             m._parameters[name] = p
