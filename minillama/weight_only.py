@@ -9,7 +9,9 @@ On CPU the matmul runs PyTorch's packed kernels (torch._weight_int8pack_mm, torc
 read the 1- or 0.5-byte weights directly. Elsewhere, and for shapes the int4 CPU kernel refuses (rows not a multiple
 of 16), the weight is dequantized to the activations' dtype for each matmul. Scales follow the model's dtype (a
 bfloat16 model keeps bfloat16 scales, as gpt-fast does). Layers are quantized as they load (checkpoint.load_model),
-one tensor at a time; LoRA wraps a quantized linear like any other (lora.LoRALinear calls `weight.linear`).
+one tensor at a time, or once by `minillama-convert --quantize` into a checkpoint that loads as saved
+(checkpoints/quantized.py; it keeps int4 in the "plain" layout, repacked for the CPU kernel on load). LoRA wraps a
+quantized linear like any other (lora.LoRALinear calls `weight.linear`).
 
 Measured (tests/test_weight_only.py): on Gaussian weights the relative RMS weight error is ~0.0045 (int8) and ~0.08
 (int4, G=32) / ~0.095 (G=128); on SmolLM2-135M the perplexity change is in the README (Deploy section).
@@ -35,16 +37,53 @@ def int4_group_size(in_features: int, largest: int = 128) -> Optional[int]:
     return next((g for g in INT4_GROUPS if g <= largest and in_features % g == 0), None)
 
 
+def int8_quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A (out, in) weight -> {"packed": int8 codes (out, in) in -127..127, "scale": (out,) in the weight's dtype}."""
+    w = weight.detach().float()
+    scale = w.abs().amax(1).clamp_min(1e-12) / 127  # (out,)
+    return {"packed": torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), "scale": scale.to(weight.dtype)}
+
+
+def int4_quantize(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """A (out, in) weight -> {"packed": (out, in/2) uint8 codes 0..15, two per byte, column 2j in the low nibble,
+    "scales_and_zeros": (in/G, out, 2) in the weight's dtype}: w ~ (q - 8) * scale + zero."""
+    out, n_in = weight.shape
+    if n_in % group_size:
+        raise ValueError(f"Int4Weight: rows of {n_in} weights do not split into groups of {group_size}")
+    w = weight.detach().float().view(out, n_in // group_size, group_size)  # (out, groups, G)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)  # (out, groups)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(out, n_in)
+    zero = lo + 8 * scale
+    return {"packed": q[:, 0::2] | (q[:, 1::2] << 4),
+            "scales_and_zeros": torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(weight.dtype)}
+
+
+def _new(cls):
+    """An empty instance of a module class, for the constructors from saved tensors."""
+    self = cls.__new__(cls)
+    nn.Module.__init__(self)
+    return self
+
+
 class Int8Weight(nn.Module):
     """A frozen (out, in) weight as int8 codes `packed` (out, in) and per-row `scale` (out,) in the weight's dtype."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(1).clamp_min(1e-12) / 127  # (out,)
-        self.register_buffer("packed", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(weight.dtype))
-        self.shape = tuple(weight.shape)
+        self._hold(**int8_quantize(weight))
+
+    @classmethod
+    def from_saved(cls, packed: torch.Tensor, scale: torch.Tensor) -> "Int8Weight":
+        """From int8_quantize's tensors (a quantized checkpoint's), as they are."""
+        self = _new(cls)
+        self._hold(packed, scale)
+        return self
+
+    def _hold(self, packed: torch.Tensor, scale: torch.Tensor) -> None:
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.shape = tuple(packed.shape)
 
     @property
     def device(self) -> torch.device:
@@ -74,21 +113,23 @@ class Int4Weight(nn.Module):
 
     def __init__(self, weight: torch.Tensor, group_size: int):
         super().__init__()
-        out, n_in = weight.shape
-        if n_in % group_size:
-            raise ValueError(f"Int4Weight: rows of {n_in} weights do not split into groups of {group_size}")
-        w = weight.detach().float().view(out, n_in // group_size, group_size)  # (out, groups, G)
-        lo, hi = w.amin(-1), w.amax(-1)
-        scale = ((hi - lo) / 15).clamp_min(1e-12)  # (out, groups)
-        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(out, n_in)
-        zero = lo + 8 * scale
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-                             .to(weight.dtype))  # (groups, out, 2)
-        self.kernel = "cpu" if weight.device.type == "cpu" and out % 16 == 0 else "plain"
+        self._hold(**int4_quantize(weight, group_size), group_size=group_size)
+
+    @classmethod
+    def from_saved(cls, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> "Int4Weight":
+        """From int4_quantize's tensors (a quantized checkpoint's), repacked for the CPU kernel where it applies."""
+        self = _new(cls)
+        self._hold(packed, scales_and_zeros, group_size)
+        return self
+
+    def _hold(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> None:
+        """packed: int4_quantize's plain layout (out, in/2), kept as it is or repacked for the CPU kernel (exact)."""
+        out, n_in = packed.shape[0], packed.shape[1] * 2
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (groups, out, 2)
+        self.kernel = "cpu" if packed.device.type == "cpu" and out % 16 == 0 else "plain"
         if self.kernel == "cpu":
-            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (out, in/2) uint8
-        else:
-            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+            q = torch.stack([packed & 15, packed >> 4], -1).view(out, n_in).to(torch.int32)  # (out, in)
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (out, in/2) uint8, the kernel's own order
         self.register_buffer("packed", packed)
         self.shape, self.group_size = (out, n_in), group_size
 
@@ -146,35 +187,68 @@ def parse_quantize(name: str) -> tuple[str, Optional[int]]:
     return ("int8", None) if name == "int8" else ("int4", int(name.split("-g")[1]) if "-g" in name else 32)
 
 
-def quantized_weight(name: str, tensor: torch.Tensor, head: bool = False) -> Optional[nn.Module]:
-    """The `name` format of a (out, in) weight; int4's output head is int8 (as llama.cpp keeps the head at higher
-    precision); None when no int4 group divides the rows (the layer stays in float)."""
+def weight_format(name: str, key: str, shape: tuple) -> Optional[tuple[str, Optional[int]]]:
+    """How quantize `name` stores the model tensor `key` of `shape`: ('int8', None), ('int4', G), or None when it
+    stays in float (not a layer linear or the head, or no int4 group divides its rows). The output head is int8
+    under int4 too (llama.cpp keeps the head at higher precision)."""
+    m = _LINEAR_KEY.fullmatch(key)
+    if m is None or len(shape) != 2:
+        return None
     kind, largest = parse_quantize(name)
-    if kind == "int8" or head:
-        return Int8Weight(tensor)
-    group = int4_group_size(tensor.shape[1], largest)
-    return None if group is None else Int4Weight(tensor, group)
+    if kind == "int8" or m.group(1) == "output":
+        return "int8", None
+    group = int4_group_size(shape[1], largest)
+    return None if group is None else ("int4", group)
+
+
+def saved_layout(fmt: tuple[str, Optional[int]], shape: tuple, dtype: torch.dtype) -> dict[str, tuple]:
+    """{tensor suffix: (shape, dtype)} that int8_quantize / int4_quantize make for a (out, in) weight of `dtype`."""
+    out, n_in = shape
+    if fmt[0] == "int8":
+        return {"packed": ((out, n_in), torch.int8), "scale": ((out,), dtype)}
+    return {"packed": ((out, n_in // 2), torch.uint8), "scales_and_zeros": ((n_in // fmt[1], out, 2), dtype)}
+
+
+def quantize_weight(fmt: tuple[str, Optional[int]], weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A (out, in) weight in format `fmt` (weight_format's), as saved_layout says."""
+    return int8_quantize(weight) if fmt[0] == "int8" else int4_quantize(weight, fmt[1])
+
+
+def weight_from_saved(fmt: tuple[str, Optional[int]], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The Int8Weight / Int4Weight quantize_weight's tensors describe (shapes checked by the caller)."""
+    if fmt[0] == "int8":
+        return Int8Weight.from_saved(tensors["packed"], tensors["scale"])
+    return Int4Weight.from_saved(tensors["packed"], tensors["scales_and_zeros"], fmt[1])
+
+
+def _quantized(fmt: tuple[str, Optional[int]], weight: torch.Tensor) -> nn.Module:
+    return Int8Weight(weight) if fmt[0] == "int8" else Int4Weight(weight, fmt[1])
 
 
 def load_weight_only_(model: nn.Module, key: str, tensor: torch.Tensor, name: str) -> bool:
     """Quantize `tensor` into the model if `key` is a layer linear's weight; False leaves it to the caller
     (checkpoint.load_model, which quantizes the head once it is loaded or tied). Works on a meta-device model."""
-    m = _LINEAR_KEY.fullmatch(key)
-    if m is None or m.group(1) == "output" or tensor.dim() != 2:
+    if key == "output.weight":
         return False
-    weight = quantized_weight(name, tensor)
-    if weight is None:
+    fmt = weight_format(name, key, tuple(tensor.shape))
+    if fmt is None:
         return False
-    parent, _, leaf = m.group(1).rpartition(".")
-    setattr(model.get_submodule(parent), leaf, QuantLinear(weight))
+    set_quantized_(model, key, _quantized(fmt, tensor))
     return True
+
+
+def set_quantized_(model: nn.Module, key: str, weight: nn.Module) -> None:
+    """Replace the linear whose weight is `key` ('layers.0.attention.wq.weight') by a QuantLinear on `weight`."""
+    parent, _, leaf = key.removesuffix(".weight").rpartition(".")
+    setattr(model.get_submodule(parent), leaf, QuantLinear(weight))
 
 
 @torch.no_grad()
 def quantize_head_(model: nn.Module, name: str) -> None:
     """The output head as int8 (its own copy when tied: the embedding rows stay in float for the lookup)."""
     if isinstance(model.output, nn.Linear):
-        model.output = QuantLinear(quantized_weight(name, model.output.weight.data, head=True))
+        w = model.output.weight.data
+        set_quantized_(model, "output.weight", _quantized(weight_format(name, "output.weight", tuple(w.shape)), w))
 
 
 @torch.no_grad()

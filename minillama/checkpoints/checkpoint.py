@@ -22,22 +22,25 @@ from ..model import Transformer
 from .hf_format import hf_key_files, hf_plan, hf_weight_files, is_hf_dir, read_hf_args, write_hf_weights
 from .meta_format import (EXTRAS_NAME, check_meta_split, is_meta_dir, meta_params, meta_plan, meta_weight_files,
                           read_meta_args, write_meta_weights)
-from .shards import Entry, TensorFiles, check_plan, read_entry
+from .quantized import is_quantized_dir, load_quantized, read_quant_config, stored_dtype, write_quantized_weights
+from .shards import Entry, TensorFiles, check_finite, check_plan, read_entry
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
-__all__ = ["load_model", "plan_checkpoint", "read_model_args", "save_hf", "save_meta", "detect_format", "TOKENIZER_FILES"]
+__all__ = ["load_model", "plan_checkpoint", "read_model_args", "save_hf", "save_meta", "save_quantized", "detect_format",
+           "TOKENIZER_FILES"]
 
 
 def detect_format(path: Union[str, Path]) -> tuple[str, Path]:
-    """('hf' | 'meta', checkpoint dir). A file path inside a checkpoint dir means its dir."""
+    """('hf' | 'meta' | 'quantized', checkpoint dir). A file path inside a checkpoint dir means its dir.
+    'quantized' is an HF-shaped dir of weight-only int8/int4 tensors (quantized.py)."""
     d = Path(path)
     if d.is_file():
         d = d.parent
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if is_hf_dir(d):
-        return "hf", d
+        return ("quantized" if is_quantized_dir(d) else "hf"), d
     if is_meta_dir(d):
         return "meta", d
     if (d / "config.json").is_file() or (d / "params.json").is_file():
@@ -49,7 +52,7 @@ def detect_format(path: Union[str, Path]) -> tuple[str, Path]:
 def read_model_args(path: Union[str, Path]) -> ModelArgs:
     """The ModelArgs a checkpoint's config describes, without reading any weights (for checks before loading)."""
     fmt, d = detect_format(path)
-    if fmt == "hf":
+    if fmt in ("hf", "quantized"):
         return read_hf_args(d)
     files = TensorFiles()
     return read_meta_args(d, files, meta_weight_files(d)[0])  # reads at most a header
@@ -72,6 +75,9 @@ def plan_checkpoint(path: Union[str, Path], rope_theta: Optional[float] = None, 
     """Read a checkpoint's config and tensor headers (HF or Meta/Mistral layout) and plan the loading; no weights
     are read. load_model runs this plan; tools that walk a checkpoint tensor by tensor use it directly."""
     fmt, d = detect_format(path)
+    if fmt == "quantized":
+        raise ValueError(f"{d} holds {read_quant_config(d)['quantize']} weights (a quantized checkpoint); this needs a "
+                         "float checkpoint: use the one it was made from")
     files = TensorFiles()
     if fmt == "hf":
         weight_files = hf_weight_files(d)
@@ -113,13 +119,23 @@ def load_model(path: Union[str, Path], device="cpu", dtype: Optional[Union[torch
     params.json does not record the context; dynamic NTK and yarn read it.
     quantize: "nf4" (quant.py), or weight-only "int8" / "int4" / "int4-g64" / "int4-g128" for inference
     (weight_only.py): each layer linear is quantized as its tensor arrives, the output head once loaded or tied.
+    A checkpoint saved quantized (save_quantized) loads as it was saved; quantize may only repeat its scheme.
     """
     from ..weight_only import QUANTIZE_NAMES, quantize_head_
     if quantize not in (None, "nf4", *QUANTIZE_NAMES):
         raise ValueError(f"quantize={quantize!r}: expected None, 'nf4' or one of {', '.join(QUANTIZE_NAMES)}")
     dtype = parse_dtype(dtype, "load_model: dtype")
-    plan = plan_checkpoint(path, rope_theta, rope_scaling, max_seq_len)
     device = torch.device(device)
+    fmt, d = detect_format(path)
+    if fmt == "quantized":
+        saved = read_quant_config(d)["quantize"]
+        if quantize not in (None, saved):
+            raise ValueError(f"{d} is already quantized as {saved} (its config.json's quantization_config); quantize "
+                             f"{quantize} differs: load it as {saved} (or without quantize), or quantize the float "
+                             "checkpoint it was made from")
+        rope = {"rope_theta": rope_theta, "rope_scaling": rope_scaling, "max_seq_len": max_seq_len}
+        return load_quantized(d, device, dtype, rope)
+    plan = plan_checkpoint(path, rope_theta, rope_scaling, max_seq_len)
     with torch.device("meta"):
         model = Transformer(plan.args)
     _load_entries(model, plan.files, plan.entries, plan.shapes, device, dtype, quantize)
@@ -163,7 +179,7 @@ def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], sh
         last_file = e.sources[0].file
         t = read_entry(files, e)  # checkpoint dtype (a transform runs before the cast: a slice converts only itself)
         t = t.to(device=device, dtype=dtype or t.dtype)
-        check_finite(t, e)
+        check_finite(t, e.sources[0])
         if e.slot is None:
             _assign(model, e.target, t.contiguous(), quantized)
             continue
@@ -174,15 +190,6 @@ def _load_entries(model: nn.Module, files: TensorFiles, entries: list[Entry], sh
         stacks[e.target] = (buf, n + 1)
         if n + 1 == shapes[e.target][0]:
             _assign(model, e.target, stacks.pop(e.target)[0], quantized)
-
-
-def check_finite(t: torch.Tensor, e: Entry) -> None:
-    """A weight holding NaN or inf makes every output garbage: refuse it on load, naming the tensor and its file
-    (one pass over the tensor on its device, cheap beside reading it)."""
-    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not bool(torch.isfinite(t).all()):
-        src = e.sources[0]
-        raise ValueError(f"{src.file}: tensor {src.key} holds NaN or infinite values; the checkpoint is damaged "
-                         "(a diverged training run or a broken save?)")
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor, quantized):
@@ -264,6 +271,21 @@ def source_extras(src) -> dict:
     return {k: v for k, v in extras.items() if k in ("pad_token_id", "generation_config", "tie_word_embeddings")}
 
 
+def _hf_configs(args: ModelArgs, dtype: torch.dtype, tokenizer_src, log) -> tuple[dict, dict]:
+    """config.json and generation_config.json for a model written in `dtype`, keeping the source's pad_token_id and
+    generation_config.json (source_extras)."""
+    bos, eos = _bos_eos(args, tokenizer_src, log)
+    extras = source_extras(tokenizer_src)
+    config = to_hf_config(args, dtype=dtype_name(dtype), bos_id=bos, eos_id=eos)
+    gen = {"_from_model_config": True,
+           **{k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}}
+    gen.update(extras.get("generation_config") or {})  # the source's sampling defaults and ids stay as they were
+    if extras.get("pad_token_id") is not None:
+        config["pad_token_id"] = extras["pad_token_id"]
+        gen.setdefault("pad_token_id", extras["pad_token_id"])
+    return config, gen
+
+
 def save_hf(model: Transformer, path: Union[str, Path], tokenizer_src=None, max_shard_size="5GB",
             overwrite: bool = False, log=None) -> Path:
     """Write a Hugging Face dir (config.json, safetensors shards + index, generation_config.json) in the model's dtype.
@@ -271,23 +293,35 @@ def save_hf(model: Transformer, path: Union[str, Path], tokenizer_src=None, max_
     tokenizer_src is the source checkpoint: its tokenizer files are copied, and its pad_token_id and
     generation_config.json (source_extras) are kept."""
     state = _plain_state(model, "save_hf")
-    args = model.args
     log = log or (lambda s: None)
     check_dir_writable(path, overwrite)
-    bos, eos = _bos_eos(args, tokenizer_src, log)
-    extras = source_extras(tokenizer_src)
-    config = to_hf_config(args, dtype=dtype_name(model.tok_embeddings.weight.dtype), bos_id=bos, eos_id=eos)
-    gen = {"_from_model_config": True,
-           **{k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}}
-    gen.update(extras.get("generation_config") or {})  # the source's sampling defaults and ids stay as they were
-    if extras.get("pad_token_id") is not None:
-        config["pad_token_id"] = extras["pad_token_id"]
-        gen.setdefault("pad_token_id", extras["pad_token_id"])
+    config, gen = _hf_configs(model.args, model.tok_embeddings.weight.dtype, tokenizer_src, log)
     with atomic_dir(path, overwrite) as tmp:
-        write_hf_weights(state, args, tmp, max_shard_size, log=log)
+        write_hf_weights(state, model.args, tmp, max_shard_size, log=log)
         write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", gen)
         copy_tokenizer_files(tokenizer_src, tmp)
+    return Path(path).resolve()
+
+
+def save_quantized(src: Union[str, Path], path: Union[str, Path], quantize: str, dtype: Optional[torch.dtype] = None,
+                   max_shard_size="5GB", overwrite: bool = False, log=None, rope: Optional[dict] = None) -> Path:
+    """Write the float checkpoint `src` with its linears quantized (weight-only int8 / int4; quantized.py has the
+    layout), read and written one weight at a time: no model is built. dtype: cast before quantizing (None: keep the
+    checkpoint's); scales and float tensors are in it. rope: plan_checkpoint's overrides, recorded in config.json."""
+    from ..weight_only import parse_quantize
+    parse_quantize(quantize)
+    log = log or (lambda s: None)
+    check_dir_writable(path, overwrite)
+    plan = plan_checkpoint(src, **(rope or {}))
+    embedding = next(e for e in plan.entries if e.target == "tok_embeddings.weight").sources[0]
+    stored = dtype or stored_dtype(plan.files, embedding)
+    config, gen = _hf_configs(plan.args, stored, plan.dir, log)
+    with atomic_dir(path, overwrite) as tmp:
+        config["quantization_config"] = write_quantized_weights(plan, tmp, quantize, dtype, max_shard_size, log)
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "generation_config.json", gen)
+        copy_tokenizer_files(plan.dir, tmp)
     return Path(path).resolve()
 
 

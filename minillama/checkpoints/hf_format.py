@@ -137,9 +137,15 @@ def parse_size(size) -> int:
 def write_hf_weights(state: dict[str, torch.Tensor], args: ModelArgs, out: Path, max_shard_size,
                      log=lambda s: None) -> list[str]:
     """Write safetensors shards (and the index when more than one), streaming one tensor at a time."""
+    return write_sharded(list(hf_tensors(state, args)), out, max_shard_size, log)
+
+
+def write_sharded(tensors: list[Pending], out: Path, max_shard_size, log=lambda s: None) -> list[str]:
+    """Tensors into model.safetensors, or model-0000i-of-0000n.safetensors shards of at most max_shard_size plus
+    model.safetensors.index.json; each tensor is made only when its turn comes."""
     limit = parse_size(max_shard_size)
     shards, current, size = [], [], 0
-    for p in hf_tensors(state, args):
+    for p in tensors:
         if current and size + p.nbytes > limit:
             shards.append(current)
             current, size = [], 0

@@ -128,6 +128,14 @@ def read_entry(files: TensorFiles, entry: Entry) -> torch.Tensor:
     return entry.transform(t) if entry.transform is not None else t
 
 
+def check_finite(t: torch.Tensor, src: Source) -> None:
+    """A weight holding NaN or inf makes every output garbage: refuse it on load, naming the tensor and its file
+    (one pass over the tensor on its device, cheap beside reading it)."""
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{src.file}: tensor {src.key} holds NaN or infinite values; the checkpoint is damaged "
+                         "(a diverged training run or a broken save?)")
+
+
 def check_plan(files: TensorFiles, entries: list[Entry], shapes: dict[str, tuple], source: str):
     """Every model tensor (and every expert slot) covered exactly once, and every shape as the config says."""
     covered: dict[str, set] = {}

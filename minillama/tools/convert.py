@@ -3,9 +3,10 @@
     python -m minillama.tools.convert SRC DST [--to hf|meta] [--dtype bfloat16] [--shards N] [--max_shard_size 5GB]
     python -m minillama.tools.convert llama3-8b/ llama3-8b-16k/ --rope_theta 1e6 --max_seq_len 16384   # record a RoPE change
     minillama-convert SRC model.q8_0.gguf --to gguf --quant q8_0   # llama.cpp / ollama (f16 bf16 q8_0 q4_0)
+    minillama-convert SRC smol-int8/ --quantize int8   # weight-only int8/int4 saved once; load it without re-quantizing
 
-The direction comes from SRC (Meta -> HF, HF -> Meta; a DST ending in .gguf means gguf) unless --to (or its alias
---format, merge's name) says. An adapter goes to GGUF merged: run the merge tool first and convert its output. Tensors keep their dtype unless --dtype is
+The direction comes from SRC (Meta -> HF, HF -> Meta; a DST ending in .gguf means gguf; --quantize means an HF-shaped
+quantized dir, checkpoints/quantized.py) unless --to (or its alias --format, merge's name) says. An adapter goes to GGUF merged: run the merge tool first and convert its output. Tensors keep their dtype unless --dtype is
 given; the checkpoint is memory-mapped and written shard by shard, never held twice. Tokenizer files are copied.
 """
 
@@ -21,7 +22,9 @@ from .flags import add_rope_args
 from ..util.dtypes import DTYPE_NAMES, parse_dtype
 from ..util.files import check_dir_writable, refuse_overlap
 from ..checkpoints.gguf_export import QUANT_NAMES
-from ..checkpoints.checkpoint import TOKENIZER_FILES, detect_format, load_model, read_model_args, save_hf, save_meta
+from ..weight_only import QUANTIZE_NAMES
+from ..checkpoints.checkpoint import (TOKENIZER_FILES, detect_format, load_model, read_model_args, save_hf, save_meta,
+                                      save_quantized)
 from ..checkpoints.hf_format import parse_size
 from ..checkpoints.meta_format import check_meta_split
 
@@ -34,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="target format (default: gguf for a DST ending in .gguf, else the other one)")
     p.add_argument("--quant", choices=QUANT_NAMES, default=None,
                    help="gguf target: tensor type (default f16; norms stay float32)")
+    p.add_argument("--quantize", choices=QUANTIZE_NAMES, default=None,
+                   help="write weight-only int8 / int4 linears (hf target; the int4 head is int8): minillama loads "
+                        "them as saved, with no re-quantizing")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast weights (default: keep the checkpoint's dtype)")
     p.add_argument("--shards", type=positive_int, default=None,
                    help="Meta target: model-parallel shards to split into (default 1)")
@@ -47,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     a = parse_args(argv)
     src_fmt, src_dir = detect_format(a.src)
+    if src_fmt == "quantized":
+        raise ValueError(f"SRC {src_dir} is a quantized checkpoint (minillama-convert --quantize); converting needs "
+                         "the float checkpoint it was made from")
+    if a.quantize:
+        return to_quantized(a, src_dir)
     to = a.to or ("gguf" if a.dst.endswith(".gguf") else "meta" if src_fmt == "hf" else "hf")
     if a.quant and to != "gguf":
         raise ValueError(f"--quant {a.quant} is for a gguf target; the target here is {to} (see --to)")
@@ -76,6 +87,26 @@ def main(argv=None) -> Path:
     copied = [n for n in TOKENIZER_FILES if (out / n).is_file()]
     print(f"wrote {to} checkpoint {out} (tokenizer files: {', '.join(copied) or 'none found'}) "
           f"in {time.time() - t0:.1f}s", flush=True)
+    return out
+
+
+def to_quantized(a: argparse.Namespace, src_dir: Path) -> Path:
+    """SRC -> an HF-shaped dir of weight-only int8 / int4 tensors (checkpoint.save_quantized), one weight at a time."""
+    if a.to not in (None, "hf") or a.quant or a.dst.endswith(".gguf"):
+        raise ValueError(f"--quantize {a.quantize} writes an hf-shaped directory; for a llama.cpp file use --to gguf "
+                         "--quant without --quantize")
+    if a.shards not in (None, 1):
+        raise ValueError(f"--shards {a.shards} splits a Meta checkpoint; --quantize writes an hf-shaped dir")
+    refuse_overlap("DST", a.dst, {"SRC": src_dir})
+    check_dir_writable(a.dst, a.overwrite, "DST")
+    parse_size(a.max_shard_size)
+    t0 = time.time()
+    print(f"quantizing {src_dir} to {a.quantize}", flush=True)
+    rope = {"rope_theta": a.rope_theta, "rope_scaling": a.rope_scaling, "max_seq_len": a.max_seq_len}
+    out = save_quantized(src_dir, a.dst, a.quantize, dtype=parse_dtype(a.dtype), max_shard_size=a.max_shard_size,
+                         overwrite=a.overwrite, log=lambda s: print(s, flush=True), rope=rope)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {a.quantize} checkpoint {out} ({size / 1e6:.1f} MB of weights) in {time.time() - t0:.1f}s", flush=True)
     return out
 
 

@@ -105,7 +105,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "as NAME=DIR to load several side by side (generate/batch.py picks one per line)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4", "int4-g64", "int4-g128", "nf4"],
                    help="weight-only quantization on load (single process): int8 per row, int4 in groups of 32 "
-                        "(or 64/128), or NF4; int4's output head is int8")
+                        "(or 64/128), or NF4; int4's output head is int8. A checkpoint saved by minillama-convert "
+                        "--quantize loads quantized without it (given, it must name the same scheme)")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
     p.add_argument("--chat_format", default=None, choices=FORMATS,

@@ -1,0 +1,225 @@
+"""Quantized checkpoints: weight-only int8 / int4 weights written once (`minillama-convert SRC DST --quantize int8`)
+and loaded as they are, with no float copy of a quantized weight in between.
+
+The directory is shaped like a Hugging Face one (config.json, generation_config.json, tokenizer files,
+model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json), but:
+- config.json carries "quantization_config", the key transformers reads, with a quant_method ("minillama") that
+  transformers refuses, so it cannot mistake these tensors for float weights:
+      {"quant_method": "minillama", "quantize": "int4-g128",
+       "weights": {"layers.0.attention.wq.weight": {"format": "int4", "group_size": 128}, ...,
+                   "output.weight": {"format": "int8"}}}
+  "quantize" is the name it was made with; "weights" lists every quantized weight, the rest is float.
+- tensors carry minillama's own state-dict names (Meta's, what a quantized model's state_dict() holds). Float ones
+  (embeddings, norms, Mixtral's router and experts, an int4 linear no group divides) are in the checkpoint dtype;
+  each quantized weight K is two tensors, scales in the checkpoint dtype:
+      int8: K.packed (out, in) int8 codes in -127..127, K.scale (out,):  w = packed * scale[:, None]
+      int4: K.packed (out, in/2) uint8, two 0..15 codes per byte, column 2j in the low nibble;
+            K.scales_and_zeros (in/G, out, 2):  w[r, c] = (q - 8) * scale[c // G, r] + zero[c // G, r]
+  This int4 layout is the portable one (weight_only.Int4Weight's "plain"); the CPU kernel's own order depends on
+  the torch build, so loading repacks the codes for it (an exact reordering).
+
+Codes and scales are those quantize-on-load computes from the same float tensors in the same dtype, so loading
+this checkpoint with the dtype it was written in gives the model `load_model(SRC, quantize=...)` gives, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..args import with_rope
+from ..model import Transformer
+from ..util.files import read_json
+from ..weight_only import (INT4_GROUPS, QUANTIZE_NAMES, quantize_weight, saved_layout, set_quantized_, weight_format,
+                           weight_from_saved)
+from .hf_format import hf_key_files, hf_weight_files, is_hf_dir, read_hf_args, write_sharded
+from .shards import Entry, Pending, Source, TensorFiles, check_finite, read_entry
+
+QUANT_METHOD = "minillama"
+_FLOAT = "float"  # an expected tensor of any floating dtype
+_ST_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_ST_NAMES = {torch.int8: "I8", torch.uint8: "U8"}
+
+
+def is_quantized_dir(d: Path) -> bool:
+    """An HF-shaped dir whose config.json says minillama quantized it."""
+    if not is_hf_dir(d):
+        return False
+    q = read_json(d / "config.json").get("quantization_config")
+    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
+
+
+def read_quant_config(d: Path) -> dict:
+    """config.json's quantization_config, checked: {"quantize": name, "weights": {key: (format, group)}}."""
+    where = f"{d / 'config.json'}: quantization_config"
+    q = read_json(d / "config.json").get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{where}: expected an object with quant_method {QUANT_METHOD!r}")
+    if q.get("quantize") not in QUANTIZE_NAMES:
+        raise ValueError(f"{where}.quantize is {q.get('quantize')!r}, expected one of {', '.join(QUANTIZE_NAMES)}")
+    if not isinstance(q.get("weights"), dict):
+        raise ValueError(f"{where}.weights: expected an object of weight name -> {{format, group_size}}")
+    weights = {}
+    for key, spec in q["weights"].items():
+        fmt = spec.get("format") if isinstance(spec, dict) else None
+        group = spec.get("group_size") if isinstance(spec, dict) else None
+        if not ((fmt == "int8" and group is None) or (fmt == "int4" and group in INT4_GROUPS)):
+            raise ValueError(f"{where}.weights[{key!r}] is {spec!r}, expected {{\"format\": \"int8\"}} or "
+                             f"{{\"format\": \"int4\", \"group_size\": one of {', '.join(map(str, INT4_GROUPS))}}}")
+        weights[key] = (fmt, group)
+    return {"quantize": q["quantize"], "weights": weights}
+
+
+# ---- writing ----
+
+class _Parts:
+    """One weight, read and quantized when the first of its tensors is written; each tensor is handed out once, so
+    nothing of it stays alive after the last."""
+
+    def __init__(self, read: Callable[[], torch.Tensor], fmt: tuple):
+        self.read, self.fmt, self.parts = read, fmt, None
+
+    def take(self, suffix: str) -> torch.Tensor:
+        if self.parts is None:
+            self.parts = quantize_weight(self.fmt, self.read())
+        return self.parts.pop(suffix)
+
+
+def stored_dtype(files: TensorFiles, src: Source) -> torch.dtype:
+    """A float tensor's dtype as its file stores it, read from the header."""
+    name = files.dtype(src.file, src.key)  # 'BF16' in safetensors, 'torch.bfloat16' in .pth
+    return _ST_FLOATS.get(name) or getattr(torch, name.removeprefix("torch."))
+
+
+def _reader(files: TensorFiles, group: list[Entry], dtype: Optional[torch.dtype]) -> Callable[[], torch.Tensor]:
+    """Reads one model tensor in `dtype` (None: as stored): one entry, or an expert stack from its slots."""
+    def read_one(e: Entry) -> torch.Tensor:
+        t = read_entry(files, e)
+        t = t.to(dtype or t.dtype)
+        check_finite(t, e.sources[0])
+        return t
+
+    if group[0].slot is None:
+        return lambda: read_one(group[0]).contiguous()
+    return lambda: torch.stack([read_one(e) for e in sorted(group, key=lambda e: e.slot)])
+
+
+def quantized_tensors(plan, quantize: str, dtype: Optional[torch.dtype]) -> tuple[list[Pending], dict]:
+    """A float checkpoint's tensors as the quantized checkpoint holds them, each made only when written, and the
+    quantization_config naming the quantized weights. plan: checkpoint.CheckpointPlan of the source."""
+    groups: dict[str, list[Entry]] = defaultdict(list)
+    for e in sorted(plan.entries, key=lambda e: (str(e.sources[0].file), e.target)):  # shard by shard
+        groups[e.target].append(e)
+    if plan.args.tie_embeddings:  # the head is its own int8 copy of the embedding (the lookup stays float)
+        groups["output.weight"] = groups["tok_embeddings.weight"]
+    pending, weights = [], {}
+    for key, group in groups.items():
+        stored = dtype or stored_dtype(plan.files, group[0].sources[0])
+        shape = tuple(plan.shapes.get(key) or plan.shapes["tok_embeddings.weight"])
+        read = _reader(plan.files, group, dtype)
+        fmt = weight_format(quantize, key, shape)
+        if fmt is None:
+            pending.append(Pending(key, shape, stored, read))
+            continue
+        weights[key] = {"format": fmt[0], **({"group_size": fmt[1]} if fmt[1] else {})}
+        parts = _Parts(read, fmt)
+        for suffix, (part_shape, part_dtype) in saved_layout(fmt, shape, stored).items():
+            pending.append(Pending(f"{key}.{suffix}", part_shape, part_dtype, lambda p=parts, s=suffix: p.take(s)))
+    return pending, {"quant_method": QUANT_METHOD, "quantize": quantize, "weights": weights}
+
+
+def write_quantized_weights(plan, out: Path, quantize: str, dtype: Optional[torch.dtype], max_shard_size,
+                            log=lambda s: None) -> dict:
+    """Write the quantized tensors of `plan`'s checkpoint into `out` in safetensors shards, one weight read at a
+    time; returns the quantization_config for config.json."""
+    pending, config = quantized_tensors(plan, quantize, dtype)
+    write_sharded(pending, out, max_shard_size, log)
+    return config
+
+
+# ---- reading ----
+
+def _expected(model: nn.Module, weights: dict, cfg: Path) -> tuple[dict, dict]:
+    """({tensor name: (shape, dtype or _FLOAT, what it is)}, {quantized key: (format, group)}) for the meta model."""
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        state.pop("output.weight")
+    expected = {}
+    for key, fmt in weights.items():
+        shape = state.pop(key, None) or (tuple(model.tok_embeddings.weight.shape) if key == "output.weight" else None)
+        if shape is None or weight_format("int8", key, shape) is None:
+            raise ValueError(f"{cfg}: quantization_config.weights names {key!r}, which is not a layer linear or the "
+                             "output head of the model config.json describes")
+        if fmt[0] == "int4" and shape[1] % fmt[1]:
+            raise ValueError(f"{cfg}: quantization_config.weights[{key!r}] has group_size {fmt[1]}, which does not "
+                             f"divide its rows of {shape[1]} weights")
+        for suffix, (part_shape, part_dtype) in saved_layout(fmt, shape, torch.float32).items():
+            kind = _FLOAT if part_dtype.is_floating_point else part_dtype
+            expected[f"{key}.{suffix}"] = (part_shape, kind, f"the {fmt[0]} {suffix} of {key}")
+    expected.update({k: (s, _FLOAT, "a float tensor") for k, s in state.items()})
+    return expected, weights
+
+
+def _check_tensors(files: TensorFiles, where: dict[str, Path], expected: dict, d: Path) -> None:
+    """Every expected tensor present, with its shape and dtype; nothing else. One line naming the tensor."""
+    for name, (shape, kind, what) in expected.items():
+        if name not in where:
+            raise ValueError(f"{d}: the quantized checkpoint lacks tensor {name} ({what}), which config.json "
+                             "and its quantization_config imply")
+        file = where[name]
+        got, stored = files.shape(file, name), files.dtype(file, name)
+        if tuple(got) != tuple(shape):
+            raise ValueError(f"{file}: tensor {name} has shape {list(got)}, expected {list(shape)} ({what})")
+        if kind == _FLOAT and stored not in _ST_FLOATS:
+            raise ValueError(f"{file}: tensor {name} is {stored}, expected a floating-point tensor ({what})")
+        if kind != _FLOAT and stored != _ST_NAMES[kind]:
+            raise ValueError(f"{file}: tensor {name} is {stored}, expected {_ST_NAMES[kind]} ({what})")
+    unknown = sorted(set(where) - set(expected))
+    if unknown:
+        raise ValueError(f"{d}: tensor(s) {', '.join(unknown[:10])} are not part of the quantized model config.json "
+                         "and its quantization_config describe")
+
+
+def load_quantized(d: Path, device, dtype: Optional[torch.dtype], rope: dict) -> Transformer:
+    """The model a quantized checkpoint holds, its quantized linears built from the saved codes and scales. Float
+    tensors and scales are cast to dtype (None: as stored). rope: with_rope's overrides. Eval mode."""
+    q = read_quant_config(d)
+    args = with_rope(read_hf_args(d), rope.get("rope_theta"), rope.get("rope_scaling"), rope.get("max_seq_len"))
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected, weights = _expected(model, q["weights"], d / "config.json")
+    files = TensorFiles()
+    weight_files = hf_weight_files(d)
+    if any(f.suffix != ".safetensors" for f in weight_files):
+        raise ValueError(f"{d}: a quantized checkpoint is read from .safetensors files only, found "
+                         f"{next(f.name for f in weight_files if f.suffix != '.safetensors')}")
+    where = hf_key_files(files, weight_files)
+    _check_tensors(files, where, expected, d)
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for file in weight_files:  # shard by shard
+        for name in files.keys(file):
+            t = files.get(file, name).to(device)
+            if t.is_floating_point():
+                t = t.to(dtype or t.dtype)
+                check_finite(t, Source(file, name))
+            key, _, suffix = name.rpartition(".")
+            if key in weights:
+                parts[key][suffix] = t
+            else:
+                _assign_float(model, name, t)
+        files.close(file)
+    model.reset_rope(torch.device(device))
+    model.tie_weights()  # before the head is swapped for its int8 copy
+    for key, fmt in weights.items():
+        set_quantized_(model, key, weight_from_saved(fmt, parts.pop(key)))
+    return model.eval()
+
+
+def _assign_float(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    setattr(module, leaf, nn.Parameter(t.contiguous(), requires_grad=getattr(module, leaf).requires_grad))
