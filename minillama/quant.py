@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Optional
 
 import torch
@@ -194,8 +195,82 @@ class _NF4Matmul(torch.autograd.Function):
 
 
 def nf4_linear(x: torch.Tensor, weight: NF4Weight, index: Optional[int] = None) -> torch.Tensor:
-    """F.linear(x, W) for an NF4 weight W (matrix `index` of a stack). (..., in) -> (..., out)"""
+    """F.linear(x, W) for an NF4 weight W (matrix `index` of a stack). (..., in) -> (..., out)
+
+    With autograd on (QLoRA training) W is dequantized whole, in forward and again in backward (_NF4Matmul). On CPU
+    with autograd off (no_grad / inference_mode: decoding), nf4_inference_linear never forms the whole float W."""
+    if x.device.type == "cpu" and not torch.is_grad_enabled():
+        return nf4_inference_linear(x, weight, index)
     return _NF4Matmul.apply(x, weight, index)
+
+
+# ---- inference on CPU without the whole float weight ----
+
+ROW_BLOCK = 1 << 20  # weights dequantized at a time by the blockwise path (4 MB in float32)
+_compiled = {"fn": None, "shapes": set(), "failed": False}  # the fused decode matvec, compiled per (out, in) shape
+
+
+def _nf4_matvec(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """One row through an NF4 matrix, for torch.compile to fuse into one pass over the codes (the float weight is
+    never stored). x (in,) float32, codes (out, in/2) uint8, absmax (out, in/64), pairs (256, 2) -> (out,) float32"""
+    out, half = codes.shape
+    w = pairs[codes.int()].view(out, half * 2 // BLOCK, BLOCK)  # (out, blocks, 64): the code values, unscaled
+    part = (w * x.view(-1, BLOCK)).sum(-1)  # (out, blocks)
+    return (part * absmax).sum(-1)  # each block's absmax applied once, to its partial sum
+
+
+def _fused_matvec(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> Optional[torch.Tensor]:
+    """_nf4_matvec compiled by inductor (one C++ kernel per weight shape), or None where that is not possible here:
+    compiling failed once (no C++ compiler, say), or the shape would pass dynamo's recompile limit (past it dynamo
+    runs the function eagerly, which forms the whole weight)."""
+    pairs = _byte_pairs(x.device)
+    if torch.compiler.is_compiling():  # inside a compiled decode step: traced into that graph
+        return _nf4_matvec(x, codes, absmax, pairs)
+    c = _compiled
+    if c["failed"] or (codes.shape not in c["shapes"]
+                       and len(c["shapes"]) >= torch._dynamo.config.recompile_limit):
+        return None
+    if c["fn"] is None:
+        c["fn"] = torch.compile(_nf4_matvec, dynamic=False)
+    try:
+        y = c["fn"](x, codes, absmax, pairs)
+    except Exception as e:  # inductor raises many types when it cannot build; the blockwise path gives the same
+        c["failed"] = True
+        warnings.warn(f"NF4: torch.compile of the decode matvec failed on this machine ({type(e).__name__}); "
+                      "using the blockwise dequantize-matmul instead", stacklevel=3)
+        return None
+    c["shapes"].add(codes.shape)
+    return y
+
+
+def _dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, rows: tuple[int, int], n_in: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Rows r0:r1 of one NF4 matrix, as NF4Weight.dequantize computes them (the same values, bit for bit), from the
+    64-weight blocks they touch. codes (nb*32,) uint8, absmax (nb,) float32 -> (r1 - r0, n_in)"""
+    s, e = rows[0] * n_in, rows[1] * n_in
+    b0, b1 = s // BLOCK, -(-e // BLOCK)
+    w = F.embedding(codes[b0 * BLOCK // 2:b1 * BLOCK // 2].int(), _byte_pairs(codes.device)).view(-1, BLOCK)
+    w *= absmax[b0:b1, None]  # (blocks, 64) float32
+    return w.view(-1)[s - b0 * BLOCK:e - b0 * BLOCK].view(rows[1] - rows[0], n_in).to(dtype)
+
+
+def nf4_inference_linear(x: torch.Tensor, weight: NF4Weight, index: Optional[int] = None) -> torch.Tensor:
+    """F.linear(x, W) for an NF4 W (matrix `index` of a stack) holding at most ROW_BLOCK float weights at a time: one
+    row (decode) through the compiled fused matvec when it applies, else W's rows a block at a time. No autograd.
+    (..., in) -> (..., out)"""
+    out, n_in = weight.shape[-2:]
+    mat = 0 if index is None else index
+    codes, absmax = weight._codes()[mat], weight._absmax_row(mat)[0]  # (nb*32,), (nb,)
+    x2 = x.reshape(-1, n_in)  # (M, in)
+    if x2.shape[0] == 1 and n_in % BLOCK == 0:  # a block never straddles two rows
+        y = _fused_matvec(x2[0].float().contiguous(), codes.view(out, n_in // 2), absmax.view(out, -1))
+        if y is not None:
+            return y.to(x.dtype).view(*x.shape[:-1], out)
+    rows = max(1, ROW_BLOCK // n_in)
+    y = torch.empty(x2.shape[0], out, dtype=x.dtype, device=x.device)
+    for r in range(0, out, rows):
+        y[:, r:r + rows] = F.linear(x2, _dequantize_rows(codes, absmax, (r, min(out, r + rows)), n_in, x.dtype))
+    return y.view(*x.shape[:-1], out)
 
 
 class NF4Linear(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from minillama import Transformer
 from minillama.lora.layers import apply_lora, lora_parameters
-from minillama.quant import (BLOCK, NF4_CODE, NF4Experts, NF4Linear, NF4Weight, load_quantized_,
+from minillama.quant import (BLOCK, NF4_CODE, NF4Experts, NF4Linear, NF4Weight, load_quantized_, nf4_linear,
                              quantize_model_nf4)
 from test_lora import MOE, randomize_lora, tiny_model, tokens
 
@@ -113,3 +113,89 @@ def test_checkpoint_loader_quantizes_as_tensors_arrive(tmp_path):
     plain = load_model(tmp_path / "m", dtype=None)
     with torch.no_grad():
         assert torch.equal(q(tokens()), quantize_model_nf4(plain)(tokens()))
+
+
+# ---- inference on CPU without the whole float weight (quant.nf4_inference_linear) ----
+
+def _old_path(x, w, index=None):
+    """What every NF4 matmul did before: the whole weight dequantized, then F.linear."""
+    return F.linear(x, w.dequantize(index, x.dtype))
+
+
+def _close(got, want, rel):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert (got.float() - want.float()).norm() <= rel * want.float().norm()
+
+
+@pytest.fixture
+def blockwise_only(monkeypatch):
+    """No compiled kernel, and row blocks of at most 200 weights (several blocks, block edges inside rows), with
+    NF4Weight.dequantize forbidden: the path must never form the whole float weight."""
+    from minillama import quant
+    monkeypatch.setattr(quant, "_compiled", {"fn": None, "shapes": set(), "failed": True})
+    monkeypatch.setattr(quant, "ROW_BLOCK", 200)
+    sizes = []
+    rows = quant._dequantize_rows
+
+    def spy(codes, absmax, span, n_in, dtype):
+        sizes.append((span[1] - span[0]) * n_in)
+        return rows(codes, absmax, span, n_in, dtype)
+    monkeypatch.setattr(quant, "_dequantize_rows", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (40, 24), (7, 100), (33, 64), (3, 19, 70)])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 5)])
+def test_nf4_blockwise_inference_equals_the_full_dequantize(shape, lead, blockwise_only, monkeypatch):
+    torch.manual_seed(0)
+    w = NF4Weight(torch.randn(shape))
+    index = 1 if len(shape) == 3 else None
+    x = torch.randn(*lead, shape[-1])
+    want = _old_path(x, w, index)
+    monkeypatch.setattr(NF4Weight, "dequantize", lambda *a, **k: pytest.fail("the whole weight was dequantized"))
+    with torch.no_grad():
+        got = nf4_linear(x, w, index)
+    _close(got, want, 1e-5)
+    assert blockwise_only and max(blockwise_only) <= max(200, shape[-1])  # ROW_BLOCK weights, or one row
+
+
+def test_nf4_fused_decode_matvec_equals_the_full_dequantize(one_thread):
+    """One row (decode) through the torch.compile'd dequantize + matvec kernel, where this machine can compile it
+    (else the blockwise path, after one warning): fp32 within 1e-5 relative, bf16 within bf16's rounding."""
+    from minillama import quant
+    torch.manual_seed(0)
+    w = NF4Weight(torch.randn(48, 192) * 0.1)
+    for dtype, rel in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        x = torch.randn(1, 1, 192).to(dtype)
+        with torch.no_grad():
+            got = nf4_linear(x, w)
+        _close(got, _old_path(x, w), rel)
+    assert (48, 96) in quant._compiled["shapes"] or quant._compiled["failed"]
+
+
+def test_nf4_compile_failure_falls_back_to_the_blockwise_path(monkeypatch):
+    from minillama import quant
+    monkeypatch.setattr(quant, "_compiled", {"fn": None, "shapes": set(), "failed": False})
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    w = NF4Weight(torch.randn(32, 64))
+    x = torch.randn(1, 64)
+    with torch.no_grad(), pytest.warns(UserWarning, match="torch.compile of the decode matvec failed"):
+        got = nf4_linear(x, w)
+    _close(got, _old_path(x, w), 1e-5)
+    assert quant._compiled["failed"]
+
+
+def test_nf4_with_autograd_on_keeps_the_exact_training_path():
+    """QLoRA's forward (autograd on) is the full dequantize + F.linear, bit for bit, and its backward still runs."""
+    torch.manual_seed(0)
+    w = NF4Weight(torch.randn(40, 64))
+    x = torch.randn(3, 64, requires_grad=True)
+    y = nf4_linear(x, w)
+    assert torch.equal(y, _old_path(x.detach(), w))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3, 40) @ w.dequantize())
