@@ -38,7 +38,7 @@ def test_saved_then_loaded_equals_quantized_on_load(quantize, dtype, tie, moe, t
     src = tiny_checkpoint(tmp_path / "float", tie=tie, moe=moe)
     flags = ["--quantize", quantize, "--max_shard_size", "40KB"] + (["--dtype", dtype] if dtype else [])
     out = convert([str(src), str(tmp_path / "q"), *flags])
-    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("quantized-*.safetensors"))) > 1 and (out / "quantized.safetensors.index.json").is_file()
     assert (out / "tokenizer.json").is_file()
     load_dtype = torch.bfloat16 if dtype else torch.float32
     saved = load_model(out, dtype=load_dtype)
@@ -67,7 +67,7 @@ def test_quantized_dir_is_the_size_the_formats_say(float_dir, tmp_path, one_thre
     size = {}
     for q in ("int8", "int4"):
         out = convert([str(float_dir), str(tmp_path / q), "--quantize", q, "--dtype", "bfloat16"])
-        size[q] = (out / "model.safetensors").stat().st_size
+        size[q] = (out / "quantized.safetensors").stat().st_size
     state = load_model(float_dir, dtype=None).state_dict()
     base = (bf16 / "model.safetensors").stat().st_size
     dim, vocab = state["tok_embeddings.weight"].shape
@@ -138,7 +138,7 @@ def _rewrite(path, edit):
 ])
 def test_damaged_tensor_is_one_line_naming_it(damage, message, float_dir, tmp_path, capsys):
     out = convert([str(float_dir), str(tmp_path / "q"), "--quantize", "int8"])
-    _rewrite(out / "model.safetensors", damage)
+    _rewrite(out / "quantized.safetensors", damage)
     with pytest.raises(ValueError, match=message):
         load_model(out)
     capsys.readouterr()
@@ -163,4 +163,18 @@ def test_mismatched_quantization_entry_is_one_line_naming_the_key(edit, message,
     edit(cfg["quantization_config"]["weights"])
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message):
+        load_model(out)
+
+
+def test_transformers_finds_no_weights_and_nothing_is_unpickled(float_dir, tmp_path):
+    """transformers skips a quantization_config it does not know: the tensors are not in model.safetensors, so it
+    stops instead of loading random weights. An index naming a pickle is refused before anything is read."""
+    transformers = pytest.importorskip("transformers")
+    out = convert([str(float_dir), str(tmp_path / "q"), "--quantize", "int8"])
+    with pytest.raises(OSError, match="model.safetensors"):
+        transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    (out / "evil.bin").write_bytes(b"\x80\x04not a checkpoint")  # would run code if it were unpickled
+    (out / "quantized.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"norm.weight": "evil.bin", "tok_embeddings.weight": "quantized.safetensors"}}))
+    with pytest.raises(ValueError, match="read from .safetensors files only, found evil.bin"):
         load_model(out)

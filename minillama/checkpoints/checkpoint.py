@@ -33,20 +33,23 @@ __all__ = ["load_model", "plan_checkpoint", "read_model_args", "save_hf", "save_
 
 def detect_format(path: Union[str, Path]) -> tuple[str, Path]:
     """('hf' | 'meta' | 'quantized', checkpoint dir). A file path inside a checkpoint dir means its dir.
-    'quantized' is an HF-shaped dir of weight-only int8/int4 tensors (quantized.py)."""
+    'quantized' is config.json + quantized*.safetensors: weight-only int8/int4 tensors (quantized.py)."""
     d = Path(path)
     if d.is_file():
         d = d.parent
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if is_quantized_dir(d):
+        return "quantized", d
     if is_hf_dir(d):
-        return ("quantized" if is_quantized_dir(d) else "hf"), d
+        return "hf", d
     if is_meta_dir(d):
         return "meta", d
     if (d / "config.json").is_file() or (d / "params.json").is_file():
         return ("hf" if (d / "config.json").is_file() else "meta"), d  # the reader names the missing weights
     raise ValueError(f"{d}: unknown checkpoint format: expected config.json + model*.safetensors / pytorch_model*.bin "
-                     "(Hugging Face) or params.json + consolidated.*.pth / consolidated.safetensors (Meta, Mistral)")
+                     "(Hugging Face), params.json + consolidated.*.pth / consolidated.safetensors (Meta, Mistral) or "
+                     "config.json + quantized*.safetensors (minillama-convert --quantize)")
 
 
 def read_model_args(path: Union[str, Path]) -> ModelArgs:

@@ -140,9 +140,10 @@ def write_hf_weights(state: dict[str, torch.Tensor], args: ModelArgs, out: Path,
     return write_sharded(list(hf_tensors(state, args)), out, max_shard_size, log)
 
 
-def write_sharded(tensors: list[Pending], out: Path, max_shard_size, log=lambda s: None) -> list[str]:
+def write_sharded(tensors: list[Pending], out: Path, max_shard_size, log=lambda s: None,
+                  prefix: str = "model") -> list[str]:
     """Tensors into model.safetensors, or model-0000i-of-0000n.safetensors shards of at most max_shard_size plus
-    model.safetensors.index.json; each tensor is made only when its turn comes."""
+    model.safetensors.index.json ("model" being `prefix`); each tensor is made only when its turn comes."""
     limit = parse_size(max_shard_size)
     shards, current, size = [], [], 0
     for p in tensors:
@@ -153,12 +154,12 @@ def write_sharded(tensors: list[Pending], out: Path, max_shard_size, log=lambda 
         size += p.nbytes
     shards.append(current)
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map, total = {}, 0
     for fname, shard in zip(names, shards):
         total += write_safetensors(out / fname, shard, metadata={"format": "pt"})
         weight_map.update({p.name: fname for p in shard})
         log(f"wrote {fname} ({len(shard)} tensors)")
     if n > 1:
-        write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(out / f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names

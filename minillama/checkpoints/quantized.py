@@ -1,10 +1,11 @@
 """Quantized checkpoints: weight-only int8 / int4 weights written once (`minillama-convert SRC DST --quantize int8`)
 and loaded as they are, with no float copy of a quantized weight in between.
 
-The directory is shaped like a Hugging Face one (config.json, generation_config.json, tokenizer files,
-model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json), but:
-- config.json carries "quantization_config", the key transformers reads, with a quant_method ("minillama") that
-  transformers refuses, so it cannot mistake these tensors for float weights:
+The directory holds config.json, generation_config.json and the tokenizer files as a Hugging Face one does, and the
+tensors in quantized.safetensors (or quantized-0000i-of-0000n.safetensors + quantized.safetensors.index.json): not
+model.safetensors, so transformers (which would skip a quantization it does not know and load random weights) finds
+no weights and says so. Then:
+- config.json carries "quantization_config":
       {"quant_method": "minillama", "quantize": "int4-g128",
        "weights": {"layers.0.attention.wq.weight": {"format": "int4", "group_size": 128}, ...,
                    "output.weight": {"format": "int8"}}}
@@ -24,6 +25,7 @@ this checkpoint with the dtype it was written in gives the model `load_model(SRC
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,21 +38,25 @@ from ..model import Transformer
 from ..util.files import read_json
 from ..weight_only import (INT4_GROUPS, QUANTIZE_NAMES, quantize_weight, saved_layout, set_quantized_, weight_format,
                            weight_from_saved)
-from .hf_format import hf_key_files, hf_weight_files, is_hf_dir, read_hf_args, write_sharded
-from .shards import Entry, Pending, Source, TensorFiles, check_finite, read_entry
+from .hf_format import hf_key_files, read_hf_args, write_sharded
+from .shards import Entry, Pending, Source, TensorFiles, check_finite, index_weight_files, read_entry
 
 QUANT_METHOD = "minillama"
+PREFIX, INDEX = "quantized", ".safetensors.index.json"  # quantized.safetensors, quantized.safetensors.index.json
 _FLOAT = "float"  # an expected tensor of any floating dtype
 _ST_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _ST_NAMES = {torch.int8: "I8", torch.uint8: "U8"}
 
 
 def is_quantized_dir(d: Path) -> bool:
-    """An HF-shaped dir whose config.json says minillama quantized it."""
-    if not is_hf_dir(d):
-        return False
-    q = read_json(d / "config.json").get("quantization_config")
-    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
+    """config.json beside quantized.safetensors (or its index): what save_quantized writes."""
+    return (d / "config.json").is_file() and any((d / f"{PREFIX}{n}").is_file() for n in (".safetensors", INDEX))
+
+
+def quantized_weight_files(d: Path) -> list[Path]:
+    """The quantized dir's weight files; every file its index names must exist."""
+    index = d / f"{PREFIX}{INDEX}"
+    return index_weight_files(index) if index.is_file() else [d / f"{PREFIX}.safetensors"]
 
 
 def read_quant_config(d: Path) -> dict:
@@ -58,7 +64,8 @@ def read_quant_config(d: Path) -> dict:
     where = f"{d / 'config.json'}: quantization_config"
     q = read_json(d / "config.json").get("quantization_config")
     if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"{where}: expected an object with quant_method {QUANT_METHOD!r}")
+        raise ValueError(f"{where}: expected an object with quant_method {QUANT_METHOD!r} beside the "
+                         f"{PREFIX}*.safetensors files, found {json.dumps(q)[:80]}")
     if q.get("quantize") not in QUANTIZE_NAMES:
         raise ValueError(f"{where}.quantize is {q.get('quantize')!r}, expected one of {', '.join(QUANTIZE_NAMES)}")
     if not isinstance(q.get("weights"), dict):
@@ -137,7 +144,7 @@ def write_quantized_weights(plan, out: Path, quantize: str, dtype: Optional[torc
     """Write the quantized tensors of `plan`'s checkpoint into `out` in safetensors shards, one weight read at a
     time; returns the quantization_config for config.json."""
     pending, config = quantized_tensors(plan, quantize, dtype)
-    write_sharded(pending, out, max_shard_size, log)
+    write_sharded(pending, out, max_shard_size, log, prefix=PREFIX)
     return config
 
 
@@ -193,8 +200,8 @@ def load_quantized(d: Path, device, dtype: Optional[torch.dtype], rope: dict) ->
         model = Transformer(args)
     expected, weights = _expected(model, q["weights"], d / "config.json")
     files = TensorFiles()
-    weight_files = hf_weight_files(d)
-    if any(f.suffix != ".safetensors" for f in weight_files):
+    weight_files = quantized_weight_files(d)
+    if any(f.suffix != ".safetensors" for f in weight_files):  # an index could name a pickle: never read it
         raise ValueError(f"{d}: a quantized checkpoint is read from .safetensors files only, found "
                          f"{next(f.name for f in weight_files if f.suffix != '.safetensors')}")
     where = hf_key_files(files, weight_files)

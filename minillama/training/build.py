@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..args import rope_settings
-from ..checkpoints import load_model
+from ..checkpoints import detect_format, load_model
+from ..checkpoints.quantized import read_quant_config
 from ..lora.layers import REFERENCE_ADAPTER, apply_lora, set_trainable
 from ..lora.peft import load_adapter
 from ..lora.slots import adapter_names
@@ -136,6 +137,11 @@ def build_model(cfg: TrainConfig, info, compute_dtype, log, wrap=CausalLMLoss, l
     # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32;
     # full fine-tuning keeps float32 master weights unless --master_dtype bfloat16
     load_dtype = compute_dtype if lora.enabled or m.master_bf16 else torch.float32
+    fmt, ckpt_dir = detect_format(m.ckpt)
+    if fmt == "quantized":  # int8/int4 kernels have no backward
+        raise ValueError(f"--ckpt {m.ckpt} holds weight-only {read_quant_config(ckpt_dir)['quantize']} weights "
+                         "for inference (minillama-convert --quantize); train from the float checkpoint it was made "
+                         "from (QLoRA: --quantize nf4)")
     model = load_model(m.ckpt, device=load_device(m, info), dtype=load_dtype, quantize=m.quantize,
                        max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, rope_scaling=m.rope_scaling)
     report_rope(m, model.args, longest, log)
