@@ -17,6 +17,7 @@ from minillama.inference.loading import LoadOptions, load_for_inference
 from minillama.lora.layers import apply_lora
 from minillama.lora.peft import save_adapter
 from minillama.tools.convert import cli, main as convert
+from minillama.tools.merge import main as merge
 from minillama.util.cli import run
 from minillama.weight_only import Int4Weight, Int8Weight, QuantLinear
 
@@ -105,6 +106,8 @@ def test_quantize_flag_on_a_quantized_checkpoint_is_a_no_op_or_one_line(float_di
         load_model(out, quantize="nf4")
     with pytest.raises(ValueError, match="holds int8 weights .* needs a float checkpoint"):
         plan_checkpoint(out)
+    with pytest.raises(ValueError, match="--base .* is a quantized checkpoint .* merge into the float checkpoint"):
+        merge(["--base", str(out), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
     capsys.readouterr()
     assert cli([str(out), str(tmp_path / "again"), "--quantize", "int8"]) == 1  # quantized SRC
     assert "is a quantized checkpoint" in capsys.readouterr().err

@@ -27,8 +27,8 @@ from .shards import Entry, TensorFiles, check_finite, check_plan, read_entry
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
-__all__ = ["load_model", "plan_checkpoint", "read_model_args", "save_hf", "save_meta", "save_quantized", "detect_format",
-           "TOKENIZER_FILES"]
+__all__ = ["load_model", "plan_checkpoint", "read_model_args", "save_hf", "save_meta", "save_quantized",
+           "detect_format", "TOKENIZER_FILES"]
 
 
 def detect_format(path: Union[str, Path]) -> tuple[str, Path]:

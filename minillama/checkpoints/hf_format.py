@@ -161,5 +161,6 @@ def write_sharded(tensors: list[Pending], out: Path, max_shard_size, log=lambda 
         weight_map.update({p.name: fname for p in shard})
         log(f"wrote {fname} ({len(shard)} tensors)")
     if n > 1:
-        write_json(out / f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(out / f"{prefix}.safetensors.index.json",
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names

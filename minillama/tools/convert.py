@@ -106,7 +106,8 @@ def to_quantized(a: argparse.Namespace, src_dir: Path) -> Path:
     out = save_quantized(src_dir, a.dst, a.quantize, dtype=parse_dtype(a.dtype), max_shard_size=a.max_shard_size,
                          overwrite=a.overwrite, log=lambda s: print(s, flush=True), rope=rope)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"wrote {a.quantize} checkpoint {out} ({size / 1e6:.1f} MB of weights) in {time.time() - t0:.1f}s", flush=True)
+    print(f"wrote {a.quantize} checkpoint {out} ({size / 1e6:.1f} MB of weights) in {time.time() - t0:.1f}s",
+          flush=True)
     return out
 
 

@@ -163,9 +163,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    from ..checkpoints.checkpoint import load_model, read_model_args, save_hf, save_meta  # the checkpoint formats live there
+    # the checkpoint formats live there
+    from ..checkpoints.checkpoint import detect_format, load_model, read_model_args, save_hf, save_meta
 
     # everything that needs no base weights first: the output dir, the base's config, the adapters against it
+    if detect_format(args.base)[0] == "quantized":
+        raise ValueError(f"--base {args.base} is a quantized checkpoint (minillama-convert --quantize); merge into "
+                         "the float checkpoint it was made from, then quantize the merged one")
     refuse_overlap("--out", args.out, {"--base": args.base, **{f"--adapter {d}": d for d in args.adapter}})
     check_dir_writable(args.out, args.overwrite, "--out")
     read = read_adapters(args.adapter, read_model_args(args.base), log=lambda s: print(s, flush=True))
