@@ -186,7 +186,7 @@ class Preference:
     pairs: list[Pair]
     eval_pairs: Optional[list[Pair]]
     split: BatchSplit
-    model: torch.nn.Module  # the Transformer under the root (its adapters are switched off for the reference)
+    model: torch.nn.Module  # the Transformer under the root (lora.reference_policy makes it the reference)
     device: torch.device
     pad_id: int
     seq_len: int
