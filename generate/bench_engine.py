@@ -67,24 +67,33 @@ def bench_engine(a, device) -> None:
     model, tok = loaded.model, loaded.tok
     print(f"checkpoint: {a.ckpt or DEFAULT_CKPT}, {a.dtype}, torch threads {torch.get_num_threads()}")
     with torch.inference_mode():
-        small, large = step_ms(model, a.rows, 256, 200), step_ms(model, a.rows, 4096, 200)
+        rounds = [(step_ms(model, a.rows, 256, 200), step_ms(model, a.rows, 4096, 200)) for _ in range(a.iters)]
+        small, large = min(r[0] for r in rounds), min(r[1] for r in rounds)  # the least disturbed of interleaved rounds
         print(f"decode step, {a.rows} rows at a 200-token context: {small:.0f} ms with 256 cache slots, "
-              f"{large:.0f} ms with 4096 ({large / small:.2f}x)")
+              f"{large:.0f} ms with 4096 ({large / small:.2f}x; best of {a.iters} interleaved rounds)")
         ids = review_prompt(tok)
-        timed_answer(model, ids[:64], 4, None, a.draft_tokens)  # warm-up
-        t_pre = min(timed_answer(model, ids, 1, None, a.draft_tokens)[1] for _ in range(2))  # prefill + 1 pick
-        plain, t_plain, _ = timed_answer(model, ids, a.max_new_tokens, None, a.draft_tokens)
-        n = len(plain) - 1  # tokens after the first, which the prefill gives
+        draft = load_draft(a.draft_ckpt, loaded) if a.draft_ckpt else None
+        cases = {"plain": (None, None), "--speculate ngram": ("ngram", None)}
+        if draft is not None:
+            cases[f"--draft_ckpt {a.draft_ckpt}"] = ("draft", draft)
+        for speculate, d in cases.values():
+            timed_answer(model, ids[:64], 4, speculate, a.draft_tokens, d)  # warm-up
+        decode = {name: [] for name in cases}  # seconds after the first token, per round
+        answers = {}  # name -> (tokens, engine stats)
+        for _ in range(a.iters):  # interleaved rounds: a change in the machine's load hits every case alike
+            t_pre = timed_answer(model, ids, 1, None, a.draft_tokens)[1]  # prefill + the first pick
+            for name, (speculate, d) in cases.items():
+                out, t, stats = timed_answer(model, ids, a.max_new_tokens, speculate, a.draft_tokens, d)
+                decode[name].append(t - t_pre)
+                answers[name] = (out, stats)
+        med = {name: sorted(ts)[len(ts) // 2] for name, ts in decode.items()}
+        plain = answers["plain"][0]
         print(f"review-like prompt of {len(ids)} tokens, {len(plain)} new (greedy, batch 1, --draft_tokens "
-              f"{a.draft_tokens}): prefill {t_pre:.2f} s, then {n / (t_plain - t_pre):.1f} tokens/s plain")
-        spec, t_spec, stats = timed_answer(model, ids, a.max_new_tokens, "ngram", a.draft_tokens)
-        print(speculation_line("--speculate ngram", plain, t_plain - t_pre, spec, t_spec - t_pre, stats))
-        if a.draft_ckpt:
-            draft = load_draft(a.draft_ckpt, loaded)
-            timed_answer(model, ids[:64], 4, "draft", a.draft_tokens, draft)  # warm-up
-            spec, t_spec, stats = timed_answer(model, ids, a.max_new_tokens, "draft", a.draft_tokens, draft)
-            print(speculation_line(f"--draft_ckpt {a.draft_ckpt}", plain, t_plain - t_pre, spec, t_spec - t_pre,
-                                   stats))
+              f"{a.draft_tokens}, median of {a.iters} interleaved rounds): prefill {t_pre:.2f} s, then "
+              f"{(len(plain) - 1) / med['plain']:.1f} tokens/s plain")
+        for name in list(cases)[1:]:
+            spec, stats = answers[name]
+            print(speculation_line(name, plain, med["plain"], spec, med[name], stats))
         print(f"answer: {tok.decode(spec)[:300]!r}")
 
 
