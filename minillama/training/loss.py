@@ -32,11 +32,14 @@ def _nll_chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ch
     nll = torch.empty(len(h), dtype=torch.float32, device=h.device)
     for i in range(0, len(h), chunk_size):
         c, t = slice(i, i + chunk_size), targets[i:i + chunk_size]
-        logits = F.linear(h[c], weight).float()  # (n, V): the only logits alive at any time
-        lse = torch.logsumexp(logits, dim=-1)  # (n,)
-        nll[c] = lse - logits.gather(1, t[:, None]).squeeze(1)
-        if grad_rows is not None:  # d nll / d logits = softmax - one-hot, formed in the logits' own buffer
-            probs = logits.sub_(lse[:, None]).exp_()
+        logits = F.linear(h[c], weight).float()  # (n, V): the only (n, V) buffer; everything below is in place
+        top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+        picked = logits.gather(1, t[:, None])  # (n, 1) the target's logit, before the buffer is overwritten
+        e = logits.sub_(top).exp_()  # exp(logit - max)
+        total = e.sum(dim=-1, keepdim=True)  # (n, 1)
+        nll[c] = (top + total.log() - picked).squeeze(1)  # logsumexp - target logit
+        if grad_rows is not None:  # d nll / d logits = softmax - one-hot
+            probs = e.div_(total)
             probs[torch.arange(len(t), device=t.device), t] -= 1.0
             grad_rows[c] = F.linear(probs.to(h.dtype), weight.t())  # (n, D)
     return nll
