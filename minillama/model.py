@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
@@ -17,6 +16,7 @@ from .attention import AttnMask, CacheStep, attend, cache_mask, doc_positions, p
 from .kv_cache import KVCache
 from .moe import MoEFeedForward
 from .rope import apply_rope, rope_cos_sin, scaled_inv_freq
+from .swiglu import silu_mul
 
 __all__ = ["ModelArgs", "Transformer", "RMSNorm", "FeedForward", "Attention", "TransformerBlock", "CacheStep"]
 
@@ -44,7 +44,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))
 
 
 class Attention(nn.Module):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .swiglu import silu_mul
+
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts per token and their weights (softmax over the chosen k, in float32). (N, E) -> (N, k) x2"""
@@ -108,14 +110,14 @@ class Experts(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its routed tokens. (n, D) -> (n, D)"""
-        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+        return F.linear(silu_mul(F.linear(x, self.w1[e]), F.linear(x, self.w3[e])), self.w2[e])
 
     def grouped_ok(self, x: torch.Tensor) -> bool:
         return grouped_mm_ok(x.device, x.dtype, self.w1, self.w2, self.w3)
 
     def grouped_forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Every expert on its slots at once. xs (M, D) sorted by expert -> (M, D)"""
-        h = F.silu(grouped_linear(xs, self.w1, offsets)) * grouped_linear(xs, self.w3, offsets)  # (M, F)
+        h = silu_mul(grouped_linear(xs, self.w1, offsets), grouped_linear(xs, self.w3, offsets))  # (M, F)
         return grouped_linear(h, self.w2, offsets)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:

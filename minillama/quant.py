@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .swiglu import silu_mul
 from .moe import Experts, dispatch, grouped_linear, grouped_mm_ok
 
 # the 16 NF4 values of the QLoRA paper (quantiles of N(0, 1) scaled to [-1, 1], with an exact 0)
@@ -322,14 +323,14 @@ class NF4Experts(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its routed tokens. (n, D) -> (n, D)"""
-        return nf4_linear(F.silu(nf4_linear(x, self.w1, e)) * nf4_linear(x, self.w3, e), self.w2, e)
+        return nf4_linear(silu_mul(nf4_linear(x, self.w1, e), nf4_linear(x, self.w3, e)), self.w2, e)
 
     def grouped_ok(self, x: torch.Tensor) -> bool:
         return grouped_mm_ok(x.device, x.dtype, self.w1, self.w2, self.w3)
 
     def grouped_forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Every expert on its slots at once. xs (M, D) sorted by expert -> (M, D)"""
-        h = F.silu(nf4_grouped_linear(xs, self.w1, offsets)) * nf4_grouped_linear(xs, self.w3, offsets)  # (M, F)
+        h = silu_mul(nf4_grouped_linear(xs, self.w1, offsets), nf4_grouped_linear(xs, self.w3, offsets))  # (M, F)
         return nf4_grouped_linear(h, self.w2, offsets)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:

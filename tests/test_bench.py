@@ -101,3 +101,16 @@ def test_workload_extrapolation_scales_the_measured_prefill_rate_and_decode_band
     assert "exceed" not in r["extrapolation_basis"]  # 13K tokens fit Mixtral's 32K context
     llama = bench.extrapolate(ModelArgs.from_name("llama3-8b"), a, measured, torch.device("cpu"), 2)
     assert "exceed this preset's context of 8192" in llama["extrapolation_basis"]
+
+
+def test_train_bench_smollm2_case_alternates_processes_and_compares_the_same_loss(tmp_path):
+    from sft_helpers import tiny_checkpoint
+    ckpt = tiny_checkpoint(tmp_path / "tiny", tie=True)  # SmolLM2's layout: a tied head, HF format
+    results = tmp_path / "r.json"
+    out = run_script("train/bench.py", "--cases", "smollm2-lora", "--ckpt", str(ckpt), "--seq_len", "64",
+                     "--rounds", "2", "--warmup", "1", "--iters", "1", "--json", str(results))
+    assert "x HF + peft step speed" in out and "peak RSS" in out, out
+    rec = json.loads(results.read_text())["train"]["smollm2-lora|seq64"]
+    assert [r["impl"] for r in rec["runs"]["ours"]] == ["ours", "ours"] and len(rec["runs"]["hf"]) == 2
+    assert rec["runs"]["ours"][0]["first_loss"] == pytest.approx(rec["runs"]["hf"][0]["first_loss"], abs=1e-3)
+    assert rec["speed_x"] > 0 and rec["peak_rss_x"] > 0 and rec["ours"]["step_rss_mb"] >= 0

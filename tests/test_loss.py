@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from minillama.training.data import IGNORE, Sample
-from minillama.training.loss import CausalLMLoss, chunked_cross_entropy
+from minillama.training.loss import CausalLMLoss, chunked_cross_entropy, chunked_token_logprobs
+from minillama.training.metrics import SavedActivations
 from minillama.moe import load_balancing_loss
 from minillama.training.optim import lr_at, param_groups
 from minillama.training.packing import collate
@@ -32,6 +33,29 @@ def test_chunked_equals_plain_cross_entropy(chunk):
     torch.testing.assert_close(ours, ref)
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+def test_frozen_head_loss_and_logprobs_equal_plain_ones_and_keep_no_logits(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)  # LoRA: the head does not train
+    targets = torch.randint(0, 50, (3, 7))
+    targets[0, :4] = IGNORE
+    saved = SavedActivations()
+    with saved:
+        ours = chunked_cross_entropy(hidden * 1.0, head, targets, chunk_size=chunk)
+    learned = int((targets != IGNORE).sum())
+    assert saved.bytes < learned * 50 * 4 / 2  # rows of hidden and of its gradient, never (positions, vocabulary)
+    ref = F.cross_entropy(head(hidden).reshape(-1, 50), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, hidden)[0], torch.autograd.grad(ref, hidden)[0])
+    logps, pos = chunked_token_logprobs(hidden, head, targets, chunk_size=chunk)
+    plain = torch.log_softmax(head(hidden).reshape(-1, 50), -1)[pos, targets.reshape(-1)[pos]]
+    torch.testing.assert_close(logps, plain)
+    g = torch.randn(len(pos))
+    torch.testing.assert_close(torch.autograd.grad((logps * g).sum(), hidden)[0],
+                               torch.autograd.grad((plain * g).sum(), hidden)[0])
 
 
 def test_no_targets_gives_zero_loss_that_still_backpropagates():

@@ -1,4 +1,5 @@
-"""Properties of the bare model: packed == separate documents, cached decode == full forward, MoE dispatch."""
+"""Properties of the bare model: packed == separate documents, cached decode == full forward, MoE dispatch, SwiGLU's
+gate keeps only its inputs."""
 
 import pytest
 import torch
@@ -209,3 +210,18 @@ def test_family_detection_is_one_rule_for_every_reader(tmp_path):
         train_tiny_spm(d)
         (d / name).write_text(json.dumps(config))
         assert load_tokenizer(d).family == "llama2", name
+
+
+def test_swiglu_gate_keeps_only_its_inputs_and_gives_autograds_exact_gradients():
+    from minillama.swiglu import silu_mul
+    from minillama.training.metrics import SavedActivations
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 24, requires_grad=True), torch.randn(5, 24, requires_grad=True)
+    g = torch.randn(5, 24)
+    saved = SavedActivations()
+    with saved:
+        ours = silu_mul(a * 1.0, b * 1.0)
+    ref = torch.nn.functional.silu(a) * b
+    assert torch.equal(ours, ref) and saved.bytes == 2 * a.numel() * 4  # a and b; not silu(a) too
+    assert all(torch.equal(x, y) for x, y in zip(torch.autograd.grad(ours, (a, b), g),
+                                                 torch.autograd.grad(ref, (a, b), g)))

@@ -1,8 +1,10 @@
 """python -m minillama.tools.plan_memory: its peak is within 15% of what a CPU training step really allocates at tiny
 shapes (full, LoRA, QLoRA, DoRA, checkpointed, Mixtral); the Mixtral QLoRA command gives a verdict; a checkpointed
-MoE block's recomputation does not replace the forward's router logits (which kept every block alive)."""
+MoE block's recomputation does not replace the forward's router logits (which kept every block alive); the trainer
+checkpoints (on a GPU also offloads) activations when the plan of its rows does not fit the free memory."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch.distributed as dist
 
 from minillama import ModelArgs, Transformer, save_hf
 from minillama.tools.plan_memory import cli
-from minillama.training.plan_memory import model_args, plan, Setup
+from minillama.training.plan_memory import choose_activations, model_args, plan, Setup
 from sft_helpers import write_byte_tokenizer
 
 T, MB = 512, 2
@@ -132,3 +134,39 @@ def test_checkpointed_moe_recomputation_keeps_the_forwards_router_logits():
     first = moe.router_logits
     y.sum().backward()  # recomputes the forward inside backward
     assert moe.router_logits is first
+
+
+def test_activation_checkpointing_is_chosen_when_the_plan_does_not_fit_the_free_memory():
+    s = Setup(ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=2048, hidden_dim=512), 1, 4096,
+              16, ["all-linear"], False, False, False, False, torch.float32, False, 1024)
+    plain = plan(s, 1).peak
+    checkpointed = plan(replace(s, checkpointing=True), 1).peak
+    offloaded = plan(replace(s, checkpointing=True, offload_activations=True), 1).peak
+    assert offloaded < checkpointed < plain
+    fits = choose_activations(s, 1, plain, "cpu")
+    assert not fits.checkpointing and "no activation checkpointing needed" in fits.why
+    tight = choose_activations(s, 1, plain - 1, "cpu")
+    assert tight.checkpointing and not tight.offload and "would peak at" in tight.why
+    cpu = choose_activations(s, 1, checkpointed - 1, "cpu")
+    assert cpu.checkpointing and not cpu.offload  # host memory is what a CPU run already uses
+    gpu = choose_activations(s, 1, checkpointed - 1, "cuda")
+    assert gpu.checkpointing and gpu.offload and "host memory" in gpu.why
+    forced = choose_activations(replace(s, checkpointing=True), 1, plain, "cpu")
+    assert forced.checkpointing and "--activation_checkpointing" in forced.why
+
+
+def test_the_trainer_checkpoints_blocks_when_its_rows_would_not_fit(ckpt, monkeypatch):
+    from minillama.tools import train_flags
+    from minillama.training import build
+    from minillama.training.metrics import ProgressBar
+    from minillama.util.distributed import init_distributed
+
+    monkeypatch.setattr(build, "free_bytes", lambda device: build.RESERVE + 2**20)  # 1 MiB free: nothing fits
+    cfg = train_flags.train_config(train_flags.parse_args(["--ckpt", str(ckpt), "--device", "cpu", "--seq_len",
+                                                           str(T), "--batch_size", "1"]))
+    lines = []
+    log = ProgressBar(0, enabled=False)
+    log.message = lines.append
+    parts = build.build_model(cfg, init_distributed("cpu"), torch.float32, log)
+    assert all("forward" in vars(block) for block in parts.model.layers)  # each block's forward is checkpointed
+    assert any(line.startswith("activation checkpointing on: a micro-batch of 1 x 512 tokens") for line in lines)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .slots import AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, lora_scaling
 from ..moe import dispatch, grouped_linear, grouped_mm_ok
+from ..swiglu import silu_mul
 from ..quant import NF4Weight, nf4_grouped_linear, nf4_linear
 
 
@@ -58,7 +59,7 @@ class LoRAExperts(AdapterSlots):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its routed tokens. (n, D) -> (n, D)"""
-        return self._linear("w2", e, F.silu(self._linear("w1", e, x)) * self._linear("w3", e, x))
+        return self._linear("w2", e, silu_mul(self._linear("w1", e, x), self._linear("w3", e, x)))
 
     def _grouped(self, w: str, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         weight = getattr(self, w)
@@ -76,7 +77,7 @@ class LoRAExperts(AdapterSlots):
 
     def grouped_forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Every expert on its slots at once. xs (M, D) sorted by expert -> (M, D)"""
-        h = F.silu(self._grouped("w1", xs, offsets)) * self._grouped("w3", xs, offsets)  # (M, F)
+        h = silu_mul(self._grouped("w1", xs, offsets), self._grouped("w3", xs, offsets))  # (M, F)
         return self._grouped("w2", h, offsets)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:

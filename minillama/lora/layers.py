@@ -89,7 +89,7 @@ class LoRALinear(AdapterSlots):
         o = self.owner(slot)
         xd = self.dropout(x)
         h = F.linear(xd.to(o.lora_a.dtype), o.lora_a)  # (..., r)
-        y = F.linear(h, o.lora_b) * (o.scaling * weight)  # (..., out)
+        y = F.linear(h * (o.scaling * weight), o.lora_b)  # (..., out); scaled at rank r, not at out: less to touch
         if o.lora_magnitude is None:
             return y
         g = o.lora_magnitude / self.dora_norm(slot)  # (out,); the norm carries no gradient

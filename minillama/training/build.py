@@ -20,9 +20,11 @@ from ..lora.slots import adapter_names
 from ..quant import NF4Weight
 from ..tokenizer.tokenizer import load_tokenizer
 from .data import check_data_file, load_jsonl, report_bad_lines
-from .fsdp import apply_fsdp, checkpoint_activations
+from .fsdp import apply_fsdp, checkpoint_activations, fsdp_has_work
 from .loss import CausalLMLoss
 from .optim import build_optimizer
+from .plan_memory import RESERVE, ActivationChoice, Setup, choose_activations, free_bytes
+from .schedule import BatchSplit
 from ..perf import param_counts
 from .config import ModelConfig, TrainConfig
 from .session import ModelParts
@@ -127,12 +129,36 @@ def bytes_per_param(master_bf16: bool) -> str:
     return "16 bytes per trained parameter (fp32 master weight 4 + gradient 4 + AdamW m 4 + v 4)"
 
 
-def build_model(cfg: TrainConfig, info, compute_dtype, log, wrap=CausalLMLoss, longest: int = 0) -> ModelParts:
-    """Load the checkpoint, add LoRA (or unfreeze everything), wrap with the loss, shard with FSDP2, make AdamW.
+def free_budget(info) -> int:
+    """Bytes a training step may use on this rank's device (the least any rank has), less plan_memory.RESERVE."""
+    free = torch.tensor([float(free_bytes(info.device))], dtype=torch.float64, device=info.device)
+    if dist.is_initialized():
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)  # every rank makes the same choice
+    return max(int(free.item()) - RESERVE, 0)
 
-    longest: the longest row the run will train on (for the context warning). The root is the FSDP-sharded
-    wrap(model, loss_chunk): CausalLMLoss for SFT, loss.SequenceLogprobs for preference tuning."""
+
+def choose_activation_memory(cfg: TrainConfig, info, args, compute_dtype, longest: int,
+                             budget: int) -> ActivationChoice:
+    """Whether this run checkpoints (and offloads) activations: --activation_checkpointing, or the memory plan of
+    one micro-batch of its longest rows against the budget."""
+    m, lora = cfg.model, cfg.lora
+    dp = info.world_size // cfg.context_parallel
+    rows = BatchSplit.make(cfg.data.batch_size, dp, cfg.data.micro_batch_size).micro_batch_size
+    tokens = max(1, (longest or cfg.data.seq_len) // cfg.context_parallel)  # a context group splits each row
+    s = Setup(args, info.world_size, tokens, lora.rank if lora.enabled else 0, list(lora.targets), lora.use_dora,
+              bool(m.quantize), m.activation_checkpointing, m.cpu_offload, compute_dtype, m.master_bf16, m.loss_chunk)
+    return choose_activations(s, rows, budget, info.device.type)
+
+
+def build_model(cfg: TrainConfig, info, compute_dtype, log, wrap=CausalLMLoss, longest: int = 0) -> ModelParts:
+    """Load the checkpoint, add LoRA (or unfreeze everything), wrap with the loss, shard with FSDP2 (when it has work:
+    fsdp.fsdp_has_work), make AdamW.
+
+    longest: the longest row the run will train on (for the context warning, and for the memory plan, which turns
+    on activation checkpointing when a micro-batch of such rows would not fit: choose_activation_memory). The root
+    is the FSDP-sharded wrap(model, loss_chunk): CausalLMLoss for SFT, loss.SequenceLogprobs for preference tuning."""
     m, lora, opt = cfg.model, cfg.lora, cfg.optim
+    budget = free_budget(info)  # before the weights arrive: the plan counts them
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank before sharding
     # LoRA: the frozen base may live in the compute dtype (no master copy needed), the adapters stay float32;
     # full fine-tuning keeps float32 master weights unless --master_dtype bfloat16
@@ -160,12 +186,17 @@ def build_model(cfg: TrainConfig, info, compute_dtype, log, wrap=CausalLMLoss, l
             p.requires_grad_(True)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = param_counts(model.args)["total"]  # counted from the shapes: NF4 weights are buffers
-    if m.activation_checkpointing:
-        checkpoint_activations(model)
+    choice = choose_activation_memory(cfg, info, model.args, compute_dtype, longest, budget)
+    log.message(choice.why)
+    if choice.checkpointing:
+        checkpoint_activations(model, offload=choice.offload)
     root = wrap(model, m.loss_chunk).train()
     mixed = compute_dtype != torch.float32 and not m.master_bf16  # bf16 master weights already are the compute dtype
-    apply_fsdp(root, param_dtype=compute_dtype if mixed else None, cpu_offload=m.cpu_offload, device=info.device,
-               reduce_dtype=torch.float32 if m.master_bf16 else None)
+    if fsdp_has_work(info.world_size, mixed, m.cpu_offload):
+        apply_fsdp(root, param_dtype=compute_dtype if mixed else None, cpu_offload=m.cpu_offload, device=info.device,
+                   reduce_dtype=torch.float32 if m.master_bf16 else None)
+    else:
+        root.to(info.device)  # one process in the parameters' own dtypes: plain modules (see fsdp_has_work)
     optimizer = build_optimizer(root, opt.lr, opt.weight_decay, opt.betas, lora_plus_ratio=lora.plus_ratio,
                                 master_dtype=torch.bfloat16 if m.master_bf16 else torch.float32)
     if m.quantize:

@@ -1,4 +1,5 @@
-"""FSDP2 from outside the model: a process group even for one process, activation checkpointing, fully_shard.
+"""FSDP2 from outside the model: a process group even for one process, activation checkpointing, fully_shard (when
+it has work: several processes, a compute dtype to cast to, or host offload).
 
 Each TransformerBlock is its own FSDP unit (all-gathered for its forward/backward, resharded after); the root unit
 is the CausalLMLoss wrapper, which owns tok_embeddings, norm and output, so the output layer (tied to the
@@ -7,6 +8,7 @@ embedding or not) stays gathered while the chunked loss runs.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -14,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 from ..util.distributed import CUDA_BACKEND
@@ -32,8 +35,18 @@ def ensure_process_group(device: torch.device) -> None:
                             device_id=device if device.type == "cuda" else None)
 
 
-def checkpoint_activations(model: nn.Module) -> None:
+def fsdp_has_work(world_size: int, mixed_precision: bool, cpu_offload: bool) -> bool:
+    """Whether fully_shard does anything for this run: shard over several processes, cast parameters to a compute
+    dtype, or keep them on the host. One process computing in its parameters' own dtypes skips it: there FSDP2 only
+    copied each block's parameters into and out of its buffers and ran its hooks (SmolLM2 LoRA on a CPU: slower, and
+    280 MB more). Checkpoints do not notice: saved pieces are boxes of the global tensor either way."""
+    return world_size > 1 or mixed_precision or cpu_offload
+
+
+def checkpoint_activations(model: nn.Module, offload: bool = False) -> None:
     """Per-block activation checkpointing (non-reentrant): keep each block's input, recompute its inside in backward.
+    offload (GPU): the kept inputs wait in pinned host memory until their block's backward (save_on_cpu sees only
+    what the checkpoint saves, which is the block's inputs).
 
     Wrapping `forward` on the instance (not the module) leaves parameter names, and so checkpoints, unchanged.
     """
@@ -42,7 +55,8 @@ def checkpoint_activations(model: nn.Module) -> None:
             inner = block.forward
 
             def forward(*args, _inner=inner, **kwargs):
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                with save_on_cpu(pin_memory=True) if offload else nullcontext():
+                    return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
             block.forward = forward
 

@@ -17,6 +17,58 @@ from .data import IGNORE
 from ..moe import MoEFeedForward, load_balancing_loss
 
 
+def frozen_head(project: Callable) -> Optional[torch.Tensor]:
+    """The output layer's weight when it is a plain bias-free linear that does not train (LoRA's usual case), else
+    None (full fine-tuning, a trained embedding tied to it, LoRA on the head: their logits are recomputed instead)."""
+    if type(project) is nn.Linear and project.bias is None and not project.weight.requires_grad:
+        return project.weight
+    return None
+
+
+def _nll_chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                grad_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """-log p(target) of each row of h (N, D) through the head weight (V, D), float32 (N,); with grad_rows (N, D),
+    each row's d nll / d h is written there in the same pass, so no logits outlive their chunk."""
+    nll = torch.empty(len(h), dtype=torch.float32, device=h.device)
+    for i in range(0, len(h), chunk_size):
+        c, t = slice(i, i + chunk_size), targets[i:i + chunk_size]
+        logits = F.linear(h[c], weight).float()  # (n, V): the only (n, V) buffer; everything below is in place
+        top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+        picked = logits.gather(1, t[:, None])  # (n, 1) the target's logit, before the buffer is overwritten
+        e = logits.sub_(top).exp_()  # exp(logit - max)
+        total = e.sum(dim=-1, keepdim=True)  # (n, 1)
+        nll[c] = (top + total.log() - picked).squeeze(1)  # logsumexp - target logit
+        if grad_rows is not None:  # d nll / d logits = softmax - one-hot
+            probs = e.div_(total)
+            probs[torch.arange(len(t), device=t.device), t] -= 1.0
+            grad_rows[c] = F.linear(probs.to(h.dtype), weight.t())  # (n, D)
+    return nll
+
+
+class _FrozenHeadNLL(torch.autograd.Function):
+    """-log p(target) per row through a frozen head, its gradient with respect to h worked out in forward: backward
+    only scales the saved (N, D) rows. Checkpointed chunks would recompute every logit (a third head matmul)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        rows = torch.empty_like(h)
+        nll = _nll_chunks(h, weight, targets, chunk_size, rows)
+        ctx.save_for_backward(rows)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, = ctx.saved_tensors
+        return rows * grad[:, None].to(rows.dtype), None, None, None
+
+
+def frozen_head_nll(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """-log p(target) of each row of h (N, D) through a frozen head weight, float32 (N,), chunk_size rows at a time."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _FrozenHeadNLL.apply(h, weight, targets, chunk_size)
+    return _nll_chunks(h, weight, targets, chunk_size)
+
+
 def _chunk_loss(project: Callable, h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     logits = project(h).float()  # (n, V): the only logits alive at any time
     return (F.cross_entropy(logits, targets, reduction="none") * weight).sum()
@@ -27,8 +79,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, project: Callable, targets: torc
     """Sum of next-token cross-entropies over positions whose target is not IGNORE, in float32.
 
     hidden (..., D) final-normed states, project: hidden -> logits (the output layer), targets (...) aligned with
-    hidden. Only learned positions are projected, chunk_size at a time; each chunk is checkpointed, so its logits
-    are recomputed in backward instead of being kept: peak logits memory is chunk_size * V floats.
+    hidden. Only learned positions are projected, chunk_size at a time, and no chunk's logits are kept for backward:
+    a frozen head's gradient is formed in the same pass (frozen_head_nll), a trained one's chunks are checkpointed
+    and recomputed in backward. Peak logits memory is about chunk_size * V floats.
     """
     h = hidden.reshape(-1, hidden.shape[-1])  # (B*L, D)
     t = targets.reshape(-1)
@@ -40,6 +93,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, project: Callable, targets: torc
         keep = torch.zeros(1, dtype=torch.long, device=h.device)
         weight = torch.zeros(1, device=h.device)
     h, t = h[keep], t[keep].clamp(min=0)  # (N, D), (N,)
+    head = frozen_head(project)
+    if head is not None:
+        return (frozen_head_nll(h, head, t, chunk_size) * weight).sum()
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, len(keep), chunk_size):
         c = slice(i, i + chunk_size)
@@ -55,7 +111,7 @@ def chunked_token_logprobs(hidden: torch.Tensor, project: Callable, targets: tor
                            chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) of every learned position, float32 -> (logps (N,), flat positions into hidden's rows (N,)).
 
-    Projected chunk_size positions at a time and checkpointed, as chunked_cross_entropy. With nothing to learn,
+    Projected chunk_size positions at a time, as chunked_cross_entropy. With nothing to learn,
     one position is projected and its log-prob times 0 returned at position -1 (every FSDP rank must run the same
     backward)."""
     h = hidden.reshape(-1, hidden.shape[-1])  # (B*L, D)
@@ -65,6 +121,10 @@ def chunked_token_logprobs(hidden: torch.Tensor, project: Callable, targets: tor
     if empty:
         keep = torch.zeros(1, dtype=torch.long, device=h.device)
     h, t = h[keep], t[keep].clamp(min=0)
+    head = frozen_head(project)
+    if head is not None:
+        logps = -frozen_head_nll(h, head, t, chunk_size)
+        return (logps * 0.0, keep - 1) if empty else (logps, keep)
     parts = [checkpoint(_chunk_logps, project, h[i:i + chunk_size], t[i:i + chunk_size], use_reentrant=False)
              for i in range(0, len(keep), chunk_size)]
     logps = torch.cat(parts)

@@ -1,31 +1,38 @@
 """Plan a fine-tuning run's memory per GPU before starting it (train/sft.py's and train/dpo.py's layout and flags;
 the command line is minillama/tools/plan_memory.py).
 
-Per rank, for FSDP2 over --gpus processes (one unit per block, the root holds embedding, norm and output):
+Per rank, for FSDP2 over --gpus processes (one unit per block, the root holds embedding, norm and output; one
+process computing in its parameters' own dtypes runs without FSDP, as the trainer does: fsdp.fsdp_has_work):
   weights      each parameter's shard (1/N): NF4 for a QLoRA base's layer linears, the compute dtype for the rest
                of a LoRA base, fp32 (or --master_dtype bf16) master weights for full fine-tuning, fp32 LoRA
                factors; plus what FSDP all-gathers in the compute dtype: the root for the whole step and two
                blocks at a time (the one running and the next, prefetched)
   gradients    the trained parameters' gradient shards, plus one block's unsharded gradients (and their fp32
-               reduce-scatter copy) in flight
+               reduce-scatter copy) in flight (without FSDP: every gradient, accumulated in place)
   optimizer    AdamW's moments m and v of the trained parameters' shards
   activations  what backward keeps for one micro-batch: each block's saved tensors, counted at the run's shapes
                by running the real layers (LoRA/DoRA included) on the meta device, attention counted as a flash
                kernel keeps it (q, k, v, output, log-sum-exp); with --activation_checkpointing each block's input
                plus one block recomputed in backward; and the gradients flowing through the block being
                differentiated
-  logits       the chunked loss: --loss_chunk positions x the vocabulary in float32 (logits, log-softmax, gradient)
-The peak is the larger of two moments: the first loss chunk of backward (every activation alive) and the
-backward of the last block. Every position counts as learned (continued pre-training, the worst case); MoE routing
+  logits       the chunked loss: --loss_chunk positions x the vocabulary in float32 (logits, log-softmax, gradient;
+               a frozen head, LoRA's, keeps one float32 buffer, its gradient formed in forward: loss.frozen_head)
+The peak is the largest of three moments: the loss (every activation alive), the backward of the last block, and
+the optimizer step. Every position counts as learned (continued pre-training, the worst case); MoE routing
 is taken as balanced. --reserve GiB of --gpu_memory are kept free for the CUDA context, kernel workspaces and the
 allocator's fragmentation. Checked against the peak a CPU run allocates at tiny shapes (tests/test_plan_memory.py).
+
+The trainer asks it too (choose_activations): a run whose micro-batch would not fit the memory it finds free gets
+activation checkpointing, and on a GPU where even that does not fit, its checkpointed block inputs kept in host
+memory (offload_activations).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,8 +43,10 @@ from ..attention import AttnMask
 from ..lora.layers import apply_lora
 from ..model import RMSNorm, Transformer, TransformerBlock
 from ..rope import rope_cos_sin
+from .fsdp import fsdp_has_work
 
 GIB = 2**30
+RESERVE = 2 * GIB  # kept free of the plan: CUDA context or Python's own, kernel workspaces, fragmentation
 _QUANTIZED = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
               "feed_forward.w3", "feed_forward.experts.w1", "feed_forward.experts.w2", "feed_forward.experts.w3")
 
@@ -68,10 +77,21 @@ class Setup:
     compute: torch.dtype
     master_bf16: bool
     loss_chunk: int
+    offload_activations: bool = False  # checkpointed block inputs kept in host memory (needs checkpointing)
 
     @property
     def lora(self) -> bool:
         return self.lora_rank > 0
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether the trainer shards with FSDP2 (fsdp_has_work: several processes, a cast, or host offload)."""
+        return fsdp_has_work(self.gpus, self.compute != torch.float32 and not self.master_bf16, self.cpu_offload)
+
+    @property
+    def frozen_head(self) -> bool:
+        """LoRA leaves the output layer frozen (unless it adapts lm_head): the loss keeps no logits for backward."""
+        return self.lora and "lm_head" not in self.lora_targets
 
     @property
     def c(self) -> int:
@@ -228,7 +248,9 @@ def activation_bytes(model: Transformer, s: Setup, micro_batch: int) -> tuple[in
     a = block_activations(model, s, micro_batch)
     L, N = s.args.n_layers, micro_batch * s.seq_len
     head = a["final_norm"] + N * (s.args.dim * s.c + 16)  # final norm, the loss's learned states + indices
-    if s.checkpointing:  # each block's input; in backward one block's saved tensors come back at a time
+    if s.checkpointing and s.offload_activations:  # the inputs wait in host memory; one comes back at a time
+        blocks, recompute = a["row"], a["recomputed"]
+    elif s.checkpointing:  # each block's input; in backward one block's saved tensors come back at a time
         blocks, recompute = L * a["row"], a["recomputed"]
     else:
         blocks, recompute = L * a["block"], 0
@@ -240,19 +262,21 @@ def activation_bytes(model: Transformer, s: Setup, micro_batch: int) -> tuple[in
 
 
 def logits_bytes(s: Setup, micro_batch: int) -> int:
-    """One loss chunk in backward: logits in the compute dtype and float32, the log-softmax, their gradients."""
+    """One loss chunk: logits in the compute dtype and float32, the log-softmax, their gradients (recomputed in
+    backward); a frozen head: its float32 logits turned into their gradient in place, and that in the compute dtype."""
     chunk = min(s.loss_chunk, micro_batch * s.seq_len)
-    return chunk * s.args.vocab_size * (4 * 3 + (2 * s.c if s.c != 4 else 0))
+    half = s.c if s.c != 4 else 0
+    return chunk * s.args.vocab_size * (4 + half if s.frozen_head else 4 * 3 + 2 * half)
 
 
 # ---- the plan ----
 def plan(s: Setup, micro_batch: int, model: Transformer = None) -> MemoryPlan:
     """Per-rank bytes of one training step at this micro-batch size, by category at its peak moment.
 
-    Three moments compete: the first loss chunk of backward (every activation alive, no gradient yet but the
-    logits'), the backward of the last block (activations, that block's recomputation and gradients in flight, its
-    parameters gathered with the next one prefetched, the output layer's gradient) and the optimizer step (every
-    gradient shard, AdamW's temporaries, no activations)."""
+    Three moments compete: the loss (every activation alive, no gradient yet but the logits'), the backward of the
+    last block (activations, that block's recomputation and gradients in flight, its parameters gathered with the
+    next one prefetched, the output layer's gradient) and the optimizer step (every gradient shard, AdamW's
+    temporaries, no activations)."""
     model = model or meta_model(s)
     N, off = s.gpus, 0 if s.cpu_offload else 1
     params = list(_named(model))
@@ -270,18 +294,65 @@ def plan(s: Setup, micro_batch: int, model: Transformer = None) -> MemoryPlan:
     optimizer = off * n_trained * (4 if s.master_bf16 else 8) // N
     alive, last_block, parts = activation_bytes(model, s, micro_batch)
     logits = logits_bytes(s, micro_batch)
+    if s.fsdp:  # the root stays gathered; two blocks at a time; one block's gradients in flight to their shards
+        root_gathered, blocks_gathered = root, 2 * max(blocks)
+        backward_grads = (block_trained + head_trained) * in_flight
+    else:  # plain modules: nothing gathered, every gradient accumulated in place by the last block's backward
+        root_gathered = blocks_gathered = 0
+        backward_grads = n_trained * grad_b
     moments = {
-        "the first loss chunk of backward": (shards + root, 0, alive, logits),
-        "the last block's backward": (shards + root + 2 * max(blocks),
-                                      (block_trained + head_trained) * in_flight, last_block, 0),
+        "the loss": (shards + root_gathered, 0, alive, logits),
+        "the last block's backward": (shards + root_gathered + blocks_gathered, backward_grads, last_block, 0),
         "the optimizer step": (shards, off * n_trained * grad_b // N * 2, 0, 0),  # grads + AdamW's temporaries
     }
     when, (weights, gradients, activations, logit) = max(moments.items(), key=lambda kv: sum(kv[1]))
     peak = weights + gradients + optimizer + activations + logit
     return MemoryPlan(micro_batch, weights, gradients, optimizer, activations, logit, peak,
-                {**parts, "when": when, "gathered": root + 2 * max(blocks), "stored": stored,
+                {**parts, "when": when, "gathered": root_gathered + blocks_gathered, "stored": stored,
                  "n_trained": n_trained, "last_block": last_block, "logits_chunk": logits,
                  "moments": {k: sum(v) + optimizer for k, v in moments.items()}})
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory this process may still fill: the GPU's free memory, or the host's available memory shared among the
+    processes torchrun started on this host."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux: the free pages, without the reclaimable cache
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return free // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+@dataclass
+class ActivationChoice:
+    """How a run keeps its activations, and the log line that says why."""
+
+    checkpointing: bool
+    offload: bool
+    why: str
+
+
+def choose_activations(s: Setup, micro_batch: int, budget: int, device_type: str) -> ActivationChoice:
+    """Activation checkpointing when the plan of a micro-batch does not fit `budget` bytes without it (or
+    s.checkpointing: the flag forced it); on a GPU, the checkpointed block inputs offloaded to host memory when even
+    that does not fit."""
+    rows, model = f"a micro-batch of {micro_batch} x {s.seq_len} tokens", meta_model(s)
+    plain = plan(replace(s, checkpointing=False, offload_activations=False), micro_batch, model)
+    if plain.peak <= budget and not s.checkpointing:
+        return ActivationChoice(False, False, f"memory plan: {rows} peaks at {plain.peak / GIB:.2f} GiB of the "
+                                              f"{budget / GIB:.2f} GiB free; no activation checkpointing needed")
+    checkpointed = plan(replace(s, checkpointing=True, offload_activations=False), micro_batch, model)
+    why = ("activation checkpointing on (--activation_checkpointing)" if s.checkpointing else
+           f"activation checkpointing on: {rows} would peak at {plain.peak / GIB:.2f} GiB, over the "
+           f"{budget / GIB:.2f} GiB free; checkpointed {checkpointed.peak / GIB:.2f} GiB")
+    if checkpointed.peak <= budget or device_type != "cuda":
+        return ActivationChoice(True, False, why)
+    offloaded = plan(replace(s, checkpointing=True, offload_activations=True), micro_batch, model)
+    return ActivationChoice(True, True, f"{why}; still over, so each block's checkpointed input waits in host "
+                                        f"memory: {offloaded.peak / GIB:.2f} GiB")
 
 
 def largest_micro_batch(s: Setup, budget: int, model: Transformer, limit: int = 4096) -> tuple[int, MemoryPlan]:
