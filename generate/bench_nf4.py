@@ -32,7 +32,8 @@ PATHS = {"old": lambda x, w, index=None: quant._NF4Matmul.apply(x, w, index), "n
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help="checkpoint dir (default: the embedded SmolLM2)")
+    p.add_argument("--ckpt", "--model", dest="ckpt", default=str(DEFAULT_CKPT),
+                   help="checkpoint dir (default: the embedded SmolLM2)")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads")
     p.add_argument("--rounds", type=positive_int, default=5, help="alternating rounds (median reported)")
     p.add_argument("--prefill", type=positive_int, default=8, help="rows of the prefill-shaped pass")

@@ -70,7 +70,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--no_hf", action="store_true", help="skip the transformers / peft comparison")
     p.add_argument("--iters", type=positive_int, default=3, help="timed steps (median reported)")
-    p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help=f"{SMOLLM2}: the HF-format checkpoint dir")
+    p.add_argument("--ckpt", "--model", dest="ckpt", default=str(DEFAULT_CKPT),
+                   help=f"{SMOLLM2}: the HF-format checkpoint dir")
     p.add_argument("--rounds", type=positive_int, default=2, help=f"{SMOLLM2}: ours/HF process pairs, alternated")
     p.add_argument("--warmup", type=positive_int, default=2, help=f"{SMOLLM2}: untimed steps first")
     p.add_argument("--worker", choices=("ours", "hf"), default=None, help=argparse.SUPPRESS)
