@@ -40,7 +40,8 @@ OURS = {"ours_bf16": None, "ours_int8": "int8", "ours_int4": "int4"}
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help="checkpoint dir (default: the embedded SmolLM2)")
+    p.add_argument("--ckpt", "--model", dest="ckpt", default=str(DEFAULT_CKPT),
+                   help="checkpoint dir (default: the embedded SmolLM2)")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for every implementation")
     p.add_argument("--new_tokens", type=positive_int, default=128, help="decode steps timed")
