@@ -292,10 +292,10 @@ def smollm2_ours(a, tokens: torch.Tensor):
     from minillama.util.distributed import init_distributed
 
     cfg = TrainConfig(out="", model=ModelConfig(ckpt=a.ckpt, dtype="float32"), lora=LoraConfig(rank=16, alpha=32.0),
-                      optim=OptimConfig(lr=1e-4), data=DataConfig(data="", seq_len=a.seq_len))
+                      optim=OptimConfig(lr=1e-4), data=DataConfig(data="", seq_len=a.seq_len, batch_size=1))
     info = init_distributed("cpu")
     ensure_process_group(info.device)
-    parts = build_model(cfg, info, torch.float32, ProgressBar(0, enabled=False), longest=a.seq_len)
+    parts = build_model(cfg, info, torch.float32, ProgressBar(0), longest=a.seq_len)  # its log lines: stderr
     targets = torch.roll(tokens, -1, dims=1)
     targets[:, -1] = -100  # HF's labels=tokens learns the same T - 1 next tokens
     n = (targets != -100).sum()
@@ -358,7 +358,9 @@ def run_worker(a, impl: str) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{SMOLLM2} worker {impl} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["plan"] = next((line for line in out.stderr.splitlines() if "checkpointing" in line), None)
+    return result
 
 
 def bench_smollm2(a) -> None:
@@ -376,6 +378,7 @@ def bench_smollm2(a) -> None:
             runs[impl].append(res)
             print(f"{r + 1:<6} {impl:<10} {res['step_s']:8.3f} {res['peak_rss_mb']:12.0f} {res['step_rss_mb']:12.0f} "
                   f"{res['first_loss']:9.4f}", flush=True)
+    print(f"ours: {runs['ours'][0]['plan']}")  # whether the memory plan turned on activation checkpointing
     med = {impl: {k: sorted(x[k] for x in rs)[len(rs) // 2] for k in ("step_s", "peak_rss_mb", "step_rss_mb")}
            for impl, rs in runs.items()}
     loss_gap = abs(runs["ours"][0]["first_loss"] - runs["hf"][0]["first_loss"])

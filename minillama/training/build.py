@@ -23,7 +23,7 @@ from .data import check_data_file, load_jsonl, report_bad_lines
 from .fsdp import apply_fsdp, checkpoint_activations, fsdp_has_work
 from .loss import CausalLMLoss
 from .optim import build_optimizer
-from .plan_memory import RESERVE, ActivationChoice, Setup, choose_activations, free_bytes
+from .plan_memory import HOST_RESIDENT_PER_PLANNED, RESERVE, ActivationChoice, Setup, choose_activations, free_bytes
 from .schedule import BatchSplit
 from ..perf import param_counts
 from .config import ModelConfig, TrainConfig
@@ -130,11 +130,13 @@ def bytes_per_param(master_bf16: bool) -> str:
 
 
 def free_budget(info) -> int:
-    """Bytes a training step may use on this rank's device (the least any rank has), less plan_memory.RESERVE."""
+    """Planned bytes a training step may use on this rank's device (the least any rank has): the free memory less
+    plan_memory.RESERVE, and on the host divided by HOST_RESIDENT_PER_PLANNED."""
     free = torch.tensor([float(free_bytes(info.device))], dtype=torch.float64, device=info.device)
     if dist.is_initialized():
         dist.all_reduce(free, op=dist.ReduceOp.MIN)  # every rank makes the same choice
-    return max(int(free.item()) - RESERVE, 0)
+    budget = max(int(free.item()) - RESERVE, 0)
+    return budget if info.device.type == "cuda" else int(budget / HOST_RESIDENT_PER_PLANNED)
 
 
 def choose_activation_memory(cfg: TrainConfig, info, args, compute_dtype, longest: int,

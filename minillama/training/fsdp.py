@@ -38,8 +38,9 @@ def ensure_process_group(device: torch.device) -> None:
 def fsdp_has_work(world_size: int, mixed_precision: bool, cpu_offload: bool) -> bool:
     """Whether fully_shard does anything for this run: shard over several processes, cast parameters to a compute
     dtype, or keep them on the host. One process computing in its parameters' own dtypes skips it: there FSDP2 only
-    copied each block's parameters into and out of its buffers and ran its hooks (SmolLM2 LoRA on a CPU: slower, and
-    280 MB more). Checkpoints do not notice: saved pieces are boxes of the global tensor either way."""
+    copied each block's parameters into and out of its buffers and ran its hooks and a DTensor optimizer step
+    (issue 21 measured SmolLM2 LoRA on a CPU slower with it, and 280 MB larger). Checkpoints do not notice: saved
+    pieces are boxes of the global tensor either way."""
     return world_size > 1 or mixed_precision or cpu_offload
 
 
