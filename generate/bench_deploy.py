@@ -34,8 +34,11 @@ from minillama.util.files import write_json  # noqa: E402
 from minillama.tokenizer.tokenizer import load_tokenizer  # noqa: E402
 from minillama.perf import measure_copy_bandwidth  # noqa: E402
 
-IMPLS = ("ours_bf16", "ours_int8", "ours_int4", "hf_bf16", "llama_f16", "llama_q8_0", "llama_q4_0")
-OURS = {"ours_bf16": None, "ours_int8": "int8", "ours_int4": "int4"}
+IMPLS = ("ours_bf16", "ours_int8", "ours_int4", "ours_bf16_compile", "ours_int8_compile", "ours_int4_compile",
+         "hf_bf16", "llama_f16", "llama_q8_0", "llama_q4_0")
+# ours: (--quantize, compiled decode step: the engine's EngineConfig(compile=True), inductor's C++ code on CPU)
+OURS = {"ours_bf16": (None, False), "ours_int8": ("int8", False), "ours_int4": ("int4", False),
+        "ours_bf16_compile": (None, True), "ours_int8_compile": ("int8", True), "ours_int4_compile": ("int4", True)}
 
 
 def get_args(argv=None):
@@ -135,10 +138,11 @@ def main(argv=None):
     kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * kv_tokens * 2
     for impl in a.impls:
         if impl in OURS:
-            model = load_model(a.ckpt, dtype=torch.bfloat16, quantize=OURS[impl])
+            quantize, compile = OURS[impl]
+            model = load_model(a.ckpt, dtype=torch.bfloat16, quantize=quantize)
             step = weight_bytes(model) + kv_bytes
-            t_pre, t_tok = time_generate(ours_runner(model, [prompt], a.new_tokens, False), a.new_tokens, device,
-                                         a.iters)
+            t_pre, t_tok = time_generate(ours_runner(model, [prompt], a.new_tokens, compile), a.new_tokens, device,
+                                         a.iters)  # time_generate warms up first: a compile is not timed
             model.clear_cache()
             ppl[impl] = perplexity(model, text_ids[:a.ppl_tokens], a.ppl_window)
         elif impl == "hf_bf16":

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -114,17 +115,38 @@ def main(argv=None):
         return
     served = Served(tok, args.model_name or ckpt.name, adapters, not merged, limit,
                     sampling_params(args), args.max_new_tokens, constrained=config.speculate is None)
-    loop = BatchLoop(engine, info).start()
+    loop = BatchLoop(engine, info)
     host, port = sock.getsockname()[:2]
     log(f"[serving {', '.join(served.model_names())} on http://{host}:{port}/ ({args.max_batch_size} rows of "
         f"{limit} tokens, {info.world_size} process(es)); Ctrl-C stops]")
     server = uvicorn.Server(uvicorn.Config(create_app(served, loop, args.api_key, log), log_level="warning",
                                            access_log=args.log_requests, timeout_graceful_shutdown=3))
+    http = threading.Thread(target=serve_http, args=(server, sock, loop), name="minillama-http", daemon=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_http(server))
+    http.start()
+    try:
+        loop.run()  # the engine on the main thread (see serve/worker.py: MKL runs small matmuls slower elsewhere)
+    finally:
+        stop_http(server)
+        http.join(10)
+        cleanup()
+
+
+def serve_http(server, sock: socket.socket, loop) -> None:
+    """The HTTP server's thread: serve until told to exit, then stop the engine loop (its requests end first, within
+    uvicorn's graceful-shutdown timeout)."""
     try:
         server.run(sockets=[sock])
     finally:
-        loop.shutdown()
-        cleanup()
+        loop.stop()
+
+
+def stop_http(server) -> None:
+    """Ctrl-C / SIGTERM (on the main thread): the HTTP server shuts down gracefully; a second one forces it."""
+    if server.should_exit:
+        server.force_exit = True
+    server.should_exit = True
 
 
 if __name__ == "__main__":

@@ -131,9 +131,11 @@ def test_row_adapter_hook_sees_each_forwards_rows_and_unmixed_batches_wait():
     engine.submit(Request(ps[0], 3, adapter="a", key=0))
     engine.submit(Request(ps[1], 3, adapter="a", key=1))
     engine.submit(Request(ps[2], 3, adapter=None, key=2))  # the base model: waits for the "a" rows to finish
-    engine.step()
+    engine.step()  # two prefills, and the first tokens returned before their decode forward
     assert engine.n_running == 2 and len(engine.waiting) == 1
-    assert seen[:3] == [["a"], ["a"], ["a", "a", None]]  # two prefills, then the decode step's rows
+    assert seen == [["a"], ["a"]]
+    engine.step()
+    assert seen[:3] == [["a"], ["a"], ["a", "a", None]]  # then the decode forward's rows
     run_all(engine)
     assert ["a"] not in seen[seen.index([None]):]  # request 2 was prefilled after rows 0 and 1 ended
     mixed = Engine(model, EngineConfig(3, 64, prefill_rows=1), row_adapters=lambda m, names: seen.append(list(names)))
@@ -141,10 +143,45 @@ def test_row_adapter_hook_sees_each_forwards_rows_and_unmixed_batches_wait():
         mixed.submit(Request(p, 3, adapter=["a", None, "b"][i], key=i))
     seen.clear()
     mixed.step()
-    assert seen == [["a"], [None], ["b"], ["a", None, "b"]]
+    mixed.step()
+    assert seen[:4] == [["a"], [None], ["b"], ["a", None, "b"]]
 
 
 def test_submit_rejects_a_prompt_that_does_not_fit():
     engine = Engine(tiny_model(), EngineConfig(1, 16))
     with pytest.raises(ValueError, match="does not fit"):
         engine.submit(Request(list(range(10)), 8))
+
+
+def test_a_step_returns_its_tokens_before_feeding_them_and_a_cancelled_row_is_not_fed():
+    model = tiny_model(std=0.3)
+    ps = prompts([5, 6])
+    engine = Engine(model, EngineConfig(2, 64, fixed_batch=False))
+    for i, p in enumerate(ps):
+        engine.submit(Request(p, 6, key=i))
+    events = engine.step()
+    assert [ev.token for ev in events] == [generate(model, [p], 1)[0][0] for p in ps]  # the first tokens ...
+    assert engine.stats["decode_steps"] == 0  # ... out before any decode forward
+    held = [len(r.held) for r in engine.slots]
+    engine.cancel(0)
+    engine.step()  # feeds row 1's token; row 0's request is gone, so its token is not written or recorded
+    assert engine.stats["decode_steps"] == 1
+    assert len(engine.slots[0].held) == held[0] and len(engine.slots[1].held) == held[1] + 1
+    assert run_all(engine)[1][0] == generate(model, [ps[1]], 6)[0]
+
+
+def test_a_new_request_takes_the_lowest_free_row_and_copies_its_prefix_from_another():
+    model = tiny_model(std=0.3)
+    shared = prompts([12], seed=3)[0]
+    a, b, c = (shared + q for q in prompts([3, 4, 5], seed=4))
+    engine = Engine(model, EngineConfig(3, 64, fixed_batch=False, reuse_prefix=True))
+    engine.submit(Request(a, 2, key="a"))
+    engine.submit(Request(b, 9, key="b"))
+    engine.step()
+    engine.step()  # "a" ends after its 2 tokens: row 0 is free, row 1 busy, row 2 never used
+    assert engine.rows[0] is None and engine.rows[1].key == "b"
+    req = engine.submit(Request(c, 4, key="c"))
+    engine.step()
+    assert engine.rows[0] is req  # the lowest free row, so a decode forward runs rows 0..1, not 0..2
+    assert req.cached_tokens == len(shared)  # the shared prefix came from row 0's (or 1's) cache, not a prefill
+    assert run_all(engine)["c"][0] == generate(model, [c], 4)[0]

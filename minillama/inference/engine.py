@@ -8,11 +8,13 @@ and the HTTP server are thin users of it.
         for ev in engine.step():      # Event(request, token | None, finish | None)
             ...
 
-One step: free rows take waiting requests in order; prompts are prefilled together in one forward (right-padded, up
-to prefill_rows at once), a long one in chunks of prefill_chunk tokens between decode steps so running rows keep
-their pace; every decoding row picks its next token (_pick: the one place tokens are chosen); rows that end (a stop
-token, max_new_tokens, or cancel()) are freed; one decode step feeds the rest together, attending over only the slots
-the rows hold. Which rows finish is a host decision, so a step syncs once; step(max_steps) may run several decode
+One step: the decode forward of the tokens the previous step returned (each row's new token fed back, together,
+attending over only the slots the rows hold); free rows take waiting requests in order, the lowest free row first so
+a decode forward runs only rows 0..last busy; prompts are prefilled together in one forward (right-padded, up to
+prefill_rows at once), a long one in chunks of prefill_chunk tokens between decode steps so running rows keep their
+pace; every decoding row picks its next token (_pick: the one place tokens are chosen) and the step returns them;
+rows that end (a stop token, max_new_tokens, or cancel()) are freed. Returning a token before its decode forward
+takes one forward off every token's latency, the first included. Which rows finish is a host decision, so a step syncs once; step(max_steps) may run several decode
 steps on the device alone while nothing waits (generate() does: one sync per 16 tokens).
 
 Prefix reuse (reuse_prefix): a request whose prompt starts with tokens some row's cache holds (its own row's earlier
@@ -138,6 +140,7 @@ class Engine:
         self.counts: Optional[torch.Tensor] = None  # (B, V) answer token counts, made for frequency/presence penalties
         self.stats = {"prefilled": 0, "copied": 0, "drafted": 0, "accepted": 0, "decode_steps": 0}
         self.failed: list[Event] = []  # requests whose own prefill raised: reported by the next step()
+        self.due: list[tuple[int, Request, int]] = []  # (row, request, token) picked and returned, not fed yet
         self.drafter = self._drafter()
 
     def _drafter(self):
@@ -215,10 +218,12 @@ class Engine:
     # ---- one step ----
     @torch.no_grad()
     def step(self, max_steps: int = 1) -> list[Event]:
-        """Admit and prefill, pick one token for every decoding row, free finished rows, decode the rest.
+        """Feed back the tokens the last step returned, admit and prefill, pick one token for every decoding row (the
+        events returned), free finished rows; the rest are fed at the next step (with speculation: in this one).
 
         max_steps > 1: while nothing waits to be admitted or prefilled, run up to that many decode steps on the
         device before the one host sync (rows that end meanwhile decode a pad until then)."""
+        self._decode_due()
         self._admit()
         self._prefill_some()
         failed, self.failed = self.failed, []
@@ -248,8 +253,8 @@ class Engine:
             self.slots[b].held += fed
         if feed:
             last = [row[-1] for row in picks]
-            if not self.config.speculate:
-                self._decode(feed, last)
+            if not self.config.speculate:  # decoded at the start of the next step: these tokens go out first
+                self.due = [(b, self.slots[b].request, last[b]) for b in feed]
                 return events
             for b, kept in self._speculate(feed, last).items():
                 for t in kept:  # verified drafts are answer tokens like any other
@@ -294,10 +299,10 @@ class Engine:
         return min(common_prefix(row.held, req.prompt), len(req.prompt) - 1)
 
     def _place(self, req: Request, free: list[int]) -> None:
-        """Put req in a free row (the one holding most of its prompt, else the one holding least), copying a longer
-        cached prefix from another row when one holds it."""
-        keep = self.config.reuse_prefix  # then evict the row holding least; else rows in order
-        b = max(free, key=lambda i: (self._reusable(i, req), -self.slots[i].pos if keep else 0, -i))
+        """Put req in the lowest free row (a decode forward runs rows 0..last busy, so busy rows stay packed at the
+        front), copying the longest cached prefix of its prompt from whichever row holds it (free rows at the back
+        keep what they held longest: they are the prefix store)."""
+        b = min(free)
         own = self._reusable(b, req)
         src = max(range(self.B), key=lambda i: (self._reusable(i, req), i == b))
         k = self._reusable(src, req)
@@ -534,6 +539,17 @@ class Engine:
                 pos = pos + (~done).long()
                 picks.append(self._pick(busy))
         return torch.stack(picks, dim=1).tolist()
+
+    def _decode_due(self) -> None:
+        """The decode forward of the tokens the last step picked and returned (step() hands a token out before
+        feeding it back, so it reaches the client one forward sooner); rows cancelled since then are left out."""
+        due, self.due = self.due, []
+        feed = [b for b, req, _ in due if self.slots[b].request is req]
+        if feed:
+            nxt = [self.config.pad_id] * self.B
+            for b, _, t in due:
+                nxt[b] = t
+            self._decode(feed, nxt)
 
     def _decode(self, feed: list[int], nxt: list[int]) -> None:
         """One token for every row in feed; other rows decode a pad at their current slot, which a later prefill

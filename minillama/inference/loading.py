@@ -34,11 +34,12 @@ HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetiti
 
 def unwrap_merged_lora(model: nn.Module) -> None:
     """Swap merged LoRALinear layers back to nn.Linear so tensor parallelism can split them."""
+    from ..linear import Linear
     from ..lora.layers import LoRALinear
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear) and m.merged:
             with torch.device("meta"):
-                lin = nn.Linear(m.in_features, m.out_features, bias=False)
+                lin = Linear(m.in_features, m.out_features, bias=False)
             lin.weight = m.weight
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, lin)

@@ -17,6 +17,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from ..linear import Linear
+
 __all__ = ["apply_tensor_parallel", "tp_mesh"]
 
 
@@ -36,7 +38,7 @@ def _check_divisible(model: nn.Module, tp: int) -> None:
                          "(run with a --nproc_per_node that divides them)")
     for name, m in model.named_modules():
         if any(name.endswith(s) for s in (".wq", ".wk", ".wv", ".wo", ".w1", ".w2", ".w3", "output")):
-            if type(m) is not nn.Linear and not name.endswith("experts"):
+            if type(m) not in (nn.Linear, Linear) and not name.endswith("experts"):
                 raise ValueError(f"tensor parallel: {name} is a {type(m).__name__}, expected a plain nn.Linear "
                                  "(merge LoRA adapters and load without quantization first)")
 

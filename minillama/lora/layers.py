@@ -29,6 +29,7 @@ from ..hf_names import HF_TARGET_TO_META as LINEAR_TARGETS  # PEFT names -> our 
 from .experts import LoRAExperts
 from .slots import (AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, adapter_names, lora_modules, lora_scaling,
                     set_adapter)
+from ..linear import linear
 from ..moe import Experts
 from ..quant import NF4Experts, NF4Linear, NF4Weight, nf4_linear
 from ..weight_only import Int4Weight, Int8Weight, QuantLinear
@@ -72,7 +73,7 @@ class LoRALinear(AdapterSlots):
             return nf4_linear(x, self.weight)
         if isinstance(self.weight, (Int8Weight, Int4Weight)):  # weight-only int8/int4 (inference)
             return self.weight.linear(x)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)

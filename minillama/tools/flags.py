@@ -111,7 +111,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
     p.add_argument("--chat_format", default=None, choices=FORMATS,
                    help="force a chat format (default: the checkpoint's, from its chat template or family)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decode step (CUDA graphs on GPU; inductor's C++ on CPU, which "
+                        "takes a minute or two to compile on a small CPU, then decodes faster)")
     p.add_argument("--speculate", default=None, choices=SPECULATE,
                    help="speculative decoding: ngram drafts the tokens that followed the answer's last words earlier "
                         "in the prompt or answer (prompt lookup; pays where the answer quotes its input); draft: a "

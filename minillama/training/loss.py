@@ -20,7 +20,7 @@ from ..moe import MoEFeedForward, load_balancing_loss
 def frozen_head(project: Callable) -> Optional[torch.Tensor]:
     """The output layer's weight when it is a plain bias-free linear that does not train (LoRA's usual case), else
     None (full fine-tuning, a trained embedding tied to it, LoRA on the head: their logits are recomputed instead)."""
-    if type(project) is nn.Linear and project.bias is None and not project.weight.requires_grad:
+    if isinstance(project, nn.Linear) and project.bias is None and not project.weight.requires_grad:
         return project.weight
     return None
 
