@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a fresh checkout
 
-from minillama.util.cli import ArgumentParser, run  # noqa: E402
+from minillama.util.cli import ArgumentParser, positive_int, run  # noqa: E402
 
 TASKS = ["Tell me a story about {}.", "Explain how {} works.", "Write a letter to a friend about {}.",
          "Describe {} in the morning.", "What makes {} good?", "Explain {} to a child."]
@@ -49,6 +49,9 @@ def get_args(argv=None):
                    help="requests per concurrency level (at least one per client)")
     p.add_argument("--max_tokens", type=int, default=64, help="answer length asked for")
     p.add_argument("--max_batch_size", type=int, default=8, help="the started server's --max_batch_size")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="the started server's --threads (default: its own choice, from the idle cores, which the "
+                        "load a previous run leaves in the 1-minute load average can lower: give it to compare runs)")
     p.add_argument("--server_args", default="", help="more flags for the started server, e.g. '--device cuda'")
     return p.parse_args(argv)
 
@@ -56,6 +59,7 @@ def get_args(argv=None):
 def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"), "--port", "0",
            "--max_batch_size", str(args.max_batch_size), *(["--ckpt", args.ckpt] if args.ckpt else []),
+           *(["--threads", str(args.threads)] if args.threads else []),
            *args.server_args.split()]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
