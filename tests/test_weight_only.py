@@ -47,6 +47,29 @@ def test_packed_kernel_equals_matmul_with_the_dequantized_weight(kind, dtype, ou
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_prefill_rows_take_the_dequantized_float32_product(dtype, monkeypatch):
+    import minillama.weight_only as wo
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    q = Int8Weight(w)
+    x = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(4)).to(dtype)  # 12 rows
+    calls = []
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or kernel(*a))
+    kernel = torch.ops.aten._weight_int8pack_mm
+    monkeypatch.setattr(wo, "DEQUANT_ROWS", 12)
+    with torch.no_grad():
+        got = q.linear(x)
+    assert not calls  # the float32 product of the dequantized weight, not the packed kernel
+    assert got.dtype == dtype
+    assert torch.equal(got, F.linear(x.float(), q.dequantize(dtype=torch.float32)).to(dtype))
+    monkeypatch.setattr(wo, "DEQUANT_ROWS", 13)
+    with torch.no_grad():
+        kept = q.linear(x)
+    assert calls  # 12 rows < 13: the packed kernel
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (kept.float() - got.float()).abs().max().item() <= tol * got.float().abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name,bound", [("int8", 0.03), ("int4", 0.3), ("int4-g64", 0.3)])
 def test_tiny_model_logits_within_bounds(name, bound, dtype, one_thread):
     model = tiny_model(std=0.05).to(dtype)
