@@ -105,7 +105,10 @@ def main(argv=None):
     limit = context_limit(args, model, default=min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN))
     merged = bool(adapters) and info.world_size > 1  # tensor parallel serves its one adapter merged in
     config = engine_config(args, loaded, batch_size=args.max_batch_size, cache_len=limit,
-                           pad_id=tok.pad_id or 0, fixed_batch=args.compile, reuse_prefix=True)
+                           pad_id=tok.pad_id or 0, reuse_prefix=True,
+                           # CUDA graphs are recorded per batch shape: decode every row; on CPU the compiled step
+                           # takes any batch size, so a step runs only the rows up to the last busy one
+                           fixed_batch=args.compile and model.tok_embeddings.weight.device.type == "cuda")
     engine = Engine(model, config, row_adapters=set_row_adapters if adapters and not merged else None,  # mixed
                     grammar=lambda: grammar_vocab(tok))  # response_format / forced tool calls, built on first use
     if not info.is_rank0:

@@ -113,7 +113,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="force a chat format (default: the checkpoint's, from its chat template or family)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step (CUDA graphs on GPU; inductor's C++ on CPU, which "
-                        "takes a minute or two to compile on a small CPU, then decodes faster)")
+                        "takes minutes to compile on a small CPU: once for one row, once for several; then it "
+                        "decodes faster)")
     p.add_argument("--speculate", default=None, choices=SPECULATE,
                    help="speculative decoding: ngram drafts the tokens that followed the answer's last words earlier "
                         "in the prompt or answer (prompt lookup; pays where the answer quotes its input); draft: a "
