@@ -26,9 +26,8 @@ from typing import Iterator, Optional
 import torch
 
 from .data import DataStats, Sample, check_data_file, jsonl_records, nothing_usable
-from .preference import PrefConfig, _inputs, reference_doc_logps
+from .preference import PairRecipe, PrefConfig, _inputs, reference_doc_logps
 from .preference_data import Pair, PairBatch, _answer, _messages, collate_pairs, to_pair, tokenize_pair
-from .schedule import BatchSplit
 from .packing import plan_epoch
 from .trainer import Forward, all_reduce_values
 
@@ -147,25 +146,15 @@ def kto_summarize(sums: dict, n_examples: float, kl: float) -> dict:
     return out
 
 
-@dataclass
-class KTO:
+@dataclass(kw_only=True)
+class KTO(PairRecipe):
     """KTO on unpaired examples: what train/dpo.py --loss kto plugs into the trainer (see trainer.Recipe).
 
     The reference: with LoRA the model with its adapters off; with full fine-tuning the precomputed tables
     (ref["train"] / ref["eval"]: (n, 2) summed log-probs of each example and of its mismatched pair)."""
 
-    cfg: PrefConfig
     examples: list[Example]
     eval_examples: Optional[list[Example]]
-    split: BatchSplit
-    model: torch.nn.Module
-    device: torch.device
-    pad_id: int
-    seq_len: int
-    pack: bool
-    dp_rank: int = 0
-    aux_coef: float = 0.0
-    ref: dict = field(default_factory=dict)
     _ref_cache: dict = field(default_factory=dict)  # example -> reference log-prob, from this step's count
 
     def __post_init__(self):

@@ -175,16 +175,11 @@ def summarize(sums: dict, n_pairs: float, n_chosen_tokens: float, cfg: PrefConfi
     return out
 
 
-@dataclass
-class Preference:
-    """Preference tuning on pair rows: what train/dpo.py plugs into the trainer (see trainer.Recipe).
-
-    The reference of DPO: with LoRA the same model with its adapters switched off; with full fine-tuning the
-    precomputed tables (ref["train"], ref["eval"]: (n, 2) summed log-probs, see reference_logps)."""
+@dataclass(kw_only=True)
+class PairRecipe:
+    """What the pair-row recipes (Preference here, KTO in kto.py) share: the loss, the batch split and the model."""
 
     cfg: PrefConfig
-    pairs: list[Pair]
-    eval_pairs: Optional[list[Pair]]
     split: BatchSplit
     model: torch.nn.Module  # the Transformer under the root (lora.reference_policy makes it the reference)
     device: torch.device
@@ -194,6 +189,17 @@ class Preference:
     dp_rank: int = 0
     aux_coef: float = 0.0
     ref: dict = field(default_factory=dict)  # "train"/"eval" -> precomputed reference log-probs (full fine-tuning)
+
+
+@dataclass(kw_only=True)
+class Preference(PairRecipe):
+    """Preference tuning on pair rows: what train/dpo.py plugs into the trainer (see trainer.Recipe).
+
+    The reference of DPO: with LoRA the same model with its adapters switched off; with full fine-tuning the
+    precomputed tables (ref["train"], ref["eval"]: (n, 2) summed log-probs, see reference_logps)."""
+
+    pairs: list[Pair]
+    eval_pairs: Optional[list[Pair]]
 
     @property
     def has_eval(self) -> bool:
