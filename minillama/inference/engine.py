@@ -14,8 +14,9 @@ a decode forward runs only rows 0..last busy; prompts are prefilled together in 
 prefill_rows at once), a long one in chunks of prefill_chunk tokens between decode steps so running rows keep their
 pace; every decoding row picks its next token (_pick: the one place tokens are chosen) and the step returns them;
 rows that end (a stop token, max_new_tokens, or cancel()) are freed. Returning a token before its decode forward
-takes one forward off every token's latency, the first included. Which rows finish is a host decision, so a step syncs once; step(max_steps) may run several decode
-steps on the device alone while nothing waits (generate() does: one sync per 16 tokens).
+takes one forward off every token's latency, the first included. Which rows finish is a host decision, so a step
+syncs once; step(max_steps) may run several decode steps on the device alone while nothing waits (generate() does:
+one sync per 16 tokens).
 
 Prefix reuse (reuse_prefix): a request whose prompt starts with tokens some row's cache holds (its own row's earlier
 turn, or a shared system prompt in another row) copies those keys/values instead of recomputing them.

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
-import weakref
 from importlib import resources
 from typing import Callable, Optional
 
@@ -39,41 +37,6 @@ def chat_page(name: str = "chat.html") -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
-class Mailbox:
-    """Engine events on their way to one event loop's answers: the batching loop's thread posts each event, and the
-    event loop wakes once per engine step to hand them all out, not once per event (on a small CPU each wake-up of
-    the HTTP thread during a decode step stalls the step's OpenMP threads)."""
-
-    def __init__(self, aio: asyncio.AbstractEventLoop):
-        self.aio, self.items, self.lock, self.scheduled = aio, [], threading.Lock(), False
-
-    def post(self, events: asyncio.Queue, ev: Event) -> None:
-        """On the batching loop's thread."""
-        with self.lock:
-            self.items.append((events, ev))
-            if self.scheduled:
-                return
-            self.scheduled = True
-        self.aio.call_soon_threadsafe(self._hand_out)
-
-    def _hand_out(self) -> None:
-        with self.lock:
-            items, self.items, self.scheduled = self.items, [], False
-        for events, ev in items:
-            events.put_nowait(ev)
-
-
-_mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
-
-
-def mailbox() -> Mailbox:
-    """The running event loop's Mailbox."""
-    aio = asyncio.get_running_loop()
-    if aio not in _mailboxes:
-        _mailboxes[aio] = Mailbox(aio)
-    return _mailboxes[aio]
-
-
 class Answer:
     """One request's run in the batching loop: its events arrive on an asyncio queue and become text pieces."""
 
@@ -87,8 +50,8 @@ class Answer:
         self.events: asyncio.Queue = asyncio.Queue()
         self.tokens, self.finish = 0, None
         self.logprobs: list = []  # TokenLogprob per answer token, when the request asked for logprobs
-        box, events = mailbox(), self.events
-        self.key = loop.submit(req, lambda ev: box.post(events, ev))
+        aio = asyncio.get_running_loop()
+        self.key = loop.submit(req, lambda ev: aio.call_soon_threadsafe(self.events.put_nowait, ev))
 
     async def pieces(self, poll=None):
         """Yield text pieces until the answer ends; self.finish is then "stop" or "length". self.logprobs grows with

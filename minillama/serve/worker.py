@@ -3,8 +3,8 @@
 generate/serve.py runs the loop on the process's main thread and the HTTP server on another: on this project's CPU
 a decode step run from a second thread took 1.4x (1 row) to 2.4x (4 rows) as long as from the main thread, MKL's
 small matrix products (under torch 2.13's OpenMP) running at about half speed there; start() runs it on a thread of
-its own (tests). HTTP handlers (asyncio, rank 0) call submit() and cancel(), which only queue; the loop takes what is queued
-before each engine step, so a new request joins the running batch at the next step and a cancelled one (a client
+its own (tests). HTTP handlers (asyncio, rank 0) call submit() and cancel(), which only queue; the loop takes what is
+queued before each engine step, so a new request joins the running batch at the next step and a cancelled one (a client
 that went away, a stop string) frees its row. Each engine event is handed back to the handler's event loop.
 Under torchrun every rank runs the same engine: before each step rank 0 broadcasts what joins and what leaves
 (Changes: the Requests themselves, and keys), and the followers apply them and step in lockstep; while idle rank 0
