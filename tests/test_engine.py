@@ -185,3 +185,57 @@ def test_a_new_request_takes_the_lowest_free_row_and_copies_its_prefix_from_anot
     assert engine.rows[0] is req  # the lowest free row, so a decode forward runs rows 0..1, not 0..2
     assert req.cached_tokens == len(shared)  # the shared prefix came from row 0's (or 1's) cache, not a prefill
     assert run_all(engine)["c"][0] == generate(model, [c], 4)[0]
+
+
+def test_a_burst_of_prompts_answers_the_first_ones_before_the_last_are_prefilled():
+    model = tiny_model(std=0.3)
+    ps = prompts([6, 7, 5, 6, 8, 6])
+    engine = Engine(model, EngineConfig(6, 64, fixed_batch=False, prefill_step=12, prefill_chunk=64))
+    for i, p in enumerate(ps):
+        engine.submit(Request(p, 5, key=i))
+    first = engine.step()
+    assert [ev.request.key for ev in first] == [0]  # 12 prompt tokens: prompt 0 whole, prompt 1 begun
+    assert engine.stats["prefilled"] == 12 and engine.stats["decode_steps"] == 0
+    firsts = {ev.request.key for ev in first}
+    while len(firsts) < len(ps):  # no decode forward until every prompt is in (64 tokens allowed)
+        firsts |= {ev.request.key for ev in engine.step()}
+        assert engine.stats["decode_steps"] == 0
+    done = run_all(engine)
+    assert {k: v[0] for k, v in done.items()} == {i: solo(model, p, 5) for i, p in enumerate(ps)}
+
+
+def test_a_running_row_waits_for_at_most_prefill_chunk_prompt_tokens_between_two_of_its_tokens():
+    model = tiny_model(std=0.3)
+    short, long, other = prompts([4, 40, 23], seed=5)
+    calls = CountingForward(model)
+    engine = Engine(model, EngineConfig(3, 64, fixed_batch=False, prefill_step=4, prefill_chunk=10))
+    engine.submit(Request(short, 20, key="running"))
+    engine.step()
+    engine.submit(Request(long, 3, key="new"))
+    engine.submit(Request(other, 3, key="other"))
+    waited, done = [], {}
+    while engine.busy:
+        for ev in engine.step():
+            if ev.request.key == "running":
+                waited.append(engine.stats["prefilled"])
+            if ev.finish is not None:
+                done[ev.request.key] = ev.request.output
+    gaps = [b - a for a, b in zip(waited, waited[1:])]
+    assert max(gaps) == 10 and all(tokens <= 4 for _, tokens in calls.calls[1:])  # the chunk, in steps of 4
+    assert done == {"running": solo(model, short, 20), "new": solo(model, long, 3), "other": solo(model, other, 3)}
+
+
+def test_a_row_whose_token_waits_for_a_prefill_keeps_its_penalty_state():
+    model = tiny_model(std=0.3)
+    a, b = prompts([4, 3], seed=7)
+    params = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5)
+    engine = Engine(model, EngineConfig(2, 64, fixed_batch=False, prefill_step=4))
+    engine.submit(Request(a, 8, params, key="a"))
+    engine.step()
+    seen, counts = engine.seen[0].clone(), engine.counts[0].clone()
+    engine.submit(Request(b, 8, params, key="b"))
+    assert [ev.request.key for ev in engine.step()] == ["b"]  # b's prompt and first pick; a's token waits
+    assert engine.stats["decode_steps"] == 0
+    assert torch.equal(engine.seen[0], seen) and torch.equal(engine.counts[0], counts)
+    done = run_all(engine)
+    assert done["a"][0] == solo(model, a, 8, params) and done["b"][0] == solo(model, b, 8, params)

@@ -8,15 +8,18 @@ and the HTTP server are thin users of it.
         for ev in engine.step():      # Event(request, token | None, finish | None)
             ...
 
-One step: the decode forward of the tokens the previous step returned (each row's new token fed back, together,
-attending over only the slots the rows hold); free rows take waiting requests in order, the lowest free row first so
-a decode forward runs only rows 0..last busy; prompts are prefilled together in one forward (right-padded, up to
-prefill_rows at once), a long one in chunks of prefill_chunk tokens between decode steps so running rows keep their
-pace; every decoding row picks its next token (_pick: the one place tokens are chosen) and the step returns them;
+One step: free rows take waiting requests in order, the lowest free row first so a decode forward runs only rows
+0..last busy; the decode forward of the tokens earlier steps returned (each row's new token fed back, together,
+attending over only the slots the rows hold); prompts are prefilled together in one forward (right-padded, up to
+prefill_rows at once), a long one in chunks between decode steps so running rows keep their pace; every decoding
+row picks its next token (_pick: the one place tokens are chosen) and the step returns them;
 rows that end (a stop token, max_new_tokens, or cancel()) are freed. Returning a token before its decode forward
 takes one forward off every token's latency, the first included. Which rows finish is a host decision, so a step
 syncs once; step(max_steps) may run several decode steps on the device alone while nothing waits (generate() does:
-one sync per 16 tokens).
+one sync per 16 tokens). While prompts wait, a step may prefill before feeding the due tokens back, and returns
+the first tokens of the prompts it completed; a running row waits for at most prefill_chunk prompt tokens between
+two of its tokens. With prefill_step < prefill_chunk a burst of prompts is prefilled over several steps, and the
+first ones answer before the last ones are in.
 
 Prefix reuse (reuse_prefix): a request whose prompt starts with tokens some row's cache holds (its own row's earlier
 turn, or a shared system prompt in another row) copies those keys/values instead of recomputing them.
@@ -68,7 +71,9 @@ class EngineConfig:
     fixed_batch: bool = True  # decode every cache row each step (one shape); False: rows up to the last busy one
     reuse_prefix: bool = False  # copy cached keys/values of a prompt's prefix held by any row
     mix_adapters: bool = True  # False: a request waits until the busy rows use its adapter
-    prefill_chunk: int = 512  # prompt tokens prefilled per step: bounds what a running row waits for a new prompt
+    prefill_chunk: int = 512  # prompt tokens a running row waits for at most between two of its tokens
+    prefill_step: Optional[int] = None  # prompt tokens per step (None: prefill_chunk): a step returns the first tokens
+    # of the prompts it completed, so under a burst of prompts the first ones answer before the last are prefilled
     prefill_rows: int = 16  # prompts prefilled together in one forward
     sync_every: int = 16  # generate(): decode steps between host syncs
     speculate: Optional[str] = None  # "ngram": prompt-lookup drafts; "draft": draft_model's; verified in one forward
@@ -80,8 +85,10 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("prefill_chunk", "prefill_rows", "sync_every", "draft_tokens"):
+        for name in ("prefill_chunk", "prefill_step", "prefill_rows", "sync_every", "draft_tokens"):
             v = getattr(self, name)
+            if name == "prefill_step" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.speculate not in (None, *SPECULATE):
@@ -142,6 +149,7 @@ class Engine:
         self.stats = {"prefilled": 0, "copied": 0, "drafted": 0, "accepted": 0, "decode_steps": 0}
         self.failed: list[Event] = []  # requests whose own prefill raised: reported by the next step()
         self.due: list[tuple[int, Request, int]] = []  # (row, request, token) picked and returned, not fed yet
+        self.waited = 0  # prompt tokens prefilled since the oldest due token was picked: what its row waited
         self.drafter = self._drafter()
 
     def _drafter(self):
@@ -224,14 +232,19 @@ class Engine:
 
         max_steps > 1: while nothing waits to be admitted or prefilled, run up to that many decode steps on the
         device before the one host sync (rows that end meanwhile decode a pad until then)."""
-        self._decode_due()
         self._admit()
-        self._prefill_some()
+        c = self.config
+        if not self._prefill_first():
+            self._decode_due()  # its rows pick after this step's prefill, which so counts toward their wait
+        self.waited += self._prefill_some(min(c.prefill_step or c.prefill_chunk, c.prefill_chunk - self.waited))
         failed, self.failed = self.failed, []
-        busy = [b for b, r in enumerate(self.slots) if r.decoding]
+        waits = {b for b, req, _ in self.due if self.slots[b].request is req}  # their logits are before the due token
+        if not waits:
+            self.waited = 0  # the tokens picked now start the clock
+        busy = [b for b, r in enumerate(self.slots) if r.decoding and b not in waits]
         if not busy:
             return failed
-        ahead = not self.waiting and not self.config.speculate and all(
+        ahead = not self.waiting and not self.due and not c.speculate and all(
             r.request is None or (r.decoding and r.request.logprobs is None) for r in self.slots) \
             and all(self.slots[b].grammar is None for b in busy)  # a grammar needs the host after every token
         n = min(max_steps, max(self.slots[b].request.max_new_tokens - len(self.slots[b].request.output)
@@ -254,8 +267,8 @@ class Engine:
             self.slots[b].held += fed
         if feed:
             last = [row[-1] for row in picks]
-            if not self.config.speculate:  # decoded at the start of the next step: these tokens go out first
-                self.due = [(b, self.slots[b].request, last[b]) for b in feed]
+            if not self.config.speculate:  # decoded at the start of a later step: these tokens go out first
+                self.due += [(b, self.slots[b].request, last[b]) for b in feed]
                 return events
             for b, kept in self._speculate(feed, last).items():
                 for t in kept:  # verified drafts are answer tokens like any other
@@ -329,11 +342,25 @@ class Engine:
         self.admitted += 1
         req.cached_tokens = k
 
-    def _prefill_some(self) -> None:
-        """Prefill up to prefill_chunk prompt tokens, first come first served, in forwards of up to prefill_rows rows."""
-        budget = self.config.prefill_chunk
-        pending = sorted((b for b, r in enumerate(self.slots) if r.request is not None and r.todo
-                          and not self._awaits_fork(b)), key=lambda b: self.slots[b].order)
+    def _prefill_first(self) -> bool:
+        """Whether this step prefills before feeding the due tokens back: prompts wait to be prefilled, and the rows
+        with due tokens have waited for fewer than prefill_chunk prompt tokens since their last token (a row so waits
+        at most prefill_chunk prompt tokens between two tokens). Not with speculation, which feeds its rows within
+        the step."""
+        if self.config.speculate or self.waited >= self.config.prefill_chunk or \
+                not any(self.slots[b].request is req for b, req, _ in self.due):
+            return False
+        return any(self._pending(b) for b in range(self.B))
+
+    def _pending(self, b: int) -> bool:
+        """Row b has prompt tokens to prefill now (a fork waits for the row whose prompt it shares)."""
+        return self.slots[b].request is not None and bool(self.slots[b].todo) and not self._awaits_fork(b)
+
+    def _prefill_some(self, budget: int) -> int:
+        """Prefill up to budget prompt tokens, first come first served, in forwards of up to prefill_rows rows.
+        -> the tokens prefilled."""
+        total = budget
+        pending = sorted(filter(self._pending, range(self.B)), key=lambda b: self.slots[b].order)
         while pending and budget > 0:
             batch, T = [], 0
             for b in pending[:self.config.prefill_rows]:
@@ -347,6 +374,7 @@ class Engine:
                     break
             self._prefill_isolated(batch, T)
             pending = [b for b in pending if self.slots[b].request is not None and self.slots[b].todo]
+        return total - budget
 
     def _prefill_isolated(self, batch: list[tuple[int, int]], T: int) -> None:
         """_prefill; when it raises, each row again alone, so a request whose own prefill fails (a broken adapter)
@@ -490,10 +518,10 @@ class Engine:
         for b in busy:
             self.slots[b].banned = -1
         nxt = self._agree(nxt)
-        if self.seen is not None:
-            self.seen.scatter_(1, nxt[:, None], True)
+        rows = torch.tensor(busy, device=self.device)
+        if self.seen is not None:  # only the rows that picked: a row whose due token waits keeps its state
+            self.seen[rows, nxt[rows]] = True
         if self.counts is not None:
-            rows = torch.tensor(busy, device=self.device)
             self.counts.index_put_((rows, nxt[rows]), torch.ones(len(busy), device=self.device), accumulate=True)
         want = [b for b in busy if self.slots[b].request.logprobs is not None]
         if want:  # the raw distribution the token was drawn from (rows asking for logprobs are never run ahead)
@@ -542,14 +570,15 @@ class Engine:
         return torch.stack(picks, dim=1).tolist()
 
     def _decode_due(self) -> None:
-        """The decode forward of the tokens the last step picked and returned (step() hands a token out before
+        """The decode forward of the tokens earlier steps picked and returned (step() hands a token out before
         feeding it back, so it reaches the client one forward sooner); rows cancelled since then are left out."""
         due, self.due = self.due, []
-        feed = [b for b, req, _ in due if self.slots[b].request is req]
-        if feed:
+        due = [(b, t) for b, req, t in due if self.slots[b].request is req]
+        if due:
             nxt = [self.config.pad_id] * self.B
-            for b, _, t in due:
+            for b, t in due:
                 nxt[b] = t
+            feed = [b for b, _ in due]
             self._decode(feed, nxt)
 
     def _decode(self, feed: list[int], nxt: list[int]) -> None:
