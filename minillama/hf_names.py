@@ -26,7 +26,8 @@ LAYER_MODULES_META_TO_HF = {
 }
 LAYER_MODULES_HF_TO_META = {v: k for k, v in LAYER_MODULES_META_TO_HF.items()}
 LAYER_MODULES_HF_TO_META["mlp.gate"] = "feed_forward.gate"  # transformers >= 5 names the router mlp.gate
-TOP_META_TO_HF = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+TOP_META_TO_HF = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+                  "score": "score"}  # a reward model's head (training/reward_model.py), HF's sequence classifier's
 TOP_HF_TO_META = {v: k for k, v in TOP_META_TO_HF.items()}
 
 # PEFT / HF target names a user types -> our Meta module leaf names

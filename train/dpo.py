@@ -1,11 +1,12 @@
 """Preference tuning with FSDP2: DPO, IPO, KTO against a frozen reference, or reference-free SimPO, ORPO; LoRA, QLoRA
-or full fine-tuning.
+or full fine-tuning; and Bradley-Terry reward models (--loss reward).
 
     torchrun --nproc_per_node 1 train/dpo.py                        # the demo: LoRA DPO on SmolLM2, see README
     torchrun --nproc_per_node 8 train/dpo.py --ckpt Llama-3.1-8B-Instruct/ --data pairs.jsonl --pack --seq_len 4096
     torchrun --nproc_per_node 2 train/dpo.py --loss orpo --orpo_lambda 0.1 --lora_rank 0 --lr 5e-6   # full ORPO
     torchrun --nproc_per_node 1 train/dpo.py --loss kto --data unpaired.jsonl   # {"prompt", "completion", "label"}
     torchrun --nproc_per_node 1 train/dpo.py --loss simpo --beta 2.0 --simpo_gamma 1.0  # SimPO, reference-free
+    torchrun --nproc_per_node 1 train/dpo.py --loss reward --out out/rm   # a reward model: --reward out/rm/final
     torchrun ... train/dpo.py --out OUT --resume                    # continue exactly (flags from OUT/config.json)
 
 Data: JSONL pairs {"prompt" | "messages", "chosen", "rejected"} or {"chosen": [messages], "rejected": [messages]}
@@ -23,6 +24,10 @@ Losses (TRL's formulas; minillama/training/preference.py, kto.py), chosen by --l
   orpo   the SFT loss on the chosen answers minus --orpo_lambda x mean log sigmoid(log odds ratio), no reference
   kto    unpaired: 1 - sig(beta (r - z0)) for desirable, 1 - sig(beta (z0 - r)) for undesirable completions
          (--desirable_weight / --undesirable_weight), z0 the batch's KL estimate (TRL's KTOTrainer)
+  reward a Bradley-Terry reward model, not a policy: a scalar head (HF's sequence classifier `score`) on each
+         answer's last token, -log sig(r_c - r_r) [+ --center_rewards x (r_c + r_r)^2] (TRL's RewardTrainer);
+         LoRA only; final/ is a PEFT SEQ_CLS adapter holding the head, which --reward DIR scores with
+         (minillama/training/reward_model.py); rewards/* are the scores
 The reference (dpo, ipo, kto) is the base model with the adapters switched off (LoRA, QLoRA: no second copy of the
 model) or, for full fine-tuning, the starting model's log-probs computed in a first pass and kept in
 OUT/reference_logps.json (so --resume still has them). Each step logs loss, rewards/chosen, rewards/rejected,
@@ -53,6 +58,7 @@ from minillama.training.loss import SequenceLogprobs  # noqa: E402
 from minillama.training.kto import KTO, load_examples  # noqa: E402
 from minillama.training.preference import LOSSES, PrefConfig, Preference, reference_logps  # noqa: E402
 from minillama.training.preference_data import load_pairs, pair_fingerprint  # noqa: E402
+from minillama.training.reward_model import RewardScores  # noqa: E402
 from minillama.training.schedule import BatchSplit, Schedule  # noqa: E402
 from minillama.training.session import (Opened, Run, open_run, save, start_run, stop_on_nonfinite,  # noqa: E402
                                         training_session)
@@ -80,6 +86,9 @@ def add_preference_args(p) -> None:
     g.add_argument("--undesirable_weight", type=float, default=1.0,
                    help="KTO: weight of undesirable examples' losses (KTO's paper: keep w_d n_d / (w_u n_u) in "
                         "[1, 4/3])")
+    g.add_argument("--center_rewards", type=float, default=0.0,
+                   help="reward: weight of the mean squared sum of a pair's scores, which keeps them centred on 0 "
+                        "(TRL's center_rewards_coefficient; 0: off)")
     p.set_defaults(data=str(REPO / "train" / "data" / "preferences.jsonl"),
                    eval_data=str(REPO / "train" / "data" / "preferences_eval.jsonl"), out="out/dpo", epochs=1,
                    batch_size=8, seq_len=1024, warmup_steps=2, weight_decay=0.0)
@@ -97,6 +106,15 @@ def parse_args(argv=None):
         raise ValueError(f"--beta {args.beta} must be > 0 and --orpo_lambda {args.orpo_lambda} >= 0")
     if min(args.cpo_alpha, args.desirable_weight, args.undesirable_weight) < 0:
         raise ValueError("--cpo_alpha, --desirable_weight and --undesirable_weight must be >= 0")
+    if args.loss == "reward" and args.lora_rank == 0:
+        raise ValueError("--loss reward trains LoRA adapters and the score head (give --lora_rank > 0); a full "
+                         "fine-tuned reward model is not supported")
+    if args.loss == "reward" and args.eval_generate:
+        raise ValueError("--eval_generate scores a policy's answers; a reward model (--loss reward) generates none")
+    if args.center_rewards and args.loss != "reward":
+        raise ValueError("--center_rewards is the reward model's (--loss reward)")
+    if args.center_rewards < 0:
+        raise ValueError(f"--center_rewards {args.center_rewards} must be >= 0")
     if args.context_parallel != 1:
         raise ValueError("--context_parallel is train/sft.py's; preference rows are not split over processes")
     return args
@@ -107,7 +125,8 @@ def main(argv=None) -> int:
     cfg = train_flags.train_config(args)
     pref = PrefConfig(loss=args.loss, beta=args.beta, label_smoothing=args.label_smoothing,
                       orpo_lambda=args.orpo_lambda, simpo_gamma=args.simpo_gamma, cpo_alpha=args.cpo_alpha,
-                      desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight)
+                      desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
+                      center_rewards=args.center_rewards)
     with training_session() as stop:  # SIGTERM: the step in flight finishes, a checkpoint is saved, exit 0
         run, recipe = setup(cfg, pref, stop)
         if recipe.has_eval and run.state.step == 0:
@@ -146,7 +165,8 @@ def setup(cfg: TrainConfig, pref: PrefConfig, stop) -> tuple[Run, Preference | K
                 f"({f'packed {what}s' if d.pack else f'one {what} per row'}, {info.world_size} processes x "
                 f"{split.accumulation} micro-steps of {split.micro_batch_size} rows); "
                 f"{schedule.total_steps(cfg.max_steps, cfg.epochs)} steps; {pref.loss.upper()}")
-    parts = build_model(cfg, info, opened.compute_dtype, msg, wrap=SequenceLogprobs)
+    parts = build_model(cfg, info, opened.compute_dtype, msg,
+                        wrap=RewardScores if pref.loss == "reward" else SequenceLogprobs)
     shared = dict(cfg=pref, split=split, model=parts.model, device=info.device, pad_id=pad_id_of(data.tok),
                   seq_len=d.seq_len, pack=d.pack, dp_rank=info.rank)
     recipe = (KTO(examples=data.train, eval_examples=data.eval, **shared) if kto else

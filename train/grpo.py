@@ -10,7 +10,8 @@ current policy (LoRA adapters live, nothing merged, no server); LoRA, QLoRA or f
 Data: JSONL prompts, {"prompt": text or messages, ...any fields} or chat records (the turns before the last
 assistant message are the prompt; that message is the reference). --batch_size counts prompts per step (all
 processes); each gets --num_generations completions. Rewards: --reward pkg.module:function[,...] (each called as
-f(prompt=, completion=, reference=, **the line's other fields) -> float), summed with --reward_weights;
+f(prompt=, completion=, reference=, **the line's other fields) -> float; a directory is a reward model trained by
+train/dpo.py --loss reward), summed with --reward_weights;
 minillama/training/rewards.py ships format_reward (the review headings, or the line's "headings") and exact_answer
 (the line's "answer", else the reference). The loss, advantages and KL are TRL's GRPOTrainer's (see
 minillama/training/grpo.py); the reference is the base model with the adapters off (LoRA) or a frozen copy of the

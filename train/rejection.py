@@ -48,7 +48,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--reward", default="minillama.training.rewards:format_reward",
-                   help="pkg.module:function[,...]: f(prompt=, completion=, reference=, **line fields) -> float")
+                   help="pkg.module:function[,...]: f(prompt=, completion=, reference=, **line fields) -> float; a "
+                        "directory is a reward model (train/dpo.py --loss reward's final/)")
     p.add_argument("--reward_weights", type=float, nargs="+", default=None)
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8)

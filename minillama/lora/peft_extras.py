@@ -80,6 +80,8 @@ def add_modules_to_save(model: torch.nn.Module, config: dict, tensors: dict) -> 
     for hf, w in trained.items():
         tensors[f"{PREFIX}{hf}.weight"] = w.cpu().contiguous()
     config["modules_to_save"] = sorted({hf.rpartition(".")[2] for hf in trained})
+    if "score" in trained:  # a reward model (training/reward_model.py): PEFT's sequence-classification adapter
+        config["task_type"] = "SEQ_CLS"
     if model.args.tie_embeddings and "model.embed_tokens" in trained:
         # PEFT then re-ties lm_head to the trained embedding copy; its loader wants the head's key too (a copy:
         # safetensors refuses shared storage), which is what PEFT itself writes

@@ -52,7 +52,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--eval_regex", default=None, help="--eval_generate: score gen/regex, the fraction of answers the "
                                                       "regular expression matches (re.search)")
     p.add_argument("--reward", default=None, help="--eval_generate: score gen/reward with pkg.module:function, "
-                                                  "called as f(prompt=, completion=, reference=, **line fields)")
+                                                  "called as f(prompt=, completion=, reference=, **line fields), "
+                                                  "or a reward model's dir (train/dpo.py --loss reward's final/)")
     # schedule
     p.add_argument("--max_steps", type=nonnegative_int, default=0,
                    help="optimizer steps; 0 = --epochs passes over the data")

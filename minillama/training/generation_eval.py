@@ -6,7 +6,8 @@ Prompts and references come from --eval_data: a chat record's last assistant mes
 before it the prompt; a preference pair's prompt and chosen answer; a KTO line's prompt (and its completion when
 labelled desirable). Scores, each a mean over the N answers: gen/exact (the answer equals the reference, ignoring
 surrounding whitespace), gen/regex (--eval_regex matches the answer), gen/reward (--reward pkg.module:function,
-called as function(prompt=..., completion=..., reference=..., **the line's other fields) -> float).
+called as function(prompt=..., completion=..., reference=..., **the line's other fields) -> float, or a reward
+model's directory: train/dpo.py --loss reward's final/).
 
 Under FSDP every rank generates the same N answers (the sharded blocks gather their weights in lockstep; greedy
 decoding gives every rank the same tokens); rank 0 writes them.
@@ -41,10 +42,14 @@ class EvalPrompt:
 
 
 def load_reward(spec: str) -> Callable:
-    """--reward pkg.module:function -> the function (a missing module or name is one line naming the flag)."""
+    """--reward pkg.module:function -> the function (a missing module or name is one line naming the flag); a
+    directory -> the reward model trained there (train/dpo.py --loss reward's final/: reward_model.RewardModel)."""
+    if Path(spec).is_dir():
+        from .reward_model import RewardModel
+        return RewardModel(spec)
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"--reward {spec!r}: expected pkg.module:function")
+        raise ValueError(f"--reward {spec!r}: expected pkg.module:function or a reward model's directory")
     try:
         fn = getattr(importlib.import_module(module), name)
     except ImportError as e:

@@ -293,9 +293,9 @@ class GRPO:
         terms = grpo_token_loss(logps, logps.detach(), ref, b.advantages[mb], mask, self.cfg)
         loss = reduce_loss(terms, mask, self.cfg.loss_type, counts)
         lens = b.row_lens[mb].double() - 1  # the inputs: every token but the last
-        sums = {"loss": loss.detach().item(), "kl_sum": float(terms.kl.sum()),
-                "clipped_sum": float(terms.clipped.sum()), "tokens": int(lens.sum()), "padded": b.tokens[mb].numel(),
-                "doc_len_sq": float((lens ** 2).sum())}
+        sums = {"loss": loss.detach().item(), "kl_sum": float(terms.kl.detach().sum()),
+                "clipped_sum": float(terms.clipped.detach().sum()), "tokens": int(lens.sum()),
+                "padded": b.tokens[mb].numel(), "doc_len_sq": float((lens ** 2).sum())}
         return Forward(loss=loss, sums=sums)
 
     def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:

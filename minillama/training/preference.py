@@ -1,6 +1,6 @@
 """DPO, IPO, SimPO and ORPO: the losses on sequence log-probs (TRL's formulas), the recipe train/dpo.py plugs into the
 trainer (count, micro-batches, forward, summarize, evaluate over pair rows), and the frozen reference's log-probs.
-(KTO, on unpaired completions, is kto.py.)
+(KTO, on unpaired completions, is kto.py; a reward model's Bradley-Terry loss on its scalar head, reward_model.py.)
 
 DPO (Rafailov et al. 2023), sigmoid loss with label smoothing eps (conservative DPO; TRL's "sigmoid" up to 0.x,
 its "sigmoid" today when eps = 0): with log pi(y) the sum of the answer's token log-probs,
@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from ..lora.layers import reference_policy
 from .packing import plan_epoch
 from .preference_data import Pair, PairBatch, collate_pairs
+from .reward_model import reward_loss
 from .schedule import BatchSplit
 from .trainer import Forward
 
 
-LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")
-REFERENCE_FREE = ("simpo", "orpo")
+LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto", "reward")
+REFERENCE_FREE = ("simpo", "orpo", "reward")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class PrefConfig:
     cpo_alpha: float = 0.0  # SimPO: weight of the NLL of the chosen answers (TRL's CPO term; 0 = SimPO paper)
     desirable_weight: float = 1.0  # KTO: weight of the losses of desirable (label true) completions
     undesirable_weight: float = 1.0  # KTO: of undesirable ones
+    center_rewards: float = 0.0  # reward: weight of mean (r_c + r_r)^2 (TRL's center_rewards_coefficient)
 
     @property
     def uses_reference(self) -> bool:
@@ -127,7 +129,11 @@ def _pair_terms(cfg: PrefConfig, sums, n_tok, ref, global_pairs: float, global_c
     z = pc.new_zeros(())
     nll, odds_term, log_odds = z, z, z
     logps_c, logps_r = pc.detach(), pr.detach()  # the logps/* metrics: sums (TRL's DPO), means (its SimPO)
-    if cfg.loss in ("dpo", "ipo"):
+    if cfg.loss == "reward":  # sums are the reward head's scores (reward_model.RewardScores)
+        losses, cr, rr = reward_loss(pc, pr, cfg.center_rewards), pc.detach(), pr.detach()
+        objective = losses.sum() / global_pairs
+        logps_c, logps_r = pc.new_zeros(pc.shape), pr.new_zeros(pr.shape)
+    elif cfg.loss in ("dpo", "ipo"):
         if cfg.loss == "dpo":
             losses, cr, rr = dpo_loss(pc, pr, ref[0::2], ref[1::2], cfg.beta, cfg.label_smoothing)
         else:
@@ -147,6 +153,8 @@ def _pair_terms(cfg: PrefConfig, sums, n_tok, ref, global_pairs: float, global_c
         losses = -terms  # the per-pair part; the NLL is reported on its own
         nll, odds_term, log_odds = nll.detach(), (terms / cfg.orpo_lambda).detach().sum(), log_odds.sum()
     mean_c, mean_r = pc.detach() / n_tok[0::2].clamp(min=1), pr.detach() / n_tok[1::2].clamp(min=1)
+    if cfg.loss == "reward":  # the scores themselves say which answer the model prefers
+        mean_c, mean_r = cr, rr
     metrics = {"loss": losses.detach().sum(), "rewards/chosen": cr.sum(), "rewards/rejected": rr.sum(),
                "rewards/accuracies": (cr > rr).float().sum(), "logps/chosen": logps_c.sum(),
                "logps/rejected": logps_r.sum(), "pref_accuracy": (mean_c > mean_r).float().sum(), "nll": nll,
@@ -161,7 +169,8 @@ def summarize(sums: dict, n_pairs: float, n_chosen_tokens: float, cfg: PrefConfi
     out = {"loss": mean["loss"]}
     for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
               "pref_accuracy"):
-        out[k] = mean[k]
+        if not (cfg.loss == "reward" and k.startswith("logps/")):  # a reward model computes no log-probs
+            out[k] = mean[k]
     out["rewards/margins"] = mean["rewards/chosen"] - mean["rewards/rejected"]
     if cfg.loss == "orpo":
         nll = float(sums["nll"]) / max(n_chosen_tokens, 1)

@@ -1,8 +1,9 @@
 """Reward functions for GRPO and rejection sampling, and how the command line names and weighs them.
 
 A reward is any Python function called as f(prompt=..., completion=..., reference=..., **the line's other fields)
--> float (the shape --eval_generate's --reward already uses), named on the command line as pkg.module:function;
-several are separated by commas and weighted with --reward_weights. Two ship here:
+-> float (the shape --eval_generate's --reward already uses), named on the command line as pkg.module:function, or a
+reward model's directory (train/dpo.py --loss reward's final/, scored by reward_model.RewardModel); several are
+separated by commas and weighted with --reward_weights. Two ship here:
 
     format_reward   the fraction of the required headings (default: the review format of train/data/reviews.jsonl,
                     ## Summary / ## Strengths / ## Weaknesses / ## Verdict) that appear as lines, in order
