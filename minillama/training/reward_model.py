@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe import MoEFeedForward
-from .loss import router_aux_loss
+from .loss import SequenceLogprobs, router_aux_loss
 from .preference_data import encode_answer
 
 HEAD = "score"  # the module's name, ours and HF's
@@ -61,22 +60,19 @@ def head_scores(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 
-class RewardScores(nn.Module):
-    """The trained unit of reward modelling (as SequenceLogprobs is DPO's): the model forward over doc-masked pair
-    rows and each document's score; it gives the model its head (a fresh one, or the checkpoint's on resume)."""
+class RewardScores(SequenceLogprobs):
+    """The trained unit of reward modelling: DPO's SequenceLogprobs with a score per document instead of a log-prob
+    sum (the same doc-masked pair rows in); it gives the model its head (fresh, or the checkpoint's on resume)."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024):
-        super().__init__()
         if not hasattr(model, HEAD):
             add_score_head(model)
-        self.model = model
-        self.moe_layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+        super().__init__(model, chunk_size)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor, doc_index: torch.Tensor,
                 n_docs: int, real: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(score per document (n_docs,), router loss or 0, a zero that depends on the whole graph).
-
-        tokens/targets/doc_ids/real (B, L); doc_index (B, L): the document of each learned target, -1 elsewhere."""
+        """(score per document (n_docs,), router loss or 0, a zero that depends on the whole graph); inputs as
+        SequenceLogprobs.forward's."""
         hidden = self.model(tokens, doc_ids=doc_ids, return_hidden=True)  # (B, L, D)
         ends = answer_ends(doc_index, n_docs)  # (n_docs,)
         scores = head_scores(self.model, hidden.reshape(-1, hidden.shape[-1])[ends])  # (n_docs,)
