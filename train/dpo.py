@@ -72,7 +72,8 @@ def add_preference_args(p) -> None:
     """train/dpo.py's own flags and defaults on top of train/sft.py's."""
     g = p.add_argument_group("preference tuning")
     g.add_argument("--loss", choices=LOSSES, default="dpo",
-                   help="dpo, ipo (with a reference), simpo, orpo (reference-free), kto (unpaired completions)")
+                   help="dpo, ipo (with a reference), simpo, orpo (reference-free), kto (unpaired completions), "
+                        "reward (a Bradley-Terry reward model: a scalar head, LoRA)")
     g.add_argument("--beta", type=float, default=0.1,
                    help="the strength beta: DPO/KTO's KL weight, IPO's regularisation (its target margin is "
                         "1/(2 beta)), SimPO's reward scale (its paper uses 2 to 2.5)")
