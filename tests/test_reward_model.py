@@ -110,14 +110,18 @@ def test_reward_model_learns_the_preference_two_processes_equal_one_and_peft_loa
     rm = RewardModel(final, device="cpu")
     hf = AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=1, torch_dtype=torch.float32)
     hf = PeftModel.from_pretrained(hf, str(final)).eval()
-    reward = load_rewards(str(final))
+    reward = load_rewards(f"{final},minillama.training.rewards:format_reward")
+    items = [(rec["prompt"], answer) for rec in pair_records(5, 3) for answer in (rec["chosen"], rec["rejected"])]
+    alone = [rm(prompt=q, completion=a) for q, a in items]
+    assert rm.batch(items, max_tokens=150) == pytest.approx(alone, abs=1e-5)  # padded forwards of 2-3 rows each
+    assert [s[0] for s in reward.scores_many([(q, a, None, {}) for q, a in items])] == pytest.approx(alone, abs=1e-5)
     for rec in pair_records(3, 2):
         for answer in (rec["chosen"], rec["rejected"]):
             ids, end = rm.encode(rec["prompt"], answer)
             ours = rm(prompt=rec["prompt"], completion=answer)
             with torch.no_grad():
                 assert ours == pytest.approx(hf_score(hf, ids[:end + 1]), rel=1e-4, abs=1e-5)
-            assert reward(prompt=rec["prompt"], completion=answer) == pytest.approx(ours, abs=1e-6)
+            assert reward.scores(rec["prompt"], answer, None, {})[0] == pytest.approx(ours, abs=1e-6)
         assert rm(prompt=rec["prompt"], completion=rec["chosen"]) > rm(prompt=rec["prompt"], completion=rec["rejected"])
 
 

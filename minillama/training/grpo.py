@@ -232,8 +232,8 @@ class GRPO:
         stops, size = set(self.tok.stop_ids), self.tok.vocab_size  # ids past the tokenizer (a padded vocab): no text
         texts = [self.tok.decode([t for t in c if t not in stops and t < size]) for c in completions]
         g = self.cfg.num_generations
-        scores = [self.rewards.scores(prompts[i // g].text, t, prompts[i // g].reference, prompts[i // g].fields)
-                  for i, t in enumerate(texts)]
+        scores = self.rewards.scores_many([(prompts[i // g].text, t, prompts[i // g].reference, prompts[i // g].fields)
+                                           for i, t in enumerate(texts)])
         return texts, torch.tensor(scores, dtype=torch.float32).view(len(texts), len(self.rewards.fns))
 
     @torch.no_grad()

@@ -40,7 +40,7 @@ def best_of_n(model, tok, prompts: list[Prompt], rewards: Rewards, cfg: Rejectio
     out = []
     for i, p in enumerate(prompts):
         texts = [tok.decode([t for t in c if t < size]) for c in new[i * cfg.n:(i + 1) * cfg.n]]
-        scores = [rewards.scores(p.text, t, p.reference, p.fields) for t in texts]
+        scores = rewards.scores_many([(p.text, t, p.reference, p.fields) for t in texts])
         totals = [rewards.total(s) for s in scores]
         best = max(range(cfg.n), key=lambda j: (totals[j], -j))  # ties: the first sample
         out.append({"messages": p.messages + [{"role": "assistant", "content": texts[best]}], "reward": totals[best],

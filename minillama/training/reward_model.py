@@ -133,11 +133,36 @@ class RewardModel:
         return ids, len(mask) - 1 - mask[::-1].index(True)
 
     @torch.no_grad()
-    def score(self, prompt, completion: str) -> float:
-        ids, end = self.encode(prompt, completion)
+    def batch(self, items: list[tuple], max_tokens: int = 8192) -> list[float]:
+        """Scores of many (prompt, completion): right-padded forwards of up to max_tokens tokens (at least one item
+        each); causal attention keeps the pads after an answer out of its score."""
+        seqs = []
+        for prompt, completion in items:
+            ids, end = self.encode(prompt, completion)
+            seqs.append(ids[:end + 1])
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a forward
         device = self.model.tok_embeddings.weight.device
-        hidden = self.model(torch.tensor([ids[:end + 1]], device=device), return_hidden=True)  # (1, T, D)
-        return float(head_scores(self.model, hidden[0, -1]))
+        out = [0.0] * len(seqs)
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            while stop < len(order) and (stop + 1 - start) * len(seqs[order[stop]]) <= max_tokens:
+                stop += 1
+            group = order[start:stop]
+            width = len(seqs[group[-1]])
+            tokens = torch.zeros(len(group), width, dtype=torch.long)  # (n, T)
+            for row, i in enumerate(group):
+                tokens[row, :len(seqs[i])] = torch.tensor(seqs[i])
+            hidden = self.model(tokens.to(device), return_hidden=True)  # (n, T, D)
+            ends = torch.tensor([len(seqs[i]) - 1 for i in group], device=device)
+            scores = head_scores(self.model, hidden[torch.arange(len(group), device=device), ends])  # (n,)
+            for i, v in zip(group, scores.tolist()):
+                out[i] = v
+            start = stop
+        return out
+
+    def score(self, prompt, completion: str) -> float:
+        return self.batch([(prompt, completion)])[0]
 
     def __call__(self, prompt="", completion: str = "", **_) -> float:
         return self.score(prompt, completion)

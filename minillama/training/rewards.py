@@ -50,6 +50,13 @@ def exact_answer(prompt: str = "", completion: str = "", reference: Optional[str
     return float(_norm(target) in candidates)
 
 
+def _number(name: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--reward {name} returned {value!r}, expected a number") from None
+
+
 @dataclass
 class Rewards:
     """Several named reward functions and their weights; calling it gives every function's score and the total."""
@@ -59,14 +66,19 @@ class Rewards:
     weights: list[float]
 
     def scores(self, prompt: str, completion: str, reference: Optional[str], fields: dict) -> list[float]:
-        out = []
+        return self.scores_many([(prompt, completion, reference, fields)])[0]
+
+    def scores_many(self, items: Sequence[tuple[str, str, Optional[str], dict]]) -> list[list[float]]:
+        """Every function's score of each (prompt, completion, reference, fields): one list per item. A function
+        with a `batch` method (a reward model) scores all the items in one call."""
+        columns = []
         for name, fn in zip(self.names, self.fns):
-            value = fn(prompt=prompt, completion=completion, reference=reference, **fields)
-            try:
-                out.append(float(value))
-            except (TypeError, ValueError):
-                raise ValueError(f"--reward {name} returned {value!r}, expected a number") from None
-        return out
+            if hasattr(fn, "batch"):
+                values = fn.batch([(prompt, completion) for prompt, completion, _, _ in items])
+            else:
+                values = [fn(prompt=p, completion=c, reference=r, **f) for p, c, r, f in items]
+            columns.append([_number(name, v) for v in values])
+        return [list(row) for row in zip(*columns)]
 
     def total(self, scores: Sequence[float]) -> float:
         return sum(w * s for w, s in zip(self.weights, scores))
