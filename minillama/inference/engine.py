@@ -227,8 +227,9 @@ class Engine:
     # ---- one step ----
     @torch.no_grad()
     def step(self, max_steps: int = 1) -> list[Event]:
-        """Feed back the tokens the last step returned, admit and prefill, pick one token for every decoding row (the
-        events returned), free finished rows; the rest are fed at the next step (with speculation: in this one).
+        """Admit; feed back the tokens earlier steps returned (unless prompts wait and the running rows may wait for
+        them: then prefill first); prefill; pick one token for every decoding row whose token is not waiting (the
+        events returned); free finished rows. The picks are fed at a later step (with speculation: in this one).
 
         max_steps > 1: while nothing waits to be admitted or prefilled, run up to that many decode steps on the
         device before the one host sync (rows that end meanwhile decode a pad until then)."""
