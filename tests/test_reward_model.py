@@ -3,6 +3,7 @@ sequence classifier gives, training that learns the preference, 2 processes == 1
 final/ as a PEFT SEQ_CLS adapter that PEFT loads and that --reward DIR scores with."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -129,18 +130,20 @@ def test_reward_flags_are_checked_before_loading(tiny):
     import subprocess
     import sys
     from sft_helpers import REPO
+    from test_bad_inputs import load_script
 
     d, ckpt = tiny
-
-    def dpo(*flags):
-        return subprocess.run([sys.executable, str(REPO / "train" / "dpo.py"), "--model", str(d / "missing"),
-                               "--out", str(d / "bad"), "--device", "cpu", *flags], capture_output=True, text=True,
-                              timeout=120)
-    for flags, says in ((["--lora_rank", "0"], "--lora_rank > 0"), (["--eval_generate", "2"], "generates none"),
-                        (["--center_rewards", "-1"], "must be >= 0")):
-        proc = dpo("--loss", "reward", *flags)
-        assert proc.returncode != 0 and says in proc.stderr.splitlines()[0] and "Traceback" not in proc.stderr
-    proc = dpo("--center_rewards", "0.1")
-    assert proc.returncode != 0 and "--loss reward" in proc.stderr and "Traceback" not in proc.stderr
+    dpo = load_script(REPO / "train" / "dpo.py", "dpo_script")
+    base = ["--model", str(d / "missing"), "--out", str(d / "bad"), "--device", "cpu"]
+    for flags, says in ((["--loss", "reward", "--lora_rank", "0"], "--lora_rank > 0"),
+                        (["--loss", "reward", "--eval_generate", "2"], "generates none"),
+                        (["--loss", "reward", "--center_rewards", "-1"], "must be >= 0"),
+                        (["--center_rewards", "0.1"], "is the reward model's (--loss reward)")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            dpo.parse_args(base + flags)
+    proc = subprocess.run([sys.executable, str(REPO / "train" / "dpo.py"), *base, "--loss", "reward", "--lora_rank",
+                           "0"], capture_output=True, text=True, timeout=120)  # as the user sees it: one line
+    assert proc.returncode != 0 and proc.stderr.splitlines()[0].startswith("error: --loss reward trains LoRA")
+    assert "Traceback" not in proc.stderr
     with pytest.raises(ValueError, match="no adapter_config"):
         RewardModel(ckpt)
