@@ -81,14 +81,12 @@ class EngineConfig:
     draft_model: object = None  # speculate="draft": a small Transformer of the target's vocabulary (own KV cache)
 
     def __post_init__(self):
-        for name in ("batch_size", "cache_len"):
+        for name in ("batch_size", "cache_len", "prefill_step"):  # None: chosen elsewhere
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("prefill_chunk", "prefill_step", "prefill_rows", "sync_every", "draft_tokens"):
+        for name in ("prefill_chunk", "prefill_rows", "sync_every", "draft_tokens"):
             v = getattr(self, name)
-            if name == "prefill_step" and v is None:
-                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.speculate not in (None, *SPECULATE):
@@ -239,13 +237,13 @@ class Engine:
             self._decode_due()  # its rows pick after this step's prefill, which so counts toward their wait
         self.waited += self._prefill_some(min(c.prefill_step or c.prefill_chunk, c.prefill_chunk - self.waited))
         failed, self.failed = self.failed, []
-        waits = {b for b, req, _ in self.due if self.slots[b].request is req}  # their logits are before the due token
+        waits = self._due_rows()  # their logits are from before their due token
         if not waits:
             self.waited = 0  # the tokens picked now start the clock
         busy = [b for b, r in enumerate(self.slots) if r.decoding and b not in waits]
         if not busy:
             return failed
-        ahead = not self.waiting and not self.due and not c.speculate and all(
+        ahead = not self.waiting and not waits and not c.speculate and all(
             r.request is None or (r.decoding and r.request.logprobs is None) for r in self.slots) \
             and all(self.slots[b].grammar is None for b in busy)  # a grammar needs the host after every token
         n = min(max_steps, max(self.slots[b].request.max_new_tokens - len(self.slots[b].request.output)
@@ -348,10 +346,13 @@ class Engine:
         with due tokens have waited for fewer than prefill_chunk prompt tokens since their last token (a row so waits
         at most prefill_chunk prompt tokens between two tokens). Not with speculation, which feeds its rows within
         the step."""
-        if self.config.speculate or self.waited >= self.config.prefill_chunk or \
-                not any(self.slots[b].request is req for b, req, _ in self.due):
+        if self.config.speculate or self.waited >= self.config.prefill_chunk or not self._due_rows():
             return False
         return any(self._pending(b) for b in range(self.B))
+
+    def _due_rows(self) -> set[int]:
+        """Rows whose picked token waits for its decode forward (a row cancelled since is no longer one)."""
+        return {b for b, req, _ in self.due if self.slots[b].request is req}
 
     def _pending(self, b: int) -> bool:
         """Row b has prompt tokens to prefill now (a fork waits for the row whose prompt it shares)."""
@@ -573,14 +574,12 @@ class Engine:
     def _decode_due(self) -> None:
         """The decode forward of the tokens earlier steps picked and returned (step() hands a token out before
         feeding it back, so it reaches the client one forward sooner); rows cancelled since then are left out."""
-        due, self.due = self.due, []
-        due = [(b, t) for b, req, t in due if self.slots[b].request is req]
-        if due:
+        live, self.due = [(b, t) for b, req, t in self.due if self.slots[b].request is req], []
+        if live:
             nxt = [self.config.pad_id] * self.B
-            for b, t in due:
+            for b, t in live:
                 nxt[b] = t
-            feed = [b for b, _ in due]
-            self._decode(feed, nxt)
+            self._decode([b for b, _ in live], nxt)
 
     def _decode(self, feed: list[int], nxt: list[int]) -> None:
         """One token for every row in feed; other rows decode a pad at their current slot, which a later prefill

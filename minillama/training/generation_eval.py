@@ -28,6 +28,7 @@ import torch
 from ..inference.generate import generate
 from ..util.files import atomic_write
 from .config import GenerationEvalConfig
+from .reward_model import RewardModel
 from .data import DataStats, check_data_file, jsonl_records, to_messages
 
 SAMPLES_DIR = "samples"
@@ -45,7 +46,6 @@ def load_reward(spec: str) -> Callable:
     """--reward pkg.module:function -> the function (a missing module or name is one line naming the flag); a
     directory -> the reward model trained there (train/dpo.py --loss reward's final/: reward_model.RewardModel)."""
     if Path(spec).is_dir():
-        from .reward_model import RewardModel
         return RewardModel(spec)
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:

@@ -15,7 +15,6 @@ modules_to_save ["score"], which PEFT loads onto AutoModelForSequenceClassificat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -32,8 +31,7 @@ HEAD = "score"  # the module's name, ours and HF's
 def add_score_head(model: nn.Module, std: float = 0.02) -> nn.Linear:
     """Give the model its reward head, model.score: Linear(dim, 1), float32, drawn from N(0, std) as HF initialises a
     fresh classifier (initializer_range 0.02). Returns it."""
-    device = model.tok_embeddings.weight.device
-    head = nn.Linear(model.args.dim, 1, bias=False, device="cpu" if device.type == "meta" else device)
+    head = nn.Linear(model.args.dim, 1, bias=False, device=model.tok_embeddings.weight.device)
     nn.init.normal_(head.weight, std=std)
     model.add_module(HEAD, head)
     return head
@@ -99,7 +97,7 @@ class RewardModel:
     def __init__(self, path, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
         from ..checkpoints import load_model
         from ..lora.merge import merge_lora
-        from ..lora.peft import load_adapter
+        from ..lora.peft import load_adapter, read_adapter_config
         from ..tokenizer.tokenizer import load_tokenizer
 
         path = Path(path)
@@ -107,7 +105,7 @@ class RewardModel:
         if not cfg_file.is_file():
             raise ValueError(f"reward model {path}: no adapter_config.json (expected train/dpo.py --loss reward's "
                              "final/, a PEFT adapter with its score head)")
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        cfg = read_adapter_config(path)
         if HEAD not in (cfg.get("modules_to_save") or []):
             raise ValueError(f"reward model {path}: the adapter has no '{HEAD}' head in modules_to_save: a policy "
                              "adapter, not a reward model")
@@ -116,13 +114,13 @@ class RewardModel:
             raise ValueError(f"reward model {path}: its base model {base!r} (adapter_config.json "
                              "base_model_name_or_path) is not a local checkpoint dir")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(base, device=device, dtype=dtype or torch.float32)
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)  # as inference loads
+        self.model = load_model(base, device=device, dtype=dtype)
         add_score_head(self.model)
         load_adapter(self.model, path)
         merge_lora(self.model)
         self.model.eval()
         self.tok = load_tokenizer(base)
-        self.name = str(path)
 
     def encode(self, prompt, completion: str) -> tuple[list[int], int]:
         """(token ids, position of the answer's last token), as the training pairs encode prompt + answer."""
