@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -137,11 +138,18 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+RANK0_GRACE_S = 5.0  # how long another rank's failing exit waits for rank 0 to say why
+
+
 def report_error(line: str) -> None:
     """A user error's one line on stderr, from rank 0 only. (Under torchrun the launcher still adds its
-    ChildFailedError summary: torch.distributed.launcher.api raises it for every non-zero worker exit.)"""
+    ChildFailedError summary: torch.distributed.launcher.api raises it for every non-zero worker exit.)
+    Another rank hitting the same error waits before it exits: the launcher stops every worker as soon as one
+    exits non-zero, so a rank that exits first would otherwise kill rank 0 before it has printed the line."""
     if is_rank0():
         print(line, file=sys.stderr, flush=True)
+    else:
+        time.sleep(RANK0_GRACE_S)
 
 
 def run(main: Callable[[], Optional[int]]) -> int:
