@@ -8,7 +8,8 @@
 On CPU the matmul runs PyTorch's packed kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu), which
 read the 1- or 0.5-byte weights directly. Elsewhere, and for shapes the int4 CPU kernel refuses (rows not a multiple
 of 16), the weight is dequantized to the activations' dtype for each matmul. Scales follow the model's dtype (a
-bfloat16 model keeps bfloat16 scales, as gpt-fast does). Layers are quantized as they load (checkpoint.load_model),
+bfloat16 model keeps bfloat16 scales, as gpt-fast does;
+the codes are computed against the scales as stored). Layers are quantized as they load (checkpoint.load_model),
 one tensor at a time, or once by `minillama-convert --quantize` into a checkpoint that loads as saved
 (checkpoints/quantized.py; it keeps int4 in the "plain" layout, repacked for the CPU kernel on load). LoRA wraps a
 quantized linear like any other (lora.LoRALinear calls `weight.linear`).
@@ -37,11 +38,19 @@ def int4_group_size(in_features: int, largest: int = 128) -> Optional[int]:
     return next((g for g in INT4_GROUPS if g <= largest and in_features % g == 0), None)
 
 
+def stored_scale(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """exact (float32) scales as stored in dtype, rounded up where the cast rounded down: the codes are then computed
+    with the scale the matmul will use (coding against the float32 scale and storing it in bfloat16 scaled each
+    row's weights by up to 0.4 %), and no weight needs a code beyond the largest."""
+    stored = exact.to(dtype)
+    return torch.where(stored.float() < exact, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+
+
 def int8_quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """A (out, in) weight -> {"packed": int8 codes (out, in) in -127..127, "scale": (out,) in the weight's dtype}."""
     w = weight.detach().float()
-    scale = w.abs().amax(1).clamp_min(1e-12) / 127  # (out,)
-    return {"packed": torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), "scale": scale.to(weight.dtype)}
+    scale = stored_scale(w.abs().amax(1).clamp_min(1e-12) / 127, weight.dtype)  # (out,)
+    return {"packed": torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8), "scale": scale}
 
 
 def int4_quantize(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
@@ -52,11 +61,12 @@ def int4_quantize(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tens
         raise ValueError(f"Int4Weight: rows of {n_in} weights do not split into groups of {group_size}")
     w = weight.detach().float().view(out, n_in // group_size, group_size)  # (out, groups, G)
     lo, hi = w.amin(-1), w.amax(-1)
-    scale = ((hi - lo) / 15).clamp_min(1e-12)  # (out, groups)
-    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(out, n_in)
-    zero = lo + 8 * scale
+    scale = stored_scale(((hi - lo) / 15).clamp_min(1e-12), weight.dtype)  # (out, groups)
+    zero = (lo + 8 * scale.float()).to(weight.dtype)
+    lo = zero.float() - 8 * scale.float()  # code 0's value as stored: the codes are computed against it
+    q = torch.round((w - lo[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8).view(out, n_in)
     return {"packed": q[:, 0::2] | (q[:, 1::2] << 4),
-            "scales_and_zeros": torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(weight.dtype)}
+            "scales_and_zeros": torch.stack([scale, zero], -1).transpose(0, 1).contiguous()}
 
 
 def _new(cls):
