@@ -23,10 +23,21 @@ try:  # optional: pip install minillama[flash]
 except Exception:  # ImportError, or a broken CUDA build on a CPU machine
     flash_attn_func = flash_attn_varlen_func = None
 
-try:  # torch >= 2.10: flash-attention's varlen kernel shipped with torch (CUDA only)
-    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
-except Exception:
-    torch_varlen_attn = None
+_NOT_IMPORTED = object()
+# torch >= 2.10: flash-attention's varlen kernel shipped with torch (CUDA only). Imported on first use on a GPU:
+# importing it loads torch._dynamo, 1.6 s at every process start (each CLI run, each torchrun rank) on a CPU
+torch_varlen_attn = _NOT_IMPORTED
+
+
+def _torch_varlen():
+    """torch's varlen_attn, or None where this torch has none."""
+    global torch_varlen_attn
+    if torch_varlen_attn is _NOT_IMPORTED:
+        try:
+            from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+        except Exception:
+            torch_varlen_attn = None
+    return torch_varlen_attn
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,15 +64,16 @@ def varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     """Causal attention over concatenated documents. q (N, H, D), k/v (N, K, D) -> (N, H, D)."""
     if flash_attn_varlen_func is not None:
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
-    kwargs, repeat = varlen_kwargs(torch_varlen_attn, q.shape[1], k.shape[1])
+    fn = _torch_varlen()
+    kwargs, repeat = varlen_kwargs(fn, q.shape[1], k.shape[1])
     if repeat:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (N, H, D)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return torch_varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
 def has_varlen_kernel(device: torch.device) -> bool:
-    return device.type == "cuda" and (flash_attn_varlen_func is not None or torch_varlen_attn is not None)
+    return device.type == "cuda" and (flash_attn_varlen_func is not None or _torch_varlen() is not None)
 
 
 @dataclass
