@@ -5,6 +5,7 @@ through continuous batching (generate/batch.py's engine), with an extrapolation 
     python generate/bench.py --shape llama3-8b                          # batch 1 and 8, prompts 128 and 8192
     python generate/bench.py --shape llama3-8b --impls ours_compile     # the compiled (CUDA-graph) decode step
     python generate/bench.py --shape llama3-8b --impls hf,hf_static     # transformers: sdpa, static cache + compile
+    python generate/bench.py --shape llama3-8b --impls ours,ours_compile --quantize int4   # weight-only int4
     python generate/bench.py --shape mixtral-8x7b --workload            # 32 prompts of 8K, 512 new tokens each
     python generate/bench.py --shape tiny --device cpu --dtype float32  # toy shapes, seconds on a laptop
     python generate/bench.py --engine --device cpu --dtype float32      # the engine on the embedded SmolLM2:
@@ -34,7 +35,8 @@ from minillama.util.cli import ArgumentParser, positive_int, run  # noqa: E402
 from minillama.util.dtypes import DTYPE_NAMES, parse_dtype  # noqa: E402
 from minillama.inference.engine import EngineConfig  # noqa: E402
 from minillama.inference.generate import generate, generate_continuous  # noqa: E402
-from minillama.perf import decode_bytes_per_step, forward_flops, time_fn  # noqa: E402
+from minillama.perf import decode_bytes_per_step, forward_flops, stored_weight_bytes, time_fn  # noqa: E402
+from minillama.weight_only import QUANTIZE_NAMES, quantize_model_  # noqa: E402
 
 TINY = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=4096, hidden_dim=512, max_seq_len=16384,
             rope_theta=500000.0, family="llama3")
@@ -55,6 +57,10 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--impls", default="ours,ours_compile,hf",
                    help=f"comma list of {', '.join(IMPLS)} (hf_static: static cache, compiled by generate on GPU)")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_NAMES,
+                   help="weight-only quantize our model (ours, ours_compile; reported as ours+int4, ...) after it is "
+                        "built, in --dtype otherwise; its bytes per step are the stored codes and scales. HF stays in "
+                        "--dtype (default: none)")
     p.add_argument("--iters", type=positive_int, default=2, help="timed repetitions (median reported)")
     p.add_argument("--json", default=None, help="add every figure to this results file as it is measured")
     p.add_argument("--profile", default=None,
@@ -133,10 +139,13 @@ def hf_runner(hf, prompts, max_new_tokens: int, static: bool):
     return run
 
 
-def decode_record(args, a, ceil, impl, batch, prompt, t_pre, t_tok) -> dict:
-    """Tokens/s and the fractions of the floors, with everything needed to read them."""
+def decode_record(args, a, ceil, impl, batch, prompt, t_pre, t_tok, weights=None) -> dict:
+    """Tokens/s and the fractions of the floors, with everything needed to read them. weights: the bytes of the
+    weights as stored (a quantized model's), else those of args' parameters in --dtype."""
     bytes_per = torch.tensor([], dtype=parse_dtype(a.dtype)).element_size()
     step_bytes = decode_bytes_per_step(args, batch, prompt + a.max_new_tokens // 2, bytes_per, bytes_per)
+    if weights is not None:
+        step_bytes += weights - decode_bytes_per_step(args, batch, 0, bytes_per, bytes_per)  # the KV cache stays
     pre_flops = forward_flops(args, batch * prompt, prompt)
     bw, peak = ceil["copy_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
     return {"impl": impl, "shape": a.shape, **bm.layers_note(args, a.shape), "dtype": a.dtype, "batch": batch,
@@ -148,7 +157,7 @@ def decode_record(args, a, ceil, impl, batch, prompt, t_pre, t_tok) -> dict:
 
 
 def print_decode_row(r: dict):
-    print(f"{r['impl']:<12} {r['batch']:>5} {r['prompt']:>6} | {r['tokens_per_s']:>8.1f} {r['ms_per_token']:>7.2f} "
+    print(f"{r['impl']:<17} {r['batch']:>5} {r['prompt']:>6} | {r['tokens_per_s']:>8.1f} {r['ms_per_token']:>7.2f} "
           f"{r['GBps']:>7.0f} {r['pct_bandwidth']:>5.1f} {r['floor_tokens_per_s']:>8.1f} | "
           f"{r['prefill_ms']:>10.1f} {r['prefill_pct_peak']:>6.1f}", flush=True)
 
@@ -158,7 +167,7 @@ def bench_decode(a, args, device, dtype, ceil):
     impls = a.impls.split(",")
     batches, prompt_lens = (int(x) for x in a.batch_sizes.split(",")), [int(x) for x in a.prompt_lens.split(",")]
     cases = [(b, p) for b in batches for p in prompt_lens if p + a.max_new_tokens <= args.max_seq_len]
-    print(f"\n{'impl':<12} {'batch':>5} {'prompt':>6} | {'tok/s':>8} {'ms/tok':>7} {'GB/s':>7} {'%bw':>5} "
+    print(f"\n{'impl':<17} {'batch':>5} {'prompt':>6} | {'tok/s':>8} {'ms/tok':>7} {'GB/s':>7} {'%bw':>5} "
           f"{'floor':>8} | {'prefill ms':>10} {'%peak':>6}")
     rows = {}
     for group in (("ours", "ours_compile"), ("hf", "hf_static")):
@@ -166,17 +175,22 @@ def bench_decode(a, args, device, dtype, ceil):
         if not wanted:
             continue
         model = bm.random_model(args, dtype, device) if group[0] == "ours" else bm.hf_model(args, dtype, device)
+        quantized = group[0] == "ours" and a.quantize is not None
+        if quantized:
+            quantize_model_(model, a.quantize)
         for impl in wanted:
+            name = f"{impl}+{a.quantize}" if quantized else impl
             for b, p in cases:
                 prompts = random_prompts(b, p, args.vocab_size)
                 run = (ours_runner(model, prompts, a.max_new_tokens, impl == "ours_compile") if group[0] == "ours"
                        else hf_runner(model, prompts, a.max_new_tokens, impl == "hf_static"))
-                r = decode_record(args, a, ceil, impl, b, p, *time_generate(run, a.max_new_tokens, device, a.iters))
-                rows[(impl, b, p)] = r
-                bm.record(a.json, "decode", f"{impl}|b{b}|p{p}", r)
+                r = decode_record(args, a, ceil, name, b, p, *time_generate(run, a.max_new_tokens, device, a.iters),
+                                  weights=stored_weight_bytes(model) if quantized else None)
+                rows[(name, b, p)] = r
+                bm.record(a.json, "decode", f"{name}|b{b}|p{p}", r)
                 print_decode_row(r)
                 if b == 1 and p == min(prompt_lens):
-                    bm.profile_to(a.profile, f"decode {impl} {a.shape} batch {b} prompt {p}, {a.max_new_tokens} new",
+                    bm.profile_to(a.profile, f"decode {name} {a.shape} batch {b} prompt {p}, {a.max_new_tokens} new",
                                   lambda: run(a.max_new_tokens), device)
         if group[0] == "ours":
             model.clear_cache()

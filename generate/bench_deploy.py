@@ -32,7 +32,7 @@ from minillama.checkpoints import load_model  # noqa: E402
 from minillama.util.cli import DEFAULT_CKPT, ArgumentParser, positive_int, run  # noqa: E402
 from minillama.util.files import write_json  # noqa: E402
 from minillama.tokenizer.tokenizer import load_tokenizer  # noqa: E402
-from minillama.perf import measure_copy_bandwidth  # noqa: E402
+from minillama.perf import measure_copy_bandwidth, stored_weight_bytes  # noqa: E402
 
 IMPLS = ("ours_bf16", "ours_int8", "ours_int4", "ours_bf16_compile", "ours_int8_compile", "ours_int4_compile",
          "hf_bf16", "llama_f16", "llama_q8_0", "llama_q4_0")
@@ -70,19 +70,6 @@ def cpu_name() -> str:
 def fixed_text() -> str:
     from pydoc_data.topics import topics
     return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def weight_bytes(model) -> int:
-    """Bytes of the weights one decode step reads, as stored (the embedding table only where it is the head)."""
-    head = getattr(model.output, "weight", None)
-    total = 0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name == "inv_freq_bits" or ".cache." in name:
-            continue
-        if name == "tok_embeddings.weight" and head is not model.tok_embeddings.weight:
-            continue
-        total += t.numel() * t.element_size()
-    return total
 
 
 def gguf_weight_bytes(path: Path) -> int:
@@ -140,7 +127,7 @@ def main(argv=None):
         if impl in OURS:
             quantize, compile = OURS[impl]
             model = load_model(a.ckpt, dtype=torch.bfloat16, quantize=quantize)
-            step = weight_bytes(model) + kv_bytes
+            step = stored_weight_bytes(model) + kv_bytes
             t_pre, t_tok = time_generate(ours_runner(model, [prompt], a.new_tokens, compile), a.new_tokens, device,
                                          a.iters)  # time_generate warms up first: a compile is not timed
             model.clear_cache()

@@ -49,6 +49,20 @@ def decode_bytes_per_step(args: ModelArgs, batch: int, context: int, bytes_per_p
     return weights * bytes_per_param + kv * bytes_per_cache
 
 
+def stored_weight_bytes(model) -> int:
+    """Bytes of the weights one dense decode step reads, as the model stores them (int8/int4 codes and scales
+    included; the embedding table only where it is the head)."""
+    head = getattr(model.output, "weight", None)
+    total = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name == "inv_freq_bits" or ".cache." in name:
+            continue
+        if name == "tok_embeddings.weight" and head is not model.tok_embeddings.weight:
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
 def forward_flops(args: ModelArgs, tokens: int, seq_len: int) -> float:
     """Matmul FLOPs of a forward over `tokens` tokens in causal documents of length seq_len (2 per MAC)."""
     p = param_counts(args)

@@ -6,12 +6,13 @@
   q in 0..15, w ~ (q - 8) * scale + zero with zero = min + 8 * scale, the layout PyTorch's int4 kernels take.
 
 On CPU the matmul runs PyTorch's packed kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu), which
-read the 1- or 0.5-byte weights directly. Elsewhere, and for shapes the int4 CPU kernel refuses (rows not a multiple
-of 16), the weight is dequantized to the activations' dtype for each matmul. Scales follow the model's dtype (a
-bfloat16 model keeps bfloat16 scales, as gpt-fast does;
-the codes are computed against the scales as stored). Layers are quantized as they load (checkpoint.load_model),
-one tensor at a time, or once by `minillama-convert --quantize` into a checkpoint that loads as saved
-(checkpoints/quantized.py; it keeps int4 in the "plain" layout, repacked for the CPU kernel on load). LoRA wraps a
+read the 1- or 0.5-byte weights directly; on a CUDA GPU (compute capability 8.0 and up) int4 runs
+torch._weight_int4pack_mm (gpt-fast's tinygemm kernel, bfloat16 activations). Elsewhere, and for shapes a kernel
+refuses (int4 rows not a multiple of 16 on CPU, of 8 on CUDA), the weight is dequantized to the activations' dtype
+for each matmul. Scales follow the model's dtype (a bfloat16 model keeps bfloat16 scales, as gpt-fast does; the codes
+are computed against the scales as stored). Layers are quantized as they load (checkpoint.load_model), one tensor at
+a time, or once by `minillama-convert --quantize` into a checkpoint that loads as saved
+(checkpoints/quantized.py; it keeps int4 in the "plain" layout, repacked for the kernel on load). LoRA wraps a
 quantized linear like any other (lora.LoRALinear calls `weight.linear`).
 
 Measured (tests/test_weight_only.py): on Gaussian weights the relative RMS weight error is ~0.0045 (int8) and ~0.08
@@ -44,6 +45,22 @@ def stored_scale(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     row's weights by up to 0.4 %), and no weight needs a code beyond the largest."""
     stored = exact.to(dtype)
     return torch.where(stored.float() < exact, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+
+
+def int4_kernel(device: torch.device, out: int, in_features: int, group_size: int) -> str:
+    """Which int4 layout a weight on `device` is held in: "cpu" (rows a multiple of 16), "cuda" (an Ampere or newer
+    GPU: rows a multiple of 8, groups of 32 to 256), else "plain" (dequantized for each matmul)."""
+    if device.type == "cpu" and out % 16 == 0:
+        return "cpu"
+    if (device.type == "cuda" and out % 8 == 0 and group_size in (32, 64, 128, 256) and in_features % 32 == 0
+            and torch.cuda.get_device_capability(device) >= (8, 0)):
+        return "cuda"
+    return "plain"
+
+
+def inner_k_tiles(in_features: int) -> int:
+    """The CUDA int4 layout's inner k-tiles (16 columns each): 8, as gpt-fast packs, where the row length allows."""
+    return next(k for k in (8, 4, 2) if in_features % (16 * k) == 0)
 
 
 def int8_quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -126,7 +143,9 @@ class Int8Weight(nn.Module):
 class Int4Weight(nn.Module):
     """A frozen (out, in) weight in groupwise int4: `packed` (out, in/2) uint8 and `scales_and_zeros`
     (in/G, out, 2) in the weight's dtype. `kernel` says which layout `packed` has: "cpu" is what
-    _convert_weight_to_int4pack_for_cpu makes; "plain" holds two codes per byte, the even column in the low nibble."""
+    _convert_weight_to_int4pack_for_cpu makes, "cuda" what _convert_weight_to_int4pack makes (int32 tiles,
+    (out/8, in/(16 k), 32, k/2) for k inner k-tiles); "plain" holds two codes per byte, the even column in the low
+    nibble."""
 
     def __init__(self, weight: torch.Tensor, group_size: int):
         super().__init__()
@@ -140,13 +159,17 @@ class Int4Weight(nn.Module):
         return self
 
     def _hold(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> None:
-        """packed: int4_quantize's plain layout (out, in/2), kept as it is or repacked for the CPU kernel (exact)."""
+        """packed: int4_quantize's plain layout (out, in/2), kept as it is or repacked for the device's kernel
+        (an exact reordering)."""
         out, n_in = packed.shape[0], packed.shape[1] * 2
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # (groups, out, 2)
-        self.kernel = "cpu" if packed.device.type == "cpu" and out % 16 == 0 else "plain"
+        self.kernel = int4_kernel(packed.device, out, n_in, group_size)
         if self.kernel == "cpu":
             q = torch.stack([packed & 15, packed >> 4], -1).view(out, n_in).to(torch.int32)  # (out, in)
             packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (out, in/2) uint8, the kernel's own order
+        elif self.kernel == "cuda":  # tinygemm reads the even column from the high nibble (gpt-fast's packing)
+            swapped = ((packed & 15) << 4) | (packed >> 4)  # (out, in/2) uint8
+            packed = torch._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles(n_in))
         self.register_buffer("packed", packed)
         self.shape, self.group_size = (out, n_in), group_size
 
@@ -160,25 +183,34 @@ class Int4Weight(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T. (..., in) -> (..., out)"""
-        if self.kernel == "cpu" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16,
-                                                                          torch.float16):
-            x2 = x.reshape(-1, self.shape[1]).contiguous()  # (M, in)
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
-                                                  self.scales_and_zeros.to(x.dtype))  # (M, out)
+        if self._kernel_takes(x):
+            y = self._packed_mm(x.reshape(-1, self.shape[1]).contiguous())  # (M, out)
             return y.view(*x.shape[:-1], self.shape[0])
         return F.linear(x, self.dequantize(dtype=x.dtype))
+
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        if self.kernel == "cpu":
+            return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return self.kernel == "cuda" and x.device.type == "cuda" and x.dtype == torch.bfloat16
+
+    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, in) @ W^T through the device's kernel -> (M, out) in x's dtype."""
+        scales_and_zeros = self.scales_and_zeros.to(x.dtype)
+        if self.kernel == "cpu":
+            return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, scales_and_zeros)
+        return torch._weight_int4pack_mm(x, self.packed, self.group_size, scales_and_zeros)
 
     @torch.no_grad()
     def dequantize(self, index: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight as the matmul sees it. (out, in)"""
         dtype = dtype or self.dtype
         out, n_in = self.shape
-        if self.kernel == "cpu":  # the kernel's own layout is opaque: read W^T back through it, 1024 rows at a time
+        if self.kernel != "plain":  # a kernel's own layout is opaque: read W^T back through it, 1024 rows at a time
+            eye_dtype = torch.float32 if self.kernel == "cpu" else torch.bfloat16  # what the kernel takes
             cols = []
             for s in range(0, n_in, 1024):
-                eye = torch.eye(n_in, dtype=torch.float32)[s:s + 1024]  # (c, in)
-                cols.append(torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,
-                                                              self.scales_and_zeros.float()))  # (c, out)
+                eye = torch.eye(n_in, dtype=eye_dtype, device=self.device)[s:s + 1024]  # (c, in)
+                cols.append(self._packed_mm(eye))  # (c, out)
             return torch.cat(cols).t().to(dtype)
         q = torch.stack([self.packed & 15, self.packed >> 4], -1).view(out, n_in // self.group_size, -1)
         scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (out, groups) each

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU run of the performance issue (13), in one command, under 8 minutes on one H200:
+# The whole GPU run (the performance issue 13's figures, issue 25's int4 decode), one command, under 8 min on an H200:
 #
 #     OUT=/some/dir bash tests/gpu_check.sh       # on the GPU machine ($OUT: where results go; default ./gpu_check_out)
 #     GPU_CHECK_TOY=1 bash tests/gpu_check.sh     # the same parts at toy shapes on CPU (tests/test_gpu_check.py)
@@ -25,6 +25,8 @@
 #   workload     70 s Mixtral-8x7B (32 layers, 87 GiB bf16), 32 prompts x 8192 tokens, 512 new each, continuous
 #                     batching on 32 rows: ~7e15 prefill FLOPs (~20 s) + 512 steps reading ~130 GB (~20 s)
 #   hf_decode    40 s transformers generate (sdpa, eager) at the decode cases, 32 new tokens
+#   int4_decode  60 s optional: Llama-3-8B weight-only int4 (torch._weight_int4pack_mm), batch 1, prompt 128, eager
+#                     and compiled (one compile)
 #   hf_static    90 s optional: HF static cache + compile (generate compiles itself), batch 1, prompt 128
 #   full_ft      30 s optional: full fine-tuning, Llama-3.2-1B shape, ours vs HF (autocast)
 # Sum of the required parts ~440 s of the 450 s the budget leaves them: the optional ones run only if the
@@ -73,6 +75,7 @@ if [[ $TOY == 1 ]]; then  # toy shapes on CPU: every code path, seconds each
           --extrapolate 20,96,16)
     HF_DECODE=(--shape tiny --dtype float32 --batch_sizes 1,2 --prompt_lens 16,48 --max_new_tokens 6 --iters 1)
     HF_STATIC=(--shape tiny --dtype float32 --batch_sizes 1 --prompt_lens 16 --max_new_tokens 6 --iters 1)
+    INT4=(--shape tiny --dtype bfloat16 --batch_sizes 1 --prompt_lens 16 --max_new_tokens 6 --iters 1 --impls ours)
     TRAIN=(--tiny --seq_len 128 --moe_tokens 128 --iters 1)
     ENV_FLAGS=(--toy)
 else
@@ -83,6 +86,8 @@ else
     HF_DECODE=(--shape llama3-8b --dtype bfloat16 --batch_sizes 1,8 --prompt_lens 128,8192 --max_new_tokens 32
                --iters 1)
     HF_STATIC=(--shape llama3-8b --dtype bfloat16 --batch_sizes 1 --prompt_lens 128 --max_new_tokens 32 --iters 1)
+    INT4=(--shape llama3-8b --dtype bfloat16 --batch_sizes 1 --prompt_lens 128 --max_new_tokens 32 --iters 1
+          --impls ours,ours_compile)
     TRAIN=(--seq_len 8192 --moe_tokens 8192 --iters 2)
     ENV_FLAGS=()
 fi
@@ -101,6 +106,8 @@ part lora 45 80 30 "$PY" train/bench.py --cases lora "${TRAIN[@]}" "${DEV[@]}" -
     --profile "$OUT/profile.txt"
 part workload 70 110 40 "$PY" generate/bench.py --workload "${WORK[@]}" "${DEV[@]}" --json "$JSON"
 part hf_decode 40 70 20 "$PY" generate/bench.py "${HF_DECODE[@]}" "${DEV[@]}" --impls hf --json "$JSON"
+part int4_decode 60 120 30 "$PY" generate/bench.py "${INT4[@]}" "${DEV[@]}" --quantize int4 --json "$JSON" \
+    --profile "$OUT/profile.txt"
 part hf_static 90 150 40 "$PY" generate/bench.py "${HF_STATIC[@]}" "${DEV[@]}" --impls hf_static --json "$JSON"
 part full_ft 30 60 20 "$PY" train/bench.py --cases full "${TRAIN[@]}" "${DEV[@]}" --json "$JSON"
 

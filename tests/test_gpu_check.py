@@ -10,7 +10,7 @@ import sys
 from sft_helpers import REPO
 
 DECODE_IMPLS = ("ours", "ours_compile", "hf", "hf_static")
-PARTS = ("env", "correctness", "decode", "workload", "hf_decode", "lora", "moe", "hf_static", "full_ft")
+PARTS = ("env", "correctness", "decode", "workload", "hf_decode", "lora", "moe", "int4_decode", "hf_static", "full_ft")
 
 
 def numbers(record: dict, where: str):
@@ -43,7 +43,7 @@ def test_gpu_check_runs_every_part_at_toy_shapes_and_fills_every_section(tmp_pat
     assert tests["failed"] == 0 and tests["skipped"] == len(tests["tests"]) >= 10
 
     decode = results["decode"]
-    assert {k.split("|")[0] for k in decode} == set(DECODE_IMPLS)
+    assert {k.split("|")[0] for k in decode} == set(DECODE_IMPLS) | {"ours+int4"}
     for key, r in decode.items():
         assert r["tokens_per_s"] > 0 and r["prefill_ms"] > 0 and r["pct_bandwidth"] > 0, key
         list(numbers(r, f"decode[{key}]"))
@@ -59,7 +59,7 @@ def test_gpu_check_runs_every_part_at_toy_shapes_and_fills_every_section(tmp_pat
     list(numbers(work, "workload"))
 
     rows = results["targets"]["rows"]["rows"]
-    assert len(rows) == 9
+    assert len(rows) == 10
     # every target has a value at toy shapes except the memory ratio (no allocator statistics on CPU)
     missing = [r["figure"] for r in rows if r["value"] is None]
     assert missing == ["LoRA packed rows: peak memory / HF + peft's"], missing

@@ -1,12 +1,14 @@
 """The GPU routes, each against a reference computed in the same run: packed rows through the varlen kernel,
 grouped-GEMM experts (plain, LoRA, NF4), the compiled CUDA-graph decode step, train/sft.py steps under FSDP2 in
-bf16 (nccl on a GPU; plus CPU offload and QLoRA), and continuous batching. The compiled-decode tests come last:
-their compiles are the slow, uncertain part of the GPU run's time.
+bf16 (nccl on a GPU; plus CPU offload and QLoRA), continuous batching, and int4 weights through
+torch._weight_int4pack_mm. The compiled-decode tests come last: their compiles are the slow, uncertain part of the
+GPU run's time.
 
 Every test is parametrized by device. The `cuda` variants (marker `cuda`, skipped without a GPU) run on the device
 machine via tests/gpu_check.sh at real widths (Llama-3-8B / Mixtral-8x7B) with 2 layers; the `cpu` variants run the
 same references and tolerances at toy shapes in CI, with the kernels CPU has (the varlen route goes through a
-per-document stand-in with torch 2.11's varlen_attn signature, as on the device machine).
+per-document stand-in with torch 2.11's varlen_attn signature, as on the device machine; the int4 layout's CPU
+test is tests/test_weight_only.py's, on stand-ins of the two CUDA ops).
 """
 
 from __future__ import annotations
@@ -371,6 +373,27 @@ def assert_same_greedy(tokens, ref_tokens, logits, ref_logits, tol: float):
             gap = (ref_logits[d][b][ref[d]] - ref_logits[d][b][row[d]]).item()
             scale = (logits[d][b] - ref_logits[d][b]).abs().max().item()
             assert gap <= 2 * scale + 1e-6, f"row {b} step {d}: token flipped with a margin of {gap} > 2 x {scale}"
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("device", [DEVICES[1]])
+def test_int4_on_cuda_runs_the_packed_kernel_and_equals_the_portable_weights(device, group_size):
+    """Int4Weight on the GPU holds tinygemm's layout (torch._weight_int4pack_mm) and multiplies as the portable
+    codes (the quantized checkpoint's layout, dequantized in float32) do, at a Llama-3-8B width."""
+    from minillama.weight_only import Int4Weight, int4_quantize
+    w = torch.randn(1024, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    t = int4_quantize(w, group_size)
+    q = torch.stack([t["packed"] & 15, t["packed"] >> 4], -1).flatten(1).float()  # (out, in), even column low
+    scale, zero = t["scales_and_zeros"].float().transpose(0, 1).repeat_interleave(group_size, 1).unbind(-1)
+    want_w = (q - 8) * scale + zero  # (out, in) float32
+    weight = Int4Weight.from_saved(t["packed"].to(device), t["scales_and_zeros"].to(device), group_size)
+    assert weight.kernel == "cuda" and weight.packed.dtype == torch.int32
+    for rows in (1, 8, 300):  # decode, a small batch, a prefill
+        x = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        want = x.float() @ want_w.t()
+        got = weight.linear(x.to(device)).float().cpu()
+        assert ((got - want).norm() / want.norm()).item() < 1e-2, rows
+    assert ((weight.dequantize(dtype=torch.float32).cpu() - want_w).abs().max() <= 1e-2 * want_w.abs().max()).item()
 
 
 # every case on the GPU; on CPU (compiles are slow there) one dense and one MoE case cover both graphs (one row,

@@ -16,7 +16,9 @@ from helpers import random_tokens, randomize_adapter, tiny_model
 from minillama.checkpoints import load_model, save_hf
 from minillama.lora.layers import apply_lora
 from minillama.lora.merge import merge_lora
-from minillama.weight_only import Int4Weight, Int8Weight, QuantLinear, load_weight_only_, quantize_model_
+from minillama import weight_only
+from minillama.weight_only import (Int4Weight, Int8Weight, QuantLinear, int4_quantize, load_weight_only_,
+                                    quantize_model_)
 
 
 def rel(a, b) -> float:
@@ -59,6 +61,40 @@ def test_packed_kernel_equals_matmul_with_the_dequantized_weight(kind, dtype, ou
     assert got.shape == (2, 5, out) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.float() - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+def plain_dequantize(t: dict, group_size: int) -> torch.Tensor:
+    """int4_quantize's portable tensors (the quantized checkpoint's layout) -> the float weight (out, in)."""
+    q = torch.stack([t["packed"] & 15, t["packed"] >> 4], -1).flatten(1).float()  # even column: the low nibble
+    scale, zero = t["scales_and_zeros"].float().transpose(0, 1).repeat_interleave(group_size, 1).unbind(-1)
+    return (q - 8) * scale + zero
+
+
+def test_int4_cuda_layout_follows_the_kernels_documented_packing(monkeypatch):
+    """The CUDA route on stand-ins of torch's two CUDA ops written from their documented semantics (the uint8 input
+    holds column 2j in the high nibble, as gpt-fast packs; w = (q - 8) * scale + zero): the codes we hand over, the
+    matmul and the weight read back through the kernel equal the portable layout's. (tests/test_gpu_paths.py runs
+    the real kernel.)"""
+    def convert(packed_u8, inner_k_tiles):  # -> the codes (out, in), standing in for the opaque int32 tiles
+        assert packed_u8.dtype == torch.uint8 and inner_k_tiles == 8  # rows of 256: 8 tiles of 16 columns fit
+        return torch.stack([packed_u8 >> 4, packed_u8 & 15], -1).flatten(1).to(torch.int32)
+
+    def mm(x, codes, group_size, scales_and_zeros):
+        scale, zero = scales_and_zeros.float().transpose(0, 1).repeat_interleave(group_size, 1).unbind(-1)
+        return (x.float() @ ((codes.float() - 8) * scale + zero).t()).to(x.dtype)
+
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack", convert, raising=False)
+    monkeypatch.setattr(torch, "_weight_int4pack_mm", mm, raising=False)
+    monkeypatch.setattr(weight_only, "int4_kernel", lambda device, out, n_in, group: "cuda")
+    w = torch.randn(40, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    want = plain_dequantize(int4_quantize(w, 32), 32)  # (40, 256)
+    q = Int4Weight(w, 32)
+    assert q.kernel == "cuda"
+    torch.testing.assert_close(q.dequantize(dtype=torch.float32), want, atol=0, rtol=1e-2)  # read back in bf16
+    monkeypatch.setattr(Int4Weight, "_kernel_takes", lambda self, x: True)  # as a bf16 activation on the GPU
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    torch.testing.assert_close(q.linear(x).float(), (x.float() @ want.t()).to(torch.bfloat16).float())
+    assert weight_only.inner_k_tiles(256) == 8 and weight_only.inner_k_tiles(96) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

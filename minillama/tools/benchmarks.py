@@ -132,10 +132,11 @@ def _decode_prompts(results: dict) -> list[int]:
     return sorted({r["prompt"] for r in results.get("decode", {}).values() if r.get("batch") == 1})
 
 
-def _best_decode(results: dict, batch: int, prompt: int) -> tuple[Optional[str], Optional[float]]:
-    """Our faster decode (compiled or eager) at this case: (impl, tokens/s)."""
+def _best_decode(results: dict, batch: int, prompt: int, quantize: str = "") -> tuple[Optional[str], Optional[float]]:
+    """Our faster decode (compiled or eager) at this case, in bf16 or weight-only quantized ("int4": generate/bench.py
+    --quantize int4): (impl, tokens/s)."""
     best = (None, None)
-    for impl in ("ours_compile", "ours"):
+    for impl in (f"ours_compile{quantize and '+' + quantize}", f"ours{quantize and '+' + quantize}"):
         tps = _get(results, "decode", f"{impl}|b{batch}|p{prompt}", "tokens_per_s")
         if tps is not None and (best[1] is None or tps > best[1]):
             best = (impl, tps)
@@ -157,6 +158,9 @@ def target_rows(results: dict) -> list[dict]:
     add(f"decode batch 1, prompt {short}: % of copy bandwidth", bw, ">=", 85, "%", impl or "")
     add(f"decode batch 1, prompt {short}: x HF generate (sdpa, eager)",
         _ratio(tps, _get(results, "decode", f"hf|b1|p{short}", "tokens_per_s")), ">=", 5, "x", impl or "")
+    int4, int4_tps = _best_decode(results, 1, short, "int4")
+    add(f"int4 decode batch 1, prompt {short}: x our bf16 decode", _ratio(int4_tps, tps), ">=", 1.5, "x",
+        f"{int4}: reads ~0.3x the bytes" if int4 else "")
     prefill = [_get(results, "decode", f"{i}|b1|p{long}", "prefill_pct_peak") for i in ("ours", "ours_compile")]
     prefill = [p for p in prefill if p is not None]
     add(f"prefill of a {long}-token prompt: % of matmul peak", max(prefill) if prefill else None, ">=", 55, "%")
