@@ -143,9 +143,8 @@ def decode_record(args, a, ceil, impl, batch, prompt, t_pre, t_tok, weights=None
     """Tokens/s and the fractions of the floors, with everything needed to read them. weights: the bytes of the
     weights as stored (a quantized model's), else those of args' parameters in --dtype."""
     bytes_per = torch.tensor([], dtype=parse_dtype(a.dtype)).element_size()
-    step_bytes = decode_bytes_per_step(args, batch, prompt + a.max_new_tokens // 2, bytes_per, bytes_per)
-    if weights is not None:
-        step_bytes += weights - decode_bytes_per_step(args, batch, 0, bytes_per, bytes_per)  # the KV cache stays
+    step_bytes = decode_bytes_per_step(args, batch, prompt + a.max_new_tokens // 2,
+                                       bytes_per if weights is None else 0, bytes_per) + (weights or 0)
     pre_flops = forward_flops(args, batch * prompt, prompt)
     bw, peak = ceil["copy_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
     return {"impl": impl, "shape": a.shape, **bm.layers_note(args, a.shape), "dtype": a.dtype, "batch": batch,
@@ -178,6 +177,7 @@ def bench_decode(a, args, device, dtype, ceil):
         quantized = group[0] == "ours" and a.quantize is not None
         if quantized:
             quantize_model_(model, a.quantize)
+        weights = stored_weight_bytes(model) if quantized else None
         for impl in wanted:
             name = f"{impl}+{a.quantize}" if quantized else impl
             for b, p in cases:
@@ -185,7 +185,7 @@ def bench_decode(a, args, device, dtype, ceil):
                 run = (ours_runner(model, prompts, a.max_new_tokens, impl == "ours_compile") if group[0] == "ours"
                        else hf_runner(model, prompts, a.max_new_tokens, impl == "hf_static"))
                 r = decode_record(args, a, ceil, name, b, p, *time_generate(run, a.max_new_tokens, device, a.iters),
-                                  weights=stored_weight_bytes(model) if quantized else None)
+                                  weights=weights)
                 rows[(name, b, p)] = r
                 bm.record(a.json, "decode", f"{name}|b{b}|p{p}", r)
                 print_decode_row(r)

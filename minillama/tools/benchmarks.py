@@ -135,8 +135,8 @@ def _decode_prompts(results: dict) -> list[int]:
 def _best_decode(results: dict, batch: int, prompt: int, quantize: str = "") -> tuple[Optional[str], Optional[float]]:
     """Our faster decode (compiled or eager) at this case, in bf16 or weight-only quantized ("int4": generate/bench.py
     --quantize int4): (impl, tokens/s)."""
-    best = (None, None)
-    for impl in (f"ours_compile{quantize and '+' + quantize}", f"ours{quantize and '+' + quantize}"):
+    best, suffix = (None, None), f"+{quantize}" if quantize else ""
+    for impl in (f"ours_compile{suffix}", f"ours{suffix}"):
         tps = _get(results, "decode", f"{impl}|b{batch}|p{prompt}", "tokens_per_s")
         if tps is not None and (best[1] is None or tps > best[1]):
             best = (impl, tps)
