@@ -170,3 +170,20 @@ def test_the_trainer_checkpoints_blocks_when_its_rows_would_not_fit(ckpt, monkey
     parts = build.build_model(cfg, init_distributed("cpu"), torch.float32, log)
     assert all("forward" in vars(block) for block in parts.model.layers)  # each block's forward is checkpointed
     assert any(line.startswith("activation checkpointing on: a micro-batch of 1 x 512 tokens") for line in lines)
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_the_trainer_compiles_its_blocks_with_compile_before_checkpointing_them(ckpt, monkeypatch, flag):
+    from minillama.tools import train_flags
+    from minillama.training import build
+    from minillama.training.metrics import ProgressBar
+    from minillama.util.distributed import init_distributed
+
+    calls = []
+    monkeypatch.setattr(build, "compile_blocks", lambda model: calls.append(("compile", model)))
+    monkeypatch.setattr(build, "checkpoint_activations", lambda model, offload: calls.append(("checkpoint", model)))
+    cfg = train_flags.train_config(train_flags.parse_args(["--ckpt", str(ckpt), "--device", "cpu", "--seq_len",
+                                                           str(T), "--activation_checkpointing"]
+                                                          + ["--compile"] * flag))
+    parts = build.build_model(cfg, init_distributed("cpu"), torch.float32, ProgressBar(0, enabled=False))
+    assert calls == [("compile", parts.model)] * flag + [("checkpoint", parts.model)]

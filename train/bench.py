@@ -45,7 +45,8 @@ from minillama.attention import doc_positions  # noqa: E402
 from minillama.util.cli import DEFAULT_CKPT, ArgumentParser, positive_int, run  # noqa: E402
 from minillama.lora.layers import apply_lora, lora_parameters  # noqa: E402
 from minillama.moe import MoEFeedForward  # noqa: E402
-from minillama.training.fsdp import apply_fsdp, checkpoint_activations, ensure_process_group  # noqa: E402
+from minillama.training.fsdp import (apply_fsdp, checkpoint_activations, compile_blocks,  # noqa: E402
+                                     ensure_process_group)
 from minillama.training.loss import CausalLMLoss  # noqa: E402
 from minillama.training.metrics import default_peak_tflops  # noqa: E402
 from minillama.perf import time_fn, train_flops  # noqa: E402
@@ -69,6 +70,9 @@ def get_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="toy shapes instead of the real ones")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--no_hf", action="store_true", help="skip the transformers / peft comparison")
+    p.add_argument("--compile", action="store_true",
+                   help="ours: torch.compile each transformer block (the trainer's --compile); compiled in the "
+                        "untimed warm-up steps")
     p.add_argument("--iters", type=positive_int, default=3, help="timed steps (median reported)")
     p.add_argument("--ckpt", "--model", dest="ckpt", default=str(DEFAULT_CKPT),
                    help=f"{SMOLLM2}: the HF-format checkpoint dir")
@@ -114,12 +118,14 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def ours_train_step(model, lora: bool, rank: int, batch, device, compute_dtype):
+def ours_train_step(model, lora: bool, rank: int, batch, device, compute_dtype, compile: bool = False):
     """A trainer-shaped step: CausalLMLoss under FSDP2 (one process), AdamW on the trainable parameters."""
     if lora:
         apply_lora(model, rank=rank, alpha=2 * rank, targets=LORA_TARGETS)
     else:
         model.requires_grad_(True)
+    if compile:  # before checkpointing, as the trainer does
+        compile_blocks(model)
     checkpoint_activations(model)
     ensure_process_group(device)
     wrapper = apply_fsdp(CausalLMLoss(model).train(), param_dtype=compute_dtype)
@@ -191,8 +197,8 @@ def bench_train(case: str, args, a, device, ceil, preset: str):
 
     reset_peak(device)
     model = bm.random_model(args, base_dtype, device)
-    step = ours_train_step(model, lora, a.lora_rank, batch, device, torch.bfloat16 if gpu else None)
-    ours = measure("minillama", step)
+    step = ours_train_step(model, lora, a.lora_rank, batch, device, torch.bfloat16 if gpu else None, a.compile)
+    ours = measure("minillama+compile" if a.compile else "minillama", step)
     bm.profile_to(a.profile, f"train {case} minillama, rows of {a.seq_len}", step, device)
     del model, step
     torch.distributed.destroy_process_group()
@@ -291,8 +297,9 @@ def smollm2_ours(a, tokens: torch.Tensor):
     from minillama.training.metrics import ProgressBar
     from minillama.util.distributed import init_distributed
 
-    cfg = TrainConfig(out="", model=ModelConfig(ckpt=a.ckpt, dtype="float32"), lora=LoraConfig(rank=16, alpha=32.0),
-                      optim=OptimConfig(lr=1e-4), data=DataConfig(data="", seq_len=a.seq_len, batch_size=1))
+    cfg = TrainConfig(out="", model=ModelConfig(ckpt=a.ckpt, dtype="float32", compile=a.compile),
+                      lora=LoraConfig(rank=16, alpha=32.0), optim=OptimConfig(lr=1e-4),
+                      data=DataConfig(data="", seq_len=a.seq_len, batch_size=1))
     info = init_distributed("cpu")
     ensure_process_group(info.device)
     parts = build_model(cfg, info, torch.float32, ProgressBar(0), longest=a.seq_len)  # its log lines: stderr
@@ -354,7 +361,7 @@ def smollm2_worker(a) -> dict:
 
 def run_worker(a, impl: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--cases", SMOLLM2, "--worker", impl, "--ckpt", a.ckpt,
-           "--seq_len", str(a.seq_len), "--warmup", str(a.warmup), "--iters", str(a.iters)]
+           "--seq_len", str(a.seq_len), "--warmup", str(a.warmup), "--iters", str(a.iters), *["--compile"] * a.compile]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{SMOLLM2} worker {impl} failed:\n{out.stderr[-3000:]}")
@@ -368,7 +375,8 @@ def bench_smollm2(a) -> None:
     if not os.path.isdir(a.ckpt):
         raise FileNotFoundError(f"--ckpt {a.ckpt} does not exist (python weights/prepare_smollm2.py makes it)")
     load = os.getloadavg()[0]
-    print(f"{SMOLLM2}: {a.ckpt}, LoRA r16 on all linears, fp32, 1 row of {a.seq_len} tokens; {a.rounds} rounds of "
+    print(f"{SMOLLM2}: {a.ckpt}, LoRA r16 on all linears, fp32, 1 row of {a.seq_len} tokens"
+          f"{' (ours: --compile)' if a.compile else ''}; {a.rounds} rounds of "
           f"separate processes, {a.warmup} warm-up + {a.iters} timed steps each; load average {load:.2f}")
     print(f"{'round':<6} {'impl':<10} {'step s':>8} {'peak RSS MB':>12} {'step RSS MB':>12} {'loss':>9}")
     runs = {"ours": [], "hf": []}

@@ -111,6 +111,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                         "measured on a tiny model over 50 steps: within 0.003 (lr 1e-4) / 0.01 (lr 1e-3) of its "
                         "loss of ~5, where round-to-nearest bf16 is 0.39 / 0.08 off (tests/test_master_bf16.py)")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block's training forward (one compile serves every block: "
+                        "inductor's C++ on CPU, Triton on GPU; the first steps take longer while it compiles, and a "
+                        "new row length compiles once more). Generation during training stays eager")
     p.add_argument("--context_parallel", type=positive_int, default=1,
                    help="split every row's sequence over this many processes (all-gathered K/V, load-balanced "
                         "chunks); the processes are then context x data parallel")
@@ -294,8 +298,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     a = args
     model = ModelConfig(ckpt=a.ckpt, dtype=a.dtype, master_dtype=a.master_dtype, quantize=a.quantize,
                         max_seq_len=a.max_seq_len, rope_theta=a.rope_theta, rope_scaling=a.rope_scaling,
-                        activation_checkpointing=a.activation_checkpointing, cpu_offload=a.cpu_offload,
-                        loss_chunk=a.loss_chunk, router_aux_loss_coef=a.router_aux_loss_coef)
+                        activation_checkpointing=a.activation_checkpointing, compile=a.compile,
+                        cpu_offload=a.cpu_offload, loss_chunk=a.loss_chunk, router_aux_loss_coef=a.router_aux_loss_coef)
     lora = LoraConfig(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=tuple(a.lora_targets),
                       modules_to_save=tuple(a.trainable), use_dora=a.use_dora, plus_ratio=a.lora_plus_ratio,
                       init_adapter=a.init_adapter)

@@ -20,7 +20,7 @@ from ..lora.slots import adapter_names
 from ..quant import NF4Weight
 from ..tokenizer.tokenizer import load_tokenizer
 from .data import check_data_file, load_jsonl, report_bad_lines
-from .fsdp import apply_fsdp, checkpoint_activations, fsdp_has_work
+from .fsdp import apply_fsdp, checkpoint_activations, compile_blocks, fsdp_has_work
 from .loss import CausalLMLoss
 from .optim import build_optimizer
 from .plan_memory import HOST_RESIDENT_PER_PLANNED, RESERVE, ActivationChoice, Setup, choose_activations, free_bytes
@@ -190,6 +190,8 @@ def build_model(cfg: TrainConfig, info, compute_dtype, log, wrap=CausalLMLoss, l
     n_total = param_counts(model.args)["total"]  # counted from the shapes: NF4 weights are buffers
     choice = choose_activation_memory(cfg, info, model.args, compute_dtype, longest, budget)
     log.message(choice.why)
+    if m.compile:  # before checkpointing, which then recomputes the compiled forward
+        compile_blocks(model)
     if choice.checkpointing:
         checkpoint_activations(model, offload=choice.offload)
     root = wrap(model, m.loss_chunk).train()

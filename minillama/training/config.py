@@ -23,6 +23,7 @@ class ModelConfig:
     rope_theta: Optional[float] = None
     rope_scaling: Optional[dict] = None
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block's training forward (fsdp.compile_blocks)
     cpu_offload: bool = False
     loss_chunk: int = 1024  # positions per chunk of the output projection in the loss
     router_aux_loss_coef: float = 0.02  # Mixtral's load-balancing loss weight (dense models ignore it)

@@ -1,5 +1,5 @@
-"""FSDP2 from outside the model: a process group even for one process, activation checkpointing, fully_shard (when
-it has work: several processes, a compute dtype to cast to, or host offload).
+"""FSDP2 from outside the model: a process group even for one process, per-block torch.compile and activation
+checkpointing, fully_shard (when it has work: several processes, a compute dtype to cast to, or host offload).
 
 Each TransformerBlock is its own FSDP unit (all-gathered for its forward/backward, resharded after); the root unit
 is the CausalLMLoss wrapper, which owns tok_embeddings, norm and output, so the output layer (tied to the
@@ -42,6 +42,28 @@ def fsdp_has_work(world_size: int, mixed_precision: bool, cpu_offload: bool) -> 
     (issue 21 measured SmolLM2 LoRA on a CPU slower with it, and 280 MB larger). Checkpoints do not notice: saved
     pieces are boxes of the global tensor either way."""
     return world_size > 1 or mixed_precision or cpu_offload
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile every TransformerBlock's training forward (regional compilation, as torchtitan does): dynamo
+    treats a block's parameters as inputs, so one compiled graph serves all blocks, and inductor fuses what runs
+    between the matrix products (RMSNorm, RoPE, SwiGLU, LoRA's scaling, the residual adds).
+
+    Forwards that read or write a KV cache (generation during training: evaluation, GRPO rollouts) stay eager, and
+    packed rows' attention runs between two graphs (attention.packed_attend), so batches with different document
+    spans do not recompile. Applied before checkpoint_activations (which then recomputes the compiled forward) and
+    before fully_shard (whose hooks stay outside the graph). Wrapping `forward` on the instance leaves parameter
+    names, and so checkpoints, unchanged.
+    """
+    for block in model.modules():
+        if isinstance(block, TransformerBlock):
+            eager = block.forward
+            compiled = torch.compile(eager)
+
+            def forward(x, cos, sin, attn, step=None, _eager=eager, _compiled=compiled):
+                return (_compiled if step is None else _eager)(x, cos, sin, attn, step)
+
+            block.forward = forward
 
 
 def checkpoint_activations(model: nn.Module, offload: bool = False) -> None:
