@@ -206,15 +206,10 @@ def cache_mask(step: CacheStep, T: int, S: int, device, sliding_window: Optional
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMask) -> torch.Tensor:
     """Scaled dot-product attention with GQA. q (B, H, T, D), k/v (B, K, S, D) -> (B, H, T, D)."""
-    if attn.mask is None and not attn.causal_only:
-        return packed_attend(q, k, v, attn)
-    return _attend(q, k, v, attn)
-
-
-@torch.compiler.disable
-def packed_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMask) -> torch.Tensor:
-    """attend for packed rows, outside any torch.compile graph: their documents' spans are host ints that differ
-    from batch to batch, and a graph would be recompiled for each."""
+    if attn.mask is None and not attn.causal_only and torch.compiler.is_compiling():
+        # packed rows under torch.compile (the trainer's --compile): their documents' spans are host ints that
+        # differ from batch to batch, so their attention runs between graphs instead of recompiling one per batch
+        return torch.compiler.disable(_attend)(q, k, v, attn)
     return _attend(q, k, v, attn)
 
 

@@ -50,10 +50,10 @@ def compile_blocks(model: nn.Module) -> None:
     between the matrix products (RMSNorm, RoPE, SwiGLU, LoRA's scaling, the residual adds).
 
     Forwards that read or write a KV cache (generation during training: evaluation, GRPO rollouts) stay eager, and
-    packed rows' attention runs between two graphs (attention.packed_attend), so batches with different document
-    spans do not recompile. Applied before checkpoint_activations (which then recomputes the compiled forward) and
-    before fully_shard (whose hooks stay outside the graph). Wrapping `forward` on the instance leaves parameter
-    names, and so checkpoints, unchanged.
+    packed rows' attention runs between two graphs (attention.attend, while compiling), so batches with different
+    document spans do not recompile. Applied before checkpoint_activations (which then recomputes the compiled
+    forward) and before fully_shard (whose hooks stay outside the graph). Wrapping `forward` on the instance leaves
+    parameter names, and so checkpoints, unchanged.
     """
     for block in model.modules():
         if isinstance(block, TransformerBlock):
