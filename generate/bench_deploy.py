@@ -57,6 +57,9 @@ def get_args(argv=None):
     a.impls = [i.strip() for i in a.impls.split(",") if i.strip()]
     if bad := [i for i in a.impls if i not in IMPLS]:
         p.error(f"--impls: unknown {', '.join(bad)}; valid: {', '.join(IMPLS)}")
+    if a.ppl_window < 2 or a.ppl_tokens < a.ppl_window:
+        p.error(f"--ppl_tokens {a.ppl_tokens} / --ppl_window {a.ppl_window}: perplexity needs a window of at least 2 "
+                "tokens and at least one whole window of text")
     return a
 
 

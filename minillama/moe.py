@@ -40,6 +40,8 @@ def grouped_mm_ok(device: torch.device, dtype: torch.dtype, *weights) -> bool:
         return False
     size = dtype.itemsize
     for w in weights:  # a tensor, or an NF4Weight (dequantized to the rows' dtype when used)
+        if not getattr(w, "groupable", True):  # weight_only.QuantizedStack: int8/int4 experts run one at a time
+            return False
         if isinstance(w, torch.Tensor) and w.dtype != dtype:
             return False
         if w.shape[-1] * size % 16 or w.shape[-2] * size % 16:
@@ -53,7 +55,8 @@ def grouped_linear(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> 
 
 
 class ExpertStack(Protocol):
-    """What `dispatch` needs from an expert module (Experts, lora.LoRAExperts, quant.NF4Experts).
+    """What `dispatch` needs from an expert module (Experts, lora.LoRAExperts, quant.NF4Experts,
+    weight_only.QuantExperts).
 
     n_experts: E. expert_forward(e, x): expert e on its routed tokens (n, D) -> (n, D), the per-expert loop.
     grouped_ok(x): whether grouped_forward can run for x's device/dtype. grouped_forward(xs, offsets): every

@@ -40,6 +40,7 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
 BLOCK = 64  # weights per absmax
 SCALE_GROUP = 256  # absmax values per second-level float32 scale
 CHUNK = BLOCK * SCALE_GROUP * 256  # elements (de)quantized at a time, to bound the float32 temporaries
+NF4_ARRAYS = ("packed", "absmax_q", "absmax_scale", "absmax_mean")  # an NF4Weight's parameters, in this order
 
 # layer weights that QLoRA quantizes; embeddings, norms, router and output head stay in their dtype
 _LINEAR_KEY = re.compile(r"(layers\.\d+\.(?:attention\.w[qkvo]|feed_forward\.w[123]))\.weight")
@@ -93,6 +94,29 @@ def _quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return q.view(absmax.shape[0], -1), scale, mean
 
 
+def nf4_saved_layout(shape: tuple) -> dict[str, tuple[tuple, torch.dtype]]:
+    """{array: (shape, dtype)} of the four flat arrays NF4Weight holds for a weight of `shape` (*lead, out, in)."""
+    mats = math.prod(shape[:-2])
+    nb = math.ceil(shape[-2] * shape[-1] / BLOCK)
+    ng = math.ceil(nb / SCALE_GROUP)
+    return {"packed": ((mats * nb * BLOCK // 2,), torch.uint8), "absmax_q": ((mats * ng * SCALE_GROUP,), torch.int8),
+            "absmax_scale": ((mats * ng,), torch.int32), "absmax_mean": ((mats,), torch.int32)}
+
+
+def nf4_format(key: str, shape: tuple) -> Optional[tuple[str, None]]:
+    """("nf4", None) for a tensor --quantize nf4 stores in 4 bits (a layer linear (out, in), an expert stack
+    (E, out, in)); None for one that stays float (embeddings, norms, router, output head)."""
+    if (_LINEAR_KEY.fullmatch(key) and len(shape) == 2) or (_EXPERTS_KEY.fullmatch(key) and len(shape) == 3):
+        return "nf4", None
+    return None
+
+
+def nf4_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A float weight's four NF4 arrays, as nf4_saved_layout says (what a quantized checkpoint stores)."""
+    w = NF4Weight(weight)
+    return {name: getattr(w, name).data for name in NF4_ARRAYS}
+
+
 def nf4_nbytes(shape: tuple) -> int:
     """Bytes NF4Weight stores for a weight of `shape` (*lead, out, in): codes, int8 scales, their float32 scales
     and mean (~0.516 bytes per weight)."""
@@ -111,6 +135,17 @@ class NF4Weight(nn.Module):
 
     Storage (S = the matrices of the stack, nb = 64-weight blocks per matrix, ng = groups of 256 blocks), each flat:
     packed (S*nb*32,) uint8, absmax_q (S*ng*256,) int8, absmax_scale (S*ng,) and absmax_mean (S,) float32 bits."""
+
+    @classmethod
+    def from_saved(cls, shape: tuple, dtype: torch.dtype, tensors: dict[str, torch.Tensor]) -> "NF4Weight":
+        """The NF4Weight whose four arrays (nf4_saved_layout's) are `tensors`, as saved; `dtype` is the one it
+        dequantizes to."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.shape, self.dtype, self.n_mats = tuple(shape), dtype, math.prod(shape[:-2])
+        for name in NF4_ARRAYS:
+            setattr(self, name, _frozen_param(tensors[name]))
+        return self
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -277,9 +312,9 @@ def nf4_inference_linear(x: torch.Tensor, weight: NF4Weight, index: Optional[int
 class NF4Linear(nn.Module):
     """A bias-free nn.Linear whose frozen weight is NF4."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor | NF4Weight):
         super().__init__()
-        self.weight = NF4Weight(weight)
+        self.weight = weight if isinstance(weight, NF4Weight) else NF4Weight(weight)
         self.out_features, self.in_features = self.weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -347,28 +382,34 @@ def load_quantized_(model: nn.Module, key: str, tensor: torch.Tensor) -> bool:
 
     Works on a model built on the meta device: the module is replaced by its NF4 twin on `tensor`'s device.
     """
+    m = _LINEAR_KEY.fullmatch(key) or _EXPERTS_KEY.fullmatch(key)
+    if m is None:
+        return False
+    parent, leaf = _parent(model, m.group(1))
+    current = getattr(parent, leaf)
+    held = current.weight if m.re is _LINEAR_KEY else getattr(current, m.group(2))
+    if held is not None and tuple(held.shape) != tuple(tensor.shape):
+        raise ValueError(f"load_quantized_: {key} has shape {tuple(tensor.shape)}, "
+                         f"the model expects {tuple(held.shape)}")
+    set_nf4_(model, key, NF4Weight(tensor))
+    return True
+
+
+def set_nf4_(model: nn.Module, key: str, weight: NF4Weight) -> None:
+    """Put an NF4 weight in the model at `key`: a layer linear's becomes an NF4Linear; an expert stack goes into the
+    layer's NF4Experts, which replaces its Experts when the first of w1/w2/w3 arrives."""
     m = _LINEAR_KEY.fullmatch(key)
     if m:
         parent, leaf = _parent(model, m.group(1))
-        old = getattr(parent, leaf)
-        if tuple(old.weight.shape) != tuple(tensor.shape):
-            raise ValueError(f"load_quantized_: {key} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(old.weight.shape)}")
-        setattr(parent, leaf, NF4Linear(tensor))
-        return True
+        setattr(parent, leaf, NF4Linear(weight))
+        return
     m = _EXPERTS_KEY.fullmatch(key)
-    if m:
-        parent, leaf = _parent(model, m.group(1))
-        experts = getattr(parent, leaf)
-        expected = tuple(getattr(experts, m.group(2)).shape) if getattr(experts, m.group(2)) is not None else None
-        if expected is not None and expected != tuple(tensor.shape):
-            raise ValueError(f"load_quantized_: {key} has shape {tuple(tensor.shape)}, the model expects {expected}")
-        if isinstance(experts, Experts):  # first of w1/w2/w3 to arrive: the rest are filled as they come
-            experts = NF4Experts()
-            setattr(parent, leaf, experts)
-        setattr(experts, m.group(2), NF4Weight(tensor))
-        return True
-    return False
+    parent, leaf = _parent(model, m.group(1))
+    experts = getattr(parent, leaf)
+    if isinstance(experts, Experts):  # first of w1/w2/w3 to arrive: the rest are filled as they come
+        experts = NF4Experts()
+        setattr(parent, leaf, experts)
+    setattr(experts, m.group(2), weight)
 
 
 @torch.no_grad()

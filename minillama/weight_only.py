@@ -5,6 +5,10 @@
   consecutive weights along a row (a smaller G where the row length needs it), asymmetric:
   q in 0..15, w ~ (q - 8) * scale + zero with zero = min + 8 * scale, the layout PyTorch's int4 kernels take.
 
+What is quantized: every layer linear, the output head (int8 under int4 too), and Mixtral's expert stacks w1/w2/w3
+(E, out, in), each expert as its own matrix (QuantizedStack, run by QuantExperts one routed expert at a time: no
+grouped kernel takes these formats). Embeddings, norms and the MoE router stay in float.
+
 On CPU the matmul runs PyTorch's packed kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu), which
 read the 1- or 0.5-byte weights directly; on a CUDA GPU (compute capability 8.0 and up) int4 runs
 torch._weight_int4pack_mm (gpt-fast's tinygemm kernel, bfloat16 activations). Elsewhere, and for shapes a kernel
@@ -28,10 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .moe import Experts, dispatch
+from .swiglu import silu_mul
+
 INT4_GROUPS = (128, 64, 32)  # the largest (up to the asked one) that divides a row is used
 QUANTIZE_NAMES = ("int8", "int4", "int4-g64", "int4-g128")
 # the layer linears and the output head; embeddings, norms, the MoE router and experts stay in their dtype
 _LINEAR_KEY = re.compile(r"(layers\.\d+\.(?:attention\.w[qkvo]|feed_forward\.w[123])|output)\.weight")
+_EXPERTS_KEY = re.compile(r"(layers\.\d+\.feed_forward\.experts)\.(w[123])")  # stacks (E, out, in)
 
 
 def int4_group_size(in_features: int, largest: int = 128) -> Optional[int]:
@@ -217,6 +225,60 @@ class Int4Weight(nn.Module):
         return ((q.float() - 8) * scale[..., None] + zero[..., None]).view(out, n_in).to(dtype)
 
 
+class QuantizedStack(nn.Module):
+    """A frozen stack of E (out, in) weights, one Int8Weight / Int4Weight per matrix: a Mixtral expert stack
+    (E, out, in) under weight-only int8/int4. `linear(x, e)` multiplies by matrix e (moe's ExpertStack loop).
+    `groupable` False: no grouped GEMM takes these formats (moe.grouped_mm_ok)."""
+
+    groupable = False
+
+    def __init__(self, weights: list[nn.Module]):
+        super().__init__()
+        self.matrices = nn.ModuleList(weights)
+        self.shape = (len(weights), *weights[0].shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrices[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrices[0].dtype
+
+    def linear(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """x @ W[e]^T. (..., in) -> (..., out)"""
+        return self.matrices[e].linear(x)
+
+    def dequantize(self, index: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Matrix `index` (out, in), or the whole stack (E, out, in), as the matmul sees it."""
+        if index is not None:
+            return self.matrices[index].dequantize(dtype=dtype)
+        return torch.stack([m.dequantize(dtype=dtype) for m in self.matrices])
+
+
+class QuantExperts(nn.Module):
+    """moe.Experts with QuantizedStack w1/w3 (E, F, D) and w2 (E, D, F); filled one stack at a time as they load.
+    Meets moe.ExpertStack through the per-expert loop (grouped_ok is False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = self.w2 = self.w3 = None
+
+    @property
+    def n_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its routed tokens. (n, D) -> (n, D)"""
+        return self.w2.linear(silu_mul(self.w1.linear(x, e), self.w3.linear(x, e)), e)
+
+    def grouped_ok(self, x: torch.Tensor) -> bool:
+        return False
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        return dispatch(self, x, weights, expert_idx)
+
+
 class QuantLinear(nn.Module):
     """A bias-free linear whose frozen `weight` is an Int8Weight or Int4Weight."""
 
@@ -238,45 +300,70 @@ def parse_quantize(name: str) -> tuple[str, Optional[int]]:
 
 def weight_format(name: str, key: str, shape: tuple) -> Optional[tuple[str, Optional[int]]]:
     """How quantize `name` stores the model tensor `key` of `shape`: ('int8', None), ('int4', G), or None when it
-    stays in float (not a layer linear or the head, or no int4 group divides its rows). The output head is int8
-    under int4 too (llama.cpp keeps the head at higher precision)."""
+    stays in float (not a layer linear, an expert stack (E, out, in) or the head, or no int4 group divides its rows).
+    The output head is int8 under int4 too (llama.cpp keeps the head at higher precision). An expert stack's
+    matrices each take the format a linear of their shape would."""
     m = _LINEAR_KEY.fullmatch(key)
-    if m is None or len(shape) != 2:
+    if not ((m is not None and len(shape) == 2) or (_EXPERTS_KEY.fullmatch(key) and len(shape) == 3)):
         return None
     kind, largest = parse_quantize(name)
-    if kind == "int8" or m.group(1) == "output":
+    if kind == "int8" or (m is not None and m.group(1) == "output"):
         return "int8", None
-    group = int4_group_size(shape[1], largest)
+    group = int4_group_size(shape[-1], largest)
     return None if group is None else ("int4", group)
 
 
 def saved_layout(fmt: tuple[str, Optional[int]], shape: tuple, dtype: torch.dtype) -> dict[str, tuple]:
-    """{tensor suffix: (shape, dtype)} that int8_quantize / int4_quantize make for a (out, in) weight of `dtype`."""
-    out, n_in = shape
+    """{tensor suffix: (shape, dtype)} that int8_quantize / int4_quantize make for a (out, in) weight of `dtype`;
+    an expert stack (E, out, in) holds its E matrices' tensors stacked along a first dim of E."""
+    *lead, out, n_in = shape
+    lead = tuple(lead)
     if fmt[0] == "int8":
-        return {"packed": ((out, n_in), torch.int8), "scale": ((out,), dtype)}
-    return {"packed": ((out, n_in // 2), torch.uint8), "scales_and_zeros": ((n_in // fmt[1], out, 2), dtype)}
+        return {"packed": (lead + (out, n_in), torch.int8), "scale": (lead + (out,), dtype)}
+    return {"packed": (lead + (out, n_in // 2), torch.uint8),
+            "scales_and_zeros": (lead + (n_in // fmt[1], out, 2), dtype)}
 
 
-def quantize_weight(fmt: tuple[str, Optional[int]], weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A (out, in) weight in format `fmt` (weight_format's), as saved_layout says."""
+def _matrix_quantize(fmt: tuple[str, Optional[int]], weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return int8_quantize(weight) if fmt[0] == "int8" else int4_quantize(weight, fmt[1])
 
 
-def weight_from_saved(fmt: tuple[str, Optional[int]], tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """The Int8Weight / Int4Weight quantize_weight's tensors describe (shapes checked by the caller)."""
+def quantize_weight(fmt: tuple[str, Optional[int]], weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A (out, in) weight, or an expert stack (E, out, in) matrix by matrix, in format `fmt` (weight_format's), as
+    saved_layout says."""
+    if weight.dim() == 2:
+        return _matrix_quantize(fmt, weight)
+    parts = [_matrix_quantize(fmt, w) for w in weight]
+    return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+
+
+def _matrix_from_saved(fmt: tuple[str, Optional[int]], tensors: dict[str, torch.Tensor]) -> nn.Module:
     if fmt[0] == "int8":
         return Int8Weight.from_saved(tensors["packed"], tensors["scale"])
     return Int4Weight.from_saved(tensors["packed"], tensors["scales_and_zeros"], fmt[1])
 
 
+def weight_from_saved(fmt: tuple[str, Optional[int]], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The Int8Weight / Int4Weight (or, for stacked tensors, the QuantizedStack) quantize_weight's tensors describe
+    (shapes checked by the caller)."""
+    if tensors["packed"].dim() == 2:
+        return _matrix_from_saved(fmt, tensors)
+    n = tensors["packed"].shape[0]
+    return QuantizedStack([_matrix_from_saved(fmt, {k: t[e].contiguous() for k, t in tensors.items()})
+                           for e in range(n)])
+
+
 def _quantized(fmt: tuple[str, Optional[int]], weight: torch.Tensor) -> nn.Module:
+    """The module holding `weight` (a matrix, or an expert stack matrix by matrix) in format `fmt`."""
+    if weight.dim() == 3:
+        return QuantizedStack([_quantized(fmt, w) for w in weight])
     return Int8Weight(weight) if fmt[0] == "int8" else Int4Weight(weight, fmt[1])
 
 
 def load_weight_only_(model: nn.Module, key: str, tensor: torch.Tensor, name: str) -> bool:
-    """Quantize `tensor` into the model if `key` is a layer linear's weight; False leaves it to the caller
-    (checkpoint.load_model, which quantizes the head once it is loaded or tied). Works on a meta-device model."""
+    """Quantize `tensor` into the model if `key` is a layer linear's weight or an expert stack; False leaves it to
+    the caller (checkpoint.load_model, which quantizes the head once it is loaded or tied). Works on a meta-device
+    model."""
     if key == "output.weight":
         return False
     fmt = weight_format(name, key, tuple(tensor.shape))
@@ -287,7 +374,18 @@ def load_weight_only_(model: nn.Module, key: str, tensor: torch.Tensor, name: st
 
 
 def set_quantized_(model: nn.Module, key: str, weight: nn.Module) -> None:
-    """Replace the linear whose weight is `key` ('layers.0.attention.wq.weight') by a QuantLinear on `weight`."""
+    """Put `weight` in the model at `key`: a linear's ('layers.0.attention.wq.weight') becomes a QuantLinear on
+    it; an expert stack ('layers.0.feed_forward.experts.w1') goes into the layer's QuantExperts, which replaces its
+    Experts when the first of w1/w2/w3 arrives."""
+    m = _EXPERTS_KEY.fullmatch(key)
+    if m is not None:
+        parent, _, leaf = m.group(1).rpartition(".")
+        experts = getattr(model.get_submodule(parent), leaf)
+        if isinstance(experts, Experts):
+            experts = QuantExperts()
+            setattr(model.get_submodule(parent), leaf, experts)
+        setattr(experts, m.group(2), weight)
+        return
     parent, _, leaf = key.removesuffix(".weight").rpartition(".")
     setattr(model.get_submodule(parent), leaf, QuantLinear(weight))
 
@@ -302,7 +400,7 @@ def quantize_head_(model: nn.Module, name: str) -> None:
 
 @torch.no_grad()
 def quantize_model_(model: nn.Module, name: str) -> nn.Module:
-    """Quantize an already-built model's layer linears and output head in place."""
+    """Quantize an already-built model's layer linears, expert stacks and output head in place."""
     for key, p in list(model.named_parameters()):
         load_weight_only_(model, key, p.data, name)
     quantize_head_(model, name)

@@ -19,7 +19,7 @@ from minillama.lora.peft import save_adapter
 from minillama.tools.convert import cli, main as convert
 from minillama.tools.merge import main as merge
 from minillama.util.cli import run
-from minillama.weight_only import Int4Weight, Int8Weight, QuantLinear
+from minillama.weight_only import Int4Weight, Int8Weight, QuantExperts, QuantLinear
 
 
 def logits(model, vocab: int) -> torch.Tensor:
@@ -54,6 +54,16 @@ def test_saved_then_loaded_equals_quantized_on_load(quantize, dtype, tie, moe, t
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "minillama" and cfg["quantize"] == quantize
     assert cfg["weights"]["output.weight"] == {"format": "int8"}
+    if moe:  # Mixtral's expert stacks are quantized matrix by matrix, each with the group its row length allows
+        assert isinstance(saved.layers[0].feed_forward.experts, QuantExperts)
+        assert cfg["weights"]["layers.0.feed_forward.experts.w1"] == {"format": "int4", "group_size": 64}
+        assert cfg["weights"]["layers.0.feed_forward.experts.w2"] == {"format": "int4", "group_size": 32}
+        shapes = {}
+        for file in out.glob("quantized-*.safetensors"):
+            with safe_open(str(file), "pt") as f:
+                shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+        assert shapes["layers.0.feed_forward.experts.w2.packed"] == [4, 64, 48]  # (E, out, in/2)
+        assert shapes["layers.0.feed_forward.experts.w2.scales_and_zeros"] == [4, 3, 64, 2]  # (E, in/G, out, 2)
     assert load_model(out, dtype=load_dtype, quantize=quantize) is not None  # the same scheme again: accepted
 
 
@@ -181,3 +191,83 @@ def test_transformers_finds_no_weights_and_nothing_is_unpickled(float_dir, tmp_p
         {"weight_map": {"norm.weight": "evil.bin", "tok_embeddings.weight": "quantized.safetensors"}}))
     with pytest.raises(ValueError, match="read from .safetensors files only, found evil.bin"):
         load_model(out)
+
+
+@pytest.mark.parametrize("dtype,moe", [(None, False), ("bfloat16", True)])
+def test_nf4_saved_then_loaded_equals_nf4_on_load(dtype, moe, tmp_path, one_thread):
+    """--quantize nf4 saves the four NF4 arrays of every layer linear and expert stack (the head stays float);
+    loading them builds the modules NF4 quantize-on-load builds, with the same arrays, bit for bit."""
+    from minillama.quant import NF4Experts, NF4Linear, NF4Weight, nf4_nbytes
+    src = tiny_checkpoint(tmp_path / "float", moe=moe)
+    flags = ["--quantize", "nf4", "--max_shard_size", "40KB"] + (["--dtype", dtype] if dtype else [])
+    out = convert([str(src), str(tmp_path / "q"), *flags])
+    load_dtype = torch.bfloat16 if dtype else torch.float32
+    saved = load_model(out, dtype=load_dtype)
+    fresh = load_model(src, dtype=load_dtype, quantize="nf4")
+    vocab = saved.args.vocab_size
+    assert torch.equal(logits(saved, vocab), logits(fresh, vocab))
+    for (name, a), (_, b) in zip(saved.named_modules(), fresh.named_modules()):
+        assert type(a) is type(b), name
+        if isinstance(a, NF4Weight):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+            assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters())), name
+    assert isinstance(saved.layers[0].attention.wq, NF4Linear) and isinstance(saved.output, torch.nn.Linear)
+    if moe:
+        assert isinstance(saved.layers[0].feed_forward.experts, NF4Experts)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quantize"] == "nf4" and "output.weight" not in cfg["weights"]
+    assert set(spec["format"] for spec in cfg["weights"].values()) == {"nf4"}
+    state = load_model(src, dtype=load_dtype).state_dict()  # the source's float tensors, in the saved dtype
+    want = sum(nf4_nbytes(tuple(state[k].shape)) for k in cfg["weights"])  # ~0.52 bytes per weight
+    want += sum(t.numel() * t.element_size() for k, t in state.items() if k not in cfg["weights"])
+    payload = 0
+    for file in out.glob("quantized-*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            payload += sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert payload == want
+    with pytest.raises(ValueError, match="already quantized as nf4"):
+        load_model(out, quantize="int8")
+    # a LoRA adapter on the saved NF4 base == on NF4 quantize-on-load
+    model = load_model(src)
+    apply_lora(model, rank=4, alpha=8, targets="all-linear")
+    randomize_adapter(model, seed=3, std=0.1)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    got = load_for_inference(out, LoadOptions(adapter=adapter, device="cpu", dtype=dtype)).model
+    want = load_for_inference(src, LoadOptions(adapter=adapter, device="cpu", dtype=dtype, quantize="nf4")).model
+    assert isinstance(got.layers[0].attention.wq.weight, NF4Weight)  # the adapter sits unmerged on the NF4 base
+    assert torch.equal(logits(got, vocab), logits(want, vocab))
+
+
+def test_nf4_config_and_tensors_are_checked(tmp_path):
+    src = tiny_checkpoint(tmp_path / "float")
+    out = convert([str(src), str(tmp_path / "q"), "--quantize", "nf4"])
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["weights"]["layers.0.attention.wq.weight"] = {"format": "int8"}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"weights\['layers.0.attention.wq.weight'\] is .*expected \{\"format\": \"nf4\"\}"):
+        load_model(out)
+    cfg["quantization_config"]["weights"]["layers.0.attention.wq.weight"] = {"format": "nf4"}
+    cfg_path.write_text(json.dumps(cfg))
+    _rewrite(out / "quantized.safetensors",
+             lambda t: t.update({"layers.1.feed_forward.w2.weight.absmax_scale":
+                                 t["layers.1.feed_forward.w2.weight.absmax_scale"].float()}))
+    with pytest.raises(ValueError, match="tensor layers.1.feed_forward.w2.weight.absmax_scale is F32, expected I32"):
+        load_model(out)
+
+
+def test_training_from_a_saved_nf4_checkpoint_is_one_line(float_dir, tmp_path, capsys):
+    """QLoRA quantizes the float checkpoint as it loads; a checkpoint saved quantized is for inference."""
+    import sys
+    from pathlib import Path
+    from sft_helpers import qa_samples, write_jsonl
+    out = convert([str(float_dir), str(tmp_path / "q"), "--quantize", "nf4"])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    import sft
+    data = write_jsonl(tmp_path / "d.jsonl", qa_samples(2))
+    capsys.readouterr()
+    argv = ["--model", str(out), "--device", "cpu", "--out", str(tmp_path / "run"), "--data", str(data)]
+    assert run(lambda: sft.main(argv)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --ckpt {out} holds nf4 weights saved for inference"), err
+    assert "Traceback" not in "\n".join(err)

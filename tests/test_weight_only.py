@@ -206,3 +206,73 @@ def test_f_linear_fallback_used_off_cpu_kernels():
     for q in (Int8Weight(w), Int4Weight(w, 32)):
         x = torch.randn(3, 64, dtype=torch.float64)
         assert torch.allclose(q.linear(x), F.linear(x, q.dequantize(dtype=torch.float64)))
+
+
+def _float_twin(q, **overrides):
+    """A float tiny model holding exactly the weights the quantized model q computes with (its layer linears, head
+    and expert stacks dequantized)."""
+    from minillama.weight_only import QuantizedStack
+    twin = tiny_model(std=0.05, **overrides)
+    with torch.no_grad():
+        for path, m in q.named_modules():
+            if isinstance(m, QuantLinear):
+                twin.get_submodule(path).weight.copy_(m.weight.dequantize(dtype=torch.float32))
+            elif isinstance(m, QuantizedStack):
+                twin.get_parameter(path).copy_(m.dequantize(dtype=torch.float32))
+    return twin
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_mixtral_experts_are_quantized_and_compute_with_their_dequantized_weights(name, one_thread):
+    """Every expert stack becomes a QuantExperts of per-expert int8/int4 matrices (the router stays float); the
+    logits equal a float model holding the dequantized weights, and the weight error is the format's."""
+    from helpers import MOE_ARGS
+    from minillama.weight_only import QuantExperts, QuantizedStack
+    model = tiny_model(std=0.05, **MOE_ARGS)
+    stack = model.layers[0].feed_forward.experts.w2.detach().clone()  # (E, D, F)
+    q = quantize_model_(model, name)
+    experts = q.layers[0].feed_forward.experts
+    assert isinstance(experts, QuantExperts) and isinstance(experts.w1, QuantizedStack)
+    assert isinstance(experts.w2.matrices[0], Int8Weight if name == "int8" else Int4Weight)
+    assert isinstance(q.layers[0].feed_forward.gate, torch.nn.Linear)  # the router stays float
+    assert rel(experts.w2.dequantize(dtype=torch.float32), stack) <= (0.009 if name == "int8" else 0.09)
+    assert experts.w2.dequantize(dtype=torch.float32).shape == stack.shape
+    twin = _float_twin(q, **MOE_ARGS)
+    x = random_tokens(256)
+    with torch.no_grad():
+        got, want = q(x), twin(x)
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_lora_on_quantized_experts_equals_lora_on_the_dequantized_experts(name, one_thread):
+    from helpers import MOE_ARGS
+    from minillama.lora.experts import LoRAExperts
+    q = quantize_model_(tiny_model(std=0.05, **MOE_ARGS), name)
+    twin = _float_twin(q, **MOE_ARGS)
+    for m in (q, twin):
+        apply_lora(m, rank=4, alpha=8, targets=["q_proj", "experts"])
+        randomize_adapter(m, seed=3, std=0.1)
+    lora = q.layers[0].feed_forward.experts
+    assert isinstance(lora, LoRAExperts) and not lora.grouped_ok(torch.zeros(1, 64))  # no grouped int8/int4 GEMM
+    x = random_tokens(256)
+    with torch.no_grad():
+        got, want = q(x), twin(x)
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    with pytest.raises(ValueError, match="quantized base; merging would re-quantize"):
+        merge_lora(q)
+
+
+def test_mixtral_quantize_on_load_equals_quantizing_the_loaded_model(tmp_path, one_thread):
+    """A Mixtral HF checkpoint stores one tensor per expert: the loader stacks them, then quantizes the stack."""
+    from helpers import MOE_ARGS
+    from minillama.weight_only import QuantExperts
+    save_hf(tiny_model(std=0.05, **MOE_ARGS, family="mixtral"), tmp_path / "m")
+    x = random_tokens(256)
+    for name in ("int8", "int4"):
+        loaded = load_model(tmp_path / "m", quantize=name)
+        built = quantize_model_(load_model(tmp_path / "m"), name)
+        assert isinstance(loaded.layers[1].feed_forward.experts, QuantExperts)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), built(x))
+        assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])

@@ -13,6 +13,7 @@ from .slots import AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, l
 from ..moe import dispatch, grouped_linear, grouped_mm_ok
 from ..swiglu import silu_mul
 from ..quant import NF4Weight, nf4_grouped_linear, nf4_linear
+from ..weight_only import QuantizedStack
 
 
 class LoRAExperts(AdapterSlots):
@@ -51,7 +52,12 @@ class LoRAExperts(AdapterSlots):
 
     def _linear(self, w: str, e: int, x: torch.Tensor) -> torch.Tensor:
         weight = getattr(self, w)
-        out = nf4_linear(x, weight, e) if isinstance(weight, NF4Weight) else F.linear(x, weight[e])
+        if isinstance(weight, NF4Weight):
+            out = nf4_linear(x, weight, e)
+        elif isinstance(weight, QuantizedStack):
+            out = weight.linear(x, e)
+        else:
+            out = F.linear(x, weight[e])
         for a, b, s in self._terms(w):
             h = F.linear(self.dropout(x).to(a.dtype), a[e])  # (n, r)
             out = out + (F.linear(h, b[e]) * s).to(out.dtype)

@@ -3,7 +3,7 @@
     python -m minillama.tools.convert SRC DST [--to hf|meta] [--dtype bfloat16] [--shards N] [--max_shard_size 5GB]
     python -m minillama.tools.convert llama3-8b/ llama3-8b-16k/ --rope_theta 1e6 --max_seq_len 16384   # record a RoPE change
     minillama-convert SRC model.q8_0.gguf --to gguf --quant q8_0   # llama.cpp / ollama (f16 bf16 q8_0 q4_0)
-    minillama-convert SRC smol-int8/ --quantize int8   # weight-only int8/int4 saved once; load it without re-quantizing
+    minillama-convert SRC smol-int8/ --quantize int8   # int8/int4/nf4 saved once; loaded without re-quantizing
 
 The direction comes from SRC (Meta -> HF, HF -> Meta; a DST ending in .gguf means gguf; --quantize means an HF-shaped
 quantized dir, checkpoints/quantized.py) unless --to (or its alias --format, merge's name) says. An adapter goes to GGUF merged: run the merge tool first and convert its output. Tensors keep their dtype unless --dtype is
@@ -22,10 +22,10 @@ from .flags import add_rope_args
 from ..util.dtypes import DTYPE_NAMES, parse_dtype
 from ..util.files import check_dir_writable, refuse_overlap
 from ..checkpoints.gguf_export import QUANT_NAMES
-from ..weight_only import QUANTIZE_NAMES
 from ..checkpoints.checkpoint import (TOKENIZER_FILES, detect_format, load_model, read_model_args, save_hf, save_meta,
                                       save_quantized)
 from ..checkpoints.hf_format import parse_size
+from ..checkpoints.quantized import SCHEMES
 from ..checkpoints.meta_format import check_meta_split
 
 
@@ -37,9 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="target format (default: gguf for a DST ending in .gguf, else the other one)")
     p.add_argument("--quant", choices=QUANT_NAMES, default=None,
                    help="gguf target: tensor type (default f16; norms stay float32)")
-    p.add_argument("--quantize", choices=QUANTIZE_NAMES, default=None,
-                   help="write weight-only int8 / int4 linears (hf target; the int4 head is int8): minillama loads "
-                        "them as saved, with no re-quantizing")
+    p.add_argument("--quantize", choices=SCHEMES, default=None,
+                   help="write weight-only int8 / int4 linears and experts (hf target; the int4 head is int8), or "
+                        "NF4 ones (the head stays float): minillama loads them as saved, with no re-quantizing")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast weights (default: keep the checkpoint's dtype)")
     p.add_argument("--shards", type=positive_int, default=None,
                    help="Meta target: model-parallel shards to split into (default 1)")
@@ -91,7 +91,8 @@ def main(argv=None) -> Path:
 
 
 def to_quantized(a: argparse.Namespace, src_dir: Path) -> Path:
-    """SRC -> an HF-shaped dir of weight-only int8 / int4 tensors (checkpoint.save_quantized), one weight at a time."""
+    """SRC -> an HF-shaped dir of weight-only int8 / int4 (or NF4) tensors (checkpoint.save_quantized), one weight
+    at a time."""
     if a.to not in (None, "hf") or a.quant or a.dst.endswith(".gguf"):
         raise ValueError(f"--quantize {a.quantize} writes an hf-shaped directory; for a llama.cpp file use --to gguf "
                          "--quant without --quantize")
