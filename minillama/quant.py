@@ -233,17 +233,24 @@ class _NF4Matmul(torch.autograd.Function):
 def nf4_linear(x: torch.Tensor, weight: NF4Weight, index: Optional[int] = None) -> torch.Tensor:
     """F.linear(x, W) for an NF4 weight W (matrix `index` of a stack). (..., in) -> (..., out)
 
-    With autograd on (QLoRA training) W is dequantized whole, in forward and again in backward (_NF4Matmul). On CPU
-    with autograd off (no_grad / inference_mode: decoding), nf4_inference_linear never forms the whole float W."""
-    if x.device.type == "cpu" and not torch.is_grad_enabled():
-        return nf4_inference_linear(x, weight, index)
+    With autograd on (QLoRA training) W is dequantized whole, in forward and again in backward (_NF4Matmul). With
+    autograd off (no_grad / inference_mode): on CPU nf4_inference_linear never forms the whole float W; on CUDA one
+    row (decoding) goes through the same compiled fused matvec (a Triton kernel there: it reads the 4-bit codes,
+    not a dequantized copy), more rows (a prefill, where the matmul dominates) through the whole dequantized W."""
+    if not torch.is_grad_enabled():
+        if x.device.type == "cpu":
+            return nf4_inference_linear(x, weight, index)
+        if x.device.type == "cuda":
+            y = _nf4_row(x, weight, index)
+            if y is not None:
+                return y
     return _NF4Matmul.apply(x, weight, index)
 
 
 # ---- inference on CPU without the whole float weight ----
 
 ROW_BLOCK = 1 << 20  # weights dequantized at a time by the blockwise path (4 MB in float32)
-_compiled = {"fn": None, "shapes": set(), "failed": False}  # the fused decode matvec, compiled per (out, in) shape
+_compiled = {"fn": None, "shapes": set(), "failed": False}  # the fused decode matvec, compiled per device and shape
 
 
 def _nf4_matvec(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -262,9 +269,8 @@ def _fused_matvec(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) ->
     pairs = _byte_pairs(x.device)
     if torch.compiler.is_compiling():  # inside a compiled decode step: traced into that graph
         return _nf4_matvec(x, codes, absmax, pairs)
-    c = _compiled
-    if c["failed"] or (codes.shape not in c["shapes"]
-                       and len(c["shapes"]) >= torch._dynamo.config.recompile_limit):
+    c, key = _compiled, (x.device.type, tuple(codes.shape))
+    if c["failed"] or (key not in c["shapes"] and len(c["shapes"]) >= torch._dynamo.config.recompile_limit):
         return None
     if c["fn"] is None:
         c["fn"] = torch.compile(_nf4_matvec, dynamic=False)
@@ -275,7 +281,7 @@ def _fused_matvec(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) ->
         warnings.warn(f"NF4: torch.compile of the decode matvec failed on this machine ({type(e).__name__}); "
                       "using the blockwise dequantize-matmul instead", stacklevel=3)
         return None
-    c["shapes"].add(codes.shape)
+    c["shapes"].add(key)
     return y
 
 
@@ -290,18 +296,29 @@ def _dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, rows: tuple[int,
     return w.view(-1)[s - b0 * BLOCK:e - b0 * BLOCK].view(rows[1] - rows[0], n_in).to(dtype)
 
 
+def _nf4_row(x: torch.Tensor, weight: NF4Weight, index: Optional[int]) -> Optional[torch.Tensor]:
+    """One row of x through the compiled fused matvec (matrix `index` of W), or None where it does not apply: more
+    than one row, rows that do not split into whole 64-weight blocks, or no compiled kernel. (..., in) -> (..., out)"""
+    out, n_in = weight.shape[-2:]
+    if x.numel() != n_in or n_in % BLOCK:  # a block must never straddle two rows
+        return None
+    mat = 0 if index is None else index
+    codes, absmax = weight._codes()[mat], weight._absmax_row(mat)[0]  # (nb*32,), (nb,)
+    y = _fused_matvec(x.reshape(n_in).float().contiguous(), codes.view(out, n_in // 2), absmax.view(out, -1))
+    return None if y is None else y.to(x.dtype).view(*x.shape[:-1], out)
+
+
 def nf4_inference_linear(x: torch.Tensor, weight: NF4Weight, index: Optional[int] = None) -> torch.Tensor:
     """F.linear(x, W) for an NF4 W (matrix `index` of a stack) holding at most ROW_BLOCK float weights at a time: one
     row (decode) through the compiled fused matvec when it applies, else W's rows a block at a time. No autograd.
     (..., in) -> (..., out)"""
+    y = _nf4_row(x, weight, index)
+    if y is not None:
+        return y
     out, n_in = weight.shape[-2:]
     mat = 0 if index is None else index
     codes, absmax = weight._codes()[mat], weight._absmax_row(mat)[0]  # (nb*32,), (nb,)
     x2 = x.reshape(-1, n_in)  # (M, in)
-    if x2.shape[0] == 1 and n_in % BLOCK == 0:  # a block never straddles two rows
-        y = _fused_matvec(x2[0].float().contiguous(), codes.view(out, n_in // 2), absmax.view(out, -1))
-        if y is not None:
-            return y.to(x.dtype).view(*x.shape[:-1], out)
     rows = max(1, ROW_BLOCK // n_in)
     y = torch.empty(x2.shape[0], out, dtype=x.dtype, device=x.device)
     for r in range(0, out, rows):

@@ -13,7 +13,8 @@
 # TFLOP/s bf16) from the bytes and FLOPs each part moves, plus torch.compile time (a guess: ~50 s per 32-layer
 # compile with a cold cache, ~10 s for one layer; never measured here):
 #   env          8 s  versions, the copy bandwidth and bf16 matmul peak of this run
-#   correctness 110 s pytest -m cuda: varlen packed rows, grouped-GEMM experts (plain/LoRA/NF4), continuous
+#   correctness 120 s pytest -m cuda: varlen packed rows, grouped-GEMM experts (plain/LoRA/NF4), NF4's fused decode
+#                     matvec (Triton), int8/int4 Mixtral experts at their real widths, continuous
 #                     batching, train/sft.py steps (nccl, bf16, CPU offload, QLoRA, MoE) against CPU float32,
 #                     generate/batch.py end to end, then compiled decode (5 compiles of 1-layer models: the slow,
 #                     uncertain part, so it comes last)
@@ -29,7 +30,7 @@
 #                     and compiled (one compile)
 #   hf_static    90 s optional: HF static cache + compile (generate compiles itself), batch 1, prompt 128
 #   full_ft      30 s optional: full fine-tuning, Llama-3.2-1B shape, ours vs HF (autocast)
-# Sum of the required parts ~440 s of the 450 s the budget leaves them: the optional ones run only if the
+# Sum of the required parts ~450 s of the 450 s the budget leaves them: the optional ones run only if the
 # others finish early.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -96,7 +97,7 @@ part env 8 40 5 "$PY" tests/gpu_check_report.py env --json "$JSON" "${DEV[@]}" "
 # one line per test as it finishes (the log keeps them if the part is cut short; the junit file is written at the end)
 PYTEST_TIMEOUT=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout 90)
-part correctness 110 150 30 "$PY" -m pytest -m cuda tests/test_gpu_paths.py -vv -rfE -p no:cacheprovider \
+part correctness 120 150 30 "$PY" -m pytest -m cuda tests/test_gpu_paths.py -vv -rfE -p no:cacheprovider \
     --junitxml="$JUNIT" "${PYTEST_TIMEOUT[@]}"
 part decode 150 180 40 "$PY" generate/bench.py "${DECODE[@]}" "${DEV[@]}" --impls ours,ours_compile --json "$JSON" \
     --profile "$OUT/profile.txt"

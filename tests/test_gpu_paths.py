@@ -396,6 +396,52 @@ def test_int4_on_cuda_runs_the_packed_kernel_and_equals_the_portable_weights(dev
     assert ((weight.dequantize(dtype=torch.float32).cpu() - want_w).abs().max() <= 1e-2 * want_w.abs().max()).item()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_nf4_decode_row_reads_the_codes_and_equals_the_dequantized_matmul(device, monkeypatch):
+    """Under no_grad one row through an NF4 weight (decoding) runs the compiled fused matvec on the 4-bit codes
+    (inductor's C++ on CPU, Triton on CUDA), never the whole dequantized weight; several rows (a prefill) still give
+    the dequantized weight's product. At a Llama-3-8B width, bf16 activations."""
+    from minillama import quant
+    w = torch.randn(1024, 4096, generator=torch.Generator().manual_seed(0)) * 0.02
+    weight = quant.NF4Weight(w.to(device=device, dtype=torch.bfloat16))
+    want_w = weight.dequantize(dtype=torch.float32).cpu()  # (out, in)
+    for rows in (1, 8):
+        x = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        want = x.float() @ want_w.t()
+        with torch.no_grad(), monkeypatch.context() as m:
+            if rows == 1:
+                m.setattr(quant.NF4Weight, "dequantize", lambda *a, **k: pytest.fail("dequantized for one row"))
+            got = quant.nf4_linear(x.to(device), weight).float().cpu()
+        assert ((got - want).norm() / want.norm()).item() < 1e-2, rows
+    assert (device, (1024, 2048)) in quant._compiled["shapes"]
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantized_mixtral_experts_equal_their_dequantized_stacks(device, name):
+    """One Mixtral MoE layer (its real widths on CUDA: 8 experts of 14336 x 4096) with int8/int4 experts, each
+    expert through the device's kernel (int4: tinygemm on CUDA), gives the layer with the dequantized stacks."""
+    from minillama.moe import MoEFeedForward
+    from minillama.weight_only import QuantExperts, quantize_weight, weight_format, weight_from_saved
+    dim, hidden = (64, 96) if device == "cpu" else (4096, 14336)
+    torch.manual_seed(0)
+    layer = MoEFeedForward(dim, hidden, 8, 2).to(device=device, dtype=torch.bfloat16)
+    quantized = QuantExperts()
+    with torch.no_grad():
+        for w in ("w1", "w2", "w3"):
+            stack = getattr(layer.experts, w)  # (E, out, in)
+            fmt = weight_format(name, f"layers.0.feed_forward.experts.{w}", tuple(stack.shape))
+            setattr(quantized, w, weight_from_saved(fmt, quantize_weight(fmt, stack)))
+            stack.copy_(getattr(quantized, w).dequantize(dtype=torch.bfloat16))  # the float layer: the same weights
+        x = torch.randn(64, dim, device=device, dtype=torch.bfloat16)
+        want = layer(x).float()
+        layer.experts = quantized
+        got = layer(x).float()
+    if name == "int4" and device == "cuda":
+        assert quantized.w1.matrices[0].kernel == "cuda"
+    assert rel_err(got, want) < 2e-2
+
+
 # every case on the GPU; on CPU (compiles are slow there) one dense and one MoE case cover both graphs (one row,
 # several rows) and the test's logic
 COMPILED_CASES = [pytest.param("cuda", f, b, marks=DEVICES[1].marks) for f in ("llama", "mixtral") for b in (1, 8)]
