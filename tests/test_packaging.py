@@ -54,6 +54,19 @@ def test_every_console_script_starts_from_an_installed_package(installed, tmp_pa
         .replace(" ", "")
 
 
+def test_a_console_script_whose_main_returns_a_path_exits_0(installed, tmp_path):
+    """minillama-convert's main returns the directory it wrote: the script exits 0 with no traceback (it used to
+    pass that Path to sys.exit through int(), a TypeError after the conversion had succeeded)."""
+    target, env = installed
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96))
+    save_hf(model, tmp_path / "hf")
+    proc = subprocess.run([str(target / "bin" / "minillama-convert"), str(tmp_path / "hf"), str(tmp_path / "q"),
+                           "--quantize", "int8"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert (tmp_path / "q" / "quantized.safetensors").is_file()
+
+
 def test_installed_complete_generates_what_the_library_does(installed, tmp_path, smollm2_dir):
     target, env = installed
     torch.manual_seed(0)

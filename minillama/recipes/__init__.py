@@ -16,9 +16,15 @@ from ..util.cli import run
 
 
 def _entry(module: str):
-    """A console script: import the tool's module, run its main() through cli.run, exit with its code."""
+    """A console script: import the tool's module, run its main() through cli.run, exit with its code (what main
+    returns when that is an int; 0 when it returns something else, e.g. convert's output dir)."""
     def entry():
-        sys.exit(run(import_module(module).main))
+        main = import_module(module).main
+
+        def code() -> int:
+            out = main()
+            return out if isinstance(out, int) and not isinstance(out, bool) else 0
+        sys.exit(run(code))
     entry.__name__ = module.rsplit(".", 1)[-1]
     return entry
 
