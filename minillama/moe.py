@@ -88,6 +88,17 @@ def dispatch(experts: ExpertStack, x: torch.Tensor, weights: torch.Tensor, exper
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         y = experts.grouped_forward(x[token_of_slot], offsets)  # (N*k, D)
         return out.index_add_(0, token_of_slot, (y * slot_weights).to(x.dtype))
+    if torch.compiler.is_compiling():
+        # the loop syncs with the host and slices by each expert's count: under torch.compile it runs between two
+        # graphs, eagerly, instead of recompiling the rest of the layer for every new set of counts
+        return torch.compiler.disable(_expert_loop)(experts, x, counts, token_of_slot, slot_weights, out)
+    return _expert_loop(experts, x, counts, token_of_slot, slot_weights, out)
+
+
+def _expert_loop(experts: ExpertStack, x: torch.Tensor, counts: torch.Tensor, token_of_slot: torch.Tensor,
+                 slot_weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """dispatch's per-expert loop: each expert on its routed tokens, added into out (N, D) with the slots' weights.
+    counts (E,), token_of_slot (N*k,) sorted by expert, slot_weights (N*k, 1)."""
     start = 0
     for e, n in enumerate(counts.tolist()):  # a loop over experts, never over tokens
         if n == 0:
