@@ -37,7 +37,7 @@ from .swiglu import silu_mul
 
 INT4_GROUPS = (128, 64, 32)  # the largest (up to the asked one) that divides a row is used
 QUANTIZE_NAMES = ("int8", "int4", "int4-g64", "int4-g128")
-# the layer linears and the output head; embeddings, norms, the MoE router and experts stay in their dtype
+# the layer linears and the output head, and Mixtral's expert stacks; embeddings, norms and the router stay float
 _LINEAR_KEY = re.compile(r"(layers\.\d+\.(?:attention\.w[qkvo]|feed_forward\.w[123])|output)\.weight")
 _EXPERTS_KEY = re.compile(r"(layers\.\d+\.feed_forward\.experts)\.(w[123])")  # stacks (E, out, in)
 

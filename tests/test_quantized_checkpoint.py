@@ -245,7 +245,8 @@ def test_nf4_config_and_tensors_are_checked(tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"]["weights"]["layers.0.attention.wq.weight"] = {"format": "int8"}
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"weights\['layers.0.attention.wq.weight'\] is .*expected \{\"format\": \"nf4\"\}"):
+    with pytest.raises(ValueError, match=r"weights\['layers.0.attention.wq.weight'\] is .*expected "
+                                         r"\{\"format\": \"nf4\"\}"):
         load_model(out)
     cfg["quantization_config"]["weights"]["layers.0.attention.wq.weight"] = {"format": "nf4"}
     cfg_path.write_text(json.dumps(cfg))
@@ -256,18 +257,35 @@ def test_nf4_config_and_tensors_are_checked(tmp_path):
         load_model(out)
 
 
-def test_training_from_a_saved_nf4_checkpoint_is_one_line(float_dir, tmp_path, capsys):
-    """QLoRA quantizes the float checkpoint as it loads; a checkpoint saved quantized is for inference."""
+def test_qlora_on_a_saved_nf4_checkpoint_equals_qlora_on_the_float_one(float_dir, tmp_path, capsys):
+    """train/sft.py on a checkpoint saved with --quantize nf4 is QLoRA on that NF4 base (--quantize nf4 implied):
+    the same losses and adapter as --quantize nf4 on the float checkpoint it was made from. A checkpoint saved in
+    int8/int4 (no backward) is one line before anything loads."""
     import sys
     from pathlib import Path
-    from sft_helpers import qa_samples, write_jsonl
-    out = convert([str(float_dir), str(tmp_path / "q"), "--quantize", "nf4"])
+    from sft_helpers import qa_samples, read_safetensors, write_jsonl
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
     import sft
-    data = write_jsonl(tmp_path / "d.jsonl", qa_samples(2))
+    data = write_jsonl(tmp_path / "d.jsonl", qa_samples(4))
+    nf4 = convert([str(float_dir), str(tmp_path / "nf4"), "--quantize", "nf4"])
+    common = ["--data", str(data), "--device", "cpu", "--batch_size", "2", "--max_steps", "3", "--lr", "3e-3",
+              "--lora_rank", "4"]
     capsys.readouterr()
-    argv = ["--model", str(out), "--device", "cpu", "--out", str(tmp_path / "run"), "--data", str(data)]
-    assert run(lambda: sft.main(argv)) == 1
+    assert run(lambda: sft.main(["--model", str(nf4), "--out", str(tmp_path / "saved"), *common])) == 0
+    assert "NF4 base" in capsys.readouterr().err  # the run knows it is QLoRA (memory plan, log, saved flags)
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["quantize"] == "nf4"
+    assert run(lambda: sft.main(["--model", str(float_dir), "--quantize", "nf4", "--out", str(tmp_path / "on_load"),
+                                 *common])) == 0
+    runs = [[json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+            for r in ("saved", "on_load")]
+    losses = [[m["loss"] for m in run if "loss" in m] for run in runs]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    a, b = (read_safetensors(tmp_path / r / "final") for r in ("saved", "on_load"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    int8 = convert([str(float_dir), str(tmp_path / "int8"), "--quantize", "int8"])
+    argv = ["--model", str(int8), "--device", "cpu", "--out", str(tmp_path / "run"), "--data", str(data)]
+    with pytest.raises(SystemExit):
+        sft.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: --ckpt {out} holds nf4 weights saved for inference"), err
+    assert f"--ckpt {int8} holds int8 weights saved for inference" in err[-1], err
     assert "Traceback" not in "\n".join(err)

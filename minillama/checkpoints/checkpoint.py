@@ -309,9 +309,10 @@ def save_hf(model: Transformer, path: Union[str, Path], tokenizer_src=None, max_
 
 def save_quantized(src: Union[str, Path], path: Union[str, Path], quantize: str, dtype: Optional[torch.dtype] = None,
                    max_shard_size="5GB", overwrite: bool = False, log=None, rope: Optional[dict] = None) -> Path:
-    """Write the float checkpoint `src` with its linears quantized (weight-only int8 / int4, or NF4; quantized.py
-    has the layout), read and written one weight at a time: no model is built. dtype: cast before quantizing (None: keep the
-    checkpoint's); scales and float tensors are in it. rope: plan_checkpoint's overrides, recorded in config.json."""
+    """Write the float checkpoint `src` with its linears (and expert stacks) quantized (weight-only int8 / int4, or
+    NF4; quantized.py has the layout), read and written one weight at a time: no model is built. dtype: cast before
+    quantizing (None: keep the checkpoint's); scales and float tensors are in it. rope: plan_checkpoint's overrides,
+    recorded in config.json."""
     from .quantized import SCHEMES
     if quantize not in SCHEMES:
         raise ValueError(f"save_quantized: quantize {quantize!r}: expected one of {', '.join(SCHEMES)}")

@@ -96,7 +96,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--lora_plus_ratio", type=float, default=0.0,
                    help="LoRA+: the B factors learn at this times --lr (LoRA+ paper: 16; LLaMA-Factory's "
                         "loraplus_lr_ratio); 0 = off")
-    p.add_argument("--quantize", choices=["nf4"], default=None, help="QLoRA: NF4 base weights (needs --lora_rank)")
+    p.add_argument("--quantize", choices=["nf4"], default=None,
+                   help="QLoRA: NF4 base weights (needs --lora_rank; implied by a --ckpt saved with minillama-convert "
+                        "--quantize nf4)")
     p.add_argument("--router_aux_loss_coef", type=nonnegative_float, default=0.02,
                    help="Mixtral load-balancing loss weight")
     # systems
@@ -214,6 +216,7 @@ def parse_args(argv=None, description: str = "", extend=None, default_lr=(1e-3, 
             args.reward = DEMO_REWARD
     if args.lr is None:
         args.lr = default_lr[0] if args.lora_rank > 0 else default_lr[1]
+    check_saved_quantization(parser, args)
     if args.quantize and args.lora_rank <= 0:
         parser.error("--quantize nf4 trains LoRA adapters on a frozen NF4 base: give --lora_rank > 0")
     if args.trainable and args.lora_rank <= 0:
@@ -257,6 +260,23 @@ def check_init_adapter(parser: argparse.ArgumentParser, args: argparse.Namespace
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         parser.error(f"--init_adapter {args.init_adapter}: per-module ranks (rank_pattern/alpha_pattern) cannot "
                      "start a run; merge it first with minillama-merge")
+
+
+def check_saved_quantization(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A --ckpt saved quantized (minillama-convert --quantize): NF4 is QLoRA's base as it would be quantized on load,
+    so the run trains on it as --quantize nf4; int8/int4 are for inference only (their kernels have no backward)."""
+    from ..checkpoints.quantized import is_quantized_dir, read_quant_config
+    if not is_quantized_dir(Path(args.ckpt)):
+        return
+    try:
+        saved = read_quant_config(Path(args.ckpt))["quantize"]
+    except (OSError, ValueError) as e:
+        parser.error(f"--ckpt: {e}")
+    if saved != "nf4":
+        parser.error(f"--ckpt {args.ckpt} holds {saved} weights saved for inference (minillama-convert --quantize); "
+                     "train from the float checkpoint it was made from, or save it with --quantize nf4 for QLoRA")
+    if args.quantize is None:
+        args.quantize = "nf4"  # the base is NF4 as saved: the run is QLoRA
 
 
 def recheck_values(parser: argparse.ArgumentParser, args: argparse.Namespace, source: str) -> None:

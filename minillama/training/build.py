@@ -166,7 +166,7 @@ def build_model(cfg: TrainConfig, info, compute_dtype, log, wrap=CausalLMLoss, l
     # full fine-tuning keeps float32 master weights unless --master_dtype bfloat16
     load_dtype = compute_dtype if lora.enabled or m.master_bf16 else torch.float32
     fmt, ckpt_dir = detect_format(m.ckpt)
-    if fmt == "quantized":  # saved for inference: int8/int4 kernels have no backward; QLoRA quantizes as it loads
+    if fmt == "quantized" and read_quant_config(ckpt_dir)["quantize"] != "nf4":  # int8/int4 have no backward
         raise ValueError(f"--ckpt {m.ckpt} holds {read_quant_config(ckpt_dir)['quantize']} weights saved "
                          "for inference (minillama-convert --quantize); train from the float checkpoint it was made "
                          "from (QLoRA: --quantize nf4)")
