@@ -20,8 +20,12 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
-        grad_a = torch.ops.aten.silu_backward(grad * b, a) if ctx.needs_input_grad[0] else None
-        grad_b = grad * F.silu(a) if ctx.needs_input_grad[1] else None
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:  # silu'(a) * grad * b, written over the product: one (N, F) temporary, not two
+            grad_a = grad * b
+            torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)
+        if ctx.needs_input_grad[1]:
+            grad_b = F.silu(a).mul_(grad)
         return grad_a, grad_b
 
 

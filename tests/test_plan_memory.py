@@ -71,15 +71,35 @@ def measured_peak(ckpt, flags) -> int:
         tensors = list(root.parameters()) + [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
         alive = sum({local(t).untyped_storage().data_ptr(): local(t).untyped_storage().nbytes()
                      for t in tensors}.values())
-        with torch.autograd.profiler.profile(profile_memory=True) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
-        cur = rise = 0
-        for e in sorted(prof.function_events, key=lambda e: e.time_range.start):
-            cur += e.self_cpu_memory_usage
-            rise = max(rise, cur)
-        return alive + rise
+        return alive + largest_rise(prof)
     finally:
         dist.destroy_process_group()
+
+
+def largest_rise(prof) -> int:
+    """The most bytes allocated at once during a profile, over what was allocated before it: each allocation
+    adds, each free of a block allocated within the profile subtracts. Frees of older blocks are left out: the CPU
+    allocator's size table keeps blocks that an earlier profile saw allocated and that were freed unprofiled, so
+    their addresses, reused, reported stale sizes (in the full suite, a free of 32 MB of blocks that were never
+    allocated here made a step's rise 1 MB)."""
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == torch._C._profiler._EventType.Allocation:
+            events.append((e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size))
+    live, cur, rise = {}, 0, 0
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            live[ptr] = size
+            cur += size
+        elif ptr in live:
+            cur -= live.pop(ptr)
+        rise = max(rise, cur)
+    return rise
+
 
 
 CASES = {"full": ["--lora_rank", "0"], "qlora": ["--lora_rank", "8", "--quantize", "nf4"],
@@ -98,7 +118,7 @@ def test_planned_peak_is_within_15_percent_of_the_measured_cpu_peak(ckpt, case):
     planned = plan(s, MB).peak
     measured = measured_peak(ckpt, flags)
     print(f"{case}: planned {planned / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB, {planned / measured - 1:+.1%}")
-    assert abs(planned - measured) <= 0.15 * measured, (planned / 2**20, measured / 2**20)  # measured: 2-12% off
+    assert abs(planned - measured) <= 0.15 * measured, (planned / 2**20, measured / 2**20)  # measured: 2-10% off
 
 
 def test_mixtral_qlora_plan_prints_each_category_and_a_verdict(capsys):
