@@ -212,6 +212,10 @@ class NF4Weight(nn.Module):
         return ((q.view(1, -1, SCALE_GROUP).float() * scale[..., None]).view(1, -1)[:, :nb]
                 + self.absmax_mean.view(torch.float32)[index:index + 1, None])
 
+    def linear(self, x: torch.Tensor, index: Optional[int] = None) -> torch.Tensor:
+        """x @ W^T (matrix `index` of a stack): nf4_linear. (..., in) -> (..., out)"""
+        return nf4_linear(x, self, index)
+
     def extra_repr(self) -> str:
         return f"shape={self.shape}, dtype={self.dtype}, nf4"
 
@@ -375,7 +379,7 @@ class NF4Experts(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its routed tokens. (n, D) -> (n, D)"""
-        return nf4_linear(silu_mul(nf4_linear(x, self.w1, e), nf4_linear(x, self.w3, e)), self.w2, e)
+        return self.w2.linear(silu_mul(self.w1.linear(x, e), self.w3.linear(x, e)), e)
 
     def grouped_ok(self, x: torch.Tensor) -> bool:
         return grouped_mm_ok(x.device, x.dtype, self.w1, self.w2, self.w3)

@@ -12,8 +12,7 @@ from torch import nn
 from .slots import AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, lora_scaling
 from ..moe import dispatch, grouped_linear, grouped_mm_ok
 from ..swiglu import silu_mul
-from ..quant import NF4Weight, nf4_grouped_linear, nf4_linear
-from ..weight_only import QuantizedStack
+from ..quant import NF4Weight, nf4_grouped_linear
 
 
 class LoRAExperts(AdapterSlots):
@@ -51,13 +50,8 @@ class LoRAExperts(AdapterSlots):
                 for o, weight in ((self.owner(s), wt) for s, wt in self._active) if w in o.targets]
 
     def _linear(self, w: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        weight = getattr(self, w)
-        if isinstance(weight, NF4Weight):
-            out = nf4_linear(x, weight, e)
-        elif isinstance(weight, QuantizedStack):
-            out = weight.linear(x, e)
-        else:
-            out = F.linear(x, weight[e])
+        weight = getattr(self, w)  # a float stack, or a quantized one (NF4Weight, weight_only.QuantizedStack)
+        out = F.linear(x, weight[e]) if isinstance(weight, torch.Tensor) else weight.linear(x, e)
         for a, b, s in self._terms(w):
             h = F.linear(self.dropout(x).to(a.dtype), a[e])  # (n, r)
             out = out + (F.linear(h, b[e]) * s).to(out.dtype)

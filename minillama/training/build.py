@@ -166,10 +166,11 @@ def build_model(cfg: TrainConfig, info, compute_dtype, log, wrap=CausalLMLoss, l
     # full fine-tuning keeps float32 master weights unless --master_dtype bfloat16
     load_dtype = compute_dtype if lora.enabled or m.master_bf16 else torch.float32
     fmt, ckpt_dir = detect_format(m.ckpt)
-    if fmt == "quantized" and read_quant_config(ckpt_dir)["quantize"] != "nf4":  # int8/int4 have no backward
-        raise ValueError(f"--ckpt {m.ckpt} holds {read_quant_config(ckpt_dir)['quantize']} weights saved "
-                         "for inference (minillama-convert --quantize); train from the float checkpoint it was made "
-                         "from (QLoRA: --quantize nf4)")
+    saved = read_quant_config(ckpt_dir)["quantize"] if fmt == "quantized" else None
+    if saved not in (None, m.quantize):  # the flags make a saved NF4 base --quantize nf4; int8/int4 have no backward
+        raise ValueError(f"--ckpt {m.ckpt} holds {saved} weights saved by minillama-convert --quantize: "
+                         + ("train it with --quantize nf4" if saved == "nf4" else
+                            "they are for inference; train from the float checkpoint it was made from"))
     model = load_model(m.ckpt, device=load_device(m, info), dtype=load_dtype, quantize=m.quantize,
                        max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, rope_scaling=m.rope_scaling)
     report_rope(m, model.args, longest, log)
