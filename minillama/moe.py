@@ -55,8 +55,7 @@ def grouped_linear(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> 
 
 
 class ExpertStack(Protocol):
-    """What `dispatch` needs from an expert module (Experts, lora.LoRAExperts, quant.NF4Experts,
-    weight_only.QuantExperts).
+    """What `dispatch` needs from an expert module (Experts, QuantizedExperts, lora.LoRAExperts).
 
     n_experts: E. expert_forward(e, x): expert e on its routed tokens (n, D) -> (n, D), the per-expert loop.
     grouped_ok(x): whether grouped_forward can run for x's device/dtype. grouped_forward(xs, offsets): every
@@ -133,6 +132,37 @@ class Experts(nn.Module):
         """Every expert on its slots at once. xs (M, D) sorted by expert -> (M, D)"""
         h = silu_mul(grouped_linear(xs, self.w1, offsets), grouped_linear(xs, self.w3, offsets))  # (M, F)
         return grouped_linear(h, self.w2, offsets)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        return dispatch(self, x, weights, expert_idx)
+
+
+class QuantizedExperts(nn.Module):
+    """Experts whose frozen stacks w1/w3 (E, F, D) and w2 (E, D, F) are quantized: quant.NF4Weight or
+    weight_only.QuantizedStack, each multiplying by matrix e with `.linear(x, e)`. Filled one stack at a time as they
+    load (quant.set_nf4_, weight_only.set_quantized_). The grouped path runs where every stack is groupable (NF4:
+    `.grouped_linear(xs, offsets)` dequantizes one stack at a time); int8/int4 stacks run the per-expert loop."""
+
+    def __init__(self, w1: Optional[nn.Module] = None, w2: Optional[nn.Module] = None,
+                 w3: Optional[nn.Module] = None):
+        super().__init__()
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    @property
+    def n_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its routed tokens. (n, D) -> (n, D)"""
+        return self.w2.linear(silu_mul(self.w1.linear(x, e), self.w3.linear(x, e)), e)
+
+    def grouped_ok(self, x: torch.Tensor) -> bool:
+        return grouped_mm_ok(x.device, x.dtype, self.w1, self.w2, self.w3)
+
+    def grouped_forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Every expert on its slots at once. xs (M, D) sorted by expert -> (M, D)"""
+        h = silu_mul(self.w1.grouped_linear(xs, offsets), self.w3.grouped_linear(xs, offsets))  # (M, F)
+        return self.w2.grouped_linear(h, offsets)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         return dispatch(self, x, weights, expert_idx)

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .swiglu import silu_mul
-from .moe import Experts, dispatch, grouped_linear, grouped_mm_ok
+from .moe import Experts, QuantizedExperts, grouped_linear
 
 # the 16 NF4 values of the QLoRA paper (quantiles of N(0, 1) scaled to [-1, 1], with an exact 0)
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -216,6 +215,11 @@ class NF4Weight(nn.Module):
         """x @ W^T (matrix `index` of a stack): nf4_linear. (..., in) -> (..., out)"""
         return nf4_linear(x, self, index)
 
+    def grouped_linear(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by matrix (offsets: (E,) int32 running ends) times each one's W[e]^T: nf4_grouped_linear.
+        (M, in) -> (M, out)"""
+        return nf4_grouped_linear(xs, self, offsets)
+
     def extra_repr(self) -> str:
         return f"shape={self.shape}, dtype={self.dtype}, nf4"
 
@@ -363,36 +367,6 @@ def nf4_grouped_linear(xs: torch.Tensor, weight: NF4Weight, offsets: torch.Tenso
     return _NF4GroupedMatmul.apply(xs, weight, offsets)
 
 
-class NF4Experts(nn.Module):
-    """moe.Experts with NF4 w1/w3 (E, F, D) and w2 (E, D, F); filled one weight at a time by `load_quantized_`.
-
-    Meets moe.ExpertStack: the per-expert loop dequantizes one expert at a time, the grouped path one stack."""
-
-    def __init__(self, w1: Optional[NF4Weight] = None, w2: Optional[NF4Weight] = None,
-                 w3: Optional[NF4Weight] = None):
-        super().__init__()
-        self.w1, self.w2, self.w3 = w1, w2, w3
-
-    @property
-    def n_experts(self) -> int:
-        return self.w1.shape[0]
-
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its routed tokens. (n, D) -> (n, D)"""
-        return self.w2.linear(silu_mul(self.w1.linear(x, e), self.w3.linear(x, e)), e)
-
-    def grouped_ok(self, x: torch.Tensor) -> bool:
-        return grouped_mm_ok(x.device, x.dtype, self.w1, self.w2, self.w3)
-
-    def grouped_forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Every expert on its slots at once. xs (M, D) sorted by expert -> (M, D)"""
-        h = silu_mul(nf4_grouped_linear(xs, self.w1, offsets), nf4_grouped_linear(xs, self.w3, offsets))  # (M, F)
-        return nf4_grouped_linear(h, self.w2, offsets)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
-        return dispatch(self, x, weights, expert_idx)
-
-
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent, _, leaf = path.rpartition(".")
     return model.get_submodule(parent), leaf
@@ -418,7 +392,7 @@ def load_quantized_(model: nn.Module, key: str, tensor: torch.Tensor) -> bool:
 
 def set_nf4_(model: nn.Module, key: str, weight: NF4Weight) -> None:
     """Put an NF4 weight in the model at `key`: a layer linear's becomes an NF4Linear; an expert stack goes into the
-    layer's NF4Experts, which replaces its Experts when the first of w1/w2/w3 arrives."""
+    layer's moe.QuantizedExperts, which replaces its Experts when the first of w1/w2/w3 arrives."""
     m = _LINEAR_KEY.fullmatch(key)
     if m:
         parent, leaf = _parent(model, m.group(1))
@@ -428,7 +402,7 @@ def set_nf4_(model: nn.Module, key: str, weight: NF4Weight) -> None:
     parent, leaf = _parent(model, m.group(1))
     experts = getattr(parent, leaf)
     if isinstance(experts, Experts):  # first of w1/w2/w3 to arrive: the rest are filled as they come
-        experts = NF4Experts()
+        experts = QuantizedExperts()
         setattr(parent, leaf, experts)
     setattr(experts, m.group(2), weight)
 

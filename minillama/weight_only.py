@@ -6,8 +6,8 @@
   q in 0..15, w ~ (q - 8) * scale + zero with zero = min + 8 * scale, the layout PyTorch's int4 kernels take.
 
 What is quantized: every layer linear, the output head (int8 under int4 too), and Mixtral's expert stacks w1/w2/w3
-(E, out, in), each expert as its own matrix (QuantizedStack, run by QuantExperts one routed expert at a time: no
-grouped kernel takes these formats). Embeddings, norms and the MoE router stay in float.
+(E, out, in), each expert as its own matrix (QuantizedStack, run by moe.QuantizedExperts one routed expert at a
+time: no grouped kernel takes these formats). Embeddings, norms and the MoE router stay in float.
 
 On CPU the matmul runs PyTorch's packed kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu), which
 read the 1- or 0.5-byte weights directly; on a CUDA GPU (compute capability 8.0 and up) int4 runs
@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import Experts, dispatch
-from .swiglu import silu_mul
+from .moe import Experts, QuantizedExperts
 
 INT4_GROUPS = (128, 64, 32)  # the largest (up to the asked one) that divides a row is used
 QUANTIZE_NAMES = ("int8", "int4", "int4-g64", "int4-g128")
@@ -256,29 +255,6 @@ class QuantizedStack(nn.Module):
         return torch.stack([m.dequantize(dtype=dtype) for m in self.matrices])
 
 
-class QuantExperts(nn.Module):
-    """moe.Experts with QuantizedStack w1/w3 (E, F, D) and w2 (E, D, F); filled one stack at a time as they load.
-    Meets moe.ExpertStack through the per-expert loop (grouped_ok is False)."""
-
-    def __init__(self):
-        super().__init__()
-        self.w1 = self.w2 = self.w3 = None
-
-    @property
-    def n_experts(self) -> int:
-        return self.w1.shape[0]
-
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its routed tokens. (n, D) -> (n, D)"""
-        return self.w2.linear(silu_mul(self.w1.linear(x, e), self.w3.linear(x, e)), e)
-
-    def grouped_ok(self, x: torch.Tensor) -> bool:
-        return False
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
-        return dispatch(self, x, weights, expert_idx)
-
-
 class QuantLinear(nn.Module):
     """A bias-free linear whose frozen `weight` is an Int8Weight or Int4Weight."""
 
@@ -375,14 +351,14 @@ def load_weight_only_(model: nn.Module, key: str, tensor: torch.Tensor, name: st
 
 def set_quantized_(model: nn.Module, key: str, weight: nn.Module) -> None:
     """Put `weight` in the model at `key`: a linear's ('layers.0.attention.wq.weight') becomes a QuantLinear on
-    it; an expert stack ('layers.0.feed_forward.experts.w1') goes into the layer's QuantExperts, which replaces its
-    Experts when the first of w1/w2/w3 arrives."""
+    it; an expert stack ('layers.0.feed_forward.experts.w1') goes into the layer's moe.QuantizedExperts, which
+    replaces its Experts when the first of w1/w2/w3 arrives."""
     m = _EXPERTS_KEY.fullmatch(key)
     if m is not None:
         parent, _, leaf = m.group(1).rpartition(".")
         experts = getattr(model.get_submodule(parent), leaf)
         if isinstance(experts, Experts):
-            experts = QuantExperts()
+            experts = QuantizedExperts()
             setattr(model.get_submodule(parent), leaf, experts)
         setattr(experts, m.group(2), weight)
         return

@@ -28,7 +28,8 @@ from minillama.inference.engine import EngineConfig
 from minillama.tools import benchmarks as bm
 from minillama.lora.experts import LoRAExperts
 from minillama.moe import MoEFeedForward
-from minillama.quant import NF4Experts, NF4Weight
+from minillama.moe import QuantizedExperts
+from minillama.quant import NF4Weight
 from helpers import tiny_model
 from sft_helpers import REPO, metrics, qa_samples, tiny_checkpoint, write_jsonl
 
@@ -201,7 +202,7 @@ def _experts(kind: str, device: str, dtype=torch.bfloat16):
                 getattr(moe.experts, f"lora_{w}_b").normal_(0, 0.02)  # B starts at 0: make the adapter matter
     elif kind == "nf4":
         e = moe.experts
-        moe.experts = NF4Experts(*(NF4Weight(w.detach()) for w in (e.w1, e.w2, e.w3)))
+        moe.experts = QuantizedExperts(*(NF4Weight(w.detach()) for w in (e.w1, e.w2, e.w3)))
     return moe
 
 
@@ -422,11 +423,12 @@ def test_quantized_mixtral_experts_equal_their_dequantized_stacks(device, name):
     """One Mixtral MoE layer (its real widths on CUDA: 8 experts of 14336 x 4096) with int8/int4 experts, each
     expert through the device's kernel (int4: tinygemm on CUDA), gives the layer with the dequantized stacks."""
     from minillama.moe import MoEFeedForward
-    from minillama.weight_only import QuantExperts, quantize_weight, weight_format, weight_from_saved
+    from minillama.moe import QuantizedExperts
+    from minillama.weight_only import quantize_weight, weight_format, weight_from_saved
     dim, hidden = (64, 96) if device == "cpu" else (4096, 14336)
     torch.manual_seed(0)
     layer = MoEFeedForward(dim, hidden, 8, 2).to(device=device, dtype=torch.bfloat16)
-    quantized = QuantExperts()
+    quantized = QuantizedExperts()
     with torch.no_grad():
         for w in ("w1", "w2", "w3"):
             stack = getattr(layer.experts, w)  # (E, out, in)

@@ -150,9 +150,9 @@ def test_merge_equals_adapter_and_unmerge_restores_base_exactly(moe):
 
 @pytest.mark.parametrize("base", ["float", "nf4"])
 def test_lora_and_nf4_experts_grouped_gemm_equals_the_per_expert_loop(base, monkeypatch):
-    """LoRAExperts / NF4Experts meet moe.ExpertStack: grouped GEMMs give the loop's outputs and gradients."""
+    """LoRAExperts / QuantizedExperts meet moe.ExpertStack: grouped GEMMs give the loop's outputs and gradients."""
     from minillama.moe import MoEFeedForward
-    from minillama.quant import NF4Experts
+    from minillama.moe import QuantizedExperts
 
     model = tiny_model(**MOE)
     if base == "nf4":
@@ -181,10 +181,10 @@ def test_lora_and_nf4_experts_grouped_gemm_equals_the_per_expert_loop(base, monk
     for k in grouped[2]:
         torch.testing.assert_close(grouped[2][k], looped[2][k], atol=1e-5, rtol=1e-5, msg=k)
     if base == "nf4":  # the bare NF4 stack too
-        experts = NF4Experts(moe.experts.w1, moe.experts.w2, moe.experts.w3)
+        experts = QuantizedExperts(moe.experts.w1, moe.experts.w2, moe.experts.w3)
         w, idx = torch.rand(30, 2), torch.randint(0, 4, (30, 2))
         out = experts(x, w, idx)
-        monkeypatch.setattr(NF4Experts, "grouped_ok", lambda self, x: False)
+        monkeypatch.setattr(QuantizedExperts, "grouped_ok", lambda self, x: False)
         torch.testing.assert_close(experts(x, w, idx), out, atol=1e-5, rtol=1e-5)
 
 

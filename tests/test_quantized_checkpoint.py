@@ -19,7 +19,8 @@ from minillama.lora.peft import save_adapter
 from minillama.tools.convert import cli, main as convert
 from minillama.tools.merge import main as merge
 from minillama.util.cli import run
-from minillama.weight_only import Int4Weight, Int8Weight, QuantExperts, QuantLinear
+from minillama.moe import QuantizedExperts
+from minillama.weight_only import Int4Weight, Int8Weight, QuantizedStack, QuantLinear
 
 
 def logits(model, vocab: int) -> torch.Tensor:
@@ -57,7 +58,8 @@ def test_saved_then_loaded_equals_quantized_on_load(quantize, dtype, tie, moe, t
     assert cfg["quant_method"] == "minillama" and cfg["quantize"] == quantize
     assert cfg["weights"]["output.weight"] == {"format": "int8"}
     if moe:  # Mixtral's expert stacks are quantized matrix by matrix, each with the group its row length allows
-        assert isinstance(saved.layers[0].feed_forward.experts, QuantExperts)
+        experts = saved.layers[0].feed_forward.experts
+        assert isinstance(experts, QuantizedExperts) and isinstance(experts.w1, QuantizedStack)
         assert cfg["weights"]["layers.0.feed_forward.experts.w1"] == {"format": "int4", "group_size": 64}
         assert cfg["weights"]["layers.0.feed_forward.experts.w2"] == {"format": "int4", "group_size": 32}
         shapes = {}
@@ -199,7 +201,7 @@ def test_transformers_finds_no_weights_and_nothing_is_unpickled(float_dir, tmp_p
 def test_nf4_saved_then_loaded_equals_nf4_on_load(dtype, moe, tmp_path, one_thread):
     """--quantize nf4 saves the four NF4 arrays of every layer linear and expert stack (the head stays float);
     loading them builds the modules NF4 quantize-on-load builds, with the same arrays, bit for bit."""
-    from minillama.quant import NF4Experts, NF4Linear, NF4Weight, nf4_nbytes
+    from minillama.quant import NF4Linear, NF4Weight, nf4_nbytes
     src = tiny_checkpoint(tmp_path / "float", moe=moe)
     flags = ["--quantize", "nf4", "--max_shard_size", "40KB"] + (["--dtype", dtype] if dtype else [])
     out = convert([str(src), str(tmp_path / "q"), *flags])
@@ -215,7 +217,8 @@ def test_nf4_saved_then_loaded_equals_nf4_on_load(dtype, moe, tmp_path, one_thre
             assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters())), name
     assert isinstance(saved.layers[0].attention.wq, NF4Linear) and isinstance(saved.output, torch.nn.Linear)
     if moe:
-        assert isinstance(saved.layers[0].feed_forward.experts, NF4Experts)
+        experts = saved.layers[0].feed_forward.experts
+        assert isinstance(experts, QuantizedExperts) and isinstance(experts.w1, NF4Weight)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quantize"] == "nf4" and "output.weight" not in cfg["weights"]
     assert set(spec["format"] for spec in cfg["weights"].values()) == {"nf4"}

@@ -224,15 +224,16 @@ def _float_twin(q, **overrides):
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_mixtral_experts_are_quantized_and_compute_with_their_dequantized_weights(name, one_thread):
-    """Every expert stack becomes a QuantExperts of per-expert int8/int4 matrices (the router stays float); the
+    """Every expert stack becomes a QuantizedExperts of per-expert int8/int4 matrices (the router stays float); the
     logits equal a float model holding the dequantized weights, and the weight error is the format's."""
     from helpers import MOE_ARGS
-    from minillama.weight_only import QuantExperts, QuantizedStack
+    from minillama.moe import QuantizedExperts
+    from minillama.weight_only import QuantizedStack
     model = tiny_model(std=0.05, **MOE_ARGS)
     stack = model.layers[0].feed_forward.experts.w2.detach().clone()  # (E, D, F)
     q = quantize_model_(model, name)
     experts = q.layers[0].feed_forward.experts
-    assert isinstance(experts, QuantExperts) and isinstance(experts.w1, QuantizedStack)
+    assert isinstance(experts, QuantizedExperts) and isinstance(experts.w1, QuantizedStack)
     assert isinstance(experts.w2.matrices[0], Int8Weight if name == "int8" else Int4Weight)
     assert isinstance(q.layers[0].feed_forward.gate, torch.nn.Linear)  # the router stays float
     assert rel(experts.w2.dequantize(dtype=torch.float32), stack) <= (0.009 if name == "int8" else 0.09)
@@ -266,13 +267,13 @@ def test_lora_on_quantized_experts_equals_lora_on_the_dequantized_experts(name, 
 def test_mixtral_quantize_on_load_equals_quantizing_the_loaded_model(tmp_path, one_thread):
     """A Mixtral HF checkpoint stores one tensor per expert: the loader stacks them, then quantizes the stack."""
     from helpers import MOE_ARGS
-    from minillama.weight_only import QuantExperts
+    from minillama.moe import QuantizedExperts
     save_hf(tiny_model(std=0.05, **MOE_ARGS, family="mixtral"), tmp_path / "m")
     x = random_tokens(256)
     for name in ("int8", "int4"):
         loaded = load_model(tmp_path / "m", quantize=name)
         built = quantize_model_(load_model(tmp_path / "m"), name)
-        assert isinstance(loaded.layers[1].feed_forward.experts, QuantExperts)
+        assert isinstance(loaded.layers[1].feed_forward.experts, QuantizedExperts)
         with torch.no_grad():
             assert torch.equal(loaded(x), built(x))
         assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])

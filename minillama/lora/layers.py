@@ -30,9 +30,9 @@ from .experts import LoRAExperts
 from .slots import (AdapterSlots, _check_hparams, _copy, _frozen, _new_factors, adapter_names, lora_modules, lora_scaling,
                     set_adapter)
 from ..linear import linear
-from ..moe import Experts
-from ..quant import NF4Experts, NF4Linear, NF4Weight, nf4_linear
-from ..weight_only import Int4Weight, Int8Weight, QuantExperts, QuantLinear
+from ..moe import Experts, QuantizedExperts
+from ..quant import NF4Linear, NF4Weight, nf4_linear
+from ..weight_only import Int4Weight, Int8Weight, QuantLinear
 
 EXPERT_TARGETS = {"experts": ("w1", "w2", "w3"), "w1": ("w1",), "w2": ("w2",), "w3": ("w3",)}
 ROUTER_TARGETS = ("router", "gate")
@@ -277,7 +277,7 @@ def wrap_module(model: nn.Module, path: str, hp: LoRAHParams,
               name=path)
     if isinstance(module, (nn.Linear, NF4Linear, QuantLinear)):
         new = LoRALinear(module, use_dora=hp.use_dora, **kw)
-    elif isinstance(module, (Experts, NF4Experts, QuantExperts)):
+    elif isinstance(module, (Experts, QuantizedExperts)):
         if hp.use_dora:
             raise ValueError(f"{path}: {DORA_ON_EXPERTS}")
         new = LoRAExperts(module, weights=expert_weights, **kw)
@@ -294,7 +294,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     parameter. Modules already adapted are left as they are."""
     _check_hparams(rank, alpha, dropout, "apply_lora")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    is_moe = any(isinstance(m, (Experts, NF4Experts, QuantExperts, LoRAExperts)) for m in model.modules())
+    is_moe = any(isinstance(m, (Experts, QuantizedExperts, LoRAExperts)) for m in model.modules())
     linears, expert_ws, router = _resolve_targets(targets, is_moe)
     if use_dora and expert_ws:
         raise ValueError(f"apply_lora: {DORA_ON_EXPERTS}")
@@ -314,7 +314,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                 or (router and leaf == "gate" and path.endswith("feed_forward.gate"))):
             wrap_module(model, path, hp)
             found.add("router" if leaf == "gate" else leaf)
-        elif isinstance(module, (Experts, NF4Experts, QuantExperts)) and expert_ws:
+        elif isinstance(module, (Experts, QuantizedExperts)) and expert_ws:
             wrap_module(model, path, replace(hp, use_dora=False), expert_weights=expert_ws)
             found |= {f"experts.{w}" for w in expert_ws}
     missing = [w for w in sorted(linears) if w not in found] + [f"experts.{w}" for w in sorted(expert_ws)

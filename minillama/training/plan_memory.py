@@ -193,10 +193,9 @@ def _balanced_dispatch(experts, x, weights, expert_idx):
 @contextmanager
 def _meta_kernels():
     """Swap attention and MoE dispatch for meta-friendly twins that keep what the GPU kernels keep."""
-    from .. import model, moe, quant
+    from .. import model, moe
     from ..lora import experts as lora_experts
-    patched = [(model, "attend", _attend_as_flash)] + [(m, "dispatch", _balanced_dispatch)
-                                                        for m in (moe, quant, lora_experts)]
+    patched = [(model, "attend", _attend_as_flash)] + [(m, "dispatch", _balanced_dispatch) for m in (moe, lora_experts)]
     saved = [(m, name, getattr(m, name)) for m, name, _ in patched]
     try:
         for m, name, fn in patched:
