@@ -22,19 +22,22 @@ class FirstMmOperand(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("weight_left", [True, False])  # an AMD CPU / any other
 @pytest.mark.parametrize("shape", [(1, 24), (2, 24), (3, 24), (4, 24), (5, 24), (16, 24), (2, 2, 24), (1, 3, 24)])
-def test_small_float32_rows_take_the_weight_left_product_and_equal_f_linear(shape):
+def test_small_float32_rows_take_the_weight_left_product_and_equal_f_linear(shape, weight_left, monkeypatch):
+    monkeypatch.setattr(L, "WEIGHT_LEFT", weight_left)
     torch.manual_seed(0)
     w, x = torch.randn(40, 24), torch.randn(*shape)
     with torch.no_grad(), FirstMmOperand() as mode:
         y = L.linear(x, w)
     rows = x.numel() // 24
-    assert (mode.first == [w.data_ptr()]) == (L.SMALL_ROWS[0] <= rows <= L.SMALL_ROWS[1])
+    assert (mode.first == [w.data_ptr()]) == (weight_left and L.SMALL_ROWS[0] <= rows <= L.SMALL_ROWS[1])
     assert y.shape == (*shape[:-1], 40) and y.is_contiguous()
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_autograd_and_bias_keep_f_linear():
+def test_autograd_and_bias_keep_f_linear(monkeypatch):
+    monkeypatch.setattr(L, "WEIGHT_LEFT", True)
     w = torch.randn(8, 6, requires_grad=True)
     x = torch.randn(3, 6)
     with FirstMmOperand() as mode:
