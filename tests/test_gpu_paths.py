@@ -27,8 +27,7 @@ from minillama.inference import generate as generation
 from minillama.inference.engine import EngineConfig
 from minillama.tools import benchmarks as bm
 from minillama.lora.experts import LoRAExperts
-from minillama.moe import MoEFeedForward
-from minillama.moe import QuantizedExperts
+from minillama.moe import MoEFeedForward, QuantizedExperts
 from minillama.quant import NF4Weight
 from helpers import tiny_model
 from sft_helpers import REPO, metrics, qa_samples, tiny_checkpoint, write_jsonl
@@ -422,8 +421,6 @@ def test_nf4_decode_row_reads_the_codes_and_equals_the_dequantized_matmul(device
 def test_quantized_mixtral_experts_equal_their_dequantized_stacks(device, name):
     """One Mixtral MoE layer (its real widths on CUDA: 8 experts of 14336 x 4096) with int8/int4 experts, each
     expert through the device's kernel (int4: tinygemm on CUDA), gives the layer with the dequantized stacks."""
-    from minillama.moe import MoEFeedForward
-    from minillama.moe import QuantizedExperts
     from minillama.weight_only import quantize_weight, weight_format, weight_from_saved
     dim, hidden = (64, 96) if device == "cpu" else (4096, 14336)
     torch.manual_seed(0)

@@ -239,10 +239,11 @@ def load_quantized(d: Path, device, dtype: Optional[torch.dtype], rope: dict) ->
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for file in weight_files:  # shard by shard
         for name in files.keys(file):
-            t = aligned(files.get(file, name).to(device))
+            t = files.get(file, name).to(device)
             if t.is_floating_point():
                 t = t.to(dtype or t.dtype)
                 check_finite(t, Source(file, name))
+            t = aligned(t)  # after the cast, which may already have copied it
             key, _, suffix = name.rpartition(".")
             if key in weights:
                 parts[key][suffix] = t
