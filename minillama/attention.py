@@ -86,6 +86,8 @@ class AttnMask:
     max_seqlen: int = 0
     docs: Optional[list] = None  # packed rows elsewhere: (row, start, end) of every document, host ints
     plan: Optional[KeyPlan] = None  # a sliding window over documents longer than it: blocked attention
+    spans: Optional[list] = None  # a packed cached forward: (cache row, first query, queries, keys, mask) per span,
+    # host ints and a (queries, keys) bool mask (None: plain causal, the span starts at slot 0); see CacheStep.spans
     kernel: Optional[Callable] = None  # the caller's own attention (q, k, v) -> out, e.g. context parallelism's
 
 
@@ -157,13 +159,33 @@ class CacheStep:
     serves every step. pad_lens (B,): each row's left padding. rows (B,): the cache rows this forward's rows use
     (default 0..B-1), e.g. prefill a new prompt into one row while the other rows keep theirs. keys: attend over
     only the first `keys` slots (they must cover every query's slot): a decode step then reads what the rows hold,
-    not the whole cache, and a compiled step keeps one shape per bucket of lengths.
+    not the whole cache, and a compiled step keeps one shape per bucket of lengths. spans (CacheStep.packed):
+    several rows' tokens packed into one row without padding (prompts prefilled together).
     """
 
     start: Union[int, torch.Tensor]
     pad_lens: Optional[torch.Tensor] = None
     rows: Optional[torch.Tensor] = None
     keys: Optional[int] = None
+    spans: Optional[tuple[tuple[int, int, int], ...]] = None
+
+    @staticmethod
+    def packed(spans: list[tuple[int, int, int]]) -> "CacheStep":
+        """Several cache rows' next tokens back to back in one row, without padding: tokens (1, N), N the sum of
+        the counts; spans[i] = (cache row, first slot, count), host ints. Each span's tokens go to slots
+        [first, first + count) of its row and attend causally over that row's slots [0, first + count)."""
+        if not spans or any(n < 1 or s < 0 for _, s, n in spans) or len({r for r, _, _ in spans}) != len(spans):
+            raise ValueError(f"packed cache spans must be distinct rows with counts >= 1, got {spans!r}")
+        return CacheStep(0, spans=tuple((int(r), int(s), int(n)) for r, s, n in spans))
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of a packed step (the sum of its spans' counts)."""
+        return sum(n for _, _, n in self.spans)
+
+    def span_rows(self, device) -> torch.Tensor:
+        """The cache row of every token of a packed step. -> (N,)"""
+        return torch.tensor([r for r, _, n in self.spans for _ in range(n)], device=device)
 
     @property
     def fixed_shape(self) -> bool:
@@ -171,6 +193,8 @@ class CacheStep:
 
     def slots(self, B: int, T: int, device) -> torch.Tensor:
         """The cache slot of every token of this forward. -> (B, T)"""
+        if self.spans is not None:  # (1, N)
+            return torch.tensor([[s + i for _, s, n in self.spans for i in range(n)]], device=device)
         start = self.start.to(device).reshape(-1, 1) if self.fixed_shape else self.start
         return (start + torch.arange(T, device=device)[None]).expand(B, T)
 
@@ -187,6 +211,8 @@ def cache_mask(step: CacheStep, T: int, S: int, device, sliding_window: Optional
 
     Key j is visible to row b's query at slot q iff pad_lens[b] <= j <= q (and q - j < sliding_window), or j == q.
     """
+    if step.spans is not None:
+        return span_mask(step.spans, device, sliding_window)
     pad_lens = step.pad_lens
     if not step.fixed_shape and pad_lens is None and sliding_window is None and step.start + T == S \
             and (T == S or T == 1):
@@ -204,6 +230,34 @@ def cache_mask(step: CacheStep, T: int, S: int, device, sliding_window: Optional
     return AttnMask(causal_only=False, mask=allowed[:, None])
 
 
+def span_mask(spans: tuple, device, sliding_window: Optional[int] = None) -> AttnMask:
+    """A packed cached forward's attention (CacheStep.packed): each span's queries at slots [first, first + count)
+    of its row over that row's keys [0, first + count), causal; one small (count, first + count) mask per span,
+    shared by every layer (none for a span from slot 0 without a window: the kernels' causal path)."""
+    out, offset = [], 0
+    for row, first, n in spans:
+        S, mask = first + n, None
+        if first > 0 or (sliding_window is not None and n > sliding_window):
+            q = first + torch.arange(n, device=device)[:, None]  # (n, 1)
+            k = torch.arange(S, device=device)[None]  # (1, S)
+            mask = k <= q
+            if sliding_window is not None:
+                mask = mask & (q - k < sliding_window)
+        out.append((row, offset, n, S, mask))
+        offset += n
+    return AttnMask(causal_only=False, spans=out)
+
+
+def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list) -> torch.Tensor:
+    """Each span's queries over its own cache row, one SDPA call per span (k/v keep their kv heads).
+    q (1, H, N, D), k/v the cache (B_cache, K, S_cache, D) -> (1, H, N, D)."""
+    gqa = q.shape[1] != k.shape[1]
+    parts = [F.scaled_dot_product_attention(q[:, :, o:o + n], k[r:r + 1, :, :S], v[r:r + 1, :, :S], attn_mask=m,
+                                            is_causal=m is None and n > 1, enable_gqa=gqa)
+             for r, o, n, S, m in spans]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMask) -> torch.Tensor:
     """Scaled dot-product attention with GQA. q (B, H, T, D), k/v (B, K, S, D) -> (B, H, T, D)."""
     if attn.mask is None and not attn.causal_only and torch.compiler.is_compiling():
@@ -219,6 +273,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMask) -
     n_rep = H // K
     if attn.kernel is not None:
         return attn.kernel(q, k, v)
+    if attn.spans is not None:
+        return span_attention(q, k, v, attn.spans)
     if attn.plan is not None:
         return blocked_attention(q, k, v, attn.plan)
     if attn.cu_seqlens is not None:

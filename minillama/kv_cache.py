@@ -28,9 +28,17 @@ class KVCache:
         """Write k/v (B, K, T, D) at the step's (row, slot) pairs; return the keys/values to attend over (B, K, S, D).
 
         One write path for every mode (one indexed assignment per buffer). The read is a view of rows 0..B-1, or a gathered
-        copy when step.rows picks other rows; S is step.key_len (the whole cache for fixed-shape steps).
+        copy when step.rows picks other rows; S is step.key_len (the whole cache for fixed-shape steps). A packed step
+        (step.spans) returns the whole buffers: each span's attention reads its own row's slots, no copy.
         """
         B, _, T, _ = k.shape
+        if step.spans is not None:  # packed rows: every token to its own (row, slot); attention slices the rows
+            if max(s + n for _, s, n in step.spans) > self.k.shape[2] or max(r for r, _, _ in step.spans) >= len(self.k):
+                raise ValueError(f"packed spans {step.spans} do not fit the KV cache {tuple(self.k.shape)}")
+            rows, slots = step.span_rows(k.device), step.slots(1, T, k.device)[0]  # (N,), (N,)
+            self.k[rows, :, slots] = k[0].transpose(0, 1)  # (N, K, D)
+            self.v[rows, :, slots] = v[0].transpose(0, 1)
+            return self.k, self.v
         if step.rows is None and B > self.k.shape[0]:
             raise ValueError(f"KV cache holds {self.k.shape[0]} rows; asked for {B}")
         S = step.key_len(T, self.k.shape[2])

@@ -70,7 +70,7 @@ def test_waiting_prompts_prefill_together_and_equal_each_alone():
         engine.submit(Request(p, 8, key=i))
     done = run_all(engine)
     del model.forward
-    assert [c for c in counter.calls if c[1] > 1] == [(3, 9)]  # one right-padded forward for all three
+    assert [c for c in counter.calls if c[1] > 1] == [(1, 17)]  # one forward, the three packed: no padding
     assert [done[i] for i in range(3)] == alone
 
 

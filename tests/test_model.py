@@ -153,6 +153,38 @@ def test_tensor_start_pos_decodes_over_the_whole_cache(overrides):
     torch.testing.assert_close(torch.stack(static), torch.stack(eager), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"n_experts": 4, "n_experts_per_tok": 2}, {"sliding_window": 5},
+                                       {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_seq_len": 16}])
+@torch.no_grad()
+def test_packed_cache_step_equals_each_row_alone(overrides):
+    """Several rows' next tokens packed into one row without padding (CacheStep.packed: prompts prefilled together):
+    rows at slot 0 and rows that continue what their cache holds, in any row order, equal each row alone; the
+    slots a span does not write keep what they held."""
+    model = tiny_model(**overrides)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 256, (n,), generator=g) for n in (9, 3, 12, 1)]  # seqs[r] for cache row r
+    held = [0, 2, 5, 0]  # what each row holds before the packed forward (its first tokens, prefilled alone)
+    model.setup_cache(5, 24)
+    for r, n in enumerate(held):
+        if n:
+            model(seqs[r][None, :n], start_pos=CacheStep(0, rows=torch.tensor([r])))
+    model(torch.randint(0, 256, (1, 20), generator=g), start_pos=CacheStep(0, rows=torch.tensor([4])))  # bystander
+    before = model.layers[0].attention.cache.k[4].clone()
+    order = [2, 0, 3, 1]  # spans in any row order
+    tokens = torch.cat([seqs[r][held[r]:] for r in order])[None]  # (1, N)
+    packed = model(tokens, start_pos=CacheStep.packed([(r, held[r], len(seqs[r]) - held[r]) for r in order]))[0]
+    torch.testing.assert_close(model.layers[0].attention.cache.k[4], before, atol=0, rtol=0)
+    model.clear_cache()
+    offset = 0
+    for r in order:
+        n = len(seqs[r]) - held[r]
+        alone = model(seqs[r][None])[0, held[r]:]  # (n, V)
+        torch.testing.assert_close(packed[offset:offset + n], alone, atol=1e-5, rtol=1e-5)
+        offset += n
+    with pytest.raises(ValueError, match="distinct rows"):
+        CacheStep.packed([(0, 0, 2), (0, 2, 1)])
+
+
 @pytest.mark.parametrize("overrides", [{}, {"n_experts": 4, "n_experts_per_tok": 2}, {"sliding_window": 5}])
 @torch.no_grad()
 def test_per_row_start_pos_and_cache_rows_equal_each_row_alone(overrides):

@@ -10,8 +10,8 @@ and the HTTP server are thin users of it.
 
 One step: free rows take waiting requests in order, the lowest free row first so a decode forward runs only rows
 0..last busy; the decode forward of the tokens earlier steps returned (each row's new token fed back, together,
-attending over only the slots the rows hold); prompts are prefilled together in one forward (right-padded, up to
-prefill_rows at once), a long one in chunks between decode steps so running rows keep their pace; every decoding
+attending over only the slots the rows hold); prompts are prefilled together in one forward (packed back to back
+without padding, up to prefill_rows at once, one adapter per forward), a long one in chunks between decode steps so running rows keep their pace; every decoding
 row picks its next token (_pick: the one place tokens are chosen) and the step returns them;
 rows that end (a stop token, max_new_tokens, or cancel()) are freed. Returning a token before its decode forward
 takes one forward off every token's latency, the first included. Which rows finish is a host decision, so a step
@@ -359,70 +359,64 @@ class Engine:
         return self.slots[b].request is not None and bool(self.slots[b].todo) and not self._awaits_fork(b)
 
     def _prefill_some(self, budget: int) -> int:
-        """Prefill up to budget prompt tokens, first come first served, in forwards of up to prefill_rows rows.
-        -> the tokens prefilled."""
+        """Prefill up to budget prompt tokens, first come first served, in packed forwards of up to prefill_rows
+        rows of one adapter. -> the tokens prefilled."""
         total = budget
         pending = sorted(filter(self._pending, range(self.B)), key=lambda b: self.slots[b].order)
         while pending and budget > 0:
-            batch, T = [], 0
-            for b in pending[:self.config.prefill_rows]:
-                take = min(len(self.slots[b].todo), budget)
-                width = max(T, take)
-                if batch and any(self.slots[c].pos + width > self.cache_len for c, _ in batch + [(b, 0)]):
-                    break  # the right padding would run past a row's cache
-                batch.append((b, take))
-                T, budget = width, budget - take
-                if budget == 0:
+            adapter = self.slots[pending[0]].request.adapter  # a packed forward is one row: one adapter
+            batch = []
+            for b in pending:
+                if len(batch) == self.config.prefill_rows or budget == 0:
                     break
-            self._prefill_isolated(batch, T)
+                if self.slots[b].request.adapter == adapter:
+                    take = min(len(self.slots[b].todo), budget)
+                    batch.append((b, take))
+                    budget -= take
+            self._prefill_isolated(batch)
             pending = [b for b in pending if self.slots[b].request is not None and self.slots[b].todo]
         return total - budget
 
-    def _prefill_isolated(self, batch: list[tuple[int, int]], T: int) -> None:
+    def _prefill_isolated(self, batch: list[tuple[int, int]]) -> None:
         """_prefill; when it raises, each row again alone, so a request whose own prefill fails (a broken adapter)
         ends with "error" by itself and the others go on. (A row's cache and tokens change only after its forward.)"""
         try:
-            self._prefill(batch, T)
+            self._prefill(batch)
         except Exception as e:
             if len(batch) > 1:
                 for b, take in batch:
-                    self._prefill_isolated([(b, take)], take)
+                    self._prefill_isolated([(b, take)])
                 return
             req = self.slots[batch[0][0]].request
             print(f"[request {req.key}: prefill failed: {type(e).__name__}: {e}]", file=sys.stderr, flush=True)
             self._free(batch[0][0], "error")
             self.failed.append(Event(req, None, "error"))
 
-    def _prefill(self, batch: list[tuple[int, int]], T: int) -> None:
-        """Run each row's next `take` prompt tokens into its cache row, right-padded to T; a row whose prompt is now
-        all in gets its last position's logits. Pads write past the row's tokens, where causal masking hides them
-        until the row's own tokens overwrite them."""
-        rows = [b for b, _ in batch]
-        starts = [self.slots[b].pos for b in rows]
-        tokens = torch.full((len(batch), T), self.config.pad_id, dtype=torch.long)
-        for i, (b, take) in enumerate(batch):
-            tokens[i, :take] = torch.tensor(self.slots[b].todo[:take])
-        same = len(set(starts)) == 1  # an int start: the plain causal path when it is 0
-        step = CacheStep(starts[0] if same else torch.tensor(starts, device=self.device),
-                         rows=torch.tensor(rows, device=self.device),
-                         keys=None if same else max(starts) + T)
-        self._set_adapters([self.slots[b].request.adapter for b in rows])
-        hidden = self.model(tokens.to(self.device), start_pos=step, return_hidden=True)  # (n, T, D)
+    def _prefill(self, batch: list[tuple[int, int]]) -> None:
+        """Run each row's next `take` prompt tokens into its cache row, all packed into one row of the forward
+        (no padding: attention.CacheStep.packed); a row whose prompt is now all in gets its last position's
+        logits."""
+        starts = [self.slots[b].pos for b, _ in batch]
+        tokens = torch.tensor([[t for b, take in batch for t in self.slots[b].todo[:take]]])  # (1, N)
+        step = CacheStep.packed([(b, start, take) for (b, take), start in zip(batch, starts)])
+        self._set_adapters([self.slots[batch[0][0]].request.adapter])
+        hidden = self.model(tokens.to(self.device), start_pos=step, return_hidden=True)[0]  # (N, D)
+        ends = [sum(take for _, take in batch[:i + 1]) for i in range(len(batch))]  # each row's end in hidden
         done = []
         for i, (b, take) in enumerate(batch):
             row = self.slots[b]
             row.held += row.todo[:take]
             row.todo = row.todo[take:]
             if not row.todo:
-                done.append((i, b, take))
-        self.stats["prefilled"] += sum(take for _, take in batch)
+                done.append((b, ends[i] - 1))
+        self.stats["prefilled"] += ends[-1]
         for i, (b, take) in enumerate(batch):
             if self.slots[b].request.prompt_logprobs:
-                self._prompt_logprobs(b, hidden[i, :take], starts[i])
+                self._prompt_logprobs(b, hidden[ends[i] - take:ends[i]], starts[i])
         if done:
-            last = hidden[[i for i, _, _ in done], [take - 1 for _, _, take in done]]  # (d, D)
-            self.logits[[b for _, b, _ in done]] = self.model.output(last).float()
-        for _, b, _ in done:
+            last = hidden[[i for _, i in done]]  # (d, D)
+            self.logits[[b for b, _ in done]] = self.model.output(last).float()
+        for b, _ in done:
             self._start_decoding(b)
             self._fork(b)
 
