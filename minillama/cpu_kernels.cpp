@@ -1,0 +1,129 @@
+// minillama's CPU kernel (built on first use by minillama/cpu_kernels.py, for this machine's instruction set).
+//
+// small_linear: y (M, out) = x (M, in) @ w^T for the few rows of a decode step (M <= MAX_ROWS), w (out, in) float32
+// or bfloat16, accumulated in float32 (bfloat16 weights widened exactly), y in x's dtype. Each block of R weight rows
+// is read from memory once for all M input rows (groups of G rows, the block stays in L1 between groups), the
+// blocks are split over ATen's OpenMP threads, and the block PREFETCH bytes ahead is prefetched. Each output is one
+// dot product in a fixed order, so a row's result does not depend on M (batch-invariant). On the project's 2-core
+// Intel Xeon, 30 layers of SmolLM2-135M's weights: bf16 12-14 ms vs F.linear's 24 ms (1 row) and 16 vs 30 ms
+// (4 rows); float32 4 rows at the cost of one.
+//
+// Build: -O3 -march=native -fopenmp (without -fopenmp at::parallel_for runs on one thread).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t R = 4;            // weight rows per block
+constexpr int64_t G = 4;            // input rows per group (G x R accumulators)
+constexpr int64_t MAX_ROWS = 16;    // input rows this kernel takes
+constexpr int64_t PREFETCH = 4096;  // bytes ahead of the block being read
+
+#if defined(__AVX512F__)
+constexpr int64_t LANES = 16;
+using vec = __m512;
+inline vec zero() { return _mm512_setzero_ps(); }
+inline vec load(const float *p) { return _mm512_loadu_ps(p); }
+inline vec load(const at::BFloat16 *p) {  // LANES bf16 -> float32, exact: the bits shifted into the high half
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float sum(vec a) { return _mm512_reduce_add_ps(a); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t LANES = 8;
+using vec = __m256;
+inline vec zero() { return _mm256_setzero_ps(); }
+inline vec load(const float *p) { return _mm256_loadu_ps(p); }
+inline vec load(const at::BFloat16 *p) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float sum(vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+#else
+#error "minillama's CPU kernel needs AVX2 + FMA or AVX-512"
+#endif
+
+// y[m, n0 + r] for the n rows (<= R) of weight from row n0 and input rows m0..m0+g (g <= G); x float32 (M, in)
+template <typename W, int64_t g, int64_t n>
+void block(const float *x, const W *w, float *y, int64_t in, int64_t out, int64_t m0, int64_t n0) {
+    vec acc[g][n];
+    for (int64_t i = 0; i < g; i++)
+        for (int64_t r = 0; r < n; r++) acc[i][r] = zero();
+    const W *wb = w + n0 * in;
+    const char *ahead = reinterpret_cast<const char *>(wb) + PREFETCH;
+    const int64_t full = in / LANES * LANES;
+    for (int64_t k = 0; k < full; k += LANES) {
+        vec wv[n];
+        for (int64_t r = 0; r < n; r++) wv[r] = load(wb + r * in + k);
+        if (k % (64 / sizeof(W)) == 0)  // n lines per line of each row: a linear sweep PREFETCH bytes ahead
+            for (int64_t r = 0; r < n; r++)
+                _mm_prefetch(ahead + (k / (64 / sizeof(W)) * n + r) * 64, _MM_HINT_T0);
+        for (int64_t i = 0; i < g; i++) {
+            const vec xv = load(x + (m0 + i) * in + k);
+            for (int64_t r = 0; r < n; r++) acc[i][r] = fma(wv[r], xv, acc[i][r]);
+        }
+    }
+    for (int64_t i = 0; i < g; i++)
+        for (int64_t r = 0; r < n; r++) {
+            float s = sum(acc[i][r]);
+            for (int64_t k = full; k < in; k++)
+                s += static_cast<float>(wb[r * in + k]) * x[(m0 + i) * in + k];
+            y[(m0 + i) * out + n0 + r] = s;
+        }
+}
+
+template <typename W, int64_t g>
+void rows_of(const float *x, const W *w, float *y, int64_t in, int64_t out, int64_t m0, int64_t n0, int64_t n) {
+    switch (n) {
+        case 4: block<W, g, 4>(x, w, y, in, out, m0, n0); break;
+        case 3: block<W, g, 3>(x, w, y, in, out, m0, n0); break;
+        case 2: block<W, g, 2>(x, w, y, in, out, m0, n0); break;
+        default: block<W, g, 1>(x, w, y, in, out, m0, n0);
+    }
+}
+
+template <typename W>
+void product(const float *x, const W *w, float *y, int64_t M, int64_t in, int64_t out) {
+    const int64_t blocks = (out + R - 1) / R;
+    at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; b++) {
+            const int64_t n0 = b * R, n = std::min(R, out - n0);
+            for (int64_t m0 = 0; m0 < M; m0 += G) {
+                switch (std::min(G, M - m0)) {
+                    case 4: rows_of<W, 4>(x, w, y, in, out, m0, n0, n); break;
+                    case 3: rows_of<W, 3>(x, w, y, in, out, m0, n0, n); break;
+                    case 2: rows_of<W, 2>(x, w, y, in, out, m0, n0, n); break;
+                    default: rows_of<W, 1>(x, w, y, in, out, m0, n0, n);
+                }
+            }
+        }
+    });
+}
+
+at::Tensor small_linear(const at::Tensor &x, const at::Tensor &w) {
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, in), w (out, in)");
+    TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= MAX_ROWS, "small_linear: 1 to ", MAX_ROWS, " rows of input");
+    TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+                "small_linear: w must be a contiguous float32 or bfloat16 tensor");
+    const auto xf = x.to(at::kFloat).contiguous();
+    const int64_t M = x.size(0), in = x.size(1), out = w.size(0);
+    auto y = at::empty({M, out}, xf.options());
+    if (w.scalar_type() == at::kFloat)
+        product(xf.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), M, in, out);
+    else
+        product(xf.data_ptr<float>(), w.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M, in, out);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(minillama_cpu, m) { m.def("small_linear(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY_IMPL(minillama_cpu, CPU, m) { m.impl("small_linear", &small_linear); }
