@@ -1,7 +1,8 @@
 // minillama's CPU kernel (built on first use by minillama/cpu_kernels.py, for this machine's instruction set).
 //
 // small_linear: y (M, out) = x (M, in) @ w^T for the few rows of a decode step (M <= MAX_ROWS), w (out, in) float32
-// or bfloat16, accumulated in float32 (bfloat16 weights widened exactly), y in x's dtype. Each block of R weight rows
+// or bfloat16, or int8 codes times a per-row scale (weight-only int8), accumulated in float32 (bf16 and int8 widened
+// exactly), y in x's dtype. Each block of R weight rows
 // is read from memory once for all M input rows (groups of G rows, the block stays in L1 between groups), the
 // blocks are split over ATen's OpenMP threads, and the block PREFETCH bytes ahead is prefetched. Each output is one
 // dot product in a fixed order, so a row's result does not depend on M (batch-invariant). On the project's 2-core
@@ -30,6 +31,9 @@ inline vec load(const at::BFloat16 *p) {  // LANES bf16 -> float32, exact: the b
     __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+inline vec load(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))));
+}
 inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float sum(vec a) { return _mm512_reduce_add_ps(a); }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -41,6 +45,9 @@ inline vec load(const at::BFloat16 *p) {
     __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline vec load(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))));
+}
 inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline float sum(vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -51,9 +58,10 @@ inline float sum(vec a) {
 #error "minillama's CPU kernel needs AVX2 + FMA or AVX-512"
 #endif
 
-// y[m, n0 + r] for the n rows (<= R) of weight from row n0 and input rows m0..m0+g (g <= G); x float32 (M, in)
+// y[m, n0 + r] for the n rows (<= R) of weight from row n0 and input rows m0..m0+g (g <= G); x float32 (M, in);
+// scale: per weight row (int8 codes), or null
 template <typename W, int64_t g, int64_t n>
-void block(const float *x, const W *w, float *y, int64_t in, int64_t out, int64_t m0, int64_t n0) {
+void block(const float *x, const W *w, const float *scale, float *y, int64_t in, int64_t out, int64_t m0, int64_t n0) {
     vec acc[g][n];
     for (int64_t i = 0; i < g; i++)
         for (int64_t r = 0; r < n; r++) acc[i][r] = zero();
@@ -76,54 +84,65 @@ void block(const float *x, const W *w, float *y, int64_t in, int64_t out, int64_
             float s = sum(acc[i][r]);
             for (int64_t k = full; k < in; k++)
                 s += static_cast<float>(wb[r * in + k]) * x[(m0 + i) * in + k];
-            y[(m0 + i) * out + n0 + r] = s;
+            y[(m0 + i) * out + n0 + r] = scale ? s * scale[n0 + r] : s;
         }
 }
 
 template <typename W, int64_t g>
-void rows_of(const float *x, const W *w, float *y, int64_t in, int64_t out, int64_t m0, int64_t n0, int64_t n) {
+void rows_of(const float *x, const W *w, const float *scale, float *y, int64_t in, int64_t out, int64_t m0,
+             int64_t n0, int64_t n) {
     switch (n) {
-        case 4: block<W, g, 4>(x, w, y, in, out, m0, n0); break;
-        case 3: block<W, g, 3>(x, w, y, in, out, m0, n0); break;
-        case 2: block<W, g, 2>(x, w, y, in, out, m0, n0); break;
-        default: block<W, g, 1>(x, w, y, in, out, m0, n0);
+        case 4: block<W, g, 4>(x, w, scale, y, in, out, m0, n0); break;
+        case 3: block<W, g, 3>(x, w, scale, y, in, out, m0, n0); break;
+        case 2: block<W, g, 2>(x, w, scale, y, in, out, m0, n0); break;
+        default: block<W, g, 1>(x, w, scale, y, in, out, m0, n0);
     }
 }
 
 template <typename W>
-void product(const float *x, const W *w, float *y, int64_t M, int64_t in, int64_t out) {
+void product(const float *x, const W *w, const float *scale, float *y, int64_t M, int64_t in, int64_t out) {
     const int64_t blocks = (out + R - 1) / R;
     at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; b++) {
             const int64_t n0 = b * R, n = std::min(R, out - n0);
             for (int64_t m0 = 0; m0 < M; m0 += G) {
                 switch (std::min(G, M - m0)) {
-                    case 4: rows_of<W, 4>(x, w, y, in, out, m0, n0, n); break;
-                    case 3: rows_of<W, 3>(x, w, y, in, out, m0, n0, n); break;
-                    case 2: rows_of<W, 2>(x, w, y, in, out, m0, n0, n); break;
-                    default: rows_of<W, 1>(x, w, y, in, out, m0, n0, n);
+                    case 4: rows_of<W, 4>(x, w, scale, y, in, out, m0, n0, n); break;
+                    case 3: rows_of<W, 3>(x, w, scale, y, in, out, m0, n0, n); break;
+                    case 2: rows_of<W, 2>(x, w, scale, y, in, out, m0, n0, n); break;
+                    default: rows_of<W, 1>(x, w, scale, y, in, out, m0, n0, n);
                 }
             }
         }
     });
 }
 
-at::Tensor small_linear(const at::Tensor &x, const at::Tensor &w) {
+at::Tensor small_linear(const at::Tensor &x, const at::Tensor &w, const c10::optional<at::Tensor> &scale) {
     TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, in), w (out, in)");
     TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= MAX_ROWS, "small_linear: 1 to ", MAX_ROWS, " rows of input");
-    TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
-                "small_linear: w must be a contiguous float32 or bfloat16 tensor");
+    const auto kind = w.scalar_type();
+    TORCH_CHECK(w.is_contiguous() && (kind == at::kFloat || kind == at::kBFloat16 || kind == at::kChar),
+                "small_linear: w must be a contiguous float32, bfloat16 or int8 tensor");
+    TORCH_CHECK((kind == at::kChar) == scale.has_value(), "small_linear: int8 codes need a scale, others none");
     const auto xf = x.to(at::kFloat).contiguous();
     const int64_t M = x.size(0), in = x.size(1), out = w.size(0);
+    at::Tensor sf;
+    if (scale.has_value()) {
+        sf = scale->to(at::kFloat).contiguous();
+        TORCH_CHECK(sf.dim() == 1 && sf.size(0) == out, "small_linear: scale (out,)");
+    }
+    const float *sp = scale.has_value() ? sf.data_ptr<float>() : nullptr;
     auto y = at::empty({M, out}, xf.options());
-    if (w.scalar_type() == at::kFloat)
-        product(xf.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), M, in, out);
+    if (kind == at::kFloat)
+        product(xf.data_ptr<float>(), w.data_ptr<float>(), sp, y.data_ptr<float>(), M, in, out);
+    else if (kind == at::kBFloat16)
+        product(xf.data_ptr<float>(), w.data_ptr<at::BFloat16>(), sp, y.data_ptr<float>(), M, in, out);
     else
-        product(xf.data_ptr<float>(), w.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M, in, out);
+        product(xf.data_ptr<float>(), w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, in, out);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 }  // namespace
 
-TORCH_LIBRARY(minillama_cpu, m) { m.def("small_linear(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY(minillama_cpu, m) { m.def("small_linear(Tensor x, Tensor w, Tensor? scale=None) -> Tensor"); }
 TORCH_LIBRARY_IMPL(minillama_cpu, CPU, m) { m.impl("small_linear", &small_linear); }

@@ -1,7 +1,7 @@
 """minillama's own CPU kernel (cpu_kernels.cpp), compiled once per machine on first use, for its instruction set.
 
 One kernel: `small_linear`, the matrix product of a decode step (1 to MAX_ROWS rows of input) against a float32 or
-bfloat16 weight, streamed from memory once for all rows. torch's products for so few rows are far from the memory's
+bfloat16 weight, or weight-only int8 codes with a per-row scale, streamed from memory once for all rows. torch's products for so few rows are far from the memory's
 speed on a CPU: MKL's sgemm leaves its memory-bound path from 3-4 rows, and oneDNN's bf16 product reads ~13-16 GB/s
 where a plain stream reads 25-30 (the project's Intel Xeon, two threads) and pays ~24 us per call.
 
@@ -124,12 +124,13 @@ def _load() -> bool:
     return False
 
 
-def small_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, in) @ weight^T, M in 1..MAX_ROWS, weight (out, in) contiguous float32 or bfloat16 -> (M, out) in x's
-    dtype, accumulated in float32. Call only where `available()`."""
-    return torch.ops.minillama_cpu.small_linear(x, weight)
+def small_linear(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, in) @ weight^T, M in 1..MAX_ROWS, weight (out, in) contiguous float32 or bfloat16, or int8 codes with a
+    per-row scale (out,) (weight-only int8: x @ codes^T * scale) -> (M, out) in x's dtype, accumulated in float32.
+    Call only where `available()`."""
+    return torch.ops.minillama_cpu.small_linear(x, weight, scale)
 
 
-def _small_linear_shape(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _small_linear_shape(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """small_linear's output for torch.compile's tracing: (M, out) in x's dtype."""
     return x.new_empty(x.shape[0], weight.shape[0])

@@ -9,8 +9,10 @@ What is quantized: every layer linear, the output head (int8 under int4 too), an
 (E, out, in), each expert as its own matrix (QuantizedStack, run by moe.QuantizedExperts one routed expert at a
 time: no grouped kernel takes these formats). Embeddings, norms and the MoE router stay in float.
 
-On CPU the matmul runs PyTorch's packed kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu), which
-read the 1- or 0.5-byte weights directly; on a CUDA GPU (compute capability 8.0 and up) int4 runs
+On CPU a decode step's int8 product (1-16 rows) runs minillama's own kernel (cpu_kernels.small_linear: the codes
+streamed once for all rows, widened to float32, times the row's scale), where it can be built; otherwise, and for
+int4, PyTorch's packed kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu), which read the 1- or
+0.5-byte weights directly; on a CUDA GPU (compute capability 8.0 and up) int4 runs
 torch._weight_int4pack_mm (gpt-fast's tinygemm kernel, bfloat16 activations). Elsewhere, and for shapes a kernel
 refuses (int4 rows not a multiple of 16 on CPU, of 8 on CUDA), the weight is dequantized to the activations' dtype
 for each matmul. Scales follow the model's dtype (a bfloat16 model keeps bfloat16 scales, as gpt-fast does; the codes
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .moe import Experts, QuantizedExperts
 
 INT4_GROUPS = (128, 64, 32)  # the largest (up to the asked one) that divides a row is used
@@ -137,6 +140,11 @@ class Int8Weight(nn.Module):
         scale = self.scale.to(x.dtype)
         if x.device.type == "cpu" and x.numel() >= DEQUANT_ROWS * self.shape[1] and not torch.is_grad_enabled():
             return F.linear(x.float(), self.dequantize(dtype=torch.float32)).to(x.dtype)
+        rows = x.numel() // self.shape[1]
+        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and 1 <= rows <= cpu_kernels.MAX_ROWS
+                and cpu_kernels.available()):  # a decode step: minillama's kernel streams the codes once
+            y = cpu_kernels.small_linear(x.reshape(rows, self.shape[1]), self.packed, self.scale)  # (M, out)
+            return y.view(*x.shape[:-1], self.shape[0])
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
             y = torch._weight_int8pack_mm(x.reshape(-1, self.shape[1]).contiguous(), self.packed, scale)  # (M, out)
             return y.view(*x.shape[:-1], self.shape[0])

@@ -172,3 +172,23 @@ def test_the_model_s_linears_are_this_layer_with_nn_linear_s_names():
     model = tiny_model()
     assert isinstance(model.layers[0].attention.wq, L.Linear) and isinstance(model.output, torch.nn.Linear)
     assert "layers.0.feed_forward.w1.weight" in model.state_dict()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,out,n_in", [(1, 40, 24), (4, 7, 1000), (16, 576, 576)])
+def test_the_kernel_s_int8_product_is_codes_times_row_scales(rows, out, n_in, dtype):
+    """Weight-only int8 (weight_only.Int8Weight's decode step): x @ codes^T * scale, in float32 to rounding (bf16:
+    one rounding of the result); a float weight takes no scale and int8 codes need one."""
+    torch.manual_seed(4)
+    q = torch.randint(-127, 128, (out, n_in), dtype=torch.int8)
+    scale, x = (torch.rand(out) / 100).to(dtype), torch.randn(rows, n_in).to(dtype)
+    y = cpu_kernels.small_linear(x, q, scale)
+    exact = (x.double() @ q.double().t()) * scale.double()
+    assert y.dtype == dtype and y.shape == (rows, out)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3
+    assert (y.double() - exact).abs().max() <= tol * exact.abs().max()
+    with pytest.raises(RuntimeError, match="need a scale"):
+        cpu_kernels.small_linear(x, q)
+    with pytest.raises(RuntimeError, match="need a scale"):
+        cpu_kernels.small_linear(x, q.to(dtype), scale)

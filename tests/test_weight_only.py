@@ -97,25 +97,32 @@ def test_int4_cuda_layout_follows_the_kernels_documented_packing(monkeypatch):
     assert weight_only.inner_k_tiles(256) == 8 and weight_only.inner_k_tiles(96) == 2
 
 
+@pytest.mark.parametrize("ours", [True, False])  # minillama's CPU kernel built here / not
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_prefill_rows_take_the_dequantized_float32_product(dtype, monkeypatch):
+def test_int8_prefill_rows_take_the_dequantized_float32_product(dtype, ours, monkeypatch):
+    """From DEQUANT_ROWS rows the dequantized float32 product; below, a decode step's 1-16 rows go through
+    minillama's kernel where it is built (else torch's packed kernel), the same product to rounding."""
     import minillama.weight_only as wo
+    if ours and not wo.cpu_kernels.available():
+        pytest.skip("minillama's CPU kernel cannot be built here")
+    monkeypatch.setattr(wo.cpu_kernels, "available", lambda: ours)
     w = torch.randn(48, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
     q = Int8Weight(w)
     x = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(4)).to(dtype)  # 12 rows
     calls = []
-    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or kernel(*a))
-    kernel = torch.ops.aten._weight_int8pack_mm
+    kernel, small = torch.ops.aten._weight_int8pack_mm, wo.cpu_kernels.small_linear
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append("packed") or kernel(*a))
+    monkeypatch.setattr(wo.cpu_kernels, "small_linear", lambda *a: calls.append("ours") or small(*a))
     monkeypatch.setattr(wo, "DEQUANT_ROWS", 12)
     with torch.no_grad():
         got = q.linear(x)
-    assert not calls  # the float32 product of the dequantized weight, not the packed kernel
+    assert not calls  # the float32 product of the dequantized weight, not a kernel
     assert got.dtype == dtype
     assert torch.equal(got, F.linear(x.float(), q.dequantize(dtype=torch.float32)).to(dtype))
     monkeypatch.setattr(wo, "DEQUANT_ROWS", 13)
     with torch.no_grad():
         kept = q.linear(x)
-    assert calls  # 12 rows < 13: the packed kernel
+    assert calls == ["ours" if ours else "packed"]  # 12 rows < 13: a decode step's kernel
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (kept.float() - got.float()).abs().max().item() <= tol * got.float().abs().max().item()
 
