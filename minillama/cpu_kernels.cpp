@@ -15,6 +15,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <vector>
+
 namespace {
 
 constexpr int64_t R = 4;            // weight rows per block
@@ -117,6 +119,16 @@ void product(const float *x, const W *w, const float *scale, float *y, int64_t M
     });
 }
 
+// a float32 view of t (M x n values): t's own data, or t converted into buf (bfloat16)
+const float *as_float(const at::Tensor &t, std::vector<float> &buf) {
+    if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16, "small_linear: float32 or bfloat16 input and scale");
+    const at::BFloat16 *p = t.data_ptr<at::BFloat16>();
+    buf.resize(t.numel());
+    for (int64_t i = 0; i < t.numel(); i++) buf[i] = static_cast<float>(p[i]);
+    return buf.data();
+}
+
 at::Tensor small_linear(const at::Tensor &x, const at::Tensor &w, const c10::optional<at::Tensor> &scale) {
     TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, in), w (out, in)");
     TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= MAX_ROWS, "small_linear: 1 to ", MAX_ROWS, " rows of input");
@@ -124,22 +136,27 @@ at::Tensor small_linear(const at::Tensor &x, const at::Tensor &w, const c10::opt
     TORCH_CHECK(w.is_contiguous() && (kind == at::kFloat || kind == at::kBFloat16 || kind == at::kChar),
                 "small_linear: w must be a contiguous float32, bfloat16 or int8 tensor");
     TORCH_CHECK((kind == at::kChar) == scale.has_value(), "small_linear: int8 codes need a scale, others none");
-    const auto xf = x.to(at::kFloat).contiguous();
     const int64_t M = x.size(0), in = x.size(1), out = w.size(0);
-    at::Tensor sf;
-    if (scale.has_value()) {
-        sf = scale->to(at::kFloat).contiguous();
-        TORCH_CHECK(sf.dim() == 1 && sf.size(0) == out, "small_linear: scale (out,)");
-    }
-    const float *sp = scale.has_value() ? sf.data_ptr<float>() : nullptr;
-    auto y = at::empty({M, out}, xf.options());
+    TORCH_CHECK(!scale.has_value() || (scale->dim() == 1 && scale->size(0) == out && scale->is_contiguous()),
+                "small_linear: scale (out,) contiguous");
+    // no ATen ops but the output's allocation: at a decode step's ~200 products, conversions through the
+    // dispatcher cost ~1 ms per step
+    const at::Tensor xc = x.contiguous();
+    std::vector<float> xbuf, sbuf, ybuf;
+    const float *xf = as_float(xc, xbuf), *sp = scale.has_value() ? as_float(*scale, sbuf) : nullptr;
+    auto y = at::empty({M, out}, x.options());
+    float *yf = x.scalar_type() == at::kFloat ? y.data_ptr<float>() : (ybuf.resize(M * out), ybuf.data());
     if (kind == at::kFloat)
-        product(xf.data_ptr<float>(), w.data_ptr<float>(), sp, y.data_ptr<float>(), M, in, out);
+        product(xf, w.data_ptr<float>(), sp, yf, M, in, out);
     else if (kind == at::kBFloat16)
-        product(xf.data_ptr<float>(), w.data_ptr<at::BFloat16>(), sp, y.data_ptr<float>(), M, in, out);
+        product(xf, w.data_ptr<at::BFloat16>(), sp, yf, M, in, out);
     else
-        product(xf.data_ptr<float>(), w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, in, out);
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+        product(xf, w.data_ptr<int8_t>(), sp, yf, M, in, out);
+    if (x.scalar_type() != at::kFloat) {  // rounded to bfloat16 as Tensor.to does (round to nearest even)
+        at::BFloat16 *yb = y.data_ptr<at::BFloat16>();
+        for (int64_t i = 0; i < M * out; i++) yb[i] = at::BFloat16(ybuf[i]);
+    }
+    return y;
 }
 
 }  // namespace
