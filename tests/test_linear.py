@@ -2,6 +2,7 @@
 minillama's own kernel (cpu_kernels.small_linear) against F.linear, its build and its fallback."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -192,3 +193,33 @@ def test_the_kernel_s_int8_product_is_codes_times_row_scales(rows, out, n_in, dt
         cpu_kernels.small_linear(x, q)
     with pytest.raises(RuntimeError, match="need a scale"):
         cpu_kernels.small_linear(x, q.to(dtype), scale)
+
+
+@needs_kernel
+def test_the_avx2_build_computes_the_same_products(tmp_path):
+    """The kernel built for AVX2 + FMA only (-march=haswell: CPUs without AVX-512, e.g. AMD Zen 2/3) gives the same
+    products, float32, bf16 and int8, tails included; run in its own process (one minillama_cpu library per
+    process)."""
+    code = f"""
+import torch, torch.nn.functional as F
+from pathlib import Path
+from minillama import cpu_kernels
+out = Path({str(tmp_path / "avx2.so")!r})
+cpu_kernels.build(out, arch="haswell")
+torch.ops.load_library(str(out))
+torch.manual_seed(0)
+for dt, tol in ((torch.float32, 1e-6), (torch.bfloat16, 8e-3)):
+    for M in (1, 3, 4, 5, 16):
+        for o, i in ((40, 24), (7, 1001), (3, 5)):
+            x, w = torch.randn(M, i).to(dt), torch.randn(o, i).to(dt)
+            q, s = torch.randint(-127, 128, (o, i), dtype=torch.int8), torch.rand(o).to(dt)
+            for y, exact in ((torch.ops.minillama_cpu.small_linear(x, w, None), F.linear(x.double(), w.double())),
+                             (torch.ops.minillama_cpu.small_linear(x, q, s), (x.double() @ q.double().t()) * s.double())):
+                assert y.dtype == dt and (y.double() - exact).abs().max() <= tol * exact.abs().max(), (dt, M, o, i)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok"], proc.stderr[-2000:]
+    if shutil.which("objdump"):  # binutils: no AVX-512 register in it
+        assert "zmm" not in subprocess.run(["objdump", "-d", str(tmp_path / "avx2.so")], capture_output=True,
+                                           text=True).stdout
