@@ -1,9 +1,10 @@
 """minillama's own CPU kernel (cpu_kernels.cpp), compiled once per machine on first use, for its instruction set.
 
 One kernel: `small_linear`, the matrix product of a decode step (1 to MAX_ROWS rows of input) against a float32 or
-bfloat16 weight, or weight-only int8 codes with a per-row scale, streamed from memory once for all rows. torch's products for so few rows are far from the memory's
-speed on a CPU: MKL's sgemm leaves its memory-bound path from 3-4 rows, and oneDNN's bf16 product reads ~13-16 GB/s
-where a plain stream reads 25-30 (the project's Intel Xeon, two threads) and pays ~24 us per call.
+bfloat16 weight, or weight-only int8 codes with a per-row scale, streamed from memory once for all rows. torch's
+products for so few rows are far from the memory's speed on a CPU: MKL's sgemm leaves its memory-bound path from
+3-4 rows, oneDNN's bf16 product reads ~13-16 GB/s where a plain stream reads 25-30 (the project's Intel Xeon, two
+threads) and pays ~24 us per call, and _weight_int8pack_mm reads 11-12 GB/s of codes where this kernel reads 21-23.
 
 It needs an x86-64 CPU with AVX2 + FMA (AVX-512 where present) and a C++ compiler (`$CXX`, else `c++`/`g++`: the one
 torch.compile's inductor uses on CPU). It is built with torch's headers and OpenMP into `$MINILLAMA_CACHE` (default

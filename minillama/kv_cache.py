@@ -33,7 +33,8 @@ class KVCache:
         """
         B, _, T, _ = k.shape
         if step.spans is not None:  # packed rows: every token to its own (row, slot); attention slices the rows
-            if max(s + n for _, s, n in step.spans) > self.k.shape[2] or max(r for r, _, _ in step.spans) >= len(self.k):
+            B_cache = self.k.shape[0]
+            if max(s + n for _, s, n in step.spans) > self.k.shape[2] or max(r for r, _, _ in step.spans) >= B_cache:
                 raise ValueError(f"packed spans {step.spans} do not fit the KV cache {tuple(self.k.shape)}")
             rows, slots = step.span_rows(k.device), step.slots(1, T, k.device)[0]  # (N,), (N,)
             self.k[rows, :, slots] = k[0].transpose(0, 1)  # (N, K, D)

@@ -11,8 +11,9 @@ and the HTTP server are thin users of it.
 One step: free rows take waiting requests in order, the lowest free row first so a decode forward runs only rows
 0..last busy; the decode forward of the tokens earlier steps returned (each row's new token fed back, together,
 attending over only the slots the rows hold); prompts are prefilled together in one forward (packed back to back
-without padding, up to prefill_rows at once, one adapter per forward), a long one in chunks between decode steps so running rows keep their pace; every decoding
-row picks its next token (_pick: the one place tokens are chosen) and the step returns them;
+without padding, up to prefill_rows at once, one adapter per forward), a long one in chunks between decode steps so
+running rows keep their pace; every decoding row picks its next token (_pick: the one place tokens are chosen) and
+the step returns them;
 rows that end (a stop token, max_new_tokens, or cancel()) are freed. Returning a token before its decode forward
 takes one forward off every token's latency, the first included. Which rows finish is a host decision, so a step
 syncs once; step(max_steps) may run several decode steps on the device alone while nothing waits (generate() does:
@@ -40,6 +41,7 @@ Shape letters: B cache rows, T tokens per row in a forward, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 from collections import deque
 from dataclasses import dataclass, field
@@ -401,7 +403,7 @@ class Engine:
         step = CacheStep.packed([(b, start, take) for (b, take), start in zip(batch, starts)])
         self._set_adapters([self.slots[batch[0][0]].request.adapter])
         hidden = self.model(tokens.to(self.device), start_pos=step, return_hidden=True)[0]  # (N, D)
-        ends = [sum(take for _, take in batch[:i + 1]) for i in range(len(batch))]  # each row's end in hidden
+        ends = list(itertools.accumulate(take for _, take in batch))  # each row's end in hidden
         done = []
         for i, (b, take) in enumerate(batch):
             row = self.slots[b]
