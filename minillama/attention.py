@@ -248,13 +248,21 @@ def span_mask(spans: tuple, device, sliding_window: Optional[int] = None) -> Att
     return AttnMask(causal_only=False, spans=out)
 
 
-def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list) -> torch.Tensor:
-    """Each span's queries over its own cache row, one SDPA call per span (k/v keep their kv heads).
-    q (1, H, N, D), k/v the cache (B_cache, K, S_cache, D) -> (1, H, N, D)."""
-    gqa = q.shape[1] != k.shape[1]
-    parts = [F.scaled_dot_product_attention(q[:, :, o:o + n], k[r:r + 1, :, :S], v[r:r + 1, :, :S], attn_mask=m,
-                                            is_causal=m is None and n > 1, enable_gqa=gqa)
-             for r, o, n, S, m in spans]
+def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list,
+                   repeat_kv: Optional[bool] = None) -> torch.Tensor:
+    """Each span's queries over its own cache row, one SDPA call per span. q (1, H, N, D), k/v the cache
+    (B_cache, K, S_cache, D) -> (1, H, N, D). k/v keep their kv heads (enable_gqa), except a masked span with
+    repeat_kv (default: on a GPU), whose row's k/v are repeated to H heads: CUDA's kernels that take a mask do not
+    take grouped heads, and the math fallback would hold (H, n, S) attention weights."""
+    n_rep = q.shape[1] // k.shape[1]
+    repeat_kv = q.is_cuda if repeat_kv is None else repeat_kv
+    parts = []
+    for r, o, n, S, m in spans:
+        ks, vs = k[r:r + 1, :, :S], v[r:r + 1, :, :S]  # (1, K, S, D)
+        if n_rep > 1 and m is not None and repeat_kv:
+            ks, vs = ks.repeat_interleave(n_rep, dim=1), vs.repeat_interleave(n_rep, dim=1)  # (1, H, S, D)
+        parts.append(F.scaled_dot_product_attention(q[:, :, o:o + n], ks, vs, attn_mask=m,
+                                                    is_causal=m is None and n > 1, enable_gqa=ks.shape[1] != q.shape[1]))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 

@@ -185,6 +185,22 @@ def test_packed_cache_step_equals_each_row_alone(overrides):
         CacheStep.packed([(0, 0, 2), (0, 2, 1)])
 
 
+def test_span_attention_repeating_kv_heads_equals_grouped_heads():
+    """The GPU's way (a masked span's k/v repeated to every query head, for CUDA's masked kernels) equals the CPU's
+    (grouped heads, enable_gqa), on CPU."""
+    from minillama.attention import span_attention, span_mask
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 4, 9, 8, generator=g)  # (1, H, N, D): spans of 5 and 4 queries
+    k, v = torch.randn(3, 2, 20, 8, generator=g), torch.randn(3, 2, 20, 8, generator=g)  # cache (B, K, S, D)
+    spans = span_mask(((2, 7, 5), (0, 0, 4)), "cpu").spans  # row 2 continues at slot 7, row 0 starts at 0
+    grouped = span_attention(q, k, v, spans, repeat_kv=False)
+    torch.testing.assert_close(span_attention(q, k, v, spans, repeat_kv=True), grouped, atol=1e-6, rtol=1e-6)
+    full = k.repeat_interleave(2, 1)[2:3, :, :12], v.repeat_interleave(2, 1)[2:3, :, :12]  # row 2's 12 slots
+    mask = torch.arange(12)[None] <= 7 + torch.arange(5)[:, None]
+    torch.testing.assert_close(grouped[:, :, :5], torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, :5], *full, attn_mask=mask), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("overrides", [{}, {"n_experts": 4, "n_experts_per_tok": 2}, {"sliding_window": 5}])
 @torch.no_grad()
 def test_per_row_start_pos_and_cache_rows_equal_each_row_alone(overrides):
