@@ -168,24 +168,20 @@ class CacheStep:
     rows: Optional[torch.Tensor] = None
     keys: Optional[int] = None
     spans: Optional[tuple[tuple[int, int, int], ...]] = None
+    span_rows: Optional[torch.Tensor] = None  # a packed step's cache row and slot of every token (N,), built once
+    span_slots: Optional[torch.Tensor] = None
 
     @staticmethod
-    def packed(spans: list[tuple[int, int, int]]) -> "CacheStep":
+    def packed(spans: list[tuple[int, int, int]], device=None) -> "CacheStep":
         """Several cache rows' next tokens back to back in one row, without padding: tokens (1, N), N the sum of
         the counts; spans[i] = (cache row, first slot, count), host ints. Each span's tokens go to slots
         [first, first + count) of its row and attend causally over that row's slots [0, first + count)."""
         if not spans or any(n < 1 or s < 0 for _, s, n in spans) or len({r for r, _, _ in spans}) != len(spans):
             raise ValueError(f"packed cache spans must be distinct rows with counts >= 1, got {spans!r}")
-        return CacheStep(0, spans=tuple((int(r), int(s), int(n)) for r, s, n in spans))
-
-    @property
-    def n_tokens(self) -> int:
-        """Tokens of a packed step (the sum of its spans' counts)."""
-        return sum(n for _, _, n in self.spans)
-
-    def span_rows(self, device) -> torch.Tensor:
-        """The cache row of every token of a packed step. -> (N,)"""
-        return torch.tensor([r for r, _, n in self.spans for _ in range(n)], device=device)
+        spans = tuple((int(r), int(s), int(n)) for r, s, n in spans)
+        rows = torch.tensor([r for r, _, n in spans for _ in range(n)], device=device)  # (N,)
+        slots = torch.tensor([s + i for _, s, n in spans for i in range(n)], device=device)  # (N,)
+        return CacheStep(0, spans=spans, span_rows=rows, span_slots=slots)
 
     @property
     def fixed_shape(self) -> bool:
@@ -194,7 +190,7 @@ class CacheStep:
     def slots(self, B: int, T: int, device) -> torch.Tensor:
         """The cache slot of every token of this forward. -> (B, T)"""
         if self.spans is not None:  # (1, N)
-            return torch.tensor([[s + i for _, s, n in self.spans for i in range(n)]], device=device)
+            return self.span_slots.to(device)[None]
         start = self.start.to(device).reshape(-1, 1) if self.fixed_shape else self.start
         return (start + torch.arange(T, device=device)[None]).expand(B, T)
 
@@ -211,8 +207,6 @@ def cache_mask(step: CacheStep, T: int, S: int, device, sliding_window: Optional
 
     Key j is visible to row b's query at slot q iff pad_lens[b] <= j <= q (and q - j < sliding_window), or j == q.
     """
-    if step.spans is not None:
-        return span_mask(step.spans, device, sliding_window)
     pad_lens = step.pad_lens
     if not step.fixed_shape and pad_lens is None and sliding_window is None and step.start + T == S \
             and (T == S or T == 1):

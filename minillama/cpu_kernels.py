@@ -36,16 +36,19 @@ _state = {"loaded": False, "tried": False}
 _lock = threading.Lock()
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo), empty where they cannot be read."""
+def cpuinfo(field: str) -> str:
+    """The first value of `field` in Linux /proc/cpuinfo ('vendor_id': 'GenuineIntel', 'AuthenticAMD'; 'flags'), ''
+    where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() == field), "")
     except OSError:
-        pass
-    return set()
+        return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags, empty where they cannot be read."""
+    return set(cpuinfo("flags").split())
 
 
 def compiler() -> Optional[str]:
@@ -123,6 +126,19 @@ def _load() -> bool:
     if why != "MINILLAMA_CPU_KERNELS=0":
         warnings.warn(f"minillama's CPU kernel is not used ({why}); torch's products run instead", stacklevel=3)
     return False
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether small_linear takes this input (..., in): float32 or bf16 on a CPU, 1..MAX_ROWS rows, the kernel built."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and 1 <= rows <= MAX_ROWS
+            and available())
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """small_linear over x's leading dims: (..., in) -> (..., out). Call only where `takes(x)`."""
+    y = small_linear(x.reshape(-1, x.shape[-1]), weight, scale)  # (M, out)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -36,7 +36,7 @@ class KVCache:
             B_cache = self.k.shape[0]
             if max(s + n for _, s, n in step.spans) > self.k.shape[2] or max(r for r, _, _ in step.spans) >= B_cache:
                 raise ValueError(f"packed spans {step.spans} do not fit the KV cache {tuple(self.k.shape)}")
-            rows, slots = step.span_rows(k.device), step.slots(1, T, k.device)[0]  # (N,), (N,)
+            rows, slots = step.span_rows.to(k.device), step.span_slots.to(k.device)  # (N,), (N,)
             self.k[rows, :, slots] = k[0].transpose(0, 1)  # (N, K, D)
             self.v[rows, :, slots] = v[0].transpose(0, 1)
             return self.k, self.v

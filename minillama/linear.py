@@ -32,16 +32,7 @@ NATIVE_BF16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)() or
     getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id ('GenuineIntel', 'AuthenticAMD'; Linux /proc/cpuinfo), '' where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
-WEIGHT_LEFT = cpu_vendor() == "AuthenticAMD"  # take (W @ x.T).T for SMALL_ROWS float32 rows (measured there only)
+WEIGHT_LEFT = cpu_kernels.cpuinfo("vendor_id") == "AuthenticAMD"  # take (W @ x.T).T for SMALL_ROWS float32 rows (measured there only)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -51,11 +42,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if (bias is None and x.device.type == "cpu" and x.dtype == weight.dtype
             and type(weight) in (torch.Tensor, nn.Parameter)  # not a DTensor (tensor parallel, FSDP) or a subclass
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        if weight.is_contiguous() and cpu_kernels.takes(x):
+            return cpu_kernels.product(x, weight)  # (..., out)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (1 <= rows <= cpu_kernels.MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16)
-                and weight.is_contiguous() and cpu_kernels.available()):
-            out = cpu_kernels.small_linear(x.reshape(rows, x.shape[-1]), weight)  # (M, out)
-            return out.view(*x.shape[:-1], weight.shape[0])
         if x.dtype == torch.float32 and WEIGHT_LEFT and SMALL_ROWS[0] <= rows <= SMALL_ROWS[1]:
             x2 = x.reshape(rows, x.shape[-1])  # (M, in)
             return torch.mm(weight, x2.t()).t().contiguous().view(*x.shape[:-1], weight.shape[0])  # (..., out)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .args import ModelArgs
-from .attention import AttnMask, CacheStep, attend, cache_mask, doc_positions, packed_mask
+from .attention import AttnMask, CacheStep, attend, cache_mask, doc_positions, packed_mask, span_mask
 from .kv_cache import KVCache
 from .linear import Linear
 from .moe import MoEFeedForward
@@ -153,9 +153,9 @@ class Transformer(nn.Module):
             if doc_ids is not None:
                 raise ValueError("doc_ids (packed rows) and start_pos (KV cache) cannot be combined")
             if step.spans is not None:
-                if B != 1 or step.n_tokens != T or step.pad_lens is not None or step.rows is not None:
-                    raise ValueError(f"a packed cache step takes tokens (1, {step.n_tokens}), got {(B, T)}")
-                return step.slots(B, T, device), cache_mask(step, T, 0, device, window)
+                if B != 1 or len(step.span_slots) != T or step.pad_lens is not None or step.rows is not None:
+                    raise ValueError(f"a packed cache step takes tokens (1, {len(step.span_slots)}), got {(B, T)}")
+                return step.slots(B, T, device), span_mask(step.spans, device, window)
             if step.fixed_shape and step.start.dim() == 1 and step.start.shape[0] != B:
                 raise ValueError(f"per-row start_pos has {step.start.shape[0]} entries for {B} rows")
             if step.rows is not None and tuple(step.rows.shape) != (B,):

@@ -137,14 +137,11 @@ class Int8Weight(nn.Module):
         """x @ W^T. (..., in) -> (..., out). On CPU, a prefill of DEQUANT_ROWS rows or more multiplies the weight
         dequantized to float32 (one matrix at a time): the packed kernel is made for decoding's few rows, and at 256
         rows and more MKL's float32 product plus the conversion took half its time here."""
-        scale = self.scale.to(x.dtype)
         if x.device.type == "cpu" and x.numel() >= DEQUANT_ROWS * self.shape[1] and not torch.is_grad_enabled():
             return F.linear(x.float(), self.dequantize(dtype=torch.float32)).to(x.dtype)
-        rows = x.numel() // self.shape[1]
-        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and 1 <= rows <= cpu_kernels.MAX_ROWS
-                and cpu_kernels.available()):  # a decode step: minillama's kernel streams the codes once
-            y = cpu_kernels.small_linear(x.reshape(rows, self.shape[1]), self.packed, self.scale)  # (M, out)
-            return y.view(*x.shape[:-1], self.shape[0])
+        if cpu_kernels.takes(x):  # a decode step: minillama's kernel streams the codes once
+            return cpu_kernels.product(x, self.packed, self.scale)  # (..., out)
+        scale = self.scale.to(x.dtype)
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
             y = torch._weight_int8pack_mm(x.reshape(-1, self.shape[1]).contiguous(), self.packed, scale)  # (M, out)
             return y.view(*x.shape[:-1], self.shape[0])

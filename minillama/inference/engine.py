@@ -400,7 +400,7 @@ class Engine:
         logits."""
         starts = [self.slots[b].pos for b, _ in batch]
         tokens = torch.tensor([[t for b, take in batch for t in self.slots[b].todo[:take]]])  # (1, N)
-        step = CacheStep.packed([(b, start, take) for (b, take), start in zip(batch, starts)])
+        step = CacheStep.packed([(b, start, take) for (b, take), start in zip(batch, starts)], self.device)
         self._set_adapters([self.slots[batch[0][0]].request.adapter])
         hidden = self.model(tokens.to(self.device), start_pos=step, return_hidden=True)[0]  # (N, D)
         ends = list(itertools.accumulate(take for _, take in batch))  # each row's end in hidden
